@@ -1,0 +1,614 @@
+// cuda_cpu.h — run CUDA kernels on a CPU, with the CUDA execution model intact.
+//
+// Included by tricycle.h only when nvcc is not compiling (no __CUDACC__). The same kernel source is
+// then plain C++: every CUDA thread becomes a fiber (Boost.Context), the threads of a block share one
+// OS thread and take turns, and the blocks of a grid are spread over the cores with OpenMP.
+//
+// How a block runs. One fiber starts thread 0 and simply calls the kernel; when that thread returns,
+// the same fiber goes on to thread 1, and so on. A thread that never waits therefore costs one
+// function call. When a thread must wait (__syncthreads, a warp shuffle), its fiber is parked with it
+// and a fresh fiber carries on with the next unstarted thread. Parked threads go back on a ready queue
+// as soon as the barrier or warp operation they wait for is complete.
+//
+// What a GPU silently gets wrong and this emulator reports (naming kernel, block and thread):
+//   - barrier divergence: a thread exits, or waits at a different __syncthreads, while others wait;
+//   - a warp operation whose mask names a lane that has exited (or does not exist);
+//   - a read of dynamic shared memory that no thread of the block has written;
+//   - shared memory indexed out of bounds, and deadlock (threads waiting on each other forever).
+// The launch then fails: cudaGetLastError() returns cudaErrorLaunchFailure and the message is kept
+// in emu::last_error_message().
+#pragma once
+
+#include <boost/context/detail/fcontext.hpp>
+#include <cxxabi.h>
+#include <dlfcn.h>
+#include <omp.h>
+#include <sys/mman.h>
+
+#include <cmath>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <atomic>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
+
+// ----------------------------------------------------------------------------------------------------
+// CUDA keywords and built-in types
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __launch_bounds__(...)
+// A block-scope thread_local is static: one copy per OS thread, and a block owns its OS thread while it
+// runs. (Static shared memory is not checked for uninitialised reads; use shared_memory<T>() for that.)
+#define __shared__ thread_local
+
+struct uint3 { unsigned int x, y, z; };
+struct dim3 {
+    unsigned int x, y, z;
+    constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct alignas(16) float4 { float x, y, z, w; };
+constexpr int warpSize = 32;
+
+// The built-in variables. The scheduler rewrites threadIdx every time it switches fibers.
+inline thread_local uint3 threadIdx;
+inline thread_local uint3 blockIdx;
+inline thread_local dim3 blockDim;
+inline thread_local dim3 gridDim;
+
+// ----------------------------------------------------------------------------------------------------
+// Device math and atomics (the subset Tricycle's kernels use)
+
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline double rsqrt(double x) { return 1.0 / sqrt(x); }
+inline float __expf(float x) { return expf(x); }
+inline float __logf(float x) { return logf(x); }
+inline float __fdividef(float x, float y) { return x / y; }
+template <typename T> inline T __ldg(const T* p) { return *p; }
+
+// Blocks run on several OS threads at once, so atomics must be real atomics.
+inline int atomicAdd(int* address, int value) { return __atomic_fetch_add(address, value, __ATOMIC_RELAXED); }
+inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
+    return __atomic_fetch_add(address, value, __ATOMIC_RELAXED);
+}
+template <typename T> inline T atomic_add_float(T* address, T value) {
+    T old = *address, updated;
+    do { updated = old + value; } while (!__atomic_compare_exchange(address, &old, &updated, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    return old;
+}
+inline float atomicAdd(float* address, float value) { return atomic_add_float(address, value); }
+inline double atomicAdd(double* address, double value) { return atomic_add_float(address, value); }
+
+// ----------------------------------------------------------------------------------------------------
+// The runtime API on host memory. Kernels run synchronously, so synchronising is a no-op.
+
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2, cudaErrorLaunchFailure = 719 };
+enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice, cudaMemcpyDefault };
+
+namespace emu {
+inline cudaError_t pending_error = cudaSuccess;  // what the next cudaGetLastError() returns
+inline std::string error_message;                // the detailed report of the last failed launch
+inline const std::string& last_error_message() { return error_message; }
+}  // namespace emu
+
+inline cudaError_t cudaMalloc(void** pointer, size_t bytes) {
+    // 64-byte alignment, like cudaMalloc's 256, keeps vector loads legal; never return nullptr for 0.
+    *pointer = aligned_alloc(64, (bytes + 63) / 64 * 64 + 64);
+    return *pointer ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+template <typename T> inline cudaError_t cudaMalloc(T** pointer, size_t bytes) { return cudaMalloc(reinterpret_cast<void**>(pointer), bytes); }
+inline cudaError_t cudaFree(void* pointer) { free(pointer); return cudaSuccess; }
+inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind) {
+    if (bytes) memmove(dst, src, bytes);
+    return cudaSuccess;
+}
+inline cudaError_t cudaMemset(void* dst, int value, size_t bytes) {
+    if (bytes) memset(dst, value, bytes);
+    return cudaSuccess;
+}
+inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+inline cudaError_t cudaGetLastError() {
+    cudaError_t error = emu::pending_error;
+    emu::pending_error = cudaSuccess;
+    return error;
+}
+inline const char* cudaGetErrorString(cudaError_t error) {
+    switch (error) {
+        case cudaSuccess: return "no error";
+        case cudaErrorInvalidValue: return "invalid argument";
+        case cudaErrorMemoryAllocation: return "out of memory";
+        case cudaErrorLaunchFailure: return "kernel failed under the CPU emulator";
+    }
+    return "unknown error";
+}
+
+// ----------------------------------------------------------------------------------------------------
+// The emulator proper
+
+namespace emu {
+
+namespace ctx = boost::context::detail;
+
+constexpr int max_threads_per_block = 1024;
+constexpr int max_warps_per_block = max_threads_per_block / 32;
+#if defined(__SANITIZE_ADDRESS__)
+constexpr size_t fiber_stack_bytes = 1 << 20;  // ASan frames are much larger
+#else
+constexpr size_t fiber_stack_bytes = 64 << 10;
+#endif
+
+enum ThreadState : uint8_t { not_started, running, at_barrier, at_warp_op, ready, exited };
+enum WarpOpKind : uint8_t { warp_sync, warp_shuffle, warp_ballot };
+
+// A fiber stack with a guard page below it, so an overflow faults instead of corrupting memory.
+struct Stack {
+    char* bottom;
+    size_t size;
+};
+
+// One collective operation of a warp in flight: lanes post a value and the lane they read from; the
+// last lane to arrive computes every lane's result.
+struct WarpOp {
+    unsigned mask, arrived, exited;  // exited also holds lanes beyond the end of the block
+    WarpOpKind kind;
+    uint64_t value[32];
+    int source[32];
+    uint64_t result[32];
+};
+
+// Everything about the block running on this OS thread.
+struct Block {
+    void (*body)(void*);  // runs the kernel for the current thread
+    void* body_arg;
+    const void* kernel;   // for error messages
+    int n_threads, next_unstarted, exited_count, current;
+    dim3 block_dim;
+
+    ThreadState state[max_threads_per_block];
+    ctx::fcontext_t context[max_threads_per_block];  // where a parked thread resumes
+    int stack_of[max_threads_per_block];             // the stack a parked thread's fiber runs on
+    int ready_queue[max_threads_per_block];
+    int ready_head, ready_count;
+
+    int barrier_waiting;  // threads parked at __syncthreads
+    const char* barrier_file;
+    int barrier_line;
+    int first_exited;     // -1 until a thread exits
+
+    WarpOp warp[max_warps_per_block];
+
+    // Dynamic shared memory and its shadow: one byte per byte, set when written.
+    std::vector<float4> shared_storage;
+    std::vector<unsigned char> shadow;
+    size_t shared_bytes;
+
+    // Fibers
+    ctx::fcontext_t scheduler;  // the scheduler's context, updated every time it switches to a fiber
+    int running_stack;          // stack of the fiber now running
+    std::vector<Stack> stacks;
+    std::vector<int> free_stacks;
+    bool failed;
+#if defined(__SANITIZE_ADDRESS__)
+    const void* scheduler_stack_bottom = nullptr;
+    size_t scheduler_stack_size = 0;
+#endif
+};
+
+inline thread_local Block block_state;
+inline std::mutex report_mutex;
+inline std::atomic<bool> grid_failed{false};  // set by the first error; the remaining blocks are skipped
+
+// Signals a fiber sends when it hands control back to the scheduler.
+inline char fiber_finished_tag, fiber_failed_tag;
+
+inline std::string kernel_name(const void* kernel) {
+    Dl_info info;
+    if (!dladdr(kernel, &info) || !info.dli_sname) {
+        char address[32];
+        snprintf(address, sizeof address, "%p", kernel);
+        return address;
+    }
+    int status = 0;
+    char* demangled = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
+    std::string name = status == 0 ? demangled : info.dli_sname;
+    free(demangled);
+    return name;
+}
+
+inline uint3 thread_index(const Block& b, int linear) {
+    return uint3{linear % b.block_dim.x, linear / b.block_dim.x % b.block_dim.y, linear / (b.block_dim.x * b.block_dim.y)};
+}
+
+inline std::string describe_thread(const Block& b, int linear) {
+    uint3 t = thread_index(b, linear);
+    char text[48];
+    snprintf(text, sizeof text, "(%u,%u,%u)", t.x, t.y, t.z);
+    return text;
+}
+
+// Fiber switches, annotated for AddressSanitizer so it knows which stack is live.
+inline ctx::transfer_t switch_to(ctx::fcontext_t to, void* data, const void* to_bottom, size_t to_size, bool never_back) {
+#if defined(__SANITIZE_ADDRESS__)
+    void* fake_stack = nullptr;
+    __sanitizer_start_switch_fiber(never_back ? nullptr : &fake_stack, to_bottom, to_size);
+    ctx::transfer_t t = ctx::jump_fcontext(to, data);
+    __sanitizer_finish_switch_fiber(fake_stack, nullptr, nullptr);
+    return t;
+#else
+    (void)to_bottom, (void)to_size, (void)never_back;
+    return ctx::jump_fcontext(to, data);
+#endif
+}
+
+inline ctx::transfer_t switch_to_scheduler(Block& b, void* data) {
+#if defined(__SANITIZE_ADDRESS__)
+    return switch_to(b.scheduler, data, b.scheduler_stack_bottom, b.scheduler_stack_size, data != nullptr);
+#else
+    return switch_to(b.scheduler, data, nullptr, 0, data != nullptr);
+#endif
+}
+
+// Reports a bug in the running kernel and abandons the block: the fiber goes back to the scheduler and
+// is never resumed.
+[[noreturn]] inline void kernel_bug(Block& b, const char* format, ...) {
+    char what[512];
+    va_list args;
+    va_start(args, format);
+    vsnprintf(what, sizeof what, format, args);
+    va_end(args);
+    char message[1024];
+    snprintf(message, sizeof message, "CPU emulator: kernel %s, block (%u,%u,%u), thread %s: %s", kernel_name(b.kernel).c_str(),
+             blockIdx.x, blockIdx.y, blockIdx.z, describe_thread(b, b.current).c_str(), what);
+    {
+        std::lock_guard<std::mutex> lock(report_mutex);
+        if (!grid_failed) {
+            grid_failed = true;
+            error_message = message;
+            fprintf(stderr, "%s\n", message);
+        }
+    }
+    b.failed = true;
+    switch_to_scheduler(b, &fiber_failed_tag);
+    abort();  // unreachable: a failed block's fibers are never resumed
+}
+
+inline void park(Block& b) {
+    b.stack_of[b.current] = b.running_stack;
+    ctx::transfer_t t = switch_to_scheduler(b, nullptr);
+    b.scheduler = t.fctx;
+}
+
+inline void make_ready(Block& b, int linear) {
+    b.state[linear] = ready;
+    b.ready_queue[(b.ready_head + b.ready_count++) % max_threads_per_block] = linear;
+}
+
+inline void set_current(Block& b, int linear) {
+    b.current = linear;
+    threadIdx = thread_index(b, linear);
+    b.state[linear] = running;
+}
+
+// A thread returned from the kernel. Nobody may still be waiting for it.
+inline void thread_exit(Block& b, int linear) {
+    if (b.barrier_waiting > 0)
+        kernel_bug(b, "barrier divergence: thread exited while %d thread(s) wait at __syncthreads (%s:%d)", b.barrier_waiting,
+             b.barrier_file, b.barrier_line);
+    WarpOp& w = b.warp[linear / 32];
+    unsigned lane_bit = 1u << (linear % 32);
+    if (w.arrived && (w.mask & lane_bit))
+        kernel_bug(b, "thread exited while lanes of its warp wait for it in a warp operation (mask 0x%08x)", w.mask);
+    w.exited |= lane_bit;
+    b.state[linear] = exited;
+    b.exited_count++;
+    if (b.first_exited < 0) b.first_exited = linear;
+}
+
+inline void run_unstarted_threads(Block& b) {
+    while (b.next_unstarted < b.n_threads) {
+        int linear = b.next_unstarted++;
+        set_current(b, linear);
+        b.body(b.body_arg);
+        thread_exit(b, linear);
+    }
+}
+
+inline void fiber_main(ctx::transfer_t t) {
+    Block& b = *static_cast<Block*>(t.data);
+#if defined(__SANITIZE_ADDRESS__)
+    __sanitizer_finish_switch_fiber(nullptr, &b.scheduler_stack_bottom, &b.scheduler_stack_size);
+#endif
+    b.scheduler = t.fctx;
+    run_unstarted_threads(b);
+    switch_to_scheduler(b, &fiber_finished_tag);
+}
+
+inline int take_stack(Block& b) {
+    if (b.free_stacks.empty()) {
+        size_t page = 4096;
+        char* memory = static_cast<char*>(mmap(nullptr, fiber_stack_bytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+        if (memory == MAP_FAILED) {
+            fprintf(stderr, "CPU emulator: cannot allocate a fiber stack\n");
+            abort();
+        }
+        mprotect(memory, page, PROT_NONE);  // guard page
+        b.stacks.push_back(Stack{memory + page, fiber_stack_bytes});
+        b.free_stacks.push_back(int(b.stacks.size()) - 1);
+    }
+    int s = b.free_stacks.back();
+    b.free_stacks.pop_back();
+    return s;
+}
+
+// Back in the scheduler after running a fiber: the fiber either parked a thread, finished, or failed.
+inline void fiber_returned(Block& b, ctx::transfer_t t) {
+    if (t.data == &fiber_finished_tag)
+        b.free_stacks.push_back(b.running_stack);
+    else if (t.data == nullptr)
+        b.context[b.current] = t.fctx;
+}
+
+inline void start_fiber(Block& b) {
+    b.running_stack = take_stack(b);
+    const Stack& s = b.stacks[b.running_stack];
+    ctx::fcontext_t fiber = ctx::make_fcontext(s.bottom + s.size, s.size, fiber_main);
+    fiber_returned(b, switch_to(fiber, &b, s.bottom, s.size, false));
+}
+
+inline void resume(Block& b, int linear) {
+    set_current(b, linear);
+    b.running_stack = b.stack_of[linear];
+    const Stack& s = b.stacks[b.running_stack];
+    fiber_returned(b, switch_to(b.context[linear], &b, s.bottom, s.size, false));
+}
+
+inline void report_deadlock(Block& b) {
+    for (int i = 0; i < b.n_threads; i++) {
+        if (b.state[i] == at_barrier || b.state[i] == at_warp_op) {
+            b.current = i;
+            threadIdx = thread_index(b, i);
+            b.failed = true;
+            std::lock_guard<std::mutex> lock(report_mutex);
+            if (grid_failed) return;
+            grid_failed = true;
+            char message[1024];
+            snprintf(message, sizeof message,
+                     "CPU emulator: kernel %s, block (%u,%u,%u), thread %s: deadlock: it waits at %s forever (%d of %d threads exited)",
+                     kernel_name(b.kernel).c_str(), blockIdx.x, blockIdx.y, blockIdx.z, describe_thread(b, i).c_str(),
+                     b.state[i] == at_barrier ? "__syncthreads" : "a warp operation", b.exited_count, b.n_threads);
+            error_message = message;
+            fprintf(stderr, "%s\n", message);
+            return;
+        }
+    }
+    b.failed = true;
+}
+
+inline void run_block(Block& b) {
+    b.next_unstarted = 0, b.exited_count = 0, b.barrier_waiting = 0, b.first_exited = -1;
+    b.ready_head = 0, b.ready_count = 0, b.failed = false;
+    memset(b.state, not_started, sizeof b.state);
+    int n_warps = (b.n_threads + 31) / 32;
+    for (int w = 0; w < n_warps; w++) {
+        int lanes = b.n_threads - 32 * w;
+        b.warp[w].mask = b.warp[w].arrived = 0;
+        b.warp[w].exited = lanes >= 32 ? 0u : ~0u << lanes;
+    }
+    if (b.shared_bytes) {
+        memset(b.shared_storage.data(), 0xff, b.shared_bytes);  // NaN in every float and double
+        memset(b.shadow.data(), 0, b.shared_bytes);
+    }
+    while (b.exited_count < b.n_threads && !b.failed) {
+        if (b.ready_count > 0) {
+            int linear = b.ready_queue[b.ready_head];
+            b.ready_head = (b.ready_head + 1) % max_threads_per_block;
+            b.ready_count--;
+            resume(b, linear);
+        } else if (b.next_unstarted < b.n_threads) {
+            start_fiber(b);
+        } else {
+            report_deadlock(b);
+        }
+    }
+    if (b.failed) {  // abandon the parked fibers; their stacks are free again
+        b.free_stacks.clear();
+        for (int s = 0; s < int(b.stacks.size()); s++) b.free_stacks.push_back(s);
+    }
+}
+
+// Runs a whole grid. body(arg) runs the kernel for the thread in threadIdx/blockIdx.
+inline void run_grid(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes, void (*body)(void*), void* arg) {
+    int n_threads = int(block.x * block.y * block.z);
+    if (n_threads < 1 || n_threads > max_threads_per_block || grid.x * grid.y * grid.z == 0) {
+        std::lock_guard<std::mutex> lock(report_mutex);
+        error_message = "CPU emulator: kernel " + kernel_name(kernel) + ": invalid launch configuration";
+        pending_error = cudaErrorInvalidValue;
+        return;
+    }
+    grid_failed = false;
+    long n_blocks = long(grid.x) * grid.y * grid.z;
+    int n_workers = omp_get_max_threads();
+#pragma omp parallel for schedule(dynamic, 1 + n_blocks / (8 * n_workers)) if (n_blocks > 1)
+    for (long i = 0; i < n_blocks; i++) {
+        if (grid_failed) continue;
+        Block& b = block_state;
+        b.body = body, b.body_arg = arg, b.kernel = kernel;
+        b.n_threads = n_threads, b.block_dim = block;
+        b.shared_bytes = shared_bytes;
+        if (b.shadow.size() < shared_bytes) {
+            b.shared_storage.resize((shared_bytes + sizeof(float4) - 1) / sizeof(float4));
+            b.shadow.resize(b.shared_storage.size() * sizeof(float4));
+        }
+        blockDim = block, gridDim = grid;
+        blockIdx = uint3{unsigned(i % grid.x), unsigned(i / grid.x % grid.y), unsigned(i / (long(grid.x) * grid.y))};
+        run_block(b);
+    }
+    if (grid_failed) pending_error = cudaErrorLaunchFailure;
+}
+
+template <typename F> void call_body(void* f) { (*static_cast<F*>(f))(); }
+
+// --- __syncthreads ---
+
+inline void syncthreads(const char* file, int line) {
+    Block& b = block_state;
+    if (b.first_exited >= 0)
+        kernel_bug(b, "barrier divergence: __syncthreads (%s:%d) reached after thread %s exited", file, line,
+             describe_thread(b, b.first_exited).c_str());
+    if (b.barrier_waiting == 0) {
+        b.barrier_file = file, b.barrier_line = line;
+    } else if (b.barrier_line != line || strcmp(b.barrier_file, file) != 0) {
+        kernel_bug(b, "barrier divergence: waits at __syncthreads %s:%d while other threads wait at %s:%d", file, line, b.barrier_file,
+             b.barrier_line);
+    }
+    if (++b.barrier_waiting == b.n_threads) {  // last to arrive: release everyone, carry on
+        b.barrier_waiting = 0;
+        for (int i = 0; i < b.n_threads; i++)
+            if (b.state[i] == at_barrier) make_ready(b, i);
+        return;
+    }
+    b.state[b.current] = at_barrier;
+    park(b);
+}
+
+// --- warp collectives ---
+
+inline uint64_t warp_collective(WarpOpKind kind, unsigned mask, uint64_t value, int source_lane) {
+    Block& b = block_state;
+    int lane = b.current % 32;
+    WarpOp& w = b.warp[b.current / 32];
+    if (!(mask & (1u << lane))) kernel_bug(b, "warp operation with mask 0x%08x that does not include the calling lane %d", mask, lane);
+    if (mask & w.exited)
+        kernel_bug(b, "warp operation with mask 0x%08x names lanes that have exited or do not exist (0x%08x)", mask, mask & w.exited);
+    if (w.arrived == 0) {
+        w.mask = mask, w.kind = kind;
+    } else if (w.mask != mask || w.kind != kind) {
+        kernel_bug(b, "warp divergence: lanes of one warp are in different warp operations (masks 0x%08x and 0x%08x)", w.mask, mask);
+    }
+    if (!(mask & (1u << source_lane))) kernel_bug(b, "shuffle reads lane %d, which is not in the mask 0x%08x", source_lane, mask);
+    w.value[lane] = value;
+    w.source[lane] = source_lane;
+    w.arrived |= 1u << lane;
+    if (w.arrived == mask) {  // last lane: compute all results and release the others
+        uint64_t ballot = 0;
+        for (int l = 0; l < 32; l++)
+            if ((mask >> l & 1) && w.value[l]) ballot |= 1u << l;
+        int warp_base = b.current - lane;
+        for (int l = 0; l < 32; l++) {
+            if (!(mask >> l & 1)) continue;
+            w.result[l] = kind == warp_ballot ? ballot : w.value[w.source[l]];
+            if (l != lane) make_ready(b, warp_base + l);
+        }
+        w.arrived = 0;
+        return w.result[lane];
+    }
+    b.state[b.current] = at_warp_op;
+    park(b);
+    return w.result[lane];
+}
+
+template <typename T> inline T shuffle(unsigned mask, T var, int source_lane) {
+    static_assert(sizeof(T) <= sizeof(uint64_t), "warp shuffles move at most 8 bytes");
+    uint64_t bits = 0;
+    memcpy(&bits, &var, sizeof(T));
+    bits = warp_collective(warp_shuffle, mask, bits, source_lane);
+    T result;
+    memcpy(&result, &bits, sizeof(T));
+    return result;
+}
+
+inline int lane_id() { return block_state.current % 32; }
+
+// --- dynamic shared memory with an initialisation check ---
+
+[[noreturn]] inline void shared_out_of_bounds(size_t offset, size_t bytes) {
+    Block& b = block_state;
+    kernel_bug(b, "shared memory access at byte %zu is out of bounds (the launch gave %zu bytes)", offset, bytes);
+}
+
+[[noreturn]] inline void shared_uninitialised(size_t offset) {
+    kernel_bug(block_state, "read of shared memory at byte %zu that no thread of the block has written", offset);
+}
+
+// A reference to one element of shared memory: reading checks the shadow, writing sets it.
+template <typename T> struct SharedRef {
+    T* pointer;
+    unsigned char* shadow;
+    operator T() const {
+        for (size_t i = 0; i < sizeof(T); i++)
+            if (!shadow[i]) shared_uninitialised(size_t(shadow - block_state.shadow.data()));
+        return *pointer;
+    }
+    SharedRef& operator=(T value) {
+        *pointer = value;
+        memset(shadow, 1, sizeof(T));
+        return *this;
+    }
+    SharedRef& operator=(const SharedRef& other) { return *this = T(other); }
+    SharedRef& operator+=(T value) { return *this = T(*this) + value; }
+    SharedRef& operator-=(T value) { return *this = T(*this) - value; }
+    SharedRef& operator*=(T value) { return *this = T(*this) * value; }
+    SharedRef& operator/=(T value) { return *this = T(*this) / value; }
+};
+
+// What shared_memory<T>() returns on the CPU: indexes like a T*, checks every access.
+template <typename T> struct SharedArray {
+    size_t byte_offset;
+    SharedRef<T> operator[](size_t i) const {
+        Block& b = block_state;
+        size_t offset = byte_offset + i * sizeof(T);
+        if (offset + sizeof(T) > b.shared_bytes) shared_out_of_bounds(offset, b.shared_bytes);
+        return SharedRef<T>{reinterpret_cast<T*>(reinterpret_cast<char*>(b.shared_storage.data()) + offset), b.shadow.data() + offset};
+    }
+    SharedArray operator+(size_t i) const { return SharedArray{byte_offset + i * sizeof(T)}; }
+};
+
+}  // namespace emu
+
+inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) { emu::syncthreads(file, line); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { emu::warp_collective(emu::warp_sync, mask, 0, emu::lane_id()); }
+
+// Lanes whose source falls outside their group of `width` lanes read their own value, as on a GPU.
+template <typename T> inline T __shfl_sync(unsigned mask, T var, int source_lane, int width = 32) {
+    int lane = emu::lane_id();
+    return emu::shuffle(mask, var, (lane & ~(width - 1)) + (source_lane & (width - 1)));
+}
+template <typename T> inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32) {
+    int lane = emu::lane_id();
+    return emu::shuffle(mask, var, (lane % width) + int(delta) < width ? lane + int(delta) : lane);
+}
+template <typename T> inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32) {
+    int lane = emu::lane_id();
+    return emu::shuffle(mask, var, (lane % width) >= int(delta) ? lane - int(delta) : lane);
+}
+template <typename T> inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32) {
+    int lane = emu::lane_id();
+    int source = lane ^ lane_mask;
+    return emu::shuffle(mask, var, source / width == lane / width ? source : lane);
+}
+inline unsigned __ballot_sync(unsigned mask, int predicate) {
+    return unsigned(emu::warp_collective(emu::warp_ballot, mask, predicate != 0, emu::lane_id()));
+}
+inline int __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) != 0; }
+inline int __all_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) == mask; }
+
+// Dynamic shared memory (the CUDA `extern __shared__` array), `byte_offset` bytes into the block's buffer.
+template <typename T> inline emu::SharedArray<T> shared_memory(size_t byte_offset = 0) { return emu::SharedArray<T>{byte_offset}; }
+
+// The launch: kernel<<<grid, block, shared_bytes>>>(args...) on a GPU.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, Args... args) {
+    auto body = [&]() { kernel(Params(args)...); };
+    emu::run_grid(reinterpret_cast<const void*>(kernel), grid, block, shared_bytes, emu::call_body<decltype(body)>, &body);
+}

@@ -1,0 +1,440 @@
+// test_gradients.cu — checks every operation's gradient against central finite differences, kernel
+// results against plain CPU loops, the tape and memory, and the CPU emulator's bug detectors.
+// Built in double precision (-DTRICYCLE_DOUBLE) so finite differences are accurate to ~1e-10.
+#include "tricycle.h"
+#include "tests/check.h"
+
+#include <cmath>
+#include <functional>
+#include <vector>
+
+// ----------------------------------------------------------------------------------------------------
+// Finite differences
+
+// A scalar from any tensor, with a different random weight on every element, so that each element's
+// gradient is distinct (a plain sum would hide permutation bugs).
+static Tensor project(Tensor out) {
+    Tensor weights = empty_like(out);
+    fill_normal(weights.data, weights.size(), 4242, 0, 1);
+    return sum(mul(out, weights));
+}
+
+static double scalar_value(Tensor t) { return to_host(t)[0]; }
+
+// Relative error ||analytic - numeric|| / max(||analytic||, ||numeric||) over every input element
+// (or an evenly spaced sample of at most max_entries per input).
+static double gradient_error(const std::function<Tensor()>& f, const std::vector<Tensor>& inputs, long max_entries = 200) {
+    for (const Tensor& t : inputs) zero_grad(t);
+    MemoryMark mark = memory_mark();
+    backward(project(f()));
+    memory_release(mark);
+    double diff2 = 0, analytic2 = 0, numeric2 = 0;
+    const double eps = 1e-6;
+    for (const Tensor& t : inputs) {
+        std::vector<real> analytic = to_host(grad(t));
+        long n = t.size(), step = n > max_entries ? n / max_entries : 1;
+        for (long i = 0; i < n; i += step) {
+            real original;
+            cuda_check(cudaMemcpy(&original, t.data + i, sizeof(real), cudaMemcpyDeviceToHost));
+            double values[2];
+            for (int side = 0; side < 2; side++) {
+                real shifted = original + (side ? -eps : eps);
+                cuda_check(cudaMemcpy(t.data + i, &shifted, sizeof(real), cudaMemcpyHostToDevice));
+                NoGrad no_grad;
+                values[side] = scalar_value(project(f()));
+                memory_release(mark);
+            }
+            cuda_check(cudaMemcpy(t.data + i, &original, sizeof(real), cudaMemcpyHostToDevice));
+            double numeric = (values[0] - values[1]) / (2 * eps);
+            diff2 += (analytic[i] - numeric) * (analytic[i] - numeric);
+            analytic2 += double(analytic[i]) * analytic[i];
+            numeric2 += numeric * numeric;
+        }
+    }
+    double scale = std::sqrt(std::max(analytic2, numeric2));
+    return scale > 0 ? std::sqrt(diff2) / scale : std::sqrt(diff2);
+}
+
+static void check_gradient(const std::string& what, const std::function<Tensor()>& f, const std::vector<Tensor>& inputs) {
+    double error = gradient_error(f, inputs);
+    check(error < 1e-6, "gradient of %s: relative error %.2e", what.c_str(), error);
+}
+
+static Tensor input(Shape shape, uint64_t seed) { return requires_grad(randn(shape, seed)); }
+static Tensor positive_input(Shape shape, uint64_t seed) { return requires_grad(rand_uniform(shape, seed, 0.5, 2.0)); }
+
+static std::string describe(const std::vector<Tensor>& inputs) {
+    std::string s;
+    for (const Tensor& t : inputs) s += (s.empty() ? "" : " and ") + shape_string(t);
+    return s;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// The seed's two examples, exactly
+
+static void test_seed_examples() {
+    Tensor x = requires_grad(tensor(2.0));
+    Tensor y = x * x + 3 * x + 4;
+    check(scalar_value(y) == 14, "seed example: y = x*x + 3*x + 4 at x = 2 is %s", to_string(y).c_str());
+    backward(y);
+    check(scalar_value(grad(x)) == 7, "seed example: dy/dx at x = 2 is %s", to_string(grad(x)).c_str());
+
+    Tensor a = requires_grad(randn({6, 5, 4, 3, 2}, 1)), b = requires_grad(randn({6, 5, 4, 3, 2}, 2));
+    backward(a * b);
+    check(to_host(grad(a)) == to_host(b), "seed example: c = a*b on (6,5,4,3,2) gives a.grad == b exactly");
+    check(to_host(grad(b)) == to_host(a), "seed example: c = a*b on (6,5,4,3,2) gives b.grad == a exactly");
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Gradients of every operation, on several shapes including sizes that divide nothing
+
+static void test_operation_gradients() {
+    // Broadcasting pairs: same shape, scalar, trailing dims, leading dims with 1s, both sides stretched.
+    std::vector<std::pair<std::vector<int>, std::vector<int>>> pairs = {
+        {{3, 37}, {3, 37}}, {{2, 3, 5}, {}}, {{2, 3, 5}, {5}}, {{4, 3, 7}, {4, 1, 1}}, {{5, 1}, {1, 33}}, {{}, {2, 3}}};
+    auto make = [](const std::vector<int>& dims, uint64_t seed, bool positive) {
+        Tensor t;
+        t.ndim = int(dims.size());
+        for (int d = 0; d < t.ndim; d++) t.shape[d] = dims[d];
+        t.data = device_alloc<real>(t.size());
+        if (positive) fill_uniform(t.data, t.size(), seed, 0.5, 2.0);
+        else fill_normal(t.data, t.size(), seed, 0, 1);
+        return requires_grad(t);
+    };
+    struct Binary { const char* name; Tensor (*f)(Tensor, Tensor); bool positive_b; };
+    Binary binaries[] = {{"add", add, false}, {"sub", sub, false}, {"mul", mul, false}, {"div", div, true},
+                         {"maximum", maximum, false}, {"minimum", minimum, false}};
+    for (const Binary& op : binaries) {
+        for (auto& [da, db] : pairs) {
+            Tensor a = make(da, 10, false), b = make(db, 11, op.positive_b);
+            check_gradient(std::string(op.name) + " " + describe({a, b}), [=] { return op.f(a, b); }, {a, b});
+        }
+    }
+
+    struct Unary { const char* name; std::function<Tensor(Tensor)> f; bool positive; };
+    Unary unaries[] = {{"neg", neg, false}, {"exp", [](Tensor x) { return exp(x); }, false}, {"log", [](Tensor x) { return log(x); }, true},
+                       {"sqrt", [](Tensor x) { return sqrt(x); }, true}, {"sin", [](Tensor x) { return sin(x); }, false},
+                       {"cos", [](Tensor x) { return cos(x); }, false}, {"tanh", [](Tensor x) { return tanh(x); }, false},
+                       {"sigmoid", sigmoid, false}, {"relu", relu, false}, {"pow 3", [](Tensor x) { return pow_scalar(x, 3); }, false},
+                       {"pow -0.5", [](Tensor x) { return pow_scalar(x, -0.5); }, true}, {"x * 2.5", [](Tensor x) { return x * 2.5; }, false},
+                       {"x + 7", [](Tensor x) { return x + 7; }, false}, {"3 - x", [](Tensor x) { return 3 - x; }, false},
+                       {"x / 4", [](Tensor x) { return x / 4; }, false}};
+    for (const Unary& op : unaries) {
+        Tensor x = op.positive ? positive_input({3, 41}, 20) : input({3, 41}, 20);
+        check_gradient(std::string(op.name) + " " + describe({x}), [=] { return op.f(x); }, {x});
+    }
+
+    struct Reduction { const char* name; Tensor (*axis_f)(Tensor, int); Tensor (*all_f)(Tensor); };
+    Reduction reductions[] = {{"sum", sum, sum}, {"mean", mean, mean}, {"max", max, max}, {"min", min, min}};
+    for (int lanes : {1, 32, 8}) {
+        threads_per_row = lanes;
+        for (const Reduction& op : reductions) {
+            Tensor x = input({3, 37, 5}, 30 + lanes);
+            for (int axis : {0, 1, 2})
+                check_gradient(std::string(op.name) + " over axis " + std::to_string(axis) + " of " + describe({x}) + ", " +
+                                   std::to_string(lanes) + " threads per row", [=] { return op.axis_f(x, axis); }, {x});
+            check_gradient(std::string(op.name) + " of all " + describe({x}) + ", " + std::to_string(lanes) + " threads per row",
+                           [=] { return op.all_f(x); }, {x});
+        }
+        Tensor x = input({4, 3, 37}, 40);
+        check_gradient("softmax over the last axis of " + describe({x}) + ", " + std::to_string(lanes) + " threads per row",
+                       [=] { return softmax(x); }, {x});
+        Tensor single = input({1, 1}, 41);
+        check_gradient("softmax of a row of one " + describe({single}) + ", " + std::to_string(lanes) + " threads per row",
+                       [=] { return softmax(single); }, {single});
+    }
+    threads_per_row = 1;
+
+    Tensor r = input({2, 3, 5}, 50);
+    check_gradient("reshape (2,3,5) -> (5,-1) then a product", [=] { return reshape(r, {5, -1}) * reshape(r, {5, 6}); }, {r});
+    Tensor t = input({2, 3, 5, 7}, 51);
+    for (std::pair<int, int> dims : std::vector<std::pair<int, int>>{{0, 1}, {1, 3}, {-1, -2}, {0, 3}})
+        check_gradient("transpose dims " + std::to_string(dims.first) + "," + std::to_string(dims.second) + " of " + describe({t}),
+                       [=] { return transpose(t, dims.first, dims.second); }, {t});
+
+    Tensor a = input({5, 7}, 60), b = input({7, 3}, 61);
+    check_gradient("matmul " + describe({a, b}), [=] { return matmul(a, b); }, {a, b});
+    Tensor ba = input({2, 3, 5, 7}, 62), shared = input({7, 9}, 63), bb = input({2, 3, 7, 4}, 64);
+    check_gradient("matmul with shared right side " + describe({ba, shared}), [=] { return matmul(ba, shared); }, {ba, shared});
+    check_gradient("batched matmul " + describe({ba, bb}), [=] { return matmul(ba, bb); }, {ba, bb});
+
+    // A composite: the expression graph reuses x, so gradients must accumulate from several uses.
+    Tensor x = input({4, 6}, 70), w = input({6, 6}, 71);
+    check_gradient("composite softmax(tanh(x @ w) * x) / (1 + exp(x))", [=] { return softmax(tanh(matmul(x, w)) * x) / (1 + exp(x)); }, {x, w});
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Kernel results against plain CPU loops
+
+static double max_difference(const std::vector<real>& a, const std::vector<real>& b) {
+    if (a.size() != b.size()) return INFINITY;
+    double worst = 0;
+    for (size_t i = 0; i < a.size(); i++) worst = std::max(worst, std::fabs(double(a[i]) - double(b[i])));
+    return worst;
+}
+
+static void test_forward_against_loops() {
+    NoGrad no_grad;
+    Tensor a = randn({4, 3, 7}, 1), b = randn({3, 1}, 2);
+    std::vector<real> ha = to_host(a), hb = to_host(b), expected(ha.size());
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 3; j++)
+            for (int k = 0; k < 7; k++) expected[(i * 3 + j) * 7 + k] = ha[(i * 3 + j) * 7 + k] * hb[j];
+    check(max_difference(to_host(a * b), expected) == 0, "broadcast mul (4,3,7) * (3,1) equals the CPU loop exactly");
+
+    Tensor m = randn({2, 5, 7}, 3), n = randn({2, 7, 3}, 4);
+    std::vector<real> hm = to_host(m), hn = to_host(n), product(2 * 5 * 3, 0);
+    for (int p = 0; p < 2; p++)
+        for (int i = 0; i < 5; i++)
+            for (int j = 0; j < 3; j++)
+                for (int k = 0; k < 7; k++) product[(p * 5 + i) * 3 + j] += hm[(p * 5 + i) * 7 + k] * hn[(p * 7 + k) * 3 + j];
+    check(max_difference(to_host(matmul(m, n)), product) < 1e-12, "batched matmul (2,5,7) @ (2,7,3) matches the triple loop");
+
+    for (int lanes : {1, 32}) {
+        threads_per_row = lanes;
+        Tensor x = randn({6, 45}, 5);
+        std::vector<real> hx = to_host(x), soft(hx.size()), row_sums(6, 0), col_max(45, -INFINITY);
+        for (int r = 0; r < 6; r++) {
+            double top = -INFINITY, total = 0;
+            for (int c = 0; c < 45; c++) top = std::max(top, double(hx[r * 45 + c]));
+            for (int c = 0; c < 45; c++) total += std::exp(hx[r * 45 + c] - top);
+            for (int c = 0; c < 45; c++) soft[r * 45 + c] = real(std::exp(hx[r * 45 + c] - top) / total);
+            for (int c = 0; c < 45; c++) row_sums[r] += hx[r * 45 + c], col_max[c] = std::max(col_max[c], hx[r * 45 + c]);
+        }
+        check(max_difference(to_host(softmax(x)), soft) < 1e-14, "softmax (6,45) matches the CPU loop, %d threads per row", lanes);
+        check(max_difference(to_host(sum(x, 1)), row_sums) < 1e-12, "sum over axis 1 of (6,45) matches the CPU loop, %d threads per row", lanes);
+        check(max_difference(to_host(max(x, 0)), col_max) == 0, "max over axis 0 of (6,45) matches the CPU loop, %d threads per row", lanes);
+    }
+    threads_per_row = 1;
+
+    Tensor t = randn({2, 3, 4}, 6);
+    std::vector<real> ht = to_host(t), transposed(24);
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 3; j++)
+            for (int k = 0; k < 4; k++) transposed[(k * 3 + j) * 2 + i] = ht[(i * 3 + j) * 4 + k];
+    check(max_difference(to_host(transpose(t, 0, 2)), transposed) == 0, "transpose of dims 0 and 2 of (2,3,4) matches the CPU loop");
+
+    Tensor u = rand_uniform({100000}, 7, -1, 3);
+    std::vector<real> hu = to_host(u);
+    double total = 0, lowest = INFINITY, highest = -INFINITY;
+    for (real v : hu) total += v, lowest = std::min(lowest, double(v)), highest = std::max(highest, double(v));
+    check(std::fabs(total / hu.size() - 1) < 0.02 && lowest >= -1 && highest < 3, "uniform [-1, 3): mean %.4f, min %.4f, max %.4f", total / hu.size(), lowest, highest);
+    Tensor g = randn({100000}, 8, 2, 3);
+    std::vector<real> hg = to_host(g);
+    double m1 = 0, m2 = 0;
+    for (real v : hg) m1 += v, m2 += v * v;
+    m1 /= hg.size(), m2 = m2 / hg.size() - m1 * m1;
+    check(std::fabs(m1 - 2) < 0.05 && std::fabs(std::sqrt(m2) - 3) < 0.05, "normal(2, 3): mean %.4f, std %.4f", m1, std::sqrt(m2));
+    check(to_host(randn({1000}, 9)) == to_host(randn({1000}, 9)) && to_host(randn({1000}, 9)) != to_host(randn({1000}, 10)),
+          "random draws repeat with the same seed and differ with another");
+}
+
+// ----------------------------------------------------------------------------------------------------
+// The tape, memory and printing
+
+static void test_tape_and_memory() {
+    Tensor x = requires_grad(tensor(3.0));
+    size_t before = tape_length();
+    {
+        NoGrad no_grad;
+        Tensor y = x * x;
+        check(!y.requires_grad() && tape_length() == before, "no-grad scope: nothing recorded and the result has no gradient");
+    }
+    Tensor y = x * x;
+    check(y.requires_grad() && tape_length() == before + 1, "with gradients on, x*x is recorded on the tape");
+    backward(y);
+    check(tape_length() == 0, "backward clears the tape");
+    backward(x * x);
+    check(scalar_value(grad(x)) == 12, "gradients accumulate across two backward passes (6 + 6 = %s)", to_string(grad(x)).c_str());
+    zero_grad(x);
+    check(scalar_value(grad(x)) == 0, "zero_grad clears the gradient");
+    check_fails("backward of a tensor without a gradient", "does not require a gradient", [] { backward(tensor(1.0) * 2); });
+
+    // A "training step" run repeatedly: after the first, the arena takes nothing more from the system.
+    Tensor w = requires_grad(randn({64, 64}, 1));
+    auto step = [&] {
+        MemoryMark mark = memory_mark();
+        Tensor h = randn({32, 64}, 2);
+        for (int i = 0; i < 4; i++) h = tanh(matmul(h, w));
+        backward(mean(h));
+        memory_release(mark);
+    };
+    size_t in_use = memory_in_use();
+    step();
+    size_t reserved = memory_reserved();
+    for (int i = 0; i < 5; i++) step();
+    check(memory_reserved() == reserved && memory_in_use() == in_use && tape_length() == 0,
+          "memory_release returns the arena and the tape to the mark; later steps reserve nothing more (%zu bytes)", reserved);
+
+    check(to_string(tensor(14.0)) == "Tensor(14.0)", "printing a scalar: %s", to_string(tensor(14.0)).c_str());
+    check(to_string(tensor({1, 2.5, -3}, {3})) == "Tensor([1.0, 2.5, -3.0])", "printing a vector: %s", to_string(tensor({1, 2.5, -3}, {3})).c_str());
+    check(to_string(tensor({1, 2, 3, 4}, {2, 2})) == "Tensor([[1.0, 2.0], [3.0, 4.0]], shape=(2, 2))", "printing a matrix: %s",
+          to_string(tensor({1, 2, 3, 4}, {2, 2})).c_str());
+    std::string big = to_string(zeros({100, 100}));
+    check(big.size() < 400 && big.find("...") != std::string::npos && big.find("shape=(100, 100)") != std::string::npos,
+          "printing a 100x100 tensor is shortened (%zu characters)", big.size());
+
+    check_fails("broadcasting (2,3) with (4,)", "cannot broadcast", [] { add(zeros({2, 3}), zeros({4})); });
+    check_fails("reshaping 6 elements to (4, -1)", "cannot view", [] { reshape(zeros({2, 3}), {4, -1}); });
+    check_fails("matmul (2,3) @ (4,5)", "do not match", [] { matmul(zeros({2, 3}), zeros({4, 5})); });
+    check_fails("a 7-dim tensor", "at most 6 dims", [] { zeros({1, 1, 1, 1, 1, 1, 1}); });
+    check(reshape(zeros({2, 3, 4}), {-1, 4}).dim(0) == 6, "reshape infers a -1 dim");
+}
+
+// ----------------------------------------------------------------------------------------------------
+// The CPU emulator: kernels that must work, and deliberately broken kernels it must catch.
+// (On a GPU build these run on the GPU; the broken ones are only run under the emulator.)
+
+__global__ void warp_operations_kernel(int* out) {
+    int lane = threadIdx.x % 32, base = 8 * threadIdx.x;
+    out[base + 0] = __shfl_down_sync(0xffffffff, lane * 10, 3);
+    out[base + 1] = __shfl_up_sync(0xffffffff, lane * 10, 2);
+    out[base + 2] = __shfl_xor_sync(0xffffffff, lane * 10, 5);
+    out[base + 3] = __shfl_sync(0xffffffff, lane * 10, 7);
+    out[base + 4] = __shfl_down_sync(0xffffffff, lane * 10, 1, 8);  // groups of 8 lanes
+    out[base + 5] = int(__ballot_sync(0xffffffff, lane % 3 == 0));
+    out[base + 6] = __any_sync(0xffffffff, lane == 17) + 2 * __all_sync(0xffffffff, lane < 32) + 4 * __all_sync(0xffffffff, lane < 31);
+    __syncwarp();
+    out[base + 7] = int(__shfl_xor_sync(0xffffffff, double(lane) + 0.5, 1) * 2);
+}
+
+// A tree reduction in dynamic shared memory: log2(256) rounds, each ended by a barrier.
+__global__ void block_sum_kernel(real* out, const real* x, int n) {
+    auto partial = shared_memory<real>();
+    real v = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) v += x[long(blockIdx.x) * n + i];
+    partial[threadIdx.x] = v;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+        if (int(threadIdx.x) < stride) partial[threadIdx.x] = partial[threadIdx.x] + partial[threadIdx.x + stride];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[blockIdx.x] = partial[0];
+}
+
+__global__ void static_shared_kernel(int* out) {
+    __shared__ int tile[64];
+    tile[threadIdx.x] = threadIdx.x * 3;
+    __syncthreads();
+    out[blockIdx.x * 64 + threadIdx.x] = tile[63 - threadIdx.x];
+}
+
+__global__ void atomics_kernel(float* f, double* d, int* i) {
+    atomicAdd(f, 0.5f);
+    atomicAdd(d, 0.25);
+    atomicAdd(i, 1);
+}
+
+__global__ void thread_exits_before_barrier_kernel(int* out) {
+    if (threadIdx.x == 5) return;
+    __syncthreads();
+    out[threadIdx.x] = 1;
+}
+
+__global__ void two_barriers_kernel(int* out) {
+    if (threadIdx.x < 16) {
+        __syncthreads();
+    } else {
+        __syncthreads();
+    }
+    out[threadIdx.x] = 1;
+}
+
+__global__ void shuffle_with_exited_lanes_kernel(int* out) {
+    if (threadIdx.x >= 20) return;
+    out[threadIdx.x] = __shfl_down_sync(0xffffffff, int(threadIdx.x), 1);
+}
+
+__global__ void uninitialised_shared_kernel(real* out) {
+    auto values = shared_memory<real>();
+    if (threadIdx.x < 16) values[threadIdx.x] = 1;
+    __syncthreads();
+    out[threadIdx.x] = values[threadIdx.x];
+}
+
+__global__ void shared_out_of_bounds_kernel(real* out) {
+    auto values = shared_memory<real>();
+    values[threadIdx.x + 1] = 1;
+    __syncthreads();
+    out[threadIdx.x] = values[threadIdx.x];
+}
+
+__global__ void deadlock_kernel(int* out) {
+    if (threadIdx.x == 0) out[0] = __shfl_sync(0xffffffff, 1, 0);
+    else __syncthreads();
+}
+
+static void test_emulator() {
+    int* ints = device_alloc<int>(64 * 8);
+    launch(warp_operations_kernel, 1, 64, 0, ints);
+    std::vector<int> got(64 * 8);
+    cuda_check(cudaMemcpy(got.data(), ints, got.size() * sizeof(int), cudaMemcpyDeviceToHost));
+    bool shuffles_right = true;
+    unsigned ballot = 0;
+    for (int l = 0; l < 32; l++) ballot |= (l % 3 == 0 ? 1u : 0u) << l;
+    for (int t = 0; t < 64; t++) {
+        int lane = t % 32;
+        const int* o = &got[8 * t];
+        int expected[8] = {(lane + 3 < 32 ? lane + 3 : lane) * 10, (lane >= 2 ? lane - 2 : lane) * 10, (lane ^ 5) * 10, 70,
+                           (lane % 8 + 1 < 8 ? lane + 1 : lane) * 10, int(ballot), 1 + 2, 2 * (lane ^ 1) + 1};
+        for (int k = 0; k < 8; k++) shuffles_right &= o[k] == expected[k];
+    }
+    check(shuffles_right, "warp shuffles (down, up, xor, indexed, width 8, double), ballot, any, all and syncwarp give CUDA's results");
+
+    Tensor x = randn({37, 1000}, 3);
+    real* sums = device_alloc<real>(37);
+    launch(block_sum_kernel, 37, 256, 256 * sizeof(real), sums, x.data, 1000);
+    std::vector<real> hx = to_host(x), hs(37), expected(37, 0);
+    cuda_check(cudaMemcpy(hs.data(), sums, 37 * sizeof(real), cudaMemcpyDeviceToHost));
+    for (int r = 0; r < 37; r++)
+        for (int c = 0; c < 1000; c++) expected[r] += hx[r * 1000 + c];
+    check(max_difference(hs, expected) < 1e-10, "shared-memory tree reduction with 9 barriers per thread, 37 blocks of 256");
+
+    launch(static_shared_kernel, 3, 64, 0, ints);
+    cuda_check(cudaMemcpy(got.data(), ints, 3 * 64 * sizeof(int), cudaMemcpyDeviceToHost));
+    bool static_right = true;
+    for (int i = 0; i < 3 * 64; i++) static_right &= got[i] == (63 - i % 64) * 3;
+    check(static_right, "static __shared__ memory is per block");
+
+    float* f = device_alloc<float>(1);
+    double* d = device_alloc<double>(1);
+    cuda_check(cudaMemset(f, 0, sizeof(float)));
+    cuda_check(cudaMemset(d, 0, sizeof(double)));
+    cuda_check(cudaMemset(ints, 0, sizeof(int)));
+    launch(atomics_kernel, 500, 128, 0, f, d, ints);
+    float hf;
+    double hd;
+    int hi;
+    cuda_check(cudaMemcpy(&hf, f, sizeof hf, cudaMemcpyDeviceToHost));
+    cuda_check(cudaMemcpy(&hd, d, sizeof hd, cudaMemcpyDeviceToHost));
+    cuda_check(cudaMemcpy(&hi, ints, sizeof hi, cudaMemcpyDeviceToHost));
+    check(hf == 32000 && hd == 16000 && hi == 64000, "atomicAdd on float, double and int from 64000 threads in 500 blocks: %g %g %d", hf, hd, hi);
+
+#ifndef __CUDACC__
+    real* out = device_alloc<real>(64);
+    check_fails("emulator: a thread exits while the others wait at __syncthreads", "barrier divergence",
+                [=] { launch(thread_exits_before_barrier_kernel, 2, 64, 0, ints); });
+    check(emu::last_error_message().find("thread_exits_before_barrier_kernel") != std::string::npos &&
+              emu::last_error_message().find("block (") != std::string::npos && emu::last_error_message().find("thread (") != std::string::npos,
+          "emulator: the report names the kernel, the block and the thread");
+    check_fails("emulator: threads wait at two different __syncthreads", "barrier divergence", [=] { launch(two_barriers_kernel, 1, 32, 0, ints); });
+    check_fails("emulator: a shuffle whose mask names exited lanes", "exited", [=] { launch(shuffle_with_exited_lanes_kernel, 1, 32, 0, ints); });
+    check_fails("emulator: a full-mask shuffle in a warp of 16 lanes", "do not exist", [=] { launch(warp_operations_kernel, 1, 48, 0, ints); });
+    check_fails("emulator: a read of shared memory nobody wrote", "no thread of the block has written",
+                [=] { launch(uninitialised_shared_kernel, 1, 32, 32 * sizeof(real), out); });
+    check_fails("emulator: shared memory indexed past its end", "out of bounds",
+                [=] { launch(shared_out_of_bounds_kernel, 1, 32, 32 * sizeof(real), out); });
+    check_fails("emulator: a lane waits at a shuffle while the rest wait at a barrier", "deadlock", [=] { launch(deadlock_kernel, 1, 32, 0, ints); });
+    launch(block_sum_kernel, 37, 256, 256 * sizeof(real), sums, x.data, 1000);
+    check(true, "emulator: a correct kernel runs cleanly right after the failures");
+#endif
+}
+
+int main() {
+    test_seed_examples();
+    test_operation_gradients();
+    test_forward_against_loops();
+    test_tape_and_memory();
+    test_emulator();
+    return finish();
+}

@@ -1,0 +1,248 @@
+// tricycle.h — a deep-learning library written from scratch in C++ and CUDA.
+//
+// Tensors with a tape autograd, the CUDA kernels behind every operation, and a GPT. One source for
+// both builds: nvcc compiles it for an NVIDIA GPU (cuBLAS for matrix products); g++ compiles the same
+// files as C++ and runs every kernel on the CPU through the emulator in cuda_cpu.h (OpenBLAS for
+// matrix products).
+//
+// Reading order, here and in tricycle.cu: errors and launching, memory, random numbers, the Tensor,
+// the tape, the operations (each a kernel with its backward kernel).
+#pragma once
+
+#ifdef __CUDACC__
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#else
+#include "cuda_cpu.h"
+#endif
+
+#include <cstddef>
+#include <cstdint>
+#include <initializer_list>
+#include <new>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+// ----------------------------------------------------------------------------------------------------
+// The element type: float, or double in the gradient-check build (make builds test_gradients with
+// -DTRICYCLE_DOUBLE), where finite differences are precise enough to check gradients to 1e-6.
+
+#ifdef TRICYCLE_DOUBLE
+typedef double real;
+#else
+typedef float real;
+#endif
+
+// ----------------------------------------------------------------------------------------------------
+// Errors. Library functions report bad input by throwing std::runtime_error with a one-line message;
+// the programs catch it in main, print it and exit with status 1.
+
+[[noreturn]] void fail(const char* format, ...) __attribute__((format(printf, 1, 2)));
+
+// Every CUDA runtime call goes through this, so a failure names the file and line of the call.
+void cuda_check(cudaError_t error, const char* file = __builtin_FILE(), int line = __builtin_LINE());
+
+// ----------------------------------------------------------------------------------------------------
+// Launching kernels. `launch(kernel, grid, block, shared_bytes, args...)` is kernel<<<grid, block,
+// shared_bytes>>>(args...) on a GPU and the emulator on a CPU; either way the launch is checked.
+
+void check_launch(const void* kernel);
+
+#ifdef __CUDACC__
+// Dynamic shared memory, `byte_offset` bytes into the block's buffer (the emulator's version checks
+// every access).
+template <typename T> __device__ T* shared_memory(size_t byte_offset = 0) {
+    extern __shared__ __align__(16) unsigned char shared_bytes[];
+    return reinterpret_cast<T*>(shared_bytes + byte_offset);
+}
+#endif
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, Args... args) {
+#ifdef __CUDACC__
+    kernel<<<grid, block, shared_bytes>>>(Params(args)...);
+#else
+    launch_kernel(kernel, grid, block, shared_bytes, args...);
+#endif
+    check_launch(reinterpret_cast<const void*>(kernel));
+}
+
+// Row kernels (softmax, reductions, normalisations) give each row a group of `threads_per_row`
+// threads, 1 to 32, that combine partial results with warp shuffles. A GPU wants a full warp per row;
+// the CPU emulator is fastest with 1, where no shuffle happens at all. Tests run both.
+extern int threads_per_row;
+
+// Blocks for a grid-stride loop over n elements with `threads` per block.
+unsigned grid_size(long n, int threads);
+
+// ----------------------------------------------------------------------------------------------------
+// Memory. Tensors live in an arena: a bump allocator over big chunks of device memory. A training step
+// marks the arena, runs, and releases back to the mark in one call, which also drops the tape; after
+// the first step no memory is taken from the system at all.
+
+struct MemoryMark {
+    int chunk;
+    size_t offset;
+    size_t tape_length, tape_chunk, tape_offset;
+};
+
+void* device_alloc(size_t bytes);  // from the arena, 256-byte aligned
+template <typename T> T* device_alloc(size_t count) { return static_cast<T*>(device_alloc(count * sizeof(T))); }
+MemoryMark memory_mark();
+void memory_release(MemoryMark mark);
+size_t memory_in_use();            // bytes of the arena handed out now
+size_t memory_reserved();          // bytes the arena holds from the system
+
+// ----------------------------------------------------------------------------------------------------
+// Random numbers: counter-based, so element i of a draw with a given seed is the same number on the
+// CPU and the GPU, whatever the launch shape. (SplitMix64 finaliser over seed and index.)
+
+__host__ __device__ inline uint64_t random_bits(uint64_t seed, uint64_t index) {
+    uint64_t z = seed * 0x9E3779B97F4A7C15ull + index + 0x632BE59BD9B4E019ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// Uniform in [0, 1) with 24 random bits (exactly representable in float).
+__host__ __device__ inline float random_uniform(uint64_t seed, uint64_t index) {
+    return float(random_bits(seed, index) >> 40) * (1.0f / 16777216.0f);
+}
+
+// ----------------------------------------------------------------------------------------------------
+// The Tensor: a shape of up to max_dims dims, data in device memory, and, when it requires a gradient, a grad
+// buffer of the same shape. It is a small value that points into memory it does not own.
+
+constexpr int max_dims = 6;
+
+struct Tensor {
+    int ndim = 0;
+    int shape[max_dims] = {1, 1, 1, 1, 1, 1};
+    real* data = nullptr;
+    real* grad = nullptr;  // null unless the tensor requires a gradient
+
+    long size() const;
+    int dim(int i) const;  // negative counts from the end, like Python
+    bool requires_grad() const { return grad != nullptr; }
+};
+
+typedef std::initializer_list<int> Shape;
+
+Tensor empty(Shape shape);
+Tensor zeros(Shape shape);
+Tensor ones(Shape shape);
+Tensor full(Shape shape, real value);
+Tensor tensor(real value);                              // a scalar, shape ()
+Tensor tensor(const std::vector<real>& values, Shape shape);
+Tensor randn(Shape shape, uint64_t seed, real mean = 0, real std = 1);
+Tensor rand_uniform(Shape shape, uint64_t seed, real low = 0, real high = 1);
+Tensor empty_like(Tensor t);
+Tensor requires_grad(Tensor t);                         // gives t a zeroed gradient buffer
+Tensor grad(Tensor t);                                  // t's gradient as a tensor of its own
+std::vector<real> to_host(Tensor t);
+void copy_from_host(Tensor t, const real* values);
+std::string to_string(Tensor t);                        // Tensor(14.0), shortened when large
+std::string shape_string(Tensor t);                     // (6, 5, 4)
+void print(Tensor t);
+
+// Kernels that fill device buffers (used by the creators above and by the model's initialisation).
+void fill(real* out, long n, real value);
+void fill_normal(real* out, long n, uint64_t seed, real mean, real std);
+void fill_uniform(real* out, long n, uint64_t seed, real low, real high);
+
+// ----------------------------------------------------------------------------------------------------
+// The tape. While gradients are enabled, every operation whose inputs require a gradient appends a
+// closure that sends the gradient of its output back to its inputs. backward(t) seeds dt = 1 and runs
+// the closures in reverse. Closures live in a host arena that memory_release() also resets.
+
+extern bool grad_enabled;
+
+struct TapeEntry {
+    void (*run)(void* closure);
+    void* closure;
+};
+
+void* tape_alloc(size_t bytes);
+void tape_append(TapeEntry entry);
+
+template <typename F> void record(F backward) {
+    static_assert(std::is_trivially_destructible<F>::value, "tape closures capture plain values only");
+    void* memory = tape_alloc(sizeof(F));
+    new (memory) F(backward);
+    tape_append(TapeEntry{[](void* closure) { (*static_cast<F*>(closure))(); }, memory});
+}
+
+void backward(Tensor t);  // seeds t.grad with ones, runs the tape in reverse, then clears the tape
+void zero_grad(Tensor t);
+size_t tape_length();
+
+// Within a NoGrad scope nothing is recorded and results carry no gradient (inference).
+struct NoGrad {
+    bool saved;
+    NoGrad() : saved(grad_enabled) { grad_enabled = false; }
+    ~NoGrad() { grad_enabled = saved; }
+};
+
+// The output of an operation: shaped like `like`, with a gradient buffer when gradients are enabled
+// and any of `inputs` requires one.
+Tensor new_result(const Tensor& like, std::initializer_list<Tensor> inputs);
+
+// ----------------------------------------------------------------------------------------------------
+// Operations. Each is a CUDA kernel with its own backward kernel, recorded on the tape.
+// Binary operations broadcast like NumPy: shapes align on the right and dims of size 1 stretch.
+
+Tensor add(Tensor a, Tensor b);
+Tensor sub(Tensor a, Tensor b);
+Tensor mul(Tensor a, Tensor b);
+Tensor div(Tensor a, Tensor b);
+Tensor maximum(Tensor a, Tensor b);
+Tensor minimum(Tensor a, Tensor b);
+
+Tensor add_scalar(Tensor x, real c);
+Tensor mul_scalar(Tensor x, real c);
+Tensor pow_scalar(Tensor x, real p);
+Tensor neg(Tensor x);
+Tensor exp(Tensor x);
+Tensor log(Tensor x);
+Tensor sqrt(Tensor x);
+Tensor sin(Tensor x);
+Tensor cos(Tensor x);
+Tensor tanh(Tensor x);
+Tensor sigmoid(Tensor x);
+Tensor relu(Tensor x);
+
+// Reductions over one axis (the axis is removed), or over everything (a scalar).
+Tensor sum(Tensor x, int axis);
+Tensor mean(Tensor x, int axis);
+Tensor max(Tensor x, int axis);
+Tensor min(Tensor x, int axis);
+Tensor sum(Tensor x);
+Tensor mean(Tensor x);
+Tensor max(Tensor x);
+Tensor min(Tensor x);
+
+Tensor reshape(Tensor x, Shape shape);      // a view: shares data and gradient; one dim may be -1
+Tensor transpose(Tensor x, int dim0, int dim1);
+Tensor softmax(Tensor x);                   // over the last axis
+Tensor matmul(Tensor a, Tensor b);          // (..., M, K) @ (..., K, N), or @ (K, N) shared by the batch
+
+// So that expressions read like maths: y = x*x + 3*x + 4.
+inline Tensor operator+(Tensor a, Tensor b) { return add(a, b); }
+inline Tensor operator-(Tensor a, Tensor b) { return sub(a, b); }
+inline Tensor operator*(Tensor a, Tensor b) { return mul(a, b); }
+inline Tensor operator/(Tensor a, Tensor b) { return div(a, b); }
+inline Tensor operator-(Tensor x) { return neg(x); }
+inline Tensor operator+(Tensor x, real c) { return add_scalar(x, c); }
+inline Tensor operator+(real c, Tensor x) { return add_scalar(x, c); }
+inline Tensor operator-(Tensor x, real c) { return add_scalar(x, -c); }
+inline Tensor operator-(real c, Tensor x) { return add_scalar(neg(x), c); }
+inline Tensor operator*(Tensor x, real c) { return mul_scalar(x, c); }
+inline Tensor operator*(real c, Tensor x) { return mul_scalar(x, c); }
+inline Tensor operator/(Tensor x, real c) { return mul_scalar(x, 1 / c); }
+
+// Matrix products on raw row-major buffers, batched with strides:
+//   C[i] = alpha * op(A[i]) @ op(B[i]) + beta * C[i],  op(A) is (M, K), op(B) is (K, N), C is (M, N).
+// cuBLAS on the GPU, OpenBLAS on the CPU.
+void gemm(bool transpose_a, bool transpose_b, int M, int N, int K, real alpha, const real* A, const real* B, real beta,
+          real* C, int batch = 1, long stride_a = 0, long stride_b = 0, long stride_c = 0);
