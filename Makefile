@@ -40,10 +40,10 @@ endif
 
 OBJ := build/$(BUILD)
 HEADERS := tricycle.h cuda_cpu.h
-PROGRAMS := train_gpt inference
-TESTS := test_gradients
+PROGRAMS := train_gpt inference tokenizer
+TESTS := test_gradients tests/test_tokenizer
 
-.PHONY: all test clean
+.PHONY: all test clean bench-emulator bench-tokenizer
 all: $(PROGRAMS) $(TESTS)
 
 # Binaries go to the repository root whatever the build; this stamp relinks them when it changes.
@@ -66,8 +66,46 @@ $(PROGRAMS): %: $(OBJ)/%.o $(OBJ)/tricycle.o $(STAMP)
 test_gradients: $(OBJ)/double/test_gradients.o $(OBJ)/double/tricycle.o $(STAMP)
 	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
 
+tests/test_tokenizer: $(OBJ)/tests/test_tokenizer.o $(OBJ)/tricycle.o $(STAMP)
+	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
+
 test: $(TESTS)
 	@bash tests/run_tests.sh $(TESTS)
 
 clean:
-	rm -rf build $(PROGRAMS) $(TESTS)
+	rm -rf build $(PROGRAMS) $(TESTS) bench/emulator
+
+# ----------------------------------------------------------------------------------------------------
+# Data. The corpus is downloaded, never committed. DATA=path uses a copy you already have.
+
+SHAKESPEARE_URL := https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
+DATA ?= data/tinyshakespeare.txt
+
+data/tinyshakespeare.txt:
+	@mkdir -p data
+	@echo "downloading tinyshakespeare from $(SHAKESPEARE_URL)"
+	@curl -fsSL --retry 2 -o $@.tmp $(SHAKESPEARE_URL) && mv $@.tmp $@ || { rm -f $@.tmp; \
+	  echo "error: could not download tinyshakespeare (no network?). Download $(SHAKESPEARE_URL)"; \
+	  echo "       by hand to data/tinyshakespeare.txt, or pass DATA=/path/to/tinyshakespeare.txt"; exit 1; }
+
+# A ~30 MB corpus of Python code that needs no download: the .py files of the local Python standard
+# library (site-packages left out), joined with end-of-text tokens between files.
+PYTHON_STDLIB = $(shell python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+data/python_corpus.txt: | tokenizer
+	@mkdir -p data
+	./tokenizer corpus --dir $(PYTHON_STDLIB) --skip-dir site-packages --output $@
+
+# ----------------------------------------------------------------------------------------------------
+# Benchmarks (not tests): each prints its figures.
+
+bench/emulator: $(OBJ)/bench/emulator.o $(OBJ)/tricycle.o $(STAMP)
+	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
+
+bench-emulator: bench/emulator
+	./bench/emulator
+
+bench-tokenizer: tokenizer $(DATA) data/python_corpus.txt
+	./tokenizer train --input $(DATA) --vocab-size 1024 --output data/shakespeare.tok
+	./tokenizer encode --tokenizer data/shakespeare.tok --input $(DATA) --output data/shakespeare
+	./tokenizer train --input data/python_corpus.txt --vocab-size 8192 --output data/python.tok
+	./tokenizer encode --tokenizer data/python.tok --input data/python_corpus.txt --output data/python

@@ -2,11 +2,20 @@
 // See tricycle.h for the overview; this file follows the same order.
 #include "tricycle.h"
 
+#include <algorithm>
+#include <cerrno>
+#include <climits>
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
+#include <queue>
 #include <stdexcept>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #ifndef __CUDACC__
 #include <cblas.h>
@@ -816,4 +825,740 @@ Tensor matmul(Tensor a, Tensor b) {
         }
     });
     return out;
+}
+
+// ====================================================================================================
+// Tokenizer, token files and the data loader (host code)
+
+// Whole-file helpers
+
+std::string read_whole_file(const char* path, const char* kind) {
+    FILE* f = fopen(path, "rb");
+    if (!f) fail("%s '%s': cannot open: %s", kind, path, strerror(errno));
+    std::string data;
+    char buffer[1 << 16];
+    size_t n;
+    while ((n = fread(buffer, 1, sizeof(buffer), f)) > 0) data.append(buffer, n);
+    bool read_error = ferror(f) != 0;
+    fclose(f);
+    if (read_error) fail("%s '%s': read error", kind, path);
+    return data;
+}
+
+void write_file_atomic(const char* path, const void* data, size_t size, const char* kind) {
+    std::string temp_path = std::string(path) + ".tmp";
+    FILE* f = fopen(temp_path.c_str(), "wb");
+    if (!f) fail("%s '%s': cannot create '%s': %s", kind, path, temp_path.c_str(), strerror(errno));
+    bool ok = fwrite(data, 1, size, f) == size;
+    if (fclose(f) != 0) ok = false;  // fclose flushes, so a full disk shows up here
+    if (!ok) {
+        int error = errno;
+        remove(temp_path.c_str());
+        fail("%s '%s': write failed: %s", kind, path, strerror(error));
+    }
+    if (rename(temp_path.c_str(), path) != 0) {
+        int error = errno;
+        remove(temp_path.c_str());
+        fail("%s '%s': cannot rename '%s' into place: %s", kind, path, temp_path.c_str(), strerror(error));
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Chunking: the hand-written scanner that cuts text into pieces before BPE.
+
+enum ByteClass { BYTE_LETTER, BYTE_DIGIT, BYTE_SPACE, BYTE_OTHER };
+
+static ByteClass byte_class(unsigned char c) {
+    // Bytes >= 0x80 are the parts of multi-byte UTF-8 characters; calling them
+    // letters keeps words like "café" or "naïve" in one chunk.
+    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c >= 0x80) return BYTE_LETTER;
+    if (c >= '0' && c <= '9') return BYTE_DIGIT;
+    if (c == ' ' || c == '\n' || c == '\t' || c == '\r' || c == '\v' || c == '\f') return BYTE_SPACE;
+    return BYTE_OTHER;
+}
+
+size_t tokenizer_chunk_length(const char* text, size_t length) {
+    if (length == 0) return 0;
+    const unsigned char* s = (const unsigned char*)text;
+    // One leading space joins the run after it: " world" is a chunk, so the
+    // space-before-a-word (the most common pattern in text) can merge with it.
+    size_t begin = 0;
+    if (length >= 2 && s[0] == ' ' && byte_class(s[1]) != BYTE_SPACE) begin = 1;
+    ByteClass kind = byte_class(s[begin]);
+    size_t end = begin + 1;
+    while (end < length && byte_class(s[end]) == kind) end++;
+    // "\n    return": the indentation run gives up its last space to " return".
+    if (kind == BYTE_SPACE && end < length && end >= 2 && s[end - 1] == ' ') end--;
+    return end;
+}
+
+// Finds the next end-of-text separator in [text, end); returns end if none.
+static const char* find_separator(const char* text, const char* end, const std::string& separator) {
+    size_t n = separator.size();
+    if (n == 0) return end;
+    const char* p = text;
+    while ((size_t)(end - p) >= n) {
+        const char* hit = (const char*)memchr(p, separator[0], (size_t)(end - p) - n + 1);
+        if (!hit) break;
+        if (memcmp(hit, separator.data(), n) == 0) return hit;
+        p = hit + 1;
+    }
+    return end;
+}
+
+// A pair of token ids packed into one integer, for hash maps. Comparing keys
+// compares (left, right) lexicographically, which the tie-break relies on.
+static uint64_t pair_key(int32_t left, int32_t right) {
+    return ((uint64_t)(uint32_t)left << 32) | (uint32_t)right;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Tokenizer tables
+
+// Rebuilds what follows from the merges: each token's bytes, the pair -> rank
+// lookup, and an empty encoder cache.
+static void tokenizer_build_tables(Tokenizer* tok) {
+    int num_merges = (int)tok->merges.size();
+    tok->vocab_size = TOKENIZER_BYTE_TOKENS + num_merges + 1;
+    tok->eot_token = tok->vocab_size - 1;
+
+    // token_start[id] is where token id's bytes begin, and so where token id-1's end.
+    tok->token_bytes.clear();
+    tok->token_start.assign(tok->vocab_size + 1, 0);
+    for (int id = 0; id < TOKENIZER_BYTE_TOKENS; id++) {
+        tok->token_start[id] = tok->token_bytes.size();
+        tok->token_bytes.push_back((char)id);
+    }
+    for (int i = 0; i < num_merges; i++) {
+        // A merged token's bytes are its left part's bytes then its right part's.
+        // Both parts are older tokens, so their ends are already recorded. The
+        // piece is built in a copy because appending to token_bytes may move it.
+        int id = TOKENIZER_BYTE_TOKENS + i;
+        tok->token_start[id] = tok->token_bytes.size();
+        std::string piece = std::string(tokenizer_token_bytes(tok, tok->merges[i].left));
+        piece += tokenizer_token_bytes(tok, tok->merges[i].right);
+        tok->token_bytes += piece;
+    }
+    tok->token_start[tok->eot_token] = tok->token_bytes.size();
+    tok->token_bytes += tok->eot_name;
+    tok->token_start[tok->vocab_size] = tok->token_bytes.size();
+
+    tok->merge_rank.clear();
+    tok->merge_rank.reserve(num_merges);
+    for (int i = 0; i < num_merges; i++) tok->merge_rank[pair_key(tok->merges[i].left, tok->merges[i].right)] = i;
+
+    tok->cache.clear();
+    tok->cache_keys.clear();
+    tok->cache_tokens.clear();
+}
+
+std::string_view tokenizer_token_bytes(const Tokenizer* tok, int token) {
+    if (token < 0 || token >= tok->vocab_size)
+        fail("token %d is outside the vocabulary [0, %d)", token, tok->vocab_size);
+    size_t start = tok->token_start[token];
+    return std::string_view(tok->token_bytes.data() + start, tok->token_start[token + 1] - start);
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Training
+//
+// The text is cut into chunks, and identical chunks are counted once: the
+// "words" below are the distinct chunks with their frequencies, each held as its
+// current sequence of symbols (token ids). A pair's count is the number of times
+// it occurs adjacently, summed over words weighted by word frequency.
+//
+// A full recount after every merge would cost O(text) per merge. Instead we
+// keep, for every pair, its count and the list of words it occurs in. Merging
+// (a, b) -> c only visits the words in the list of (a, b), and in each changes
+// the counts of the pairs around every occurrence: (x, a) and (b, y) lose an
+// occurrence, (x, c) and (c, y) gain one. The best pair comes from a max-heap
+// with lazy invalidation: entries are never removed when a count changes;
+// instead a popped entry whose count is out of date is re-pushed with the
+// current count. Counts of existing pairs only ever go down (only pairs that
+// contain the new token c go up, and those are pushed fresh), so a heap entry
+// never under-states its pair, and the first up-to-date entry popped is the
+// true best.
+
+struct TrainWord {
+    int64_t count;   // how often this chunk occurs in the text
+    size_t start;    // its symbols are symbols[start, start + length)
+    size_t length;   // shrinks as merges join symbols
+};
+
+struct PairInfo {
+    int64_t count = 0;
+    std::vector<int32_t> words;  // words that contain the pair (may hold stale entries)
+};
+
+struct HeapEntry {
+    int64_t count;
+    uint64_t key;
+};
+
+// std::priority_queue pops the "largest": the highest count, and among equal
+// counts the smallest (left, right).
+struct HeapOrder {
+    bool operator()(const HeapEntry& a, const HeapEntry& b) const {
+        if (a.count != b.count) return a.count < b.count;
+        return a.key > b.key;
+    }
+};
+
+struct BpeTrainer {
+    std::vector<TrainWord> words;
+    std::vector<int32_t> symbols;
+    std::unordered_map<uint64_t, PairInfo> pairs;
+    std::priority_queue<HeapEntry, std::vector<HeapEntry>, HeapOrder> heap;
+    std::vector<uint64_t> new_pairs;  // pairs that gained occurrences in the current merge
+    std::vector<int> word_visited;    // the merge that last visited each word
+};
+
+static void change_pair_count(BpeTrainer* tr, uint64_t key, int64_t delta, int32_t word) {
+    PairInfo& info = tr->pairs[key];
+    info.count += delta;
+    if (delta > 0) {
+        // Words are visited one at a time, so checking the last entry avoids duplicates.
+        if (info.words.empty() || info.words.back() != word) info.words.push_back(word);
+        tr->new_pairs.push_back(key);
+    } else if (info.count == 0) {
+        tr->pairs.erase(key);  // stale heap entries for it will find no pair and be dropped
+    }
+}
+
+// Replaces every (a, b) in word w by c, left to right, and updates the
+// neighbouring pair counts. Changes to (a, b) itself are skipped: every
+// occurrence disappears, so its count is simply dropped by the caller.
+static void merge_in_word(BpeTrainer* tr, int32_t w, int32_t a, int32_t b, int32_t c) {
+    uint64_t merged_key = pair_key(a, b);
+    TrainWord& word = tr->words[w];
+    int32_t* sym = &tr->symbols[word.start];
+    int64_t count = word.count;
+    size_t n = word.length;
+    size_t out = 0;  // symbols [0, out) are final; the rest still to be scanned
+    size_t i = 0;
+    while (i < n) {
+        if (i + 1 < n && sym[i] == a && sym[i + 1] == b) {
+            if (out > 0) {  // the left neighbour x (possibly a c made just before)
+                int32_t x = sym[out - 1];
+                if (pair_key(x, a) != merged_key) change_pair_count(tr, pair_key(x, a), -count, w);
+                change_pair_count(tr, pair_key(x, c), count, w);
+            }
+            if (i + 2 < n) {  // the right neighbour y (not yet scanned)
+                int32_t y = sym[i + 2];
+                if (pair_key(b, y) != merged_key) change_pair_count(tr, pair_key(b, y), -count, w);
+                change_pair_count(tr, pair_key(c, y), count, w);
+            }
+            sym[out++] = c;
+            i += 2;
+        } else {
+            sym[out++] = sym[i++];
+        }
+    }
+    word.length = out;
+}
+
+void tokenizer_train(Tokenizer* tok, const char* text, size_t length, int vocab_size) {
+    int min_vocab = TOKENIZER_BYTE_TOKENS + 1;
+    if (vocab_size < min_vocab)
+        fail("vocab size %d is too small: need at least %d (256 bytes + end-of-text)", vocab_size, min_vocab);
+    std::string separator = TOKENIZER_EOT_NAME;
+
+    // 1. Count distinct chunks. The separators between documents are not text:
+    //    they are skipped, and chunks never span them.
+    std::unordered_map<std::string_view, int64_t> chunk_counts;
+    const char* end = text + length;
+    const char* p = text;
+    while (p < end) {
+        const char* piece_end = find_separator(p, end, separator);
+        while (p < piece_end) {
+            size_t n = tokenizer_chunk_length(p, (size_t)(piece_end - p));
+            if (n >= 2) chunk_counts[std::string_view(p, n)]++;  // 1-byte chunks can never merge
+            p += n;
+        }
+        if (piece_end < end) p = piece_end + separator.size();
+    }
+
+    // 2. Turn each distinct chunk into a word of byte symbols, and count pairs.
+    BpeTrainer tr;
+    tr.words.reserve(chunk_counts.size());
+    for (const auto& entry : chunk_counts) {
+        TrainWord word;
+        word.count = entry.second;
+        word.start = tr.symbols.size();
+        word.length = entry.first.size();
+        for (char byte : entry.first) tr.symbols.push_back((unsigned char)byte);
+        tr.words.push_back(word);
+    }
+    chunk_counts.clear();
+    for (size_t w = 0; w < tr.words.size(); w++) {
+        const TrainWord& word = tr.words[w];
+        const int32_t* sym = &tr.symbols[word.start];
+        for (size_t i = 0; i + 1 < word.length; i++)
+            change_pair_count(&tr, pair_key(sym[i], sym[i + 1]), word.count, (int32_t)w);
+    }
+    for (const auto& entry : tr.pairs) tr.heap.push(HeapEntry{entry.second.count, entry.first});
+    tr.new_pairs.clear();  // every pair is new here, and already in the heap
+    tr.word_visited.assign(tr.words.size(), -1);
+
+    // 3. Merge the best pair until the vocabulary is full or no pair is left.
+    std::vector<TokenPair> merges;
+    int wanted_merges = vocab_size - min_vocab;
+    while ((int)merges.size() < wanted_merges) {
+        bool found = false;
+        HeapEntry best = {0, 0};
+        while (!tr.heap.empty()) {
+            best = tr.heap.top();
+            tr.heap.pop();
+            auto it = tr.pairs.find(best.key);
+            int64_t current = (it == tr.pairs.end()) ? 0 : it->second.count;
+            if (current == best.count) {
+                found = true;
+                break;
+            }
+            if (current > 0) tr.heap.push(HeapEntry{current, best.key});  // out of date: retry later
+        }
+        if (!found) break;
+
+        int32_t a = (int32_t)(best.key >> 32);
+        int32_t b = (int32_t)(best.key & 0xFFFFFFFFu);
+        int merge_index = (int)merges.size();
+        int32_t c = TOKENIZER_BYTE_TOKENS + merge_index;
+        merges.push_back(TokenPair{a, b});
+
+        std::vector<int32_t> affected = std::move(tr.pairs[best.key].words);
+        tr.pairs.erase(best.key);
+        tr.new_pairs.clear();
+        for (int32_t w : affected) {
+            if (tr.word_visited[w] == merge_index) continue;
+            tr.word_visited[w] = merge_index;
+            merge_in_word(&tr, w, a, b, c);
+        }
+        // Push each pair that gained occurrences once, with its final count.
+        std::sort(tr.new_pairs.begin(), tr.new_pairs.end());
+        tr.new_pairs.erase(std::unique(tr.new_pairs.begin(), tr.new_pairs.end()), tr.new_pairs.end());
+        for (uint64_t key : tr.new_pairs) {
+            auto it = tr.pairs.find(key);
+            if (it != tr.pairs.end()) tr.heap.push(HeapEntry{it->second.count, key});
+        }
+    }
+
+    tok->merges = merges;
+    tok->eot_name = separator;
+    tokenizer_build_tables(tok);
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Saving and loading
+
+void tokenizer_save(const Tokenizer* tok, const char* path) {
+    std::vector<int32_t> ints;
+    ints.push_back((int32_t)TOKENIZER_MAGIC);
+    ints.push_back(TOKENIZER_VERSION);
+    ints.push_back(tok->vocab_size);
+    ints.push_back((int32_t)tok->merges.size());
+    ints.push_back(1);  // one special token: end-of-text
+    for (const TokenPair& merge : tok->merges) {
+        ints.push_back(merge.left);
+        ints.push_back(merge.right);
+    }
+    ints.push_back(tok->eot_token);
+    ints.push_back((int32_t)tok->eot_name.size());
+    std::string data((const char*)ints.data(), ints.size() * sizeof(int32_t));
+    data += tok->eot_name;
+    write_file_atomic(path, data.data(), data.size(), "tokenizer file");
+}
+
+// Reads little-endian int32s from a file held in memory, failing on truncation.
+struct ByteReader {
+    const std::string* data;
+    size_t pos;
+    const char* path;
+};
+
+static int32_t read_int32(ByteReader* r, const char* what) {
+    if (r->data->size() - r->pos < 4)
+        fail("tokenizer file '%s': truncated: %zu bytes, ends while reading %s at byte %zu", r->path,
+             r->data->size(), what, r->pos);
+    int32_t value;
+    memcpy(&value, r->data->data() + r->pos, 4);
+    r->pos += 4;
+    return value;
+}
+
+void tokenizer_load(Tokenizer* tok, const char* path) {
+    std::string data = read_whole_file(path, "tokenizer file");
+    ByteReader r = {&data, 0, path};
+
+    uint32_t magic = (uint32_t)read_int32(&r, "the magic number");
+    if (magic != TOKENIZER_MAGIC)
+        fail("tokenizer file '%s': bad magic 0x%08x, expected 0x%08x", path, magic, TOKENIZER_MAGIC);
+    int version = read_int32(&r, "the version");
+    if (version != TOKENIZER_VERSION)
+        fail("tokenizer file '%s': unsupported version %d, expected %d", path, version, TOKENIZER_VERSION);
+    int vocab_size = read_int32(&r, "the vocab size");
+    int num_merges = read_int32(&r, "the merge count");
+    int num_special = read_int32(&r, "the special token count");
+    if (num_merges < 0) fail("tokenizer file '%s': negative merge count %d", path, num_merges);
+    if (num_special != 1)
+        fail("tokenizer file '%s': has %d special tokens, expected 1 (end-of-text)", path, num_special);
+    int64_t expected_vocab = (int64_t)TOKENIZER_BYTE_TOKENS + num_merges + num_special;
+    if (vocab_size != expected_vocab)
+        fail("tokenizer file '%s': vocab size %d, but 256 bytes + %d merges + %d special = %lld", path,
+             vocab_size, num_merges, num_special, (long long)expected_vocab);
+    // Check the length before allocating, so a corrupt count cannot ask for gigabytes.
+    if ((data.size() - r.pos) / 8 < (size_t)num_merges)
+        fail("tokenizer file '%s': truncated: %zu bytes, too short for %d merges", path, data.size(), num_merges);
+
+    std::vector<TokenPair> merges(num_merges);
+    std::unordered_map<uint64_t, int> seen;  // pair -> first merge index, to catch repeats
+    for (int i = 0; i < num_merges; i++) {
+        merges[i].left = read_int32(&r, "a merge");
+        merges[i].right = read_int32(&r, "a merge");
+        // Merge i may only combine tokens that already exist: bytes and earlier merges.
+        int defined = TOKENIZER_BYTE_TOKENS + i;
+        if (merges[i].left < 0 || merges[i].left >= defined || merges[i].right < 0 || merges[i].right >= defined)
+            fail("tokenizer file '%s': merge %d (%d, %d) uses a token not defined before it (ids must be < %d)",
+                 path, i, merges[i].left, merges[i].right, defined);
+        // A repeated pair would have two ranks; training never produces one.
+        auto inserted = seen.emplace(pair_key(merges[i].left, merges[i].right), i);
+        if (!inserted.second)
+            fail("tokenizer file '%s': merge %d (%d, %d) repeats merge %d", path, i, merges[i].left, merges[i].right,
+                 inserted.first->second);
+    }
+
+    int eot_id = read_int32(&r, "the end-of-text id");
+    if (eot_id != vocab_size - 1)
+        fail("tokenizer file '%s': end-of-text id %d, expected %d (the last id)", path, eot_id, vocab_size - 1);
+    int name_length = read_int32(&r, "the end-of-text name length");
+    if (name_length < 1 || name_length > 256)
+        fail("tokenizer file '%s': end-of-text name length %d, expected 1..256", path, name_length);
+    if (data.size() - r.pos < (size_t)name_length)
+        fail("tokenizer file '%s': truncated: %zu bytes, ends inside the end-of-text name", path, data.size());
+    std::string eot_name = data.substr(r.pos, name_length);
+    r.pos += name_length;
+    if (r.pos != data.size())
+        fail("tokenizer file '%s': %zu bytes of trailing data after the end-of-text name", path, data.size() - r.pos);
+
+    tok->merges = merges;
+    tok->eot_name = eot_name;
+    tokenizer_build_tables(tok);
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Encoding
+//
+// Each chunk is encoded on its own: start from its bytes and apply merges in
+// the order they were learned (lowest rank first; among equal ranks, left to
+// right). A min-heap holds candidate merges (rank, position) over a linked list
+// of symbols. A merge of rank r only creates pairs containing the new token
+// 256 + r, and those have ranks > r (a merge can only use earlier tokens), so
+// ranks come off the heap in non-decreasing order: the same result as the
+// textbook loop "find the lowest-rank pair, merge all its occurrences, repeat",
+// in O(n log n) instead of O(n^2).
+
+// Limits on the chunk cache. Long chunks are rare and seldom repeat; the entry
+// cap bounds memory on inputs that never repeat (random bytes) - real text
+// needs far fewer (31 MB of Python source: about 95k distinct chunks).
+static const size_t MAX_CACHED_CHUNK = 64;
+static const size_t MAX_CACHE_ENTRIES = 1u << 20;
+
+static bool candidate_after(const MergeCandidate& x, const MergeCandidate& y) {
+    // "x comes after y": used as the heap's less-than, so the front is the lowest rank.
+    if (x.rank != y.rank) return x.rank > y.rank;
+    return x.position > y.position;
+}
+
+static void push_candidate(Tokenizer* tok, int32_t position, int32_t right_position) {
+    uint64_t key = pair_key(tok->work_ids[position], tok->work_ids[right_position]);
+    auto it = tok->merge_rank.find(key);
+    if (it == tok->merge_rank.end()) return;
+    tok->work_heap.push_back(MergeCandidate{it->second, position});
+    std::push_heap(tok->work_heap.begin(), tok->work_heap.end(), candidate_after);
+}
+
+static void encode_chunk(Tokenizer* tok, const char* chunk, size_t length, std::vector<int32_t>* out) {
+    if (length > (size_t)INT32_MAX) fail("encode: a single chunk of %zu bytes is too long", length);
+    int32_t n = (int32_t)length;
+    std::vector<int32_t>& ids = tok->work_ids;    // ids[i] == -1: merged into its left neighbour
+    std::vector<int32_t>& next = tok->work_next;  // linked list of live symbols; n means none
+    std::vector<int32_t>& prev = tok->work_prev;  // -1 means none
+    ids.resize(n);
+    next.resize(n);
+    prev.resize(n);
+    for (int32_t i = 0; i < n; i++) {
+        ids[i] = (unsigned char)chunk[i];
+        next[i] = i + 1;
+        prev[i] = i - 1;
+    }
+    tok->work_heap.clear();
+    for (int32_t i = 0; i + 1 < n; i++) push_candidate(tok, i, i + 1);
+
+    while (!tok->work_heap.empty()) {
+        std::pop_heap(tok->work_heap.begin(), tok->work_heap.end(), candidate_after);
+        MergeCandidate candidate = tok->work_heap.back();
+        tok->work_heap.pop_back();
+        int32_t i = candidate.position;
+        if (ids[i] < 0) continue;  // this symbol was merged away
+        int32_t j = next[i];
+        if (j >= n) continue;
+        const TokenPair& merge = tok->merges[candidate.rank];
+        if (ids[i] != merge.left || ids[j] != merge.right) continue;  // the pair has changed since
+        // Join i and j into the new token, unlink j, and look at the two new pairs.
+        ids[i] = TOKENIZER_BYTE_TOKENS + candidate.rank;
+        ids[j] = -1;
+        next[i] = next[j];
+        if (next[j] < n) prev[next[j]] = i;
+        if (prev[i] >= 0) push_candidate(tok, prev[i], i);
+        if (next[i] < n) push_candidate(tok, i, next[i]);
+    }
+    for (int32_t i = 0; i < n; i = next[i]) out->push_back(ids[i]);
+}
+
+// Encodes text that contains no separator, chunk by chunk, through the cache.
+static void encode_piece(Tokenizer* tok, const char* text, size_t length, std::vector<int32_t>* out) {
+    size_t pos = 0;
+    while (pos < length) {
+        const char* chunk = text + pos;
+        size_t n = tokenizer_chunk_length(chunk, length - pos);
+        pos += n;
+        if (n == 1) {
+            out->push_back((unsigned char)chunk[0]);
+            continue;
+        }
+        if (n > MAX_CACHED_CHUNK) {
+            encode_chunk(tok, chunk, n, out);
+            continue;
+        }
+        auto it = tok->cache.find(std::string_view(chunk, n));
+        if (it != tok->cache.end()) {
+            const int32_t* cached = tok->cache_tokens.data() + it->second.offset;
+            out->insert(out->end(), cached, cached + it->second.count);
+            continue;
+        }
+        size_t first = out->size();
+        encode_chunk(tok, chunk, n, out);
+        if (tok->cache.size() < MAX_CACHE_ENTRIES) {
+            CachedChunk entry = {(uint32_t)tok->cache_tokens.size(), (uint32_t)(out->size() - first)};
+            tok->cache_tokens.insert(tok->cache_tokens.end(), out->begin() + first, out->end());
+            tok->cache_keys.emplace_back(chunk, n);
+            tok->cache.emplace(std::string_view(tok->cache_keys.back()), entry);
+        }
+    }
+}
+
+void tokenizer_encode(Tokenizer* tok, const char* text, size_t length, std::vector<int32_t>* tokens) {
+    if (tok->vocab_size == 0) fail("encode: the tokenizer has not been trained or loaded");
+    const char* end = text + length;
+    const char* p = text;
+    while (p < end) {
+        const char* piece_end = find_separator(p, end, tok->eot_name);
+        encode_piece(tok, p, (size_t)(piece_end - p), tokens);
+        if (piece_end == end) break;
+        tokens->push_back(tok->eot_token);
+        p = piece_end + tok->eot_name.size();
+    }
+}
+
+void tokenizer_decode(const Tokenizer* tok, const int32_t* tokens, size_t count, std::string* text) {
+    for (size_t i = 0; i < count; i++) {
+        int32_t id = tokens[i];
+        if (id < 0 || id >= tok->vocab_size)
+            fail("decode: token %d at index %zu is outside the vocabulary [0, %d)", id, i, tok->vocab_size);
+        size_t start = tok->token_start[id];
+        text->append(tok->token_bytes, start, tok->token_start[id + 1] - start);
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Token files
+
+void write_token_file(const char* path, const int32_t* tokens, size_t count, int vocab_size) {
+    if (vocab_size <= 0) fail("token file '%s': vocab size %d must be positive", path, vocab_size);
+    if (count > (size_t)INT32_MAX)
+        fail("token file '%s': %zu tokens, more than the header can count (%d)", path, count, INT32_MAX);
+    bool wide = vocab_size > 65536;
+    size_t width = wide ? 4 : 2;
+    size_t header_bytes = TOKEN_FILE_HEADER_INTS * sizeof(int32_t);
+    std::vector<unsigned char> data(header_bytes + count * width, 0);
+
+    int32_t header[TOKEN_FILE_HEADER_INTS] = {0};
+    header[0] = TOKEN_FILE_MAGIC;
+    header[1] = wide ? TOKEN_FILE_VERSION_U32 : TOKEN_FILE_VERSION_U16;
+    header[2] = (int32_t)count;
+    memcpy(data.data(), header, header_bytes);
+
+    unsigned char* body = data.data() + header_bytes;
+    for (size_t i = 0; i < count; i++) {
+        int32_t token = tokens[i];
+        if (token < 0 || token >= vocab_size)
+            fail("token file '%s': token %d at index %zu is outside the vocabulary [0, %d)", path, token, i,
+                 vocab_size);
+        if (wide) {
+            uint32_t value = (uint32_t)token;
+            memcpy(body + 4 * i, &value, 4);
+        } else {
+            uint16_t value = (uint16_t)token;
+            memcpy(body + 2 * i, &value, 2);
+        }
+    }
+    write_file_atomic(path, data.data(), data.size(), "token file");
+}
+
+TokenFile::~TokenFile() { token_file_close(this); }
+
+void token_file_close(TokenFile* file) {
+    if (file->map) munmap(file->map, file->map_size);
+    file->map = nullptr;
+    file->map_size = 0;
+    file->tokens16 = nullptr;
+    file->tokens32 = nullptr;
+    file->num_tokens = 0;
+    file->version = 0;
+}
+
+void token_file_open(TokenFile* file, const char* path, int vocab_size) {
+    if (vocab_size <= 0) fail("token file '%s': vocab size %d must be positive", path, vocab_size);
+    token_file_close(file);
+    file->path = path;
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) fail("token file '%s': cannot open: %s", path, strerror(errno));
+    struct stat info;
+    if (fstat(fd, &info) != 0) {
+        int error = errno;
+        close(fd);
+        fail("token file '%s': cannot stat: %s", path, strerror(error));
+    }
+    size_t size = (size_t)info.st_size;
+    size_t header_bytes = TOKEN_FILE_HEADER_INTS * sizeof(int32_t);
+    if (size < header_bytes) {
+        close(fd);
+        fail("token file '%s': truncated: %zu bytes, smaller than the %zu-byte header", path, size, header_bytes);
+    }
+    void* map = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    int map_error = errno;
+    close(fd);  // the mapping stays valid without the descriptor
+    if (map == MAP_FAILED) fail("token file '%s': cannot mmap: %s", path, strerror(map_error));
+    // From here the mapping belongs to *file: a failure below leaves it to be
+    // unmapped by token_file_close or the destructor.
+    file->map = map;
+    file->map_size = size;
+
+    const int32_t* header = (const int32_t*)map;
+    if (header[0] != TOKEN_FILE_MAGIC)
+        fail("token file '%s': bad magic %d, expected %d", path, header[0], TOKEN_FILE_MAGIC);
+    int version = header[1];
+    if (version != TOKEN_FILE_VERSION_U16 && version != TOKEN_FILE_VERSION_U32)
+        fail("token file '%s': unsupported version %d, expected 1 (uint16 tokens) or 2 (uint32 tokens)", path,
+             version);
+    if (header[2] < 0) fail("token file '%s': negative token count %d", path, header[2]);
+    size_t count = (size_t)header[2];
+    size_t width = version == TOKEN_FILE_VERSION_U16 ? 2 : 4;
+    size_t expected = header_bytes + count * width;
+    if (size < expected)
+        fail("token file '%s': truncated: header says %zu tokens (%zu bytes), file has %zu bytes", path, count,
+             expected, size);
+    if (size > expected)
+        fail("token file '%s': %zu bytes of trailing data after the %zu tokens the header announces", path,
+             size - expected, count);
+
+    file->version = version;
+    file->num_tokens = count;
+    const char* body = (const char*)map + header_bytes;
+    if (width == 2) file->tokens16 = (const uint16_t*)body;
+    else file->tokens32 = (const uint32_t*)body;
+
+    // Validate every token once here, so nothing downstream (the embedding
+    // lookup on the GPU) ever sees an out-of-range id.
+    for (size_t i = 0; i < count; i++) {
+        int64_t token = width == 2 ? (int64_t)file->tokens16[i] : (int64_t)file->tokens32[i];
+        if (token >= vocab_size)
+            fail("token file '%s': token %lld at index %zu >= vocab size %d", path, (long long)token, i, vocab_size);
+    }
+}
+
+std::vector<int32_t> read_token_file(const char* path, int vocab_size) {
+    TokenFile file;
+    token_file_open(&file, path, vocab_size);
+    std::vector<int32_t> tokens(file.num_tokens);
+    for (size_t i = 0; i < file.num_tokens; i++) tokens[i] = token_file_at(&file, i);
+    return tokens;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// splitmix64
+
+uint64_t splitmix64_next(uint64_t* state) {
+    *state += 0x9E3779B97F4A7C15ull;  // 2^64 / golden ratio: visits all 2^64 states
+    uint64_t z = *state;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+uint64_t splitmix64_below(uint64_t* state, uint64_t bound) {
+    // 2^64 is not a multiple of bound, so x % bound would favour small values a
+    // little. threshold = 2^64 mod bound; the values in [threshold, 2^64) are an
+    // exact multiple of bound, so rejecting x < threshold makes x % bound uniform.
+    uint64_t threshold = (0 - bound) % bound;
+    while (true) {
+        uint64_t x = splitmix64_next(state);
+        if (x >= threshold) return x % bound;
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Data loader
+
+void dataloader_open(DataLoader* loader, const char* path, int B, int T, int vocab_size, DataLoaderMode mode,
+                     uint64_t seed) {
+    if (B < 1 || T < 1) fail("data loader for '%s': B and T must be >= 1, got B = %d, T = %d", path, B, T);
+    token_file_open(&loader->file, path, vocab_size);
+    size_t count = loader->file.num_tokens;
+    // A window is T inputs plus one more token for the last target.
+    if (count < (size_t)T + 1)
+        fail("token file '%s': has %zu tokens, need at least T+1 = %d", path, count, T + 1);
+    loader->B = B;
+    loader->T = T;
+    loader->mode = mode;
+    loader->seed = seed;
+    loader->sweep_windows = (count - 1) / (size_t)T;
+    loader->inputs.assign((size_t)B * T, 0);
+    loader->targets.assign((size_t)B * T, 0);
+    dataloader_reset(loader);
+}
+
+void dataloader_reset(DataLoader* loader) {
+    loader->rng_state = loader->seed;
+    loader->sweep_next = 0;
+}
+
+void dataloader_next_batch(DataLoader* loader) {
+    size_t count = loader->file.num_tokens;
+    size_t T = (size_t)loader->T;
+    for (int b = 0; b < loader->B; b++) {
+        size_t start;
+        if (loader->mode == DATALOADER_RANDOM) {
+            start = (size_t)splitmix64_below(&loader->rng_state, count - T);  // starts 0 .. count-T-1
+        } else {
+            if (loader->sweep_next + T + 1 > count) loader->sweep_next = 0;  // wrap around
+            start = loader->sweep_next;
+            loader->sweep_next += T;
+        }
+        int32_t* inputs = &loader->inputs[b * T];
+        int32_t* targets = &loader->targets[b * T];
+        for (size_t t = 0; t < T; t++) {
+            inputs[t] = token_file_at(&loader->file, start + t);
+            targets[t] = token_file_at(&loader->file, start + t + 1);
+        }
+    }
+}
+
+uint64_t dataloader_get_rng_state(const DataLoader* loader) { return loader->rng_state; }
+
+void dataloader_set_rng_state(DataLoader* loader, uint64_t state) { loader->rng_state = state; }
+
+void dataloader_close(DataLoader* loader) {
+    token_file_close(&loader->file);
+    loader->inputs.clear();
+    loader->targets.clear();
 }

@@ -18,10 +18,13 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <initializer_list>
 #include <new>
 #include <string>
+#include <string_view>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 // ----------------------------------------------------------------------------------------------------
@@ -246,3 +249,199 @@ inline Tensor operator/(Tensor x, real c) { return mul_scalar(x, 1 / c); }
 // cuBLAS on the GPU, OpenBLAS on the CPU.
 void gemm(bool transpose_a, bool transpose_b, int M, int N, int K, real alpha, const real* A, const real* B, real beta,
           real* C, int batch = 1, long stride_a = 0, long stride_b = 0, long stride_c = 0);
+
+// ====================================================================================================
+// Tokenizer, token files and the data loader (host code)
+//
+// Three pieces, used in this order by a training run:
+//
+//   1. Tokenizer  - turns bytes into token ids and back. The 256 byte values are
+//                   the base vocabulary, so every byte string can be encoded.
+//                   Training learns "merges": merge i says "the adjacent pair
+//                   (left, right) becomes the new token 256 + i". The last id is
+//                   the end-of-text token.
+//   2. Token file - an encoded text on disk (llm.c's shard layout), written once
+//                   by `tokenizer encode` and memory-mapped by the loader.
+//   3. DataLoader - cuts (B, T) windows of inputs and next-token targets out of
+//                   a token file: random windows for training, an in-order sweep
+//                   for validation.
+//
+// All files are little-endian (big-endian hosts are not supported).
+//
+// Tokenizer file (.tok), all integers int32:
+//   magic = TOKENIZER_MAGIC, version = 1, vocab_size, num_merges, num_special
+//   num_merges x (left, right)            merge i defines token 256 + i
+//   num_special x (id, name_length, name bytes)
+// Version 1 has exactly one special token, the end-of-text token, with
+// id = vocab_size - 1 = 256 + num_merges. Nothing may follow the last name.
+//
+// Token file (.bin): 256 int32 header (magic 20240520, version, token count,
+// the rest zero), then the tokens: uint16 for version 1, uint32 for version 2
+// (used when the vocabulary has more than 65536 ids).
+
+// Whole-file helpers. `kind` names the file in error messages, e.g. "token file".
+std::string read_whole_file(const char* path, const char* kind);
+// Writes to "<path>.tmp" and renames it over `path`: readers see the old file or
+// the complete new one, never a partial write.
+void write_file_atomic(const char* path, const void* data, size_t size, const char* kind);
+
+// ----------------------------------------------------------------------------------------------------
+// Tokenizer
+
+constexpr uint32_t TOKENIZER_MAGIC = 0x4B544354;  // the bytes "TCTK" read as a little-endian int
+constexpr int TOKENIZER_VERSION = 1;
+constexpr int TOKENIZER_BYTE_TOKENS = 256;        // ids 0..255 are the raw byte values
+// The end-of-text token's name. It is also its text: the corpus builder puts this
+// string between files, encoding turns each occurrence into the end-of-text token
+// and decoding turns the token back into the string, so decode(encode(x)) == x
+// for every byte string x.
+constexpr const char* TOKENIZER_EOT_NAME = "<|endoftext|>";
+
+struct TokenPair {
+    int32_t left;
+    int32_t right;
+};
+
+// Where a cached chunk encoding lives inside Tokenizer::cache_tokens.
+struct CachedChunk {
+    uint32_t offset;
+    uint32_t count;
+};
+
+// One entry of the encoder's priority queue: "the pair starting at `position`
+// has merge rank `rank`".
+struct MergeCandidate {
+    int32_t rank;
+    int32_t position;
+};
+
+struct Tokenizer {
+    int vocab_size = 0;              // 256 + merges.size() + 1
+    std::vector<TokenPair> merges;   // merges[i] creates token 256 + i
+    int eot_token = -1;              // end-of-text id, always vocab_size - 1
+    std::string eot_name;            // TOKENIZER_EOT_NAME
+
+    // Derived tables, rebuilt from the merges by train and load.
+    std::string token_bytes;                      // all tokens' bytes, back to back
+    std::vector<size_t> token_start;              // token id's bytes begin here; vocab_size + 1 entries
+    std::unordered_map<uint64_t, int32_t> merge_rank;  // pair key -> merge index
+
+    // Encoder state. Real text repeats the same chunks ("the", " return", "    ")
+    // over and over, so each distinct chunk is encoded once and remembered.
+    std::unordered_map<std::string_view, CachedChunk> cache;  // views into cache_keys
+    std::deque<std::string> cache_keys;          // deque: elements never move
+    std::vector<int32_t> cache_tokens;
+    // Scratch buffers of the chunk encoder, kept to avoid reallocating.
+    std::vector<int32_t> work_ids, work_next, work_prev;
+    std::vector<MergeCandidate> work_heap;
+
+    Tokenizer() = default;
+    Tokenizer(const Tokenizer&) = delete;             // the cache holds views into itself
+    Tokenizer& operator=(const Tokenizer&) = delete;
+};
+
+// Length of the chunk that starts at text[0] (length > 0). Text is cut into
+// chunks before BPE so that merges never cross a chunk boundary:
+//   - a run of letters (bytes >= 0x80 count as letters, so UTF-8 stays whole),
+//   - a run of digits,
+//   - a run of other bytes (punctuation, control bytes, NUL),
+//   each optionally with one leading ' ' (so " the" is one chunk),
+//   - a run of whitespace; if a run of two or more ends in ' ' right before a
+//     non-whitespace byte, that last ' ' is left to start the next chunk.
+size_t tokenizer_chunk_length(const char* text, size_t length);
+
+// Learn merges from `text` until the vocabulary (256 bytes + merges + end-of-text)
+// has `vocab_size` ids, or until no adjacent pair is left (then it is smaller).
+// Ties in pair frequency go to the smallest (left, right).
+// vocab_size == 257 gives the plain byte tokenizer (no merges).
+void tokenizer_train(Tokenizer* tok, const char* text, size_t length, int vocab_size);
+void tokenizer_save(const Tokenizer* tok, const char* path);
+void tokenizer_load(Tokenizer* tok, const char* path);   // validates everything
+
+// Appends the tokens of `text` to *tokens. Not thread-safe (uses the cache).
+void tokenizer_encode(Tokenizer* tok, const char* text, size_t length, std::vector<int32_t>* tokens);
+// Appends the bytes of `tokens` to *text. Fails on ids outside the vocabulary.
+void tokenizer_decode(const Tokenizer* tok, const int32_t* tokens, size_t count, std::string* text);
+// The bytes of one token (for streaming output while sampling).
+std::string_view tokenizer_token_bytes(const Tokenizer* tok, int token);
+
+// ----------------------------------------------------------------------------------------------------
+// Token files
+
+constexpr int TOKEN_FILE_MAGIC = 20240520;
+constexpr int TOKEN_FILE_VERSION_U16 = 1;      // tokens stored as uint16
+constexpr int TOKEN_FILE_VERSION_U32 = 2;      // tokens stored as uint32
+constexpr int TOKEN_FILE_HEADER_INTS = 256;
+
+// Writes `tokens` (each in [0, vocab_size)) to `path` via a temporary file and a
+// rename, so a reader never sees a half-written file. uint16 when vocab_size <= 65536.
+void write_token_file(const char* path, const int32_t* tokens, size_t count, int vocab_size);
+
+// A memory-mapped, validated token file.
+struct TokenFile {
+    std::string path;
+    int version = 0;
+    size_t num_tokens = 0;
+    void* map = nullptr;           // the whole file
+    size_t map_size = 0;
+    const uint16_t* tokens16 = nullptr;  // set for version 1
+    const uint32_t* tokens32 = nullptr;  // set for version 2
+
+    TokenFile() = default;
+    TokenFile(const TokenFile&) = delete;
+    TokenFile& operator=(const TokenFile&) = delete;
+    ~TokenFile();
+};
+
+// Maps `path` and checks the header, that the size matches the count, and that
+// every token is < vocab_size. On failure it throws; the destructor still unmaps.
+void token_file_open(TokenFile* file, const char* path, int vocab_size);
+void token_file_close(TokenFile* file);
+inline int32_t token_file_at(const TokenFile* file, size_t index) {
+    return file->tokens16 ? (int32_t)file->tokens16[index] : (int32_t)file->tokens32[index];
+}
+// Convenience: open, copy all tokens out, close.
+std::vector<int32_t> read_token_file(const char* path, int vocab_size);
+
+// ----------------------------------------------------------------------------------------------------
+// Random numbers: splitmix64 (Steele, Lea, Flood 2014). The whole state is one
+// uint64 that advances by a fixed odd constant; the output is a bit-mixed copy
+// of it. Plain 64-bit integer arithmetic, so the same seed gives the same
+// sequence on every platform, and saving the one word resumes the stream.
+
+uint64_t splitmix64_next(uint64_t* state);
+// Uniform in [0, bound), bound > 0, without modulo bias (rejects the top sliver).
+uint64_t splitmix64_below(uint64_t* state, uint64_t bound);
+
+// ----------------------------------------------------------------------------------------------------
+// Data loader
+
+enum DataLoaderMode {
+    DATALOADER_RANDOM,  // training: each row is a window at a random position
+    DATALOADER_SWEEP,   // validation: consecutive non-overlapping windows, in order, wrapping
+};
+
+struct DataLoader {
+    TokenFile file;
+    int B = 0;                 // rows per batch
+    int T = 0;                 // tokens per row
+    DataLoaderMode mode = DATALOADER_RANDOM;
+    uint64_t seed = 0;
+    uint64_t rng_state = 0;    // random mode: splitmix64 state
+    size_t sweep_next = 0;     // sweep mode: where the next window starts
+    size_t sweep_windows = 0;  // windows in one full pass: (num_tokens - 1) / T
+    std::vector<int32_t> inputs;   // (B, T) row-major: the window's tokens 0..T-1
+    std::vector<int32_t> targets;  // (B, T): tokens 1..T, i.e. inputs shifted by one
+};
+
+// Opens and validates `path`; the file must hold at least T + 1 tokens.
+void dataloader_open(DataLoader* loader, const char* path, int B, int T, int vocab_size,
+                     DataLoaderMode mode, uint64_t seed);
+// Fills loader->inputs and loader->targets with the next batch.
+void dataloader_next_batch(DataLoader* loader);
+// Back to the state right after open: the sweep restarts at token 0, the RNG at the seed.
+void dataloader_reset(DataLoader* loader);
+// Save / restore the random-window stream, to resume a training run exactly.
+uint64_t dataloader_get_rng_state(const DataLoader* loader);
+void dataloader_set_rng_state(DataLoader* loader, uint64_t state);
+void dataloader_close(DataLoader* loader);
