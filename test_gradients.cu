@@ -282,6 +282,228 @@ static void test_tape_and_memory() {
 }
 
 // ----------------------------------------------------------------------------------------------------
+// Layers
+
+static int* device_ints(const std::vector<int>& values) {
+    int* d = device_alloc<int>(values.size());
+    cuda_check(cudaMemcpy(d, values.data(), values.size() * sizeof(int), cudaMemcpyHostToDevice));
+    return d;
+}
+
+static std::string lanes_note() { return ", " + std::to_string(threads_per_row) + " threads per row"; }
+
+static void test_layer_gradients() {
+    Tensor wte = input({11, 7}, 1), wpe = input({5, 7}, 2);
+    int* tokens = device_ints({3, 1, 3, 10, 0, 3, 3, 7, 1, 2});  // (2, 5) with repeats
+    check_gradient("embedding, tokens (2,5) with repeats, wte (11,7), wpe (5,7)", [=] { return embedding(tokens, 2, 5, wte, wpe); }, {wte, wpe});
+    check_gradient("embedding without positions (rotary models)", [=] { return embedding(tokens, 2, 5, wte, Tensor{}); }, {wte});
+
+    Tensor x = input({3, 5, 7}, 3), w = input({9, 7}, 4), b = input({9}, 5);
+    check_gradient("linear (3,5,7) -> 9 with bias", [=] { return linear(x, w, b); }, {x, w, b});
+    check_gradient("linear (3,5,7) -> 9 without bias", [=] { return linear(x, w, Tensor{}); }, {x, w});
+
+    for (int lanes : {1, 32, 8}) {
+        threads_per_row = lanes;
+        Tensor h = input({2, 3, 37}, 6), g = input({37}, 7), beta = input({37}, 8);
+        check_gradient("layernorm (2,3,37)" + lanes_note(), [=] { return layernorm(h, g, beta); }, {h, g, beta});
+        check_gradient("rmsnorm (2,3,37)" + lanes_note(), [=] { return rmsnorm(h, g); }, {h, g});
+    }
+    threads_per_row = 1;
+
+    Tensor a = input({3, 41}, 9);
+    check_gradient("gelu (tanh approximation) (3,41)", [=] { return gelu(a); }, {a});
+    check_gradient("silu (3,41)", [=] { return silu(a); }, {a});
+    check_gradient("swiglu (3,41,2*5) -> (3,41,5)", [=] { return swiglu(reshape(a, {3, 41, 1}) * input({10}, 10)); }, {a});
+    Tensor sw = input({4, 6}, 11);
+    check_gradient("swiglu (4,6) -> (4,3)", [=] { return swiglu(sw); }, {sw});
+    check_gradient("dropout p=0.3 with a fixed seed", [=] { return dropout(a, 0.3, 77); }, {a});
+    Tensor r1 = input({2, 9}, 12), r2 = input({2, 9}, 13);
+    check_gradient("residual (2,9) + (2,9)", [=] { return residual(r1, r2); }, {r1, r2});
+    Tensor q = input({2, 3, 5, 8}, 14);
+    check_gradient("rotary embedding on (2,3,5,8)", [=] { return rotary(q); }, {q});
+    Tensor m1 = input({3, 7}, 15), m2 = input({3, 7}, 16);
+    check_gradient("mean squared error (3,7)", [=] { return mse(m1, m2); }, {m1, m2});
+
+    for (int lanes : {1, 32, 8}) {
+        threads_per_row = lanes;
+        Tensor qkv = input({2, 5, 36}, 17);  // C = 12, 3 heads of 4
+        check_gradient("attention (2,5,3*12), 3 heads" + lanes_note(), [=] { return attention(qkv, 3, false, 0, 0); }, {qkv});
+        check_gradient("attention with rotary positions" + lanes_note(), [=] { return attention(qkv, 3, true, 0, 0); }, {qkv});
+        check_gradient("attention with dropout 0.25 on the probabilities" + lanes_note(), [=] { return attention(qkv, 3, false, 0.25, 5); }, {qkv});
+        Tensor single = input({3, 1, 18}, 18);
+        check_gradient("attention with T=1, 2 heads of 3" + lanes_note(), [=] { return attention(single, 2, false, 0, 0); }, {single});
+
+        Tensor logits = input({7, 37}, 19);
+        int* targets = device_ints({3, 36, ignore_index, 0, 5, 5, 20});
+        check_gradient("cross-entropy (7,37) with an ignored row" + lanes_note(), [=] { return cross_entropy(logits, targets); }, {logits});
+    }
+    threads_per_row = 1;
+
+    // Cross-entropy value against a plain loop.
+    Tensor logits = randn({4, 9}, 20);
+    std::vector<int> host_targets = {2, ignore_index, 8, 0};
+    std::vector<real> l = to_host(logits);
+    double expected = 0;
+    for (int n = 0; n < 4; n++) {
+        if (host_targets[n] == ignore_index) continue;
+        double top = -INFINITY, total = 0;
+        for (int v = 0; v < 9; v++) top = std::max(top, double(l[n * 9 + v]));
+        for (int v = 0; v < 9; v++) total += std::exp(l[n * 9 + v] - top);
+        expected += top + std::log(total) - l[n * 9 + host_targets[n]];
+    }
+    expected /= 3;
+    double got = scalar_value(cross_entropy(logits, device_ints(host_targets)));
+    check(std::fabs(got - expected) < 1e-12, "cross-entropy equals the mean over non-ignored rows of logsumexp - logit[target] (%.12f)", got);
+
+    // Dropout masks: same seed, same mask; another seed, another mask; about p dropped.
+    Tensor big = ones({10000});
+    std::vector<real> m_a = to_host(dropout(big, 0.2, 1)), m_b = to_host(dropout(big, 0.2, 1)), m_c = to_host(dropout(big, 0.2, 2));
+    long dropped = 0;
+    for (real v : m_a) dropped += v == 0;
+    check(m_a == m_b, "dropout: the same seed gives the same mask");
+    check(m_a != m_c, "dropout: another seed gives another mask");
+    check(dropped > 1800 && dropped < 2200 && (m_a[0] == 0 || std::fabs(m_a[0] - 1.25) < 1e-12), "dropout p=0.2: %ld of 10000 dropped, kept ones scaled to 1.25", dropped);
+
+    // The seed's attention example: embedding_dim 32, 2 heads, context 32, input (4,32,32) of ones.
+    Tensor ones_in = requires_grad(ones({4, 32, 32}));
+    Tensor w_qkv = requires_grad(randn({96, 32}, 21, 0, 0.02)), b_qkv = requires_grad(zeros({96}));
+    Tensor w_out = requires_grad(randn({32, 32}, 22, 0, 0.02)), b_out = requires_grad(zeros({32}));
+    Tensor attended = multi_head_attention(ones_in, w_qkv, b_qkv, w_out, b_out, 2);
+    backward(sum(attended));
+    check(shape_string(attended) == "(4, 32, 32)" && shape_string(grad(ones_in)) == "(4, 32, 32)",
+          "seed attention example: output %s and input gradient %s", shape_string(attended).c_str(), shape_string(grad(ones_in)).c_str());
+}
+
+// ----------------------------------------------------------------------------------------------------
+// The whole GPT, optimizers and model files
+
+static GPTConfig tiny_config() {
+    GPTConfig c;
+    c.vocab_size = 37, c.context = 8, c.dim = 12, c.layers = 2, c.heads = 3;
+    return c;
+}
+
+static void check_gpt_gradients(const std::string& what, GPTConfig config) {
+    GPT model;
+    gpt_create(&model, config);
+    gpt_init(&model, 7);
+    int B = 2, T = 5;
+    std::vector<int> host_tokens(B * T), host_targets(B * T);
+    for (int i = 0; i < B * T; i++) host_tokens[i] = int(random_bits(1, i) % 37), host_targets[i] = int(random_bits(2, i) % 37);
+    int *tokens = device_ints(host_tokens), *targets = device_ints(host_targets);
+    std::vector<Tensor> params;
+    for (auto& named : gpt_named_parameters(model)) params.push_back(named.second);
+    double error = gradient_error([&] { return cross_entropy(gpt_forward(model, tokens, B, T, true, 3), targets); }, params, 12);
+    check(error < 1e-6, "gradient of a whole GPT (%s), %ld parameters, sampled from every tensor: relative error %.2e", what.c_str(),
+          model.num_parameters, error);
+    gpt_destroy(&model);
+}
+
+static void test_gpt() {
+    check_gpt_gradients("layernorm, gelu, tied, learned positions", tiny_config());
+    GPTConfig modern = tiny_config();
+    modern.norm = Norm::rmsnorm, modern.activation = Activation::swiglu, modern.rotary = true, modern.tied_embeddings = false;
+    check_gpt_gradients("rmsnorm, swiglu, rotary, untied", modern);
+    GPTConfig dropped = tiny_config();
+    dropped.dropout = 0.2f, dropped.attention_dropout = 0.1f;
+    threads_per_row = 32;
+    check_gpt_gradients("dropout 0.2 and attention dropout 0.1, 32 threads per row", dropped);
+    threads_per_row = 1;
+
+    // Gradient accumulation: two micro-batches at half weight give the gradient of the full batch.
+    GPT model;
+    gpt_create(&model, tiny_config());
+    gpt_init(&model, 8);
+    std::vector<int> host_tokens(4 * 6), host_targets(4 * 6);
+    for (int i = 0; i < 24; i++) host_tokens[i] = int(random_bits(3, i) % 37), host_targets[i] = int(random_bits(4, i) % 37);
+    int *tokens = device_ints(host_tokens), *targets = device_ints(host_targets);
+    backward(cross_entropy(gpt_forward(model, tokens, 4, 6, false, 0), targets));
+    std::vector<real> full(model.num_parameters), accumulated(model.num_parameters);
+    cuda_check(cudaMemcpy(full.data(), model.gradients, full.size() * sizeof(real), cudaMemcpyDeviceToHost));
+    cuda_check(cudaMemset(model.gradients, 0, model.num_parameters * sizeof(real)));
+    for (int half = 0; half < 2; half++) backward(cross_entropy(gpt_forward(model, tokens + 12 * half, 2, 6, false, 0), targets + 12 * half) * 0.5);
+    cuda_check(cudaMemcpy(accumulated.data(), model.gradients, accumulated.size() * sizeof(real), cudaMemcpyDeviceToHost));
+    check(max_difference(full, accumulated) < 1e-12, "gradient accumulation over 2 micro-batches equals the full batch (max diff %.1e)", max_difference(full, accumulated));
+
+    // Gradient norm and AdamW against plain loops, with clipping active.
+    std::vector<real> p0(model.num_parameters), g(full);
+    cuda_check(cudaMemcpy(p0.data(), model.parameters, p0.size() * sizeof(real), cudaMemcpyDeviceToHost));
+    cuda_check(cudaMemcpy(model.gradients, g.data(), g.size() * sizeof(real), cudaMemcpyHostToDevice));
+    real* norm = device_alloc<real>(1);
+    gradient_norm(norm, model.gradients, model.num_parameters);
+    double expected_norm = 0;
+    for (real v : g) expected_norm += double(v) * v;
+    expected_norm = std::sqrt(expected_norm);
+    check(std::fabs(scalar_value(Tensor{0, {}, norm, nullptr}) - expected_norm) < 1e-10, "gradient norm on the device equals the loop (%.6f)", expected_norm);
+    AdamW adam;
+    adamw_create(&adam, model.num_parameters);
+    real max_norm = real(expected_norm / 2), lr = real(0.01);
+    adamw_update(&adam, model.parameters, model.gradients, model.num_decayed, lr, norm, max_norm);
+    adamw_update(&adam, model.parameters, model.gradients, model.num_decayed, lr, norm, max_norm);
+    std::vector<real> p2(model.num_parameters);
+    cuda_check(cudaMemcpy(p2.data(), model.parameters, p2.size() * sizeof(real), cudaMemcpyDeviceToHost));
+    double worst = 0, scale = max_norm / (expected_norm + 1e-6);
+    for (long i = 0; i < model.num_parameters; i++) {
+        double p = p0[i], m = 0, v = 0, gi = g[i] * scale;
+        for (int t = 1; t <= 2; t++) {
+            m = 0.9 * m + 0.1 * gi, v = 0.95 * v + 0.05 * gi * gi;
+            double update = m / (1 - std::pow(0.9, t)) / (std::sqrt(v / (1 - std::pow(0.95, t))) + double(1e-8f));
+            p -= lr * (update + (i < model.num_decayed ? 0.1 * p : 0));
+        }
+        worst = std::max(worst, std::fabs(p - p2[i]));
+    }
+    check(worst < 1e-10, "AdamW, 2 steps with clipping and decay on the %ld weight-matrix entries only, equals the loop (max diff %.1e)", model.num_decayed, worst);
+    adamw_destroy(&adam);
+    SGD sgd;
+    sgd.momentum = 0.5f;
+    sgd_create(&sgd, model.num_parameters);
+    sgd_update(&sgd, model.parameters, model.gradients, lr, nullptr, 0);
+    sgd_update(&sgd, model.parameters, model.gradients, lr, nullptr, 0);
+    std::vector<real> p3(model.num_parameters);
+    cuda_check(cudaMemcpy(p3.data(), model.parameters, p3.size() * sizeof(real), cudaMemcpyDeviceToHost));
+    worst = 0;
+    for (long i = 0; i < model.num_parameters; i++) worst = std::max(worst, std::fabs((p2[i] - lr * (g[i] + (0.5 * g[i] + g[i]))) - p3[i]));
+    check(worst < 1e-12, "SGD with momentum 0.5, 2 steps, equals the loop (max diff %.1e)", worst);
+    sgd_destroy(&sgd);
+
+    float warm = learning_rate(0, 10, 100, 1e-3f, 1e-4f), peak = learning_rate(9, 10, 100, 1e-3f, 1e-4f);
+    float middle = learning_rate(54, 10, 100, 1e-3f, 1e-4f), last = learning_rate(99, 10, 100, 1e-3f, 1e-4f);
+    check(std::fabs(warm - 1e-4f) < 1e-9f && std::fabs(peak - 1e-3f) < 1e-9f && std::fabs(middle - 5.5e-4f) < 1e-5f && last == 1e-4f,
+          "learning rate: warmup 1e-4 -> 1e-3, cosine through %.2e at the middle to 1e-4 at the end", middle);
+
+    // Model files: a round trip, then corrupt files rejected.
+    std::string path = "/tmp/tricycle_test_model.bin";
+    gpt_save(model, path.c_str(), {FileSection{{'N', 'O', 'T', 'E'}, "hello"}});
+    GPT loaded;
+    std::vector<FileSection> sections;
+    gpt_load(&loaded, path.c_str(), &sections);
+    std::vector<real> original(model.num_parameters), reloaded(model.num_parameters);
+    cuda_check(cudaMemcpy(original.data(), model.parameters, original.size() * sizeof(real), cudaMemcpyDeviceToHost));
+    cuda_check(cudaMemcpy(reloaded.data(), loaded.parameters, reloaded.size() * sizeof(real), cudaMemcpyDeviceToHost));
+    bool same = sections.size() == 1 && sections[0].bytes == "hello";
+    for (long i = 0; i < model.num_parameters; i++) same &= reloaded[i] == real(float(original[i]));
+    check(same && loaded.config.layers == 2 && loaded.config.heads == 3, "model file round trip: config, every parameter (as float32) and a section");
+    gpt_destroy(&loaded);
+    std::string image = read_whole_file(path.c_str(), "model file");
+    auto corrupt = [&](const char* what, const char* expected, std::string bytes) {
+        write_file_atomic(path.c_str(), bytes.data(), bytes.size(), "test file");
+        check_fails(what, expected, [&] {
+            GPT broken;
+            gpt_load(&broken, path.c_str());
+        });
+    };
+    std::string bad_magic = image, bad_version = image;
+    bad_magic[0] = 'X', bad_version[4] = 9;
+    corrupt("model file with a bad magic", "bad magic", bad_magic);
+    corrupt("model file with a future version", "version 9", bad_version);
+    corrupt("model file cut short in the parameters", "truncated", image.substr(0, image.size() / 2));
+    corrupt("model file with bytes after the last section", "unexpected bytes", image + "junk");
+    corrupt("an empty model file", "truncated", "");
+    std::remove(path.c_str());
+    gpt_destroy(&model);
+}
+
+// ----------------------------------------------------------------------------------------------------
 // The CPU emulator: kernels that must work, and deliberately broken kernels it must catch.
 // (On a GPU build these run on the GPU; the broken ones are only run under the emulator.)
 
@@ -435,6 +657,8 @@ int main() {
     test_operation_gradients();
     test_forward_against_loops();
     test_tape_and_memory();
+    test_layer_gradients();
+    test_gpt();
     test_emulator();
     return finish();
 }

@@ -93,14 +93,20 @@ __device__ inline long group_row(long rows, bool* active) {
     return row < rows ? row : rows - 1;
 }
 
+// The lanes of this thread's warp that exist: all 32, unless the block is smaller than a warp.
+__device__ inline unsigned warp_lanes() {
+    unsigned threads = blockDim.x * blockDim.y * blockDim.z;
+    return threads >= 32 ? 0xffffffffu : (1u << threads) - 1;
+}
+
 // Sum and max across the threads of a row group, by butterfly shuffles: every thread gets the result.
 __device__ inline real group_sum(real value) {
-    for (int offset = blockDim.x / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffff, value, offset, blockDim.x);
+    for (int offset = blockDim.x / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(warp_lanes(), value, offset, blockDim.x);
     return value;
 }
 
 __device__ inline real group_max(real value) {
-    for (int offset = blockDim.x / 2; offset > 0; offset /= 2) value = fmax(value, __shfl_xor_sync(0xffffffff, value, offset, blockDim.x));
+    for (int offset = blockDim.x / 2; offset > 0; offset /= 2) value = fmax(value, __shfl_xor_sync(warp_lanes(), value, offset, blockDim.x));
     return value;
 }
 
@@ -376,75 +382,82 @@ Tensor new_result(const Tensor& like, std::initializer_list<Tensor> inputs) {
 // ----------------------------------------------------------------------------------------------------
 // Elementwise functions of one tensor: out = f(x), and backward dx += dout * f'(x).
 // Each function is a small struct; the kernels are templates over it, one kernel per function.
-// `derivative` gets both x and out = f(x), since some derivatives are cheaper from the output.
+// The derivative is computed from x alone, so backward needs nothing saved but the input.
 
 struct Neg {
     __device__ real forward(real x) const { return -x; }
-    __device__ real derivative(real, real) const { return -1; }
+    __device__ real derivative(real) const { return -1; }
 };
 struct AddScalar {
     real c;
     __device__ real forward(real x) const { return x + c; }
-    __device__ real derivative(real, real) const { return 1; }
+    __device__ real derivative(real) const { return 1; }
 };
 struct MulScalar {
     real c;
     __device__ real forward(real x) const { return x * c; }
-    __device__ real derivative(real, real) const { return c; }
+    __device__ real derivative(real) const { return c; }
 };
 struct PowScalar {
     real p;
     __device__ real forward(real x) const { return pow(x, p); }
-    __device__ real derivative(real x, real) const { return p * pow(x, p - 1); }
+    __device__ real derivative(real x) const { return p * pow(x, p - 1); }
 };
 struct Exp {
     __device__ real forward(real x) const { return exp(x); }
-    __device__ real derivative(real, real out) const { return out; }
+    __device__ real derivative(real x) const { return exp(x); }
 };
 struct Log {
     __device__ real forward(real x) const { return log(x); }
-    __device__ real derivative(real x, real) const { return 1 / x; }
+    __device__ real derivative(real x) const { return 1 / x; }
 };
 struct Sqrt {
     __device__ real forward(real x) const { return sqrt(x); }
-    __device__ real derivative(real, real out) const { return real(0.5) / out; }
+    __device__ real derivative(real x) const { return real(0.5) / sqrt(x); }
 };
 struct Sin {
     __device__ real forward(real x) const { return sin(x); }
-    __device__ real derivative(real x, real) const { return cos(x); }
+    __device__ real derivative(real x) const { return cos(x); }
 };
 struct Cos {
     __device__ real forward(real x) const { return cos(x); }
-    __device__ real derivative(real x, real) const { return -sin(x); }
+    __device__ real derivative(real x) const { return -sin(x); }
 };
 struct Tanh {
     __device__ real forward(real x) const { return tanh(x); }
-    __device__ real derivative(real, real out) const { return 1 - out * out; }
+    __device__ real derivative(real x) const { return 1 - tanh(x) * tanh(x); }
 };
 struct Sigmoid {
     __device__ real forward(real x) const { return 1 / (1 + exp(-x)); }
-    __device__ real derivative(real, real out) const { return out * (1 - out); }
+    __device__ real derivative(real x) const { return forward(x) * (1 - forward(x)); }
 };
 struct Relu {
     __device__ real forward(real x) const { return x > 0 ? x : 0; }
-    __device__ real derivative(real x, real) const { return x > 0 ? 1 : 0; }
+    __device__ real derivative(real x) const { return x > 0 ? 1 : 0; }
 };
 
 template <typename F> __global__ void map_forward_kernel(real* out, const real* x, long n, F f) {
     for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) out[i] = f.forward(x[i]);
 }
 
-template <typename F> __global__ void map_backward_kernel(real* dx, const real* dout, const real* x, const real* out, long n, F f) {
+template <typename F> __global__ void map_backward_kernel(real* dx, const real* dout, const real* x, long n, F f) {
     for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x)
-        dx[i] += dout[i] * f.derivative(x[i], out[i]);
+        dx[i] += dout[i] * f.derivative(x[i]);
+}
+
+template <typename F> static void map_forward(real* out, const real* x, long n, F f) {
+    launch(map_forward_kernel<F>, grid_size(n, 256), 256, 0, out, x, n, f);
+}
+
+template <typename F> static void map_backward(real* dx, const real* dout, const real* x, long n, F f) {
+    launch(map_backward_kernel<F>, grid_size(n, 256), 256, 0, dx, dout, x, n, f);
 }
 
 template <typename F> static Tensor map(Tensor x, F f) {
     Tensor out = new_result(x, {x});
     long n = x.size();
-    launch(map_forward_kernel<F>, grid_size(n, 256), 256, 0, out.data, x.data, n, f);
-    if (out.grad)
-        record([=] { launch(map_backward_kernel<F>, grid_size(n, 256), 256, 0, x.grad, out.grad, x.data, out.data, n, f); });
+    map_forward(out.data, x.data, n, f);
+    if (out.grad) record([=] { map_backward(x.grad, out.grad, x.data, n, f); });
     return out;
 }
 
@@ -610,8 +623,8 @@ __global__ void reduce_forward_kernel(real* out, int* winner, const real* x, lon
     }
     // Combine across the group. For max/min each thread also learns which k won, smallest k on ties.
     for (int offset = blockDim.x / 2; offset > 0; offset /= 2) {
-        real other = __shfl_xor_sync(0xffffffff, best, offset, blockDim.x);
-        int other_k = __shfl_xor_sync(0xffffffff, best_k, offset, blockDim.x);
+        real other = __shfl_xor_sync(warp_lanes(), best, offset, blockDim.x);
+        int other_k = __shfl_xor_sync(warp_lanes(), best_k, offset, blockDim.x);
         if (KIND == reduce_sum) best += other;
         else if ((KIND == reduce_max ? other > best : other < best) || (other == best && other_k < best_k)) best = other, best_k = other_k;
     }
@@ -772,25 +785,58 @@ Tensor softmax(Tensor x) {
 // ----------------------------------------------------------------------------------------------------
 // Matrix products
 
+#ifdef __CUDACC__
+inline cublasStatus_t cublas_gemm(cublasOperation_t op_a, cublasOperation_t op_b, int m, int n, int k, const float* alpha, const float* A,
+                                  int lda, long stride_a, const float* B, int ldb, long stride_b, const float* beta, float* C, int ldc,
+                                  long stride_c, int batch) {
+    return cublasSgemmStridedBatched(cublas_handle(), op_a, op_b, m, n, k, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc, stride_c, batch);
+}
+inline cublasStatus_t cublas_gemm(cublasOperation_t op_a, cublasOperation_t op_b, int m, int n, int k, const double* alpha, const double* A,
+                                  int lda, long stride_a, const double* B, int ldb, long stride_b, const double* beta, double* C, int ldc,
+                                  long stride_c, int batch) {
+    return cublasDgemmStridedBatched(cublas_handle(), op_a, op_b, m, n, k, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc, stride_c, batch);
+}
+#else
+inline void cblas_gemm(CBLAS_TRANSPOSE op_a, CBLAS_TRANSPOSE op_b, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
+                       int ldb, float beta, float* C, int ldc) {
+    cblas_sgemm(CblasRowMajor, op_a, op_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+inline void cblas_gemm(CBLAS_TRANSPOSE op_a, CBLAS_TRANSPOSE op_b, int M, int N, int K, double alpha, const double* A, int lda, const double* B,
+                       int ldb, double beta, double* C, int ldc) {
+    cblas_dgemm(CblasRowMajor, op_a, op_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+#endif
+
 void gemm(bool transpose_a, bool transpose_b, int M, int N, int K, real alpha, const real* A, const real* B, real beta, real* C,
           int batch, long stride_a, long stride_b, long stride_c) {
     int lda = transpose_a ? M : K, ldb = transpose_b ? K : N;
 #ifdef __CUDACC__
     // cuBLAS is column-major: compute C^T = op(B)^T op(A)^T, which is C in row-major.
-    cublasOperation_t op_a = transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-#ifdef TRICYCLE_DOUBLE
-    cublas_check(cublasDgemmStridedBatched(cublas_handle(), op_b, op_a, N, M, K, &alpha, B, ldb, stride_b, A, lda, stride_a, &beta, C, N, stride_c, batch));
+    cublas_check(cublas_gemm(transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N, transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha, B, ldb,
+                             stride_b, A, lda, stride_a, &beta, C, N, stride_c, batch));
 #else
-    cublas_check(cublasSgemmStridedBatched(cublas_handle(), op_b, op_a, N, M, K, &alpha, B, ldb, stride_b, A, lda, stride_a, &beta, C, N, stride_c, batch));
-#endif
-#else
+    // OpenBLAS runs single-threaded and we split the work over the cores ourselves: by matrix when
+    // there are several, by rows of C otherwise. (On two cores OpenBLAS's own threading does not speed
+    // up matrices of a GPT's size, and its threads would compete with the emulator's.)
+    static bool blas_single_threaded = (openblas_set_num_threads(1), true);
+    (void)blas_single_threaded;
     CBLAS_TRANSPOSE op_a = transpose_a ? CblasTrans : CblasNoTrans, op_b = transpose_b ? CblasTrans : CblasNoTrans;
-    for (int i = 0; i < batch; i++) {
-#ifdef TRICYCLE_DOUBLE
-        cblas_dgemm(CblasRowMajor, op_a, op_b, M, N, K, alpha, A + i * stride_a, lda, B + i * stride_b, ldb, beta, C + i * stride_c, N);
-#else
-        cblas_sgemm(CblasRowMajor, op_a, op_b, M, N, K, alpha, A + i * stride_a, lda, B + i * stride_b, ldb, beta, C + i * stride_c, N);
-#endif
+    int workers = omp_get_max_threads();
+    bool big = 2.0 * M * N * K * batch > 4e6;  // below this, splitting costs more than it saves
+    int parts = !big ? 1 : batch > 1 ? batch : (M >= 8 * workers ? workers : 1);
+    if (parts == 1) {
+        for (int i = 0; i < batch; i++)
+            cblas_gemm(op_a, op_b, M, N, K, alpha, A + i * stride_a, lda, B + i * stride_b, ldb, beta, C + i * stride_c, N);
+        return;
+    }
+#pragma omp parallel for schedule(static)
+    for (int part = 0; part < parts; part++) {
+        if (batch > 1) {
+            cblas_gemm(op_a, op_b, M, N, K, alpha, A + part * stride_a, lda, B + part * stride_b, ldb, beta, C + part * stride_c, N);
+        } else {  // rows m0..m1 of C, which are rows of A (or columns, when A is stored transposed)
+            int m0 = int(long(M) * part / parts), m1 = int(long(M) * (part + 1) / parts);
+            cblas_gemm(op_a, op_b, m1 - m0, N, K, alpha, A + (transpose_a ? m0 : long(m0) * K), lda, B, ldb, beta, C + long(m0) * N, N);
+        }
     }
 #endif
 }
@@ -825,6 +871,1050 @@ Tensor matmul(Tensor a, Tensor b) {
         }
     });
     return out;
+}
+
+// ====================================================================================================
+// Layers. Each layer is a pair of functions on raw device pointers, <layer>_forward and
+// <layer>_backward, that launch its kernels, plus a tape version on Tensors that runs the forward and
+// records the backward. Backward functions add into gradients (+=) and skip null gradient pointers.
+
+// ----------------------------------------------------------------------------------------------------
+// Column sums, the backward of anything broadcast over rows (biases, norm weights):
+// dcolumn[c] += sum_r dout[r, c] * (weight[r, c] when a weight is given). One thread per column, so
+// adjacent threads read adjacent addresses (coalesced) and each thread owns its sum (no atomics).
+
+__global__ void column_sum_kernel(real* dcolumn, const real* dout, long rows, int columns) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= columns) return;
+    real total = 0;
+    for (long r = 0; r < rows; r++) total += dout[r * columns + c];
+    dcolumn[c] += total;
+}
+
+static void column_sum(real* dcolumn, const real* dout, long rows, int columns) {
+    launch(column_sum_kernel, (columns + 255) / 256, 256, 0, dcolumn, dout, rows, columns);
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Embedding: tokens (B,T) -> out (B,T,C),  out[b,t,:] = wte[tokens[b,t], :] + wpe[t, :]
+// (no wpe in rotary models). Backward: dwte[tokens[b,t], :] += dout[b,t,:], dwpe[t,:] += dout[b,t,:].
+// Many positions hold the same token, so the backward gives each thread one channel c and walks the
+// positions in order: no two threads touch the same element, and the sum order is fixed.
+
+__global__ void embedding_forward_kernel(real* out, const int* tokens, const real* wte, const real* wpe, int B, int T, int C) {
+    long n = long(B) * T * C;
+    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
+        long position = i / C;
+        int c = int(i % C), t = int(position % T);
+        out[i] = wte[long(tokens[position]) * C + c] + (wpe ? wpe[long(t) * C + c] : 0);
+    }
+}
+
+__global__ void embedding_backward_kernel(real* dwte, real* dwpe, const real* dout, const int* tokens, int B, int T, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    for (long position = 0; position < long(B) * T; position++) {
+        real g = dout[position * C + c];
+        if (dwte) dwte[long(tokens[position]) * C + c] += g;
+        if (dwpe) dwpe[(position % T) * C + c] += g;
+    }
+}
+
+void embedding_forward(real* out, const int* tokens, const real* wte, const real* wpe, int B, int T, int C) {
+    long n = long(B) * T * C;
+    launch(embedding_forward_kernel, grid_size(n, 256), 256, 0, out, tokens, wte, wpe, B, T, C);
+}
+
+void embedding_backward(real* dwte, real* dwpe, const real* dout, const int* tokens, int B, int T, int C) {
+    launch(embedding_backward_kernel, (C + 255) / 256, 256, 0, dwte, dwpe, dout, tokens, B, T, C);
+}
+
+Tensor embedding(const int* tokens, int B, int T, Tensor wte, Tensor wpe) {
+    int C = wte.dim(-1);
+    Tensor like;
+    like.ndim = 3, like.shape[0] = B, like.shape[1] = T, like.shape[2] = C;
+    Tensor out = new_result(like, {wte, wpe});
+    embedding_forward(out.data, tokens, wte.data, wpe.data, B, T, C);
+    if (out.grad) record([=] { embedding_backward(wte.grad, wpe.grad, out.grad, tokens, B, T, C); });
+    return out;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Linear: x (N, in) -> out (N, out_features),  out = x @ W^T + b,  W (out_features, in), b optional.
+// Backward: dx += dout @ W,  dW += dout^T @ x,  db += column sums of dout.
+
+__global__ void broadcast_rows_kernel(real* out, const real* row, long rows, int columns) {
+    long n = rows * columns;
+    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) out[i] = row[i % columns];
+}
+
+void linear_forward(real* out, const real* x, const real* weight, const real* bias, long N, int in, int out_features) {
+    if (bias) launch(broadcast_rows_kernel, grid_size(N * out_features, 256), 256, 0, out, bias, N, out_features);
+    gemm(false, true, int(N), out_features, in, 1, x, weight, bias ? 1 : 0, out);
+}
+
+void linear_backward(real* dx, real* dweight, real* dbias, const real* dout, const real* x, const real* weight, long N, int in,
+                     int out_features) {
+    if (dx) gemm(false, false, int(N), in, out_features, 1, dout, weight, 1, dx);
+    if (dweight) gemm(true, false, out_features, in, int(N), 1, dout, x, 1, dweight);
+    if (dbias) column_sum(dbias, dout, N, out_features);
+}
+
+Tensor linear(Tensor x, Tensor weight, Tensor bias) {
+    int in = x.dim(-1), out_features = weight.dim(0);
+    if (weight.ndim != 2 || weight.dim(1) != in || (bias.data && bias.size() != out_features))
+        fail("linear: input %s does not fit weight %s and bias %s", shape_string(x).c_str(), shape_string(weight).c_str(), shape_string(bias).c_str());
+    long N = x.size() / in;
+    Tensor like = x;
+    like.shape[x.ndim - 1] = out_features;
+    Tensor out = new_result(like, {x, weight, bias});
+    linear_forward(out.data, x.data, weight.data, bias.data, N, in, out_features);
+    if (out.grad) record([=] { linear_backward(x.grad, weight.grad, bias.grad, out.grad, x.data, weight.data, N, in, out_features); });
+    return out;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// LayerNorm over the last dim C, per row:  mean = sum(x)/C,  rstd = 1/sqrt(sum((x-mean)^2)/C + eps),
+// xhat = (x - mean) * rstd,  out = xhat * w + b. Forward saves mean and rstd per row.
+// Backward, with g = dout * w:  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
+// dw += sum over rows of dout * xhat,  db += sum over rows of dout.
+
+constexpr real norm_eps = real(1e-5);
+
+__global__ void layernorm_forward_kernel(real* out, real* mean_out, real* rstd_out, const real* x, const real* weight, const real* bias,
+                                         long rows, int C) {
+    bool active;
+    long row = group_row(rows, &active);
+    const real* xr = x + row * C;
+    real total = 0;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) total += xr[c];
+    real mean = group_sum(total) / C;
+    real variance = 0;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) variance += (xr[c] - mean) * (xr[c] - mean);
+    real rstd = 1 / sqrt(group_sum(variance) / C + norm_eps);
+    if (!active) return;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) out[row * C + c] = (xr[c] - mean) * rstd * weight[c] + bias[c];
+    if (threadIdx.x == 0) mean_out[row] = mean, rstd_out[row] = rstd;
+}
+
+__global__ void layernorm_backward_kernel(real* dx, const real* dout, const real* x, const real* weight, const real* mean, const real* rstd,
+                                          long rows, int C) {
+    bool active;
+    long row = group_row(rows, &active);
+    const real *xr = x + row * C, *dr = dout + row * C;
+    real g_total = 0, g_xhat_total = 0;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        real g = dr[c] * weight[c];
+        g_total += g, g_xhat_total += g * (xr[c] - mean[row]) * rstd[row];
+    }
+    real g_mean = group_sum(g_total) / C, g_xhat_mean = group_sum(g_xhat_total) / C;
+    if (!active) return;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        real xhat = (xr[c] - mean[row]) * rstd[row];
+        dx[row * C + c] += rstd[row] * (dr[c] * weight[c] - g_mean - xhat * g_xhat_mean);
+    }
+}
+
+// dweight and dbias of a norm: column sums of dout * xhat and of dout (xhat recomputed from the saved
+// statistics; mean is null for RMSNorm).
+__global__ void norm_parameters_backward_kernel(real* dweight, real* dbias, const real* dout, const real* x, const real* mean, const real* rstd,
+                                                long rows, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    real dw = 0, db = 0;
+    for (long r = 0; r < rows; r++) {
+        real xhat = (x[r * C + c] - (mean ? mean[r] : 0)) * rstd[r];
+        dw += dout[r * C + c] * xhat, db += dout[r * C + c];
+    }
+    if (dweight) dweight[c] += dw;
+    if (dbias) dbias[c] += db;
+}
+
+void layernorm_forward(real* out, real* mean, real* rstd, const real* x, const real* weight, const real* bias, long rows, int C) {
+    launch(layernorm_forward_kernel, row_grid(rows), row_block(), 0, out, mean, rstd, x, weight, bias, rows, C);
+}
+
+void layernorm_backward(real* dx, real* dweight, real* dbias, const real* dout, const real* x, const real* weight, const real* mean,
+                        const real* rstd, long rows, int C) {
+    if (dx) launch(layernorm_backward_kernel, row_grid(rows), row_block(), 0, dx, dout, x, weight, mean, rstd, rows, C);
+    if (dweight || dbias) launch(norm_parameters_backward_kernel, (C + 255) / 256, 256, 0, dweight, dbias, dout, x, mean, rstd, rows, C);
+}
+
+Tensor layernorm(Tensor x, Tensor weight, Tensor bias) {
+    int C = x.dim(-1);
+    long rows = x.size() / C;
+    Tensor out = new_result(x, {x, weight, bias});
+    real* mean = device_alloc<real>(rows);
+    real* rstd = device_alloc<real>(rows);
+    layernorm_forward(out.data, mean, rstd, x.data, weight.data, bias.data, rows, C);
+    if (out.grad) record([=] { layernorm_backward(x.grad, weight.grad, bias.grad, out.grad, x.data, weight.data, mean, rstd, rows, C); });
+    return out;
+}
+
+// RMSNorm: like LayerNorm without centring or bias:  rstd = 1/sqrt(sum(x^2)/C + eps),
+// xhat = x * rstd,  out = xhat * w.  Backward, with g = dout * w:  dx = rstd * (g - xhat * mean(g * xhat)),
+// dw += sum over rows of dout * xhat.
+
+__global__ void rmsnorm_forward_kernel(real* out, real* rstd_out, const real* x, const real* weight, long rows, int C) {
+    bool active;
+    long row = group_row(rows, &active);
+    const real* xr = x + row * C;
+    real squares = 0;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) squares += xr[c] * xr[c];
+    real rstd = 1 / sqrt(group_sum(squares) / C + norm_eps);
+    if (!active) return;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) out[row * C + c] = xr[c] * rstd * weight[c];
+    if (threadIdx.x == 0) rstd_out[row] = rstd;
+}
+
+__global__ void rmsnorm_backward_kernel(real* dx, const real* dout, const real* x, const real* weight, const real* rstd, long rows, int C) {
+    bool active;
+    long row = group_row(rows, &active);
+    const real *xr = x + row * C, *dr = dout + row * C;
+    real g_xhat_total = 0;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) g_xhat_total += dr[c] * weight[c] * xr[c] * rstd[row];
+    real g_xhat_mean = group_sum(g_xhat_total) / C;
+    if (!active) return;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) dx[row * C + c] += rstd[row] * (dr[c] * weight[c] - xr[c] * rstd[row] * g_xhat_mean);
+}
+
+void rmsnorm_forward(real* out, real* rstd, const real* x, const real* weight, long rows, int C) {
+    launch(rmsnorm_forward_kernel, row_grid(rows), row_block(), 0, out, rstd, x, weight, rows, C);
+}
+
+void rmsnorm_backward(real* dx, real* dweight, const real* dout, const real* x, const real* weight, const real* rstd, long rows, int C) {
+    if (dx) launch(rmsnorm_backward_kernel, row_grid(rows), row_block(), 0, dx, dout, x, weight, rstd, rows, C);
+    if (dweight) launch(norm_parameters_backward_kernel, (C + 255) / 256, 256, 0, dweight, (real*)nullptr, dout, x, (const real*)nullptr, rstd, rows, C);
+}
+
+Tensor rmsnorm(Tensor x, Tensor weight) {
+    int C = x.dim(-1);
+    long rows = x.size() / C;
+    Tensor out = new_result(x, {x, weight});
+    real* rstd = device_alloc<real>(rows);
+    rmsnorm_forward(out.data, rstd, x.data, weight.data, rows, C);
+    if (out.grad) record([=] { rmsnorm_backward(x.grad, weight.grad, out.grad, x.data, weight.data, rstd, rows, C); });
+    return out;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Activations, elementwise (see map above).
+// GELU, tanh approximation as in GPT-2:  gelu(x) = x/2 * (1 + tanh(u)),  u = sqrt(2/pi) * (x + 0.044715 x^3)
+//   gelu'(x) = (1 + tanh(u))/2 + x/2 * (1 - tanh(u)^2) * sqrt(2/pi) * (1 + 3 * 0.044715 x^2)
+// SiLU (Swish):  silu(x) = x * sigmoid(x),  silu'(x) = s * (1 + x * (1 - s)),  s = sigmoid(x)
+
+struct Gelu {
+    __device__ real forward(real x) const {
+        real u = real(0.7978845608028654) * (x + real(0.044715) * x * x * x);
+        return real(0.5) * x * (1 + tanh(u));
+    }
+    __device__ real derivative(real x) const {
+        real u = real(0.7978845608028654) * (x + real(0.044715) * x * x * x), t = tanh(u);
+        return real(0.5) * (1 + t) + real(0.5) * x * (1 - t * t) * real(0.7978845608028654) * (1 + 3 * real(0.044715) * x * x);
+    }
+};
+struct Silu {
+    __device__ real forward(real x) const { return x / (1 + exp(-x)); }
+    __device__ real derivative(real x) const {
+        real s = 1 / (1 + exp(-x));
+        return s * (1 + x * (1 - s));
+    }
+};
+
+void gelu_forward(real* out, const real* x, long n) { map_forward(out, x, n, Gelu{}); }
+void gelu_backward(real* dx, const real* dout, const real* x, long n) { map_backward(dx, dout, x, n, Gelu{}); }
+void relu_forward(real* out, const real* x, long n) { map_forward(out, x, n, Relu{}); }
+void relu_backward(real* dx, const real* dout, const real* x, long n) { map_backward(dx, dout, x, n, Relu{}); }
+void silu_forward(real* out, const real* x, long n) { map_forward(out, x, n, Silu{}); }
+void silu_backward(real* dx, const real* dout, const real* x, long n) { map_backward(dx, dout, x, n, Silu{}); }
+Tensor gelu(Tensor x) { return map(x, Gelu{}); }
+Tensor silu(Tensor x) { return map(x, Silu{}); }
+
+// SwiGLU, the gated MLP activation: x (N, 2H) holds a = x[:, :H] and gate = x[:, H:];
+// out (N, H) = silu(a) * gate.  Backward: da += dout * gate * silu'(a),  dgate += dout * silu(a).
+
+__global__ void swiglu_forward_kernel(real* out, const real* x, long N, int H) {
+    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < N * H; i += long(gridDim.x) * blockDim.x) {
+        long row = i / H;
+        int h = int(i % H);
+        out[i] = Silu{}.forward(x[row * 2 * H + h]) * x[row * 2 * H + H + h];
+    }
+}
+
+__global__ void swiglu_backward_kernel(real* dx, const real* dout, const real* x, long N, int H) {
+    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < N * H; i += long(gridDim.x) * blockDim.x) {
+        long row = i / H;
+        int h = int(i % H);
+        real a = x[row * 2 * H + h], gate = x[row * 2 * H + H + h];
+        dx[row * 2 * H + h] += dout[i] * gate * Silu{}.derivative(a);
+        dx[row * 2 * H + H + h] += dout[i] * Silu{}.forward(a);
+    }
+}
+
+void swiglu_forward(real* out, const real* x, long N, int H) { launch(swiglu_forward_kernel, grid_size(N * H, 256), 256, 0, out, x, N, H); }
+void swiglu_backward(real* dx, const real* dout, const real* x, long N, int H) {
+    launch(swiglu_backward_kernel, grid_size(N * H, 256), 256, 0, dx, dout, x, N, H);
+}
+
+Tensor swiglu(Tensor x) {
+    int H = x.dim(-1) / 2;
+    if (x.dim(-1) != 2 * H) fail("swiglu: the last dim of %s must be even", shape_string(x).c_str());
+    long N = x.size() / (2 * H);
+    Tensor like = x;
+    like.shape[x.ndim - 1] = H;
+    Tensor out = new_result(like, {x});
+    swiglu_forward(out.data, x.data, N, H);
+    if (out.grad) record([=] { swiglu_backward(x.grad, out.grad, x.data, N, H); });
+    return out;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Dropout: out = x * keep / (1 - p), keep = (uniform(seed, i) >= p). The mask is never stored: the
+// counter-based generator redraws it in backward, identically on the CPU and the GPU.
+// Backward: dx += dout * keep / (1 - p).
+
+__global__ void dropout_kernel(real* out, const real* x, long n, real p, uint64_t seed, bool accumulate) {
+    real scale = 1 / (1 - p);
+    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
+        real kept = random_uniform(seed, uint64_t(i)) >= p ? x[i] * scale : 0;
+        out[i] = accumulate ? out[i] + kept : kept;
+    }
+}
+
+void dropout_forward(real* out, const real* x, long n, real p, uint64_t seed) {
+    launch(dropout_kernel, grid_size(n, 256), 256, 0, out, x, n, p, seed, false);
+}
+
+void dropout_backward(real* dx, const real* dout, long n, real p, uint64_t seed) {
+    launch(dropout_kernel, grid_size(n, 256), 256, 0, dx, dout, n, p, seed, true);
+}
+
+Tensor dropout(Tensor x, real p, uint64_t seed) {
+    if (p <= 0) return x;
+    if (p >= 1) fail("dropout: probability %g must be below 1", double(p));
+    Tensor out = new_result(x, {x});
+    long n = x.size();
+    dropout_forward(out.data, x.data, n, p, seed);
+    if (out.grad) record([=] { dropout_backward(x.grad, out.grad, n, p, seed); });
+    return out;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Residual connection: out = a + b (same shapes).  Backward: da += dout, db += dout.
+
+__global__ void residual_forward_kernel(real* out, const real* a, const real* b, long n) {
+    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) out[i] = a[i] + b[i];
+}
+
+__global__ void residual_backward_kernel(real* da, real* db, const real* dout, long n) {
+    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
+        if (da) da[i] += dout[i];
+        if (db) db[i] += dout[i];
+    }
+}
+
+void residual_forward(real* out, const real* a, const real* b, long n) { launch(residual_forward_kernel, grid_size(n, 256), 256, 0, out, a, b, n); }
+void residual_backward(real* da, real* db, const real* dout, long n) { launch(residual_backward_kernel, grid_size(n, 256), 256, 0, da, db, dout, n); }
+
+Tensor residual(Tensor a, Tensor b) {
+    if (a.size() != b.size()) fail("residual: shapes %s and %s differ", shape_string(a).c_str(), shape_string(b).c_str());
+    Tensor out = new_result(a, {a, b});
+    long n = a.size();
+    residual_forward(out.data, a.data, b.data, n);
+    if (out.grad) record([=] { residual_backward(a.grad, b.grad, out.grad, n); });
+    return out;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Rotary position embedding (RoPE), on one head's vector x (hs values) at position t: each pair
+// (x[i], x[i + hs/2]) is rotated by the angle t * base^(-2i/hs). A rotation is undone by the opposite
+// angle, so the backward is the same kernel run with `inverse`. Works in place on (B*NH, T, hs).
+
+constexpr double rotary_base = 10000.0;
+
+__global__ void rotary_kernel(real* out, const real* x, long heads, int T, int hs, bool inverse, bool accumulate) {
+    int half = hs / 2;
+    long n = heads * T * half;
+    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
+        int pair = int(i % half);
+        long vector = i / half;  // (head, t)
+        int t = int(vector % T);
+        double angle = t * pow(rotary_base, -2.0 * pair / hs);
+        real c = real(cos(angle)), s = real(inverse ? -sin(angle) : sin(angle));
+        long first = vector * hs + pair, second = first + half;
+        real x0 = x[first], x1 = x[second];  // both read before either is written: in place is fine
+        out[first] = (accumulate ? out[first] : 0) + x0 * c - x1 * s;
+        out[second] = (accumulate ? out[second] : 0) + x0 * s + x1 * c;
+    }
+}
+
+// In place on x (B*NH, T, hs); the backward turns the gradient back by the opposite angles.
+void rotary_forward(real* x, long heads, int T, int hs) {
+    launch(rotary_kernel, grid_size(heads * T * (hs / 2), 256), 256, 0, x, x, heads, T, hs, false, false);
+}
+void rotary_backward(real* dx, long heads, int T, int hs) {
+    launch(rotary_kernel, grid_size(heads * T * (hs / 2), 256), 256, 0, dx, dx, heads, T, hs, true, false);
+}
+
+// The tape version: x (B, NH, T, hs) -> a rotated copy.
+Tensor rotary(Tensor x) {
+    if (x.ndim != 4 || x.dim(-1) % 2) fail("rotary: expects (B, NH, T, hs) with hs even, got %s", shape_string(x).c_str());
+    Tensor out = new_result(x, {x});
+    long heads = long(x.shape[0]) * x.shape[1];
+    int T = x.shape[2], hs = x.shape[3];
+    long n = heads * T * (hs / 2);
+    launch(rotary_kernel, grid_size(n, 256), 256, 0, out.data, x.data, heads, T, hs, false, false);
+    if (out.grad) record([=] { launch(rotary_kernel, grid_size(n, 256), 256, 0, x.grad, out.grad, heads, T, hs, true, true); });
+    return out;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Causal multi-head self-attention, the core: qkv (B, T, 3C) -> out (B, T, C), NH heads of hs = C/NH.
+//   q, k, v = split and permute qkv to (B, NH, T, hs); rotate q and k if rotary
+//   att = softmax(q @ k^T / sqrt(hs)) over keys s <= t (causal mask)        (B, NH, T, T)
+//   att' = dropout(att);  y = att' @ v;  out = y permuted back to (B, T, C)
+// Backward, with dy = permute(dout):
+//   datt' = dy @ v^T,  dv = att'^T @ dy,  datt = dropout backward of datt',
+//   dpre = att * (datt - sum_s(datt * att)) (softmax backward),
+//   dq = dpre @ k / sqrt(hs),  dk = dpre^T @ q / sqrt(hs),  un-rotate dq and dk,  dqkv += permuted back.
+// The forward saves q, k, v and att (and att' with dropout) in `saved`.
+
+__global__ void attention_split_kernel(real* q, real* k, real* v, const real* qkv, int B, int T, int C, int NH) {
+    int hs = C / NH;
+    long n = long(B) * T * C;
+    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
+        // i indexes (b, h, t, d) of the outputs
+        int d = int(i % hs), t = int(i / hs % T), h = int(i / (long(hs) * T) % NH);
+        long b = i / (long(hs) * T * NH);
+        const real* source = qkv + (b * T + t) * 3 * C + h * hs + d;
+        q[i] = source[0], k[i] = source[C], v[i] = source[2 * C];
+    }
+}
+
+// The reverse of the split, adding: dqkv[b, t, part*C + h*hs + d] += d{q,k,v}[b, h, t, d].
+__global__ void attention_merge_kernel(real* dqkv, const real* dq, const real* dk, const real* dv, int B, int T, int C, int NH) {
+    int hs = C / NH;
+    long n = long(B) * T * C;
+    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
+        int d = int(i % hs), t = int(i / hs % T), h = int(i / (long(hs) * T) % NH);
+        long b = i / (long(hs) * T * NH);
+        real* target = dqkv + (b * T + t) * 3 * C + h * hs + d;
+        target[0] += dq[i], target[C] += dk[i], target[2 * C] += dv[i];
+    }
+}
+
+// out (B, T, C) -> y (B, NH, T, hs): the attention output's gradient, arranged by head.
+__global__ void attention_permute_kernel(real* y, const real* out, int B, int T, int C, int NH) {
+    int hs = C / NH;
+    long n = long(B) * T * C;
+    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
+        int d = int(i % hs), t = int(i / hs % T), h = int(i / (long(hs) * T) % NH);
+        long b = i / (long(hs) * T * NH);
+        y[i] = out[(b * T + t) * C + h * hs + d];
+    }
+}
+
+// y (B, NH, T, hs) -> out (B, T, C): the heads side by side again.
+__global__ void attention_unpermute_kernel(real* out, const real* y, int B, int T, int C, int NH) {
+    int hs = C / NH;
+    long n = long(B) * T * C;
+    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
+        int d = int(i % hs), t = int(i / hs % T), h = int(i / (long(hs) * T) % NH);
+        long b = i / (long(hs) * T * NH);
+        out[(b * T + t) * C + h * hs + d] = y[i];
+    }
+}
+
+// Rows of att are (b, h, t) with T entries; row t keeps entries s <= t and zeroes the rest.
+__global__ void causal_softmax_forward_kernel(real* att, long rows, int T) {
+    bool active;
+    long row = group_row(rows, &active);
+    int t = int(row % T);
+    real* a = att + row * T;
+    real row_max = -INFINITY;
+    for (int s = threadIdx.x; s <= t; s += blockDim.x) row_max = fmax(row_max, a[s]);
+    row_max = group_max(row_max);
+    real total = 0;
+    for (int s = threadIdx.x; s <= t; s += blockDim.x) total += exp(a[s] - row_max);
+    total = group_sum(total);
+    if (!active) return;
+    for (int s = threadIdx.x; s < T; s += blockDim.x) a[s] = s <= t ? exp(a[s] - row_max) / total : 0;
+}
+
+// In place: datt becomes dpre = att * (datt - sum_s(datt * att)).
+__global__ void causal_softmax_backward_kernel(real* datt, const real* att, long rows, int T) {
+    bool active;
+    long row = group_row(rows, &active);
+    int t = int(row % T);
+    const real* a = att + row * T;
+    real* d = datt + row * T;
+    real dot = 0;
+    for (int s = threadIdx.x; s <= t; s += blockDim.x) dot += d[s] * a[s];
+    dot = group_sum(dot);
+    if (!active) return;
+    for (int s = threadIdx.x; s < T; s += blockDim.x) d[s] = s <= t ? a[s] * (d[s] - dot) : 0;
+}
+
+void attention_forward(real* out, AttentionSaved saved, const real* qkv, int B, int T, int C, int NH, bool rotary, real dropout_p, uint64_t seed) {
+    int hs = C / NH;
+    long n = long(B) * T * C, heads = long(B) * NH;
+    launch(attention_split_kernel, grid_size(n, 256), 256, 0, saved.q, saved.k, saved.v, qkv, B, T, C, NH);
+    if (rotary) rotary_forward(saved.q, heads, T, hs), rotary_forward(saved.k, heads, T, hs);
+    real scale = real(1 / std::sqrt(double(hs)));
+    gemm(false, true, T, T, hs, scale, saved.q, saved.k, 0, saved.att, int(heads), long(T) * hs, long(T) * hs, long(T) * T);
+    launch(causal_softmax_forward_kernel, row_grid(heads * T), row_block(), 0, saved.att, heads * T, T);
+    const real* att = saved.att;
+    if (dropout_p > 0) {
+        dropout_forward(saved.att_dropped, saved.att, heads * T * T, dropout_p, seed);
+        att = saved.att_dropped;
+    }
+    real* y = device_alloc<real>(n);
+    gemm(false, false, T, hs, T, 1, att, saved.v, 0, y, int(heads), long(T) * T, long(T) * hs, long(T) * hs);
+    launch(attention_unpermute_kernel, grid_size(n, 256), 256, 0, out, y, B, T, C, NH);
+}
+
+void attention_backward(real* dqkv, const real* dout, AttentionSaved saved, int B, int T, int C, int NH, bool rotary, real dropout_p,
+                        uint64_t seed) {
+    int hs = C / NH;
+    long n = long(B) * T * C, heads = long(B) * NH;
+    real *dy = device_alloc<real>(n), *dq = device_alloc<real>(n), *dk = device_alloc<real>(n), *dv = device_alloc<real>(n);
+    real* datt = device_alloc<real>(heads * T * T);
+    launch(attention_permute_kernel, grid_size(n, 256), 256, 0, dy, dout, B, T, C, NH);
+    const real* att = dropout_p > 0 ? saved.att_dropped : saved.att;
+    gemm(false, true, T, T, hs, 1, dy, saved.v, 0, datt, int(heads), long(T) * hs, long(T) * hs, long(T) * T);
+    gemm(true, false, T, hs, T, 1, att, dy, 0, dv, int(heads), long(T) * T, long(T) * hs, long(T) * hs);
+    if (dropout_p > 0) {  // datt' -> datt, in place: a dropout backward into a zeroed buffer
+        real* undropped = device_alloc<real>(heads * T * T);
+        cuda_check(cudaMemset(undropped, 0, heads * T * T * sizeof(real)));
+        dropout_backward(undropped, datt, heads * T * T, dropout_p, seed);
+        datt = undropped;
+    }
+    launch(causal_softmax_backward_kernel, row_grid(heads * T), row_block(), 0, datt, saved.att, heads * T, T);
+    real scale = real(1 / std::sqrt(double(hs)));
+    gemm(false, false, T, hs, T, scale, datt, saved.k, 0, dq, int(heads), long(T) * T, long(T) * hs, long(T) * hs);
+    gemm(true, false, T, hs, T, scale, datt, saved.q, 0, dk, int(heads), long(T) * T, long(T) * hs, long(T) * hs);
+    if (rotary) rotary_backward(dq, heads, T, hs), rotary_backward(dk, heads, T, hs);
+    launch(attention_merge_kernel, grid_size(n, 256), 256, 0, dqkv, dq, dk, dv, B, T, C, NH);
+}
+
+Tensor attention(Tensor qkv, int heads, bool rotary, real dropout_p, uint64_t seed) {
+    if (qkv.ndim != 3 || qkv.dim(-1) % (3 * heads) || (rotary && (qkv.dim(-1) / 3 / heads) % 2))
+        fail("attention: qkv %s must be (B, T, 3C) with C divisible by %d heads (and an even head size for rotary)", shape_string(qkv).c_str(), heads);
+    int B = qkv.shape[0], T = qkv.shape[1], C = qkv.shape[2] / 3;
+    Tensor like = qkv;
+    like.shape[2] = C;
+    Tensor out = new_result(like, {qkv});
+    long n = long(B) * T * C, att_size = long(B) * heads * T * T;
+    AttentionSaved saved{device_alloc<real>(n), device_alloc<real>(n), device_alloc<real>(n), device_alloc<real>(att_size),
+                         dropout_p > 0 ? device_alloc<real>(att_size) : nullptr};
+    attention_forward(out.data, saved, qkv.data, B, T, C, heads, rotary, dropout_p, seed);
+    if (out.grad) record([=] { attention_backward(qkv.grad, out.grad, saved, B, T, C, heads, rotary, dropout_p, seed); });
+    return out;
+}
+
+Tensor multi_head_attention(Tensor x, Tensor qkv_weight, Tensor qkv_bias, Tensor proj_weight, Tensor proj_bias, int heads) {
+    return linear(attention(linear(x, qkv_weight, qkv_bias), heads, false, 0, 0), proj_weight, proj_bias);
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Softmax + cross-entropy, fused, over the vocabulary: logits (N, V), targets (N) -> the mean loss
+// over rows whose target is not ignore_index:  loss_n = logsumexp(logits_n) - logits_n[target_n].
+// The forward saves logsumexp per row, not the (N, V) probabilities.
+// Backward: dlogits_n += (softmax(logits_n) - onehot(target_n)) * dloss / count, 0 for ignored rows.
+
+__global__ void cross_entropy_forward_kernel(real* losses, real* logsumexp, const real* logits, const int* targets, long N, int V) {
+    bool active;
+    long row = group_row(N, &active);
+    const real* l = logits + row * V;
+    real row_max = -INFINITY;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) row_max = fmax(row_max, l[v]);
+    row_max = group_max(row_max);
+    real total = 0;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) total += exp(l[v] - row_max);
+    real lse = row_max + log(group_sum(total));
+    if (!active || threadIdx.x != 0) return;
+    int target = targets[row];
+    logsumexp[row] = lse;
+    // A target outside the vocabulary makes the loss NaN, which training reports, rather than a wild read.
+    losses[row] = target == ignore_index ? 0 : target < 0 || target >= V ? NAN : lse - l[target];
+}
+
+// One group adds up the row losses in a fixed order: loss = sum / count; count is kept for backward.
+__global__ void mean_loss_kernel(real* loss, real* count_out, const real* losses, const int* targets, long N) {
+    real total = 0, count = 0;
+    for (long n = threadIdx.x; n < N; n += blockDim.x)
+        if (targets[n] != ignore_index) total += losses[n], count += 1;
+    total = group_sum(total), count = group_sum(count);
+    if (threadIdx.x == 0) loss[0] = count > 0 ? total / count : 0, count_out[0] = count;
+}
+
+__global__ void cross_entropy_backward_kernel(real* dlogits, const real* dloss, const real* count, const real* logits, const real* logsumexp,
+                                              const int* targets, long N, int V) {
+    bool active;
+    long row = group_row(N, &active);
+    if (!active || targets[row] < 0 || targets[row] >= V) return;
+    real scale = dloss[0] / count[0];
+    for (int v = threadIdx.x; v < V; v += blockDim.x) {
+        real p = exp(logits[row * V + v] - logsumexp[row]);
+        dlogits[row * V + v] += (p - (v == targets[row] ? 1 : 0)) * scale;
+    }
+}
+
+void cross_entropy_forward(real* loss, real* count, real* losses, real* logsumexp, const real* logits, const int* targets, long N, int V) {
+    launch(cross_entropy_forward_kernel, row_grid(N), row_block(), 0, losses, logsumexp, logits, targets, N, V);
+    launch(mean_loss_kernel, 1, dim3(threads_per_row), 0, loss, count, losses, targets, N);
+}
+
+void cross_entropy_backward(real* dlogits, const real* dloss, const real* count, const real* logits, const real* logsumexp, const int* targets,
+                            long N, int V) {
+    launch(cross_entropy_backward_kernel, row_grid(N), row_block(), 0, dlogits, dloss, count, logits, logsumexp, targets, N, V);
+}
+
+Tensor cross_entropy(Tensor logits, const int* targets) {
+    int V = logits.dim(-1);
+    long N = logits.size() / V;
+    Tensor out = new_result(Tensor{}, {logits});
+    real* count = device_alloc<real>(1);
+    real* losses = device_alloc<real>(N);
+    real* logsumexp = device_alloc<real>(N);
+    cross_entropy_forward(out.data, count, losses, logsumexp, logits.data, targets, N, V);
+    if (out.grad) record([=] { cross_entropy_backward(logits.grad, out.grad, count, logits.data, logsumexp, targets, N, V); });
+    return out;
+}
+
+// Mean squared error: loss = mean((a - b)^2).  Backward: da += 2 (a - b) / n * dloss,  db -= the same.
+
+__global__ void mse_forward_kernel(real* loss, const real* a, const real* b, long n) {
+    real total = 0;
+    for (long i = threadIdx.x; i < n; i += blockDim.x) total += (a[i] - b[i]) * (a[i] - b[i]);
+    total = group_sum(total);
+    if (threadIdx.x == 0) loss[0] = total / n;
+}
+
+__global__ void mse_backward_kernel(real* da, real* db, const real* dloss, const real* a, const real* b, long n) {
+    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
+        real g = 2 * (a[i] - b[i]) / n * dloss[0];
+        if (da) da[i] += g;
+        if (db) db[i] -= g;
+    }
+}
+
+void mse_forward(real* loss, const real* a, const real* b, long n) { launch(mse_forward_kernel, 1, dim3(threads_per_row), 0, loss, a, b, n); }
+void mse_backward(real* da, real* db, const real* dloss, const real* a, const real* b, long n) {
+    launch(mse_backward_kernel, grid_size(n, 256), 256, 0, da, db, dloss, a, b, n);
+}
+
+Tensor mse(Tensor a, Tensor b) {
+    if (a.size() != b.size()) fail("mse: shapes %s and %s differ", shape_string(a).c_str(), shape_string(b).c_str());
+    Tensor out = new_result(Tensor{}, {a, b});
+    long n = a.size();
+    mse_forward(out.data, a.data, b.data, n);
+    if (out.grad) record([=] { mse_backward(a.grad, b.grad, out.grad, a.data, b.data, n); });
+    return out;
+}
+
+// ====================================================================================================
+// The GPT
+
+GPTConfig gpt_preset(const std::string& name) {
+    GPTConfig c;
+    if (name == "debug") {
+        c.vocab_size = 257, c.context = 32, c.dim = 32, c.layers = 2, c.heads = 2;
+    } else if (name == "shakespeare") {
+        c.vocab_size = 1024, c.context = 256, c.dim = 384, c.layers = 6, c.heads = 6, c.dropout = 0.2f;
+    } else if (name == "smol") {
+        c.vocab_size = 50257, c.context = 1024, c.dim = 768, c.layers = 12, c.heads = 12;
+    } else {
+        fail("unknown preset '%s' (expected debug, shakespeare or smol)", name.c_str());
+    }
+    return c;
+}
+
+void gpt_check_config(const GPTConfig& c) {
+    if (c.vocab_size < 1 || c.context < 1 || c.dim < 1 || c.layers < 1 || c.heads < 1 || c.mlp_ratio < 1)
+        fail("model config: vocab size, context, dim, layers, heads and MLP ratio must be positive");
+    if (c.dim % c.heads) fail("model config: dim %d is not divisible by %d heads", c.dim, c.heads);
+    if (c.rotary && (c.dim / c.heads) % 2) fail("model config: rotary embedding needs an even head size, got %d", c.dim / c.heads);
+    if (!(c.dropout >= 0 && c.dropout < 1) || !(c.attention_dropout >= 0 && c.attention_dropout < 1))
+        fail("model config: dropout must be in [0, 1)");
+}
+
+// Every parameter of the model, in the canonical order, with its shape, whether AdamW decays it, and
+// its initialisation. This one table lays out the parameter buffer, initialises it and names the
+// tensors in weight files.
+struct Parameter {
+    std::string name;
+    Tensor* tensor;
+    std::vector<int> shape;
+    bool decay;
+    float init_std;  // > 0: normal(0, init_std); 0: zeros; -1: ones
+};
+
+static std::vector<Parameter> parameter_table(GPT& model) {
+    const GPTConfig& c = model.config;
+    int C = c.dim, hidden = c.mlp_ratio * c.dim, fc_out = c.activation == Activation::swiglu ? 2 * hidden : hidden;
+    float std = 0.02f, residual_std = 0.02f / std::sqrt(2.0f * c.layers);  // GPT-2: residual projections scaled down
+    bool layernorm = c.norm == Norm::layernorm;
+    std::vector<Parameter> table;
+    table.push_back({"wte", &model.wte, {c.vocab_size, C}, true, std});
+    if (!c.rotary) table.push_back({"wpe", &model.wpe, {c.context, C}, false, std});
+    model.layers.resize(c.layers);
+    for (int l = 0; l < c.layers; l++) {
+        GPTLayer& L = model.layers[l];
+        std::string p = "layer" + std::to_string(l) + ".";
+        table.push_back({p + "norm1.weight", &L.norm1_weight, {C}, false, -1});
+        if (layernorm) table.push_back({p + "norm1.bias", &L.norm1_bias, {C}, false, 0});
+        table.push_back({p + "attn.qkv.weight", &L.qkv_weight, {3 * C, C}, true, std});
+        table.push_back({p + "attn.qkv.bias", &L.qkv_bias, {3 * C}, false, 0});
+        table.push_back({p + "attn.proj.weight", &L.attn_proj_weight, {C, C}, true, residual_std});
+        table.push_back({p + "attn.proj.bias", &L.attn_proj_bias, {C}, false, 0});
+        table.push_back({p + "norm2.weight", &L.norm2_weight, {C}, false, -1});
+        if (layernorm) table.push_back({p + "norm2.bias", &L.norm2_bias, {C}, false, 0});
+        table.push_back({p + "mlp.fc.weight", &L.fc_weight, {fc_out, C}, true, std});
+        table.push_back({p + "mlp.fc.bias", &L.fc_bias, {fc_out}, false, 0});
+        table.push_back({p + "mlp.proj.weight", &L.mlp_proj_weight, {C, hidden}, true, residual_std});
+        table.push_back({p + "mlp.proj.bias", &L.mlp_proj_bias, {C}, false, 0});
+    }
+    table.push_back({"final_norm.weight", &model.final_norm_weight, {C}, false, -1});
+    if (layernorm) table.push_back({"final_norm.bias", &model.final_norm_bias, {C}, false, 0});
+    if (!c.tied_embeddings) table.push_back({"lm_head", &model.lm_head, {c.vocab_size, C}, true, std});
+    return table;
+}
+
+// One buffer holds all parameters and one all gradients: the decayed ones (weight matrices) first, in
+// table order, then the rest. So AdamW and the gradient norm are each one launch over one buffer.
+void gpt_create(GPT* model, const GPTConfig& config) {
+    gpt_check_config(config);
+    model->config = config;
+    std::vector<Parameter> table = parameter_table(*model);
+    model->num_parameters = model->num_decayed = 0;
+    for (const Parameter& p : table) {
+        long size = 1;
+        for (int d : p.shape) size *= d;
+        model->num_parameters += size;
+        if (p.decay) model->num_decayed += size;
+    }
+    cuda_check(cudaMalloc(&model->parameters, model->num_parameters * sizeof(real)));
+    cuda_check(cudaMalloc(&model->gradients, model->num_parameters * sizeof(real)));
+    cuda_check(cudaMemset(model->gradients, 0, model->num_parameters * sizeof(real)));
+    long offset = 0;
+    for (bool decayed : {true, false}) {
+        for (Parameter& p : table) {
+            if (p.decay != decayed) continue;
+            Tensor& t = *p.tensor;
+            t.ndim = int(p.shape.size());
+            for (int d = 0; d < t.ndim; d++) t.shape[d] = p.shape[d];
+            t.data = model->parameters + offset;
+            t.grad = model->gradients + offset;
+            offset += t.size();
+        }
+    }
+}
+
+void gpt_destroy(GPT* model) {
+    cuda_check(cudaFree(model->parameters));
+    cuda_check(cudaFree(model->gradients));
+    model->parameters = model->gradients = nullptr;
+}
+
+void gpt_init(GPT* model, uint64_t seed) {
+    std::vector<Parameter> table = parameter_table(*model);
+    for (size_t i = 0; i < table.size(); i++) {
+        Tensor& t = *table[i].tensor;
+        if (table[i].init_std > 0) fill_normal(t.data, t.size(), random_bits(seed, i), 0, table[i].init_std);
+        else fill(t.data, t.size(), table[i].init_std < 0 ? 1 : 0);
+    }
+}
+
+std::vector<std::pair<std::string, Tensor>> gpt_named_parameters(GPT& model) {
+    std::vector<std::pair<std::string, Tensor>> named;
+    for (const Parameter& p : parameter_table(model)) named.push_back({p.name, *p.tensor});
+    return named;
+}
+
+static Tensor normalize(const GPT& model, Tensor x, Tensor weight, Tensor bias) {
+    return model.config.norm == Norm::rmsnorm ? rmsnorm(x, weight) : layernorm(x, weight, bias);
+}
+
+// tokens (B, T) on the device -> logits (B, T, vocab). A pre-norm transformer:
+//   x = embed(tokens);  per layer: x = x + attn(norm1(x)),  x = x + mlp(norm2(x));  logits = head(norm(x))
+// Dropout only when `training`; each dropout call draws from its own stream of `seed`.
+Tensor gpt_forward(GPT& model, const int* tokens, int B, int T, bool training, uint64_t seed) {
+    const GPTConfig& c = model.config;
+    if (T > c.context) fail("gpt_forward: sequence length %d exceeds the context window %d", T, c.context);
+    real p = training ? c.dropout : 0, p_attention = training ? c.attention_dropout : 0;
+    uint64_t stream = 0;
+    Tensor x = dropout(embedding(tokens, B, T, model.wte, model.wpe), p, random_bits(seed, stream++));
+    for (GPTLayer& L : model.layers) {
+        Tensor h = normalize(model, x, L.norm1_weight, L.norm1_bias);
+        h = attention(linear(h, L.qkv_weight, L.qkv_bias), c.heads, c.rotary, p_attention, random_bits(seed, stream++));
+        x = residual(x, dropout(linear(h, L.attn_proj_weight, L.attn_proj_bias), p, random_bits(seed, stream++)));
+        h = linear(normalize(model, x, L.norm2_weight, L.norm2_bias), L.fc_weight, L.fc_bias);
+        h = c.activation == Activation::swiglu ? swiglu(h) : gelu(h);
+        x = residual(x, dropout(linear(h, L.mlp_proj_weight, L.mlp_proj_bias), p, random_bits(seed, stream++)));
+    }
+    x = normalize(model, x, model.final_norm_weight, model.final_norm_bias);
+    return linear(x, c.tied_embeddings ? model.wte : model.lm_head, Tensor{});
+}
+
+// ====================================================================================================
+// Optimizers and training maths. All on the device, over the whole parameter buffer at once.
+
+// Global gradient norm, sqrt(sum g^2), deterministic: each block sums a fixed stride of elements and
+// then its threads combine through shared memory; one thread adds the block sums in order.
+constexpr int norm_blocks = 64;
+#ifdef __CUDACC__
+constexpr int norm_threads = 256;
+#else
+constexpr int norm_threads = 32;  // the emulator pays per barrier per thread
+#endif
+
+__global__ void sum_of_squares_kernel(real* block_sums, const real* x, long n) {
+    auto partial = shared_memory<real>();
+    real total = 0;
+    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) total += x[i] * x[i];
+    partial[threadIdx.x] = total;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+        if (int(threadIdx.x) < stride) partial[threadIdx.x] = partial[threadIdx.x] + partial[threadIdx.x + stride];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) block_sums[blockIdx.x] = partial[0];
+}
+
+__global__ void square_root_of_sum_kernel(real* out, const real* values, int n) {
+    real total = 0;
+    for (int i = 0; i < n; i++) total += values[i];
+    out[0] = sqrt(total);
+}
+
+void gradient_norm(real* norm, const real* gradients, long n) {
+    real* block_sums = device_alloc<real>(norm_blocks);
+    launch(sum_of_squares_kernel, norm_blocks, norm_threads, norm_threads * sizeof(real), block_sums, gradients, n);
+    launch(square_root_of_sum_kernel, 1, 1, 0, norm, block_sums, norm_blocks);
+}
+
+// Clipping by global norm happens inside the optimizer kernels: the gradient is scaled by
+// max_norm / (norm + 1e-6) when that is below 1 (max_norm <= 0: no clipping). The norm is read on the
+// device, so the host never waits for it.
+__device__ inline real clip_scale(const real* norm, real max_norm) {
+    if (max_norm <= 0 || !norm) return 1;
+    real scale = max_norm / (norm[0] + real(1e-6));
+    return scale < 1 ? scale : 1;
+}
+
+// AdamW (decoupled weight decay):  g = clip * grad,  m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2,
+//   p -= lr * (m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + wd * p),  wd only on the first num_decayed.
+__global__ void adamw_kernel(real* params, const real* grads, real* m, real* v, long n, long num_decayed, real lr, real beta1, real beta2,
+                             real eps, real weight_decay, real bias_correction1, real bias_correction2, const real* norm, real max_norm) {
+    real scale = clip_scale(norm, max_norm);
+    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
+        real g = grads[i] * scale;
+        m[i] = beta1 * m[i] + (1 - beta1) * g;
+        v[i] = beta2 * v[i] + (1 - beta2) * g * g;
+        real update = m[i] / bias_correction1 / (sqrt(v[i] / bias_correction2) + eps);
+        params[i] -= lr * (update + (i < num_decayed ? weight_decay * params[i] : 0));
+    }
+}
+
+void adamw_create(AdamW* opt, long n) {
+    cuda_check(cudaMalloc(&opt->m, n * sizeof(real)));
+    cuda_check(cudaMalloc(&opt->v, n * sizeof(real)));
+    cuda_check(cudaMemset(opt->m, 0, n * sizeof(real)));
+    cuda_check(cudaMemset(opt->v, 0, n * sizeof(real)));
+    opt->n = n;
+    opt->step = 0;
+}
+
+void adamw_destroy(AdamW* opt) {
+    cuda_check(cudaFree(opt->m));
+    cuda_check(cudaFree(opt->v));
+    opt->m = opt->v = nullptr;
+}
+
+void adamw_update(AdamW* opt, real* params, const real* grads, long num_decayed, real lr, const real* norm, real max_norm) {
+    opt->step++;
+    real bias_correction1 = real(1 - std::pow(double(opt->beta1), double(opt->step)));
+    real bias_correction2 = real(1 - std::pow(double(opt->beta2), double(opt->step)));
+    launch(adamw_kernel, grid_size(opt->n, 256), 256, 0, params, grads, opt->m, opt->v, opt->n, num_decayed, lr, real(opt->beta1),
+           real(opt->beta2), real(opt->eps), real(opt->weight_decay), bias_correction1, bias_correction2, norm, max_norm);
+}
+
+// SGD with momentum:  u = momentum * u + clip * grad,  p -= lr * u.
+__global__ void sgd_kernel(real* params, const real* grads, real* velocity, long n, real lr, real momentum, const real* norm, real max_norm) {
+    real scale = clip_scale(norm, max_norm);
+    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
+        velocity[i] = momentum * velocity[i] + grads[i] * scale;
+        params[i] -= lr * velocity[i];
+    }
+}
+
+void sgd_create(SGD* opt, long n) {
+    cuda_check(cudaMalloc(&opt->velocity, n * sizeof(real)));
+    cuda_check(cudaMemset(opt->velocity, 0, n * sizeof(real)));
+    opt->n = n;
+}
+
+void sgd_destroy(SGD* opt) {
+    cuda_check(cudaFree(opt->velocity));
+    opt->velocity = nullptr;
+}
+
+void sgd_update(SGD* opt, real* params, const real* grads, real lr, const real* norm, real max_norm) {
+    launch(sgd_kernel, grid_size(opt->n, 256), 256, 0, params, grads, opt->velocity, opt->n, lr, real(opt->momentum), norm, max_norm);
+}
+
+// Linear warmup from 0 to max_lr over `warmup` steps, then cosine decay to min_lr at the last step.
+// (A host function: one number per step, computed where the step is launched.)
+float learning_rate(long step, long warmup, long total_steps, float max_lr, float min_lr) {
+    if (step < warmup) return max_lr * float(step + 1) / float(warmup);
+    if (step >= total_steps - 1 || total_steps <= warmup) return min_lr;
+    double progress = double(step - warmup) / double(total_steps - 1 - warmup);
+    return min_lr + float(0.5 * (1 + std::cos(3.141592653589793 * progress))) * (max_lr - min_lr);
+}
+
+// ====================================================================================================
+// Weight and checkpoint files (the format is described in tricycle.h and the README)
+
+constexpr int32_t model_file_magic = 0x59435254;  // the bytes "TRCY"
+constexpr int32_t model_file_version = 1;
+constexpr int directory_name_bytes = 48;
+
+static int32_t float_bits(float f) {
+    int32_t bits;
+    memcpy(&bits, &f, 4);
+    return bits;
+}
+
+static float bits_float(int32_t bits) {
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+// Tensors in buffer order (decayed first), as the file lists them.
+static std::vector<Parameter> parameters_in_buffer_order(GPT& model) {
+    std::vector<Parameter> table = parameter_table(model), ordered;
+    for (bool decayed : {true, false})
+        for (const Parameter& p : table)
+            if (p.decay == decayed) ordered.push_back(p);
+    return ordered;
+}
+
+static void append(std::string& out, const void* data, size_t bytes) { out.append(static_cast<const char*>(data), bytes); }
+
+// Device buffer of `real` -> float32 bytes.
+static void append_floats(std::string& out, const real* device, long n) {
+    std::vector<real> host(n);
+    cuda_check(cudaMemcpy(host.data(), device, n * sizeof(real), cudaMemcpyDeviceToHost));
+    std::vector<float> values(host.begin(), host.end());
+    append(out, values.data(), n * sizeof(float));
+}
+
+std::string floats_section(const real* device, long n) {
+    std::string bytes;
+    append_floats(bytes, device, n);
+    return bytes;
+}
+
+void gpt_save(GPT& model, const char* path, const std::vector<FileSection>& sections) {
+    const GPTConfig& c = model.config;
+    std::vector<Parameter> ordered = parameters_in_buffer_order(model);
+    int32_t header[256] = {model_file_magic, model_file_version, c.vocab_size, c.context, c.dim, c.layers, c.heads, c.mlp_ratio,
+                           c.norm == Norm::rmsnorm, c.activation == Activation::swiglu, c.rotary, c.tied_embeddings,
+                           float_bits(c.dropout), float_bits(c.attention_dropout), int32_t(ordered.size()), int32_t(sections.size())};
+    int64_t count = model.num_parameters;
+    memcpy(&header[16], &count, 8);
+    std::string out;
+    append(out, header, sizeof header);
+    for (const Parameter& p : ordered) {
+        char name[directory_name_bytes] = {};
+        snprintf(name, sizeof name, "%s", p.name.c_str());
+        int32_t dims[4] = {int32_t(p.shape.size()), p.shape[0], p.shape.size() > 1 ? p.shape[1] : 0, 0};
+        append(out, name, sizeof name);
+        append(out, dims, sizeof dims);
+    }
+    append_floats(out, model.parameters, model.num_parameters);
+    for (const FileSection& s : sections) {
+        int64_t length = int64_t(s.bytes.size());
+        append(out, s.tag, 4);
+        append(out, &length, 8);
+        out += s.bytes;
+    }
+    write_file_atomic(path, out.data(), out.size(), "model file");
+}
+
+// Reads bytes from a file image, failing cleanly at the end.
+struct FileReader {
+    const std::string& data;
+    size_t position;
+    const char* path;
+    void read(void* out, size_t bytes, const char* what) {
+        if (data.size() - position < bytes)
+            fail("model file '%s': truncated: %s needs %zu bytes at offset %zu, the file has %zu", path, what, bytes, position, data.size());
+        memcpy(out, data.data() + position, bytes);
+        position += bytes;
+    }
+};
+
+void gpt_load(GPT* model, const char* path, std::vector<FileSection>* sections) {
+    std::string data = read_whole_file(path, "model file");
+    FileReader reader{data, 0, path};
+    int32_t header[256];
+    reader.read(header, sizeof header, "the header");
+    if (header[0] != model_file_magic) fail("model file '%s': bad magic 0x%08x, expected 0x%08x (not a Tricycle model)", path, header[0], model_file_magic);
+    if (header[1] != model_file_version) fail("model file '%s': version %d, this build reads version %d", path, header[1], model_file_version);
+    GPTConfig c;
+    c.vocab_size = header[2], c.context = header[3], c.dim = header[4], c.layers = header[5], c.heads = header[6], c.mlp_ratio = header[7];
+    c.norm = header[8] ? Norm::rmsnorm : Norm::layernorm;
+    c.activation = header[9] ? Activation::swiglu : Activation::gelu;
+    c.rotary = header[10] != 0, c.tied_embeddings = header[11] != 0;
+    c.dropout = bits_float(header[12]), c.attention_dropout = bits_float(header[13]);
+    try {
+        gpt_check_config(c);
+    } catch (const std::runtime_error& error) {
+        fail("model file '%s': %s", path, error.what());
+    }
+    int64_t count;
+    memcpy(&count, &header[16], 8);
+    gpt_create(model, c);
+    std::vector<Parameter> ordered = parameters_in_buffer_order(*model);
+    if (header[14] != int32_t(ordered.size()) || count != model->num_parameters)
+        fail("model file '%s': lists %d tensors and %lld parameters, its config needs %zu and %ld", path, header[14], (long long)count,
+             ordered.size(), model->num_parameters);
+    for (const Parameter& p : ordered) {
+        char name[directory_name_bytes];
+        int32_t dims[4];
+        reader.read(name, sizeof name, "the tensor directory");
+        reader.read(dims, sizeof dims, "the tensor directory");
+        name[directory_name_bytes - 1] = 0;
+        bool same = p.name == name && dims[0] == int32_t(p.shape.size()) && dims[1] == p.shape[0] && (p.shape.size() < 2 || dims[2] == p.shape[1]);
+        if (!same) fail("model file '%s': tensor '%s' is not the '%s' its config expects here", path, name, p.name.c_str());
+    }
+    std::vector<float> values(model->num_parameters);
+    reader.read(values.data(), values.size() * sizeof(float), "the parameters");
+    std::vector<real> host(values.begin(), values.end());
+    cuda_check(cudaMemcpy(model->parameters, host.data(), host.size() * sizeof(real), cudaMemcpyHostToDevice));
+    for (int32_t s = 0; s < header[15]; s++) {
+        FileSection section;
+        int64_t length;
+        reader.read(section.tag, 4, "a section header");
+        reader.read(&length, 8, "a section header");
+        if (length < 0) fail("model file '%s': section '%.4s' has a negative length", path, section.tag);
+        section.bytes.resize(size_t(length));
+        reader.read(&section.bytes[0], size_t(length), "a section");
+        if (sections) sections->push_back(section);
+    }
+    if (reader.position != data.size()) fail("model file '%s': %zu unexpected bytes after the last section", path, data.size() - reader.position);
+}
+
+void floats_from_section(real* device, long n, const FileSection& section, const char* path) {
+    if (long(section.bytes.size()) != n * long(sizeof(float)))
+        fail("model file '%s': section '%.4s' holds %zu bytes, expected %ld", path, section.tag, section.bytes.size(), n * long(sizeof(float)));
+    std::vector<float> values(n);
+    memcpy(values.data(), section.bytes.data(), n * sizeof(float));
+    std::vector<real> host(values.begin(), values.end());
+    cuda_check(cudaMemcpy(device, host.data(), n * sizeof(real), cudaMemcpyHostToDevice));
 }
 
 // ====================================================================================================

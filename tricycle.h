@@ -251,6 +251,162 @@ void gemm(bool transpose_a, bool transpose_b, int M, int N, int K, real alpha, c
           real* C, int batch = 1, long stride_a = 0, long stride_b = 0, long stride_c = 0);
 
 // ====================================================================================================
+// Layers. Each is a pair of functions on raw device pointers, <layer>_forward and <layer>_backward,
+// launching its kernels (backward adds into gradients and skips null ones), and a tape version on
+// Tensors. Shapes: B batch, T time, C channels, N = B*T rows, NH heads, V vocabulary.
+
+void embedding_forward(real* out, const int* tokens, const real* wte, const real* wpe, int B, int T, int C);
+void embedding_backward(real* dwte, real* dwpe, const real* dout, const int* tokens, int B, int T, int C);
+Tensor embedding(const int* tokens, int B, int T, Tensor wte, Tensor wpe);  // wpe may be empty (rotary)
+
+void linear_forward(real* out, const real* x, const real* weight, const real* bias, long N, int in, int out_features);
+void linear_backward(real* dx, real* dweight, real* dbias, const real* dout, const real* x, const real* weight, long N, int in, int out_features);
+Tensor linear(Tensor x, Tensor weight, Tensor bias);  // x @ weight^T + bias; weight (out, in); bias may be empty
+
+void layernorm_forward(real* out, real* mean, real* rstd, const real* x, const real* weight, const real* bias, long rows, int C);
+void layernorm_backward(real* dx, real* dweight, real* dbias, const real* dout, const real* x, const real* weight, const real* mean,
+                        const real* rstd, long rows, int C);
+Tensor layernorm(Tensor x, Tensor weight, Tensor bias);
+void rmsnorm_forward(real* out, real* rstd, const real* x, const real* weight, long rows, int C);
+void rmsnorm_backward(real* dx, real* dweight, const real* dout, const real* x, const real* weight, const real* rstd, long rows, int C);
+Tensor rmsnorm(Tensor x, Tensor weight);
+
+void gelu_forward(real* out, const real* x, long n);
+void gelu_backward(real* dx, const real* dout, const real* x, long n);
+void relu_forward(real* out, const real* x, long n);
+void relu_backward(real* dx, const real* dout, const real* x, long n);
+void silu_forward(real* out, const real* x, long n);
+void silu_backward(real* dx, const real* dout, const real* x, long n);
+Tensor gelu(Tensor x);
+Tensor silu(Tensor x);
+void swiglu_forward(real* out, const real* x, long N, int H);
+void swiglu_backward(real* dx, const real* dout, const real* x, long N, int H);
+Tensor swiglu(Tensor x);  // (..., 2H) -> (..., H): silu(first half) * second half
+
+void dropout_forward(real* out, const real* x, long n, real p, uint64_t seed);
+void dropout_backward(real* dx, const real* dout, long n, real p, uint64_t seed);
+Tensor dropout(Tensor x, real p, uint64_t seed);  // p = 0 returns x itself
+
+void residual_forward(real* out, const real* a, const real* b, long n);
+void residual_backward(real* da, real* db, const real* dout, long n);
+Tensor residual(Tensor a, Tensor b);
+
+void rotary_forward(real* x, long heads, int T, int hs);    // in place on (heads, T, hs)
+void rotary_backward(real* dx, long heads, int T, int hs);  // in place
+Tensor rotary(Tensor x);                                    // x (B, NH, T, hs)
+
+// Causal self-attention on qkv (B, T, 3C) -> (B, T, C). The forward fills `saved`: q, k, v (B, NH, T, hs)
+// each, att (B, NH, T, T), and att_dropped (same) when dropout_p > 0.
+struct AttentionSaved {
+    real *q, *k, *v, *att, *att_dropped;
+};
+void attention_forward(real* out, AttentionSaved saved, const real* qkv, int B, int T, int C, int NH, bool rotary, real dropout_p, uint64_t seed);
+void attention_backward(real* dqkv, const real* dout, AttentionSaved saved, int B, int T, int C, int NH, bool rotary, real dropout_p, uint64_t seed);
+Tensor attention(Tensor qkv, int heads, bool rotary, real dropout_p, uint64_t seed);
+// The whole layer: linear to qkv, attention, linear out.
+Tensor multi_head_attention(Tensor x, Tensor qkv_weight, Tensor qkv_bias, Tensor proj_weight, Tensor proj_bias, int heads);
+
+// Softmax + cross-entropy over logits (N, V): the mean over rows whose target is not ignore_index.
+constexpr int ignore_index = -1;
+void cross_entropy_forward(real* loss, real* count, real* losses, real* logsumexp, const real* logits, const int* targets, long N, int V);
+void cross_entropy_backward(real* dlogits, const real* dloss, const real* count, const real* logits, const real* logsumexp, const int* targets,
+                            long N, int V);
+Tensor cross_entropy(Tensor logits, const int* targets);  // targets: N ints on the device
+void mse_forward(real* loss, const real* a, const real* b, long n);
+void mse_backward(real* da, real* db, const real* dloss, const real* a, const real* b, long n);
+Tensor mse(Tensor a, Tensor b);
+
+// ====================================================================================================
+// The GPT
+
+enum class Norm { layernorm, rmsnorm };
+enum class Activation { gelu, swiglu };
+
+struct GPTConfig {
+    int vocab_size = 0, context = 0, dim = 0, layers = 0, heads = 0;
+    int mlp_ratio = 4;                 // MLP hidden size = mlp_ratio * dim
+    Norm norm = Norm::layernorm;
+    Activation activation = Activation::gelu;
+    bool rotary = false;               // rotary position embedding instead of learned positions
+    bool tied_embeddings = true;       // the output layer reuses the token embedding
+    float dropout = 0;                 // on the embeddings and on each residual branch
+    float attention_dropout = 0;       // on the attention probabilities
+};
+
+GPTConfig gpt_preset(const std::string& name);  // "debug", "shakespeare", "smol"
+void gpt_check_config(const GPTConfig& config);
+
+struct GPTLayer {
+    Tensor norm1_weight, norm1_bias, qkv_weight, qkv_bias, attn_proj_weight, attn_proj_bias;
+    Tensor norm2_weight, norm2_bias, fc_weight, fc_bias, mlp_proj_weight, mlp_proj_bias;
+};
+
+// Parameters and gradients each live in one contiguous device buffer; the Tensors are views into
+// them. The first num_decayed entries (the weight matrices) are the ones AdamW decays.
+struct GPT {
+    GPTConfig config;
+    real* parameters = nullptr;
+    real* gradients = nullptr;
+    long num_parameters = 0, num_decayed = 0;
+    Tensor wte, wpe, lm_head, final_norm_weight, final_norm_bias;  // wpe empty if rotary, lm_head if tied
+    std::vector<GPTLayer> layers;
+};
+
+void gpt_create(GPT* model, const GPTConfig& config);  // allocates and lays out; gradients zeroed
+void gpt_init(GPT* model, uint64_t seed);              // GPT-2 initialisation
+void gpt_destroy(GPT* model);
+std::vector<std::pair<std::string, Tensor>> gpt_named_parameters(GPT& model);
+Tensor gpt_forward(GPT& model, const int* tokens, int B, int T, bool training, uint64_t seed);  // logits (B, T, V)
+
+// ====================================================================================================
+// Optimizers and training maths
+
+void gradient_norm(real* norm, const real* gradients, long n);  // sqrt(sum g^2) into norm[0], on the device
+
+// Both optimizers clip by global norm themselves when given the device norm and max_norm > 0:
+// gradients are scaled by max_norm / (norm + 1e-6) when that is below 1 (as torch's clip_grad_norm_).
+struct AdamW {
+    float beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.1f;
+    long step = 0, n = 0;
+    real *m = nullptr, *v = nullptr;
+};
+void adamw_create(AdamW* opt, long n);
+void adamw_destroy(AdamW* opt);
+void adamw_update(AdamW* opt, real* params, const real* grads, long num_decayed, real lr, const real* norm, real max_norm);
+
+struct SGD {
+    float momentum = 0.9f;
+    long n = 0;
+    real* velocity = nullptr;
+};
+void sgd_create(SGD* opt, long n);
+void sgd_destroy(SGD* opt);
+void sgd_update(SGD* opt, real* params, const real* grads, real lr, const real* norm, real max_norm);
+
+// Linear warmup over `warmup` steps, then cosine decay to min_lr at the last step.
+float learning_rate(long step, long warmup, long total_steps, float max_lr, float min_lr);
+
+// ====================================================================================================
+// Model files. Little-endian:
+//   header: 256 int32: magic 0x59435254 ("TRCY"), version 1, vocab_size, context, dim, layers, heads,
+//           mlp_ratio, norm (0 layernorm, 1 rmsnorm), activation (0 gelu, 1 swiglu), rotary, tied,
+//           dropout and attention_dropout (float32 bits), number of tensors, number of sections,
+//           [16..17] number of parameters (int64); the rest zero
+//   directory: per tensor, in buffer order: name (48 bytes, NUL-padded), ndim, dims[0], dims[1], 0 (int32)
+//   parameters: float32, in buffer order
+//   sections: tag (4 bytes), length (int64), payload — e.g. optimizer state, training state, tokenizer
+// Written to a temporary file and renamed into place.
+
+struct FileSection {
+    char tag[4];
+    std::string bytes;
+};
+void gpt_save(GPT& model, const char* path, const std::vector<FileSection>& sections = {});
+void gpt_load(GPT* model, const char* path, std::vector<FileSection>* sections = nullptr);  // creates the model
+std::string floats_section(const real* device, long n);                                     // device -> float32 bytes
+void floats_from_section(real* device, long n, const FileSection& section, const char* path);
+
+// ====================================================================================================
 // Tokenizer, token files and the data loader (host code)
 //
 // Three pieces, used in this order by a training run:
