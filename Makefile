@@ -66,14 +66,14 @@ $(PROGRAMS): %: $(OBJ)/%.o $(OBJ)/tricycle.o $(STAMP)
 test_gradients: $(OBJ)/double/test_gradients.o $(OBJ)/double/tricycle.o $(STAMP)
 	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
 
-tests/test_tokenizer: $(OBJ)/tests/test_tokenizer.o $(OBJ)/tricycle.o $(STAMP)
+tests/test_tokenizer tests/gpt_parity: %: $(OBJ)/%.o $(OBJ)/tricycle.o $(STAMP)
 	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
 
-test: $(TESTS)
-	@bash tests/run_tests.sh $(TESTS)
+test: $(TESTS) tests/gpt_parity
+	@bash tests/run_tests.sh $(TESTS) tests/test_parity.sh
 
 clean:
-	rm -rf build $(PROGRAMS) $(TESTS) bench/emulator
+	rm -rf build $(PROGRAMS) $(TESTS) tests/gpt_parity bench/emulator
 
 # ----------------------------------------------------------------------------------------------------
 # Data. The corpus is downloaded, never committed. DATA=path uses a copy you already have.

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runs each test binary given as an argument, shows its output, and ends with the total
-# "N passed, M failed" over all of them. Exits non-zero if any check failed or a binary crashed.
+# Runs each test program given as an argument, shows its output, and ends with the total
+# "N passed, M failed" over all of them (", K skipped" when some check could not run, e.g. without
+# PyTorch). Exits non-zero if any check failed or a program crashed.
 set -u
-passed=0 failed=0 crashed=0
+passed=0 failed=0 skipped=0
 for test in "$@"; do
     echo "== $test"
     log=$(mktemp)
@@ -12,12 +13,15 @@ for test in "$@"; do
     rm -f "$log"
     if [ -z "$summary" ]; then
         echo "FAIL $test crashed (exit status $status) before printing its summary"
-        crashed=$((crashed + 1))
+        failed=$((failed + 1))
         continue
     fi
-    read -r n_passed _ n_failed _ <<< "$summary"
-    passed=$((passed + n_passed)) failed=$((failed + n_failed))
+    read -r n_passed _ n_failed _ n_skipped _ <<< "${summary//,/}"
+    passed=$((passed + n_passed)) failed=$((failed + n_failed)) skipped=$((skipped + ${n_skipped:-0}))
 done
-failed=$((failed + crashed))
-echo "$passed passed, $failed failed"
+if [ "$skipped" -gt 0 ]; then
+    echo "$passed passed, $failed failed, $skipped skipped"
+else
+    echo "$passed passed, $failed failed"
+fi
 [ "$failed" -eq 0 ]
