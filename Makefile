@@ -43,7 +43,7 @@ HEADERS := tricycle.h cuda_cpu.h
 PROGRAMS := train_gpt inference tokenizer
 TESTS := test_gradients tests/test_tokenizer
 
-.PHONY: all test clean bench-emulator bench-tokenizer
+.PHONY: all test clean train bench-emulator bench-tokenizer
 all: $(PROGRAMS) $(TESTS)
 
 # Binaries go to the repository root whatever the build; this stamp relinks them when it changes.
@@ -69,8 +69,8 @@ test_gradients: $(OBJ)/double/test_gradients.o $(OBJ)/double/tricycle.o $(STAMP)
 tests/test_tokenizer tests/gpt_parity: %: $(OBJ)/%.o $(OBJ)/tricycle.o $(STAMP)
 	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
 
-test: $(TESTS) tests/gpt_parity
-	@bash tests/run_tests.sh $(TESTS) tests/test_parity.sh
+test: $(TESTS) tests/gpt_parity $(PROGRAMS)
+	@bash tests/run_tests.sh $(TESTS) tests/test_parity.sh tests/test_programs.sh
 
 clean:
 	rm -rf build $(PROGRAMS) $(TESTS) tests/gpt_parity bench/emulator
@@ -94,6 +94,34 @@ PYTHON_STDLIB = $(shell python3 -c 'import sysconfig; print(sysconfig.get_paths(
 data/python_corpus.txt: | tokenizer
 	@mkdir -p data
 	./tokenizer corpus --dir $(PYTHON_STDLIB) --skip-dir site-packages --output $@
+
+# ----------------------------------------------------------------------------------------------------
+# make train: corpus -> BPE tokenizer -> token files -> train_gpt -> a sample from the best checkpoint.
+# PRESET=debug|shakespeare|smol, STEPS=N, OUT=dir, TRAIN_FLAGS="--batch 16 ...", VOCAB=N override.
+# shakespeare and debug train on tinyshakespeare (vocab 1024); smol on the Python corpus (vocab 8192).
+
+PRESET ?= shakespeare
+ifeq ($(PRESET),smol)
+  DATASET := python
+  CORPUS := data/python_corpus.txt
+  VOCAB ?= 8192
+else
+  DATASET := shakespeare
+  CORPUS := $(DATA)
+  VOCAB ?= 1024
+endif
+OUT ?= out/$(PRESET)
+
+data/$(DATASET).tok: $(CORPUS) | tokenizer
+	./tokenizer train --input $(CORPUS) --vocab-size $(VOCAB) --output $@
+
+data/$(DATASET)_train.bin: data/$(DATASET).tok
+	./tokenizer encode --tokenizer $< --input $(CORPUS) --output data/$(DATASET)
+
+train: train_gpt inference data/$(DATASET)_train.bin
+	./train_gpt --preset $(PRESET) --train data/$(DATASET)_train.bin --val data/$(DATASET)_val.bin \
+	    --tokenizer data/$(DATASET).tok --out $(OUT) $(if $(STEPS),--steps $(STEPS)) $(TRAIN_FLAGS)
+	./inference $(OUT)/best.bin --prompt "$(if $(filter smol,$(PRESET)),def ,ROMEO:)" --tokens 300
 
 # ----------------------------------------------------------------------------------------------------
 # Benchmarks (not tests): each prints its figures.

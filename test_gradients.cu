@@ -396,7 +396,6 @@ static void check_gpt_gradients(const std::string& what, GPTConfig config) {
     double error = gradient_error([&] { return cross_entropy(gpt_forward(model, tokens, B, T, true, 3), targets); }, params, 12);
     check(error < 1e-6, "gradient of a whole GPT (%s), %ld parameters, sampled from every tensor: relative error %.2e", what.c_str(),
           model.num_parameters, error);
-    gpt_destroy(&model);
 }
 
 static void test_gpt() {
@@ -453,7 +452,6 @@ static void test_gpt() {
         worst = std::max(worst, std::fabs(p - p2[i]));
     }
     check(worst < 1e-10, "AdamW, 2 steps with clipping and decay on the %ld weight-matrix entries only, equals the loop (max diff %.1e)", model.num_decayed, worst);
-    adamw_destroy(&adam);
     SGD sgd;
     sgd.momentum = 0.5f;
     sgd_create(&sgd, model.num_parameters);
@@ -464,7 +462,6 @@ static void test_gpt() {
     worst = 0;
     for (long i = 0; i < model.num_parameters; i++) worst = std::max(worst, std::fabs((p2[i] - lr * (g[i] + (0.5 * g[i] + g[i]))) - p3[i]));
     check(worst < 1e-12, "SGD with momentum 0.5, 2 steps, equals the loop (max diff %.1e)", worst);
-    sgd_destroy(&sgd);
 
     float warm = learning_rate(0, 10, 100, 1e-3f, 1e-4f), peak = learning_rate(9, 10, 100, 1e-3f, 1e-4f);
     float middle = learning_rate(54, 10, 100, 1e-3f, 1e-4f), last = learning_rate(99, 10, 100, 1e-3f, 1e-4f);
@@ -483,7 +480,6 @@ static void test_gpt() {
     bool same = sections.size() == 1 && sections[0].bytes == "hello";
     for (long i = 0; i < model.num_parameters; i++) same &= reloaded[i] == real(float(original[i]));
     check(same && loaded.config.layers == 2 && loaded.config.heads == 3, "model file round trip: config, every parameter (as float32) and a section");
-    gpt_destroy(&loaded);
     std::string image = read_whole_file(path.c_str(), "model file");
     auto corrupt = [&](const char* what, const char* expected, std::string bytes) {
         write_file_atomic(path.c_str(), bytes.data(), bytes.size(), "test file");
@@ -500,7 +496,6 @@ static void test_gpt() {
     corrupt("model file with bytes after the last section", "unexpected bytes", image + "junk");
     corrupt("an empty model file", "truncated", "");
     std::remove(path.c_str());
-    gpt_destroy(&model);
 }
 
 // ----------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -94,50 +93,8 @@ static const char* DECODE_HELP =
 // ----------------------------------------------------------------------------
 // Flag parsing helpers. Each command walks its own arguments.
 
-static bool wants_help(int argc, char** argv) {
-    for (int i = 0; i < argc; i++)
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) return true;
-    return false;
-}
-
-// Returns the value after the flag at argv[*i] and steps past it.
-static const char* take_value(const char* command, int argc, char** argv, int* i) {
-    const char* flag = argv[*i];
-    if (*i + 1 >= argc) fail("%s: flag %s needs a value", command, flag);
-    const char* value = argv[*i + 1];
-    if (strncmp(value, "--", 2) == 0) fail("%s: flag %s needs a value, got '%s'", command, flag, value);
-    *i += 1;
-    return value;
-}
-
-static int parse_int(const char* command, const char* flag, const char* text, int min, int max) {
-    char* end = nullptr;
-    errno = 0;
-    long value = strtol(text, &end, 10);
-    if (end == text || *end != '\0' || errno == ERANGE || value < min || value > max)
-        fail("%s: flag %s expects an integer from %d to %d, got '%s'", command, flag, min, max, text);
-    return (int)value;
-}
-
-static double parse_fraction(const char* command, const char* flag, const char* text) {
-    char* end = nullptr;
-    double value = strtod(text, &end);
-    if (end == text || *end != '\0' || !(value >= 0.0 && value < 1.0))
-        fail("%s: flag %s expects a number with 0 <= F < 1, got '%s'", command, flag, text);
-    return value;
-}
-
-[[noreturn]] static void unknown_flag(const char* command, const char* arg) {
-    if (strncmp(arg, "-", 1) == 0) fail("%s: unknown flag '%s' (see 'tokenizer %s --help')", command, arg, command);
-    fail("%s: unexpected argument '%s' (see 'tokenizer %s --help')", command, arg, command);
-}
-
 static void require(const char* command, const char* value, const char* flag) {
     if (!value) fail("%s: missing required flag %s (see 'tokenizer %s --help')", command, flag, command);
-}
-
-static double seconds_since(std::chrono::steady_clock::time_point start) {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
 // ----------------------------------------------------------------------------
@@ -159,11 +116,11 @@ static int command_corpus(int argc, char** argv) {
     std::vector<std::string> skip_dirs;
     for (int i = 0; i < argc; i++) {
         const char* arg = argv[i];
-        if (strcmp(arg, "--dir") == 0) dir = take_value(command, argc, argv, &i);
-        else if (strcmp(arg, "--output") == 0) output = take_value(command, argc, argv, &i);
-        else if (strcmp(arg, "--ext") == 0) ext = take_value(command, argc, argv, &i);
-        else if (strcmp(arg, "--skip-dir") == 0) skip_dirs.push_back(take_value(command, argc, argv, &i));
-        else unknown_flag(command, arg);
+        if (strcmp(arg, "--dir") == 0) dir = flag_value(argc, argv, &i);
+        else if (strcmp(arg, "--output") == 0) output = flag_value(argc, argv, &i);
+        else if (strcmp(arg, "--ext") == 0) ext = flag_value(argc, argv, &i);
+        else if (strcmp(arg, "--skip-dir") == 0) skip_dirs.push_back(flag_value(argc, argv, &i));
+        else unknown_flag(arg);
     }
     require(command, dir, "--dir");
     require(command, output, "--output");
@@ -224,12 +181,12 @@ static int command_train(int argc, char** argv) {
     bool bytes_only = false;
     for (int i = 0; i < argc; i++) {
         const char* arg = argv[i];
-        if (strcmp(arg, "--input") == 0) input = take_value(command, argc, argv, &i);
-        else if (strcmp(arg, "--output") == 0) output = take_value(command, argc, argv, &i);
+        if (strcmp(arg, "--input") == 0) input = flag_value(argc, argv, &i);
+        else if (strcmp(arg, "--output") == 0) output = flag_value(argc, argv, &i);
         else if (strcmp(arg, "--vocab-size") == 0)
-            vocab_size = parse_int(command, arg, take_value(command, argc, argv, &i), 257, 1 << 30);
+            vocab_size = parse_int(arg, flag_value(argc, argv, &i), 257, 1 << 30);
         else if (strcmp(arg, "--bytes") == 0) bytes_only = true;
-        else unknown_flag(command, arg);
+        else unknown_flag(arg);
     }
     require(command, output, "--output");
     if (bytes_only && vocab_size != 0) fail("train: --bytes and --vocab-size cannot be used together");
@@ -240,9 +197,9 @@ static int command_train(int argc, char** argv) {
 
     std::string text = input ? read_whole_file(input, "training text") : std::string();
     Tokenizer tok;
-    auto start = std::chrono::steady_clock::now();
+    double start = seconds_now();
     tokenizer_train(&tok, text.data(), text.size(), bytes_only ? 257 : vocab_size);
-    double seconds = seconds_since(start);
+    double seconds = seconds_now() - start;
     tokenizer_save(&tok, output);
 
     size_t merges = tok.merges.size();
@@ -269,12 +226,12 @@ static int command_encode(int argc, char** argv) {
     double val_fraction = 0.1;
     for (int i = 0; i < argc; i++) {
         const char* arg = argv[i];
-        if (strcmp(arg, "--tokenizer") == 0) tokenizer_path = take_value(command, argc, argv, &i);
-        else if (strcmp(arg, "--input") == 0) input = take_value(command, argc, argv, &i);
-        else if (strcmp(arg, "--output") == 0) prefix = take_value(command, argc, argv, &i);
+        if (strcmp(arg, "--tokenizer") == 0) tokenizer_path = flag_value(argc, argv, &i);
+        else if (strcmp(arg, "--input") == 0) input = flag_value(argc, argv, &i);
+        else if (strcmp(arg, "--output") == 0) prefix = flag_value(argc, argv, &i);
         else if (strcmp(arg, "--val-fraction") == 0)
-            val_fraction = parse_fraction(command, arg, take_value(command, argc, argv, &i));
-        else unknown_flag(command, arg);
+            val_fraction = parse_number(arg, flag_value(argc, argv, &i), 0, 0.999);
+        else unknown_flag(arg);
     }
     require(command, tokenizer_path, "--tokenizer");
     require(command, input, "--input");
@@ -294,9 +251,9 @@ static int command_encode(int argc, char** argv) {
         size_t bytes = ends[part] - begins[part];
         std::vector<int32_t> tokens;
         tokens.reserve(bytes / 3 + 16);
-        auto start = std::chrono::steady_clock::now();
+        double start = seconds_now();
         tokenizer_encode(&tok, text.data() + begins[part], bytes, &tokens);
-        double seconds = seconds_since(start);
+        double seconds = seconds_now() - start;
         std::string path = std::string(prefix) + "_" + names[part] + ".bin";
         write_token_file(path.c_str(), tokens.data(), tokens.size(), tok.vocab_size);
         fprintf(stderr, "encode: %-5s %.2f MB -> %zu tokens (%.2f bytes/token) in %.2f s (%.1f MB/s) -> %s\n",
@@ -319,9 +276,9 @@ static int command_decode(int argc, char** argv) {
     const char* input = nullptr;
     for (int i = 0; i < argc; i++) {
         const char* arg = argv[i];
-        if (strcmp(arg, "--tokenizer") == 0) tokenizer_path = take_value(command, argc, argv, &i);
-        else if (strcmp(arg, "--input") == 0) input = take_value(command, argc, argv, &i);
-        else unknown_flag(command, arg);
+        if (strcmp(arg, "--tokenizer") == 0) tokenizer_path = flag_value(argc, argv, &i);
+        else if (strcmp(arg, "--input") == 0) input = flag_value(argc, argv, &i);
+        else unknown_flag(arg);
     }
     require(command, tokenizer_path, "--tokenizer");
     require(command, input, "--input");

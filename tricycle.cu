@@ -4,11 +4,13 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <climits>
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <queue>
 #include <stdexcept>
 
@@ -1232,13 +1234,13 @@ Tensor residual(Tensor a, Tensor b) {
 
 constexpr double rotary_base = 10000.0;
 
-__global__ void rotary_kernel(real* out, const real* x, long heads, int T, int hs, bool inverse, bool accumulate) {
+__global__ void rotary_kernel(real* out, const real* x, long heads, int T, int hs, int start, bool inverse, bool accumulate) {
     int half = hs / 2;
     long n = heads * T * half;
     for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
         int pair = int(i % half);
         long vector = i / half;  // (head, t)
-        int t = int(vector % T);
+        int t = start + int(vector % T);
         double angle = t * pow(rotary_base, -2.0 * pair / hs);
         real c = real(cos(angle)), s = real(inverse ? -sin(angle) : sin(angle));
         long first = vector * hs + pair, second = first + half;
@@ -1248,12 +1250,13 @@ __global__ void rotary_kernel(real* out, const real* x, long heads, int T, int h
     }
 }
 
-// In place on x (B*NH, T, hs); the backward turns the gradient back by the opposite angles.
-void rotary_forward(real* x, long heads, int T, int hs) {
-    launch(rotary_kernel, grid_size(heads * T * (hs / 2), 256), 256, 0, x, x, heads, T, hs, false, false);
+// In place on x (B*NH, T, hs) holding positions start..start+T-1; the backward turns the gradient back
+// by the opposite angles.
+void rotary_forward(real* x, long heads, int T, int hs, int start) {
+    launch(rotary_kernel, grid_size(heads * T * (hs / 2), 256), 256, 0, x, x, heads, T, hs, start, false, false);
 }
 void rotary_backward(real* dx, long heads, int T, int hs) {
-    launch(rotary_kernel, grid_size(heads * T * (hs / 2), 256), 256, 0, dx, dx, heads, T, hs, true, false);
+    launch(rotary_kernel, grid_size(heads * T * (hs / 2), 256), 256, 0, dx, dx, heads, T, hs, 0, true, false);
 }
 
 // The tape version: x (B, NH, T, hs) -> a rotated copy.
@@ -1263,8 +1266,8 @@ Tensor rotary(Tensor x) {
     long heads = long(x.shape[0]) * x.shape[1];
     int T = x.shape[2], hs = x.shape[3];
     long n = heads * T * (hs / 2);
-    launch(rotary_kernel, grid_size(n, 256), 256, 0, out.data, x.data, heads, T, hs, false, false);
-    if (out.grad) record([=] { launch(rotary_kernel, grid_size(n, 256), 256, 0, x.grad, out.grad, heads, T, hs, true, true); });
+    launch(rotary_kernel, grid_size(n, 256), 256, 0, out.data, x.data, heads, T, hs, 0, false, false);
+    if (out.grad) record([=] { launch(rotary_kernel, grid_size(n, 256), 256, 0, x.grad, out.grad, heads, T, hs, 0, true, true); });
     return out;
 }
 
@@ -1325,20 +1328,22 @@ __global__ void attention_unpermute_kernel(real* out, const real* y, int B, int 
     }
 }
 
-// Rows of att are (b, h, t) with T entries; row t keeps entries s <= t and zeroes the rest.
-__global__ void causal_softmax_forward_kernel(real* att, long rows, int T) {
+// Rows of att are (b, h, t): query t against `keys` keys. Query t sits at position start + t and sees
+// keys s <= start + t; the rest of its row is zeroed. (Training: keys = T, start = 0. Generation with a
+// cache: the new queries come after `start` cached positions.)
+__global__ void causal_softmax_forward_kernel(real* att, long rows, int T, int keys, int start) {
     bool active;
     long row = group_row(rows, &active);
-    int t = int(row % T);
-    real* a = att + row * T;
+    int last = start + int(row % T);
+    real* a = att + row * keys;
     real row_max = -INFINITY;
-    for (int s = threadIdx.x; s <= t; s += blockDim.x) row_max = fmax(row_max, a[s]);
+    for (int s = threadIdx.x; s <= last; s += blockDim.x) row_max = fmax(row_max, a[s]);
     row_max = group_max(row_max);
     real total = 0;
-    for (int s = threadIdx.x; s <= t; s += blockDim.x) total += exp(a[s] - row_max);
+    for (int s = threadIdx.x; s <= last; s += blockDim.x) total += exp(a[s] - row_max);
     total = group_sum(total);
     if (!active) return;
-    for (int s = threadIdx.x; s < T; s += blockDim.x) a[s] = s <= t ? exp(a[s] - row_max) / total : 0;
+    for (int s = threadIdx.x; s < keys; s += blockDim.x) a[s] = s <= last ? exp(a[s] - row_max) / total : 0;
 }
 
 // In place: datt becomes dpre = att * (datt - sum_s(datt * att)).
@@ -1362,7 +1367,7 @@ void attention_forward(real* out, AttentionSaved saved, const real* qkv, int B, 
     if (rotary) rotary_forward(saved.q, heads, T, hs), rotary_forward(saved.k, heads, T, hs);
     real scale = real(1 / std::sqrt(double(hs)));
     gemm(false, true, T, T, hs, scale, saved.q, saved.k, 0, saved.att, int(heads), long(T) * hs, long(T) * hs, long(T) * T);
-    launch(causal_softmax_forward_kernel, row_grid(heads * T), row_block(), 0, saved.att, heads * T, T);
+    launch(causal_softmax_forward_kernel, row_grid(heads * T), row_block(), 0, saved.att, heads * T, T, T, 0);
     const real* att = saved.att;
     if (dropout_p > 0) {
         dropout_forward(saved.att_dropped, saved.att, heads * T * T, dropout_p, seed);
@@ -1584,6 +1589,7 @@ static std::vector<Parameter> parameter_table(GPT& model) {
 // One buffer holds all parameters and one all gradients: the decayed ones (weight matrices) first, in
 // table order, then the rest. So AdamW and the gradient norm are each one launch over one buffer.
 void gpt_create(GPT* model, const GPTConfig& config) {
+    if (model->parameters) fail("gpt_create: this GPT already holds a model");
     gpt_check_config(config);
     model->config = config;
     std::vector<Parameter> table = parameter_table(*model);
@@ -1611,10 +1617,10 @@ void gpt_create(GPT* model, const GPTConfig& config) {
     }
 }
 
-void gpt_destroy(GPT* model) {
-    cuda_check(cudaFree(model->parameters));
-    cuda_check(cudaFree(model->gradients));
-    model->parameters = model->gradients = nullptr;
+// Destructors do not throw: a failing cudaFree at exit has nothing left to protect.
+GPT::~GPT() {
+    (void)cudaFree(parameters);
+    (void)cudaFree(gradients);
 }
 
 void gpt_init(GPT* model, uint64_t seed) {
@@ -1655,6 +1661,147 @@ Tensor gpt_forward(GPT& model, const int* tokens, int B, int T, bool training, u
     }
     x = normalize(model, x, model.final_norm_weight, model.final_norm_bias);
     return linear(x, c.tied_embeddings ? model.wte : model.lm_head, Tensor{});
+}
+
+// ====================================================================================================
+// Generation: one sequence, token by token, with a key/value cache so each new token costs one
+// position's work (O(context) attention) instead of a forward pass over the whole window.
+
+void kv_cache_create(KVCache* cache, const GPTConfig& config) {
+    cache->config = config;
+    cache->length = 0;
+    size_t bytes = size_t(config.layers) * config.context * config.dim * sizeof(real);
+    cuda_check(cudaMalloc(&cache->keys, bytes));
+    cuda_check(cudaMalloc(&cache->values, bytes));
+}
+
+KVCache::~KVCache() {
+    (void)cudaFree(keys);
+    (void)cudaFree(values);
+}
+
+// k, v (NH, n, hs) -> the cache's rows [start, start + n) of each head; cache layout (NH, context, hs).
+__global__ void kv_cache_append_kernel(real* cache_keys, real* cache_values, const real* k, const real* v, int n, int NH, int hs, int context, int start) {
+    long total = long(NH) * n * hs;
+    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += long(gridDim.x) * blockDim.x) {
+        int d = int(i % hs), t = int(i / hs % n), h = int(i / (long(hs) * n));
+        long slot = (long(h) * context + start + t) * hs + d;
+        cache_keys[slot] = k[i], cache_values[slot] = v[i];
+    }
+}
+
+// Positions [cache.length, cache.length + n) of one sequence: their keys and values join the cache,
+// and the logits of the last one (V values on the device) come back. The same maths as gpt_forward,
+// through the raw forward functions (nothing is recorded).
+real* gpt_forward_cached(GPT& model, KVCache& cache, const int* tokens, int n) {
+    const GPTConfig& c = model.config;
+    int start = cache.length, C = c.dim, NH = c.heads, hs = C / NH, L = start + n;
+    if (L > c.context) fail("gpt_forward_cached: %d positions exceed the context window %d", L, c.context);
+    int hidden = c.mlp_ratio * C, fc_out = c.activation == Activation::swiglu ? 2 * hidden : hidden;
+    real *x = device_alloc<real>(long(n) * C), *h = device_alloc<real>(long(n) * C), *qkv = device_alloc<real>(long(n) * 3 * C);
+    real *q = device_alloc<real>(long(n) * C), *k = device_alloc<real>(long(n) * C), *v = device_alloc<real>(long(n) * C);
+    real *att = device_alloc<real>(long(NH) * n * L), *heads_out = device_alloc<real>(long(n) * C);
+    real *y = device_alloc<real>(long(n) * C), *branch = device_alloc<real>(long(n) * C);
+    real *fc = device_alloc<real>(long(n) * fc_out), *act = device_alloc<real>(long(n) * hidden);
+    real *mean = device_alloc<real>(n), *rstd = device_alloc<real>(n);
+    auto normalize_into = [&](real* out, const real* in, const Tensor& weight, const Tensor& bias) {
+        if (c.norm == Norm::rmsnorm) rmsnorm_forward(out, rstd, in, weight.data, n, C);
+        else layernorm_forward(out, mean, rstd, in, weight.data, bias.data, n, C);
+    };
+    embedding_forward(x, tokens, model.wte.data, c.rotary ? nullptr : model.wpe.data + long(start) * C, 1, n, C);
+    for (int l = 0; l < c.layers; l++) {
+        GPTLayer& layer = model.layers[l];
+        real* cache_keys = cache.keys + long(l) * c.context * C;
+        real* cache_values = cache.values + long(l) * c.context * C;
+        normalize_into(h, x, layer.norm1_weight, layer.norm1_bias);
+        linear_forward(qkv, h, layer.qkv_weight.data, layer.qkv_bias.data, n, C, 3 * C);
+        launch(attention_split_kernel, grid_size(long(n) * C, 256), 256, 0, q, k, v, qkv, 1, n, C, NH);
+        if (c.rotary) rotary_forward(q, NH, n, hs, start), rotary_forward(k, NH, n, hs, start);
+        launch(kv_cache_append_kernel, grid_size(long(n) * C, 256), 256, 0, cache_keys, cache_values, k, v, n, NH, hs, c.context, start);
+        // Each new query against every cached key up to its own position.
+        gemm(false, true, n, L, hs, real(1 / std::sqrt(double(hs))), q, cache_keys, 0, att, NH, long(n) * hs, long(c.context) * hs, long(n) * L);
+        launch(causal_softmax_forward_kernel, row_grid(long(NH) * n), row_block(), 0, att, long(NH) * n, n, L, start);
+        gemm(false, false, n, hs, L, 1, att, cache_values, 0, heads_out, NH, long(n) * L, long(c.context) * hs, long(n) * hs);
+        launch(attention_unpermute_kernel, grid_size(long(n) * C, 256), 256, 0, y, heads_out, 1, n, C, NH);
+        linear_forward(branch, y, layer.attn_proj_weight.data, layer.attn_proj_bias.data, n, C, C);
+        residual_forward(x, x, branch, long(n) * C);
+        normalize_into(h, x, layer.norm2_weight, layer.norm2_bias);
+        linear_forward(fc, h, layer.fc_weight.data, layer.fc_bias.data, n, C, fc_out);
+        if (c.activation == Activation::swiglu) swiglu_forward(act, fc, n, hidden);
+        else gelu_forward(act, fc, long(n) * hidden);
+        linear_forward(branch, act, layer.mlp_proj_weight.data, layer.mlp_proj_bias.data, n, hidden, C);
+        residual_forward(x, x, branch, long(n) * C);
+    }
+    cache.length = L;
+    real* last = x + long(n - 1) * C;
+    normalize_into(h, last, model.final_norm_weight, model.final_norm_bias);
+    real* logits = device_alloc<real>(c.vocab_size);
+    linear_forward(logits, h, (c.tied_embeddings ? model.wte : model.lm_head).data, nullptr, 1, C, c.vocab_size);
+    return logits;
+}
+
+// Picks the next token from logits on the host: greedy at temperature 0, otherwise a draw from
+// softmax(logits / temperature), keeping only the top_k most likely (0: all) and then the smallest
+// set whose probability reaches top_p.
+int sample_token(const std::vector<real>& logits, Sampler& sampler) {
+    int V = int(logits.size());
+    if (sampler.temperature <= 0) return int(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    std::vector<std::pair<double, int>> candidates(V);
+    double top = *std::max_element(logits.begin(), logits.end());
+    for (int v = 0; v < V; v++) candidates[v] = {std::exp((logits[v] - top) / sampler.temperature), v};
+    std::sort(candidates.begin(), candidates.end(), [](const std::pair<double, int>& a, const std::pair<double, int>& b) {
+        return a.first > b.first || (a.first == b.first && a.second < b.second);
+    });
+    int keep = sampler.top_k > 0 && sampler.top_k < V ? sampler.top_k : V;
+    double mass = 0, kept = 0;
+    for (int i = 0; i < keep; i++) mass += candidates[i].first;
+    for (int i = 0; i < keep; i++) {
+        kept += candidates[i].first;
+        if (kept >= sampler.top_p * mass) {
+            keep = i + 1;
+            break;
+        }
+    }
+    double draw = double(splitmix64_next(&sampler.rng_state) >> 11) * (1.0 / 9007199254740992.0) * kept;
+    for (int i = 0; i < keep; i++) {
+        draw -= candidates[i].first;
+        if (draw < 0) return candidates[i].second;
+    }
+    return candidates[keep - 1].second;
+}
+
+// The model sees the tokens from `window_start` on. When they fill the context, the window jumps
+// forward by half a context and (with the cache) the cache is rebuilt from the tokens kept.
+void generate(GPT& model, std::vector<int>& tokens, int count, Sampler& sampler, bool use_cache, const std::function<void(int)>& on_token) {
+    NoGrad no_grad;
+    const GPTConfig& c = model.config;
+    if (tokens.empty()) fail("generate: the prompt is empty");
+    KVCache cache;
+    if (use_cache) kv_cache_create(&cache, c);
+    MemoryMark start = memory_mark();
+    int* device_tokens = device_alloc<int>(c.context);
+    size_t window_start = tokens.size() > size_t(c.context) ? tokens.size() - c.context : 0;
+    for (int produced = 0; produced < count; produced++) {
+        if (tokens.size() - window_start > size_t(c.context)) window_start += std::max(1, c.context / 2), cache.length = 0;
+        int n = int(tokens.size() - window_start);
+        MemoryMark mark = memory_mark();
+        real* logits;
+        if (use_cache) {
+            int fresh = n - cache.length;  // all of the window after a reset, else just the newest token
+            cuda_check(cudaMemcpy(device_tokens, tokens.data() + window_start + cache.length, fresh * sizeof(int), cudaMemcpyHostToDevice));
+            logits = gpt_forward_cached(model, cache, device_tokens, fresh);
+        } else {
+            cuda_check(cudaMemcpy(device_tokens, tokens.data() + window_start, n * sizeof(int), cudaMemcpyHostToDevice));
+            logits = gpt_forward(model, device_tokens, 1, n, false, 0).data + long(n - 1) * c.vocab_size;
+        }
+        std::vector<real> host(c.vocab_size);
+        cuda_check(cudaMemcpy(host.data(), logits, host.size() * sizeof(real), cudaMemcpyDeviceToHost));
+        memory_release(mark);
+        int next = sample_token(host, sampler);
+        tokens.push_back(next);
+        on_token(next);
+    }
+    memory_release(start);
 }
 
 // ====================================================================================================
@@ -1726,10 +1873,9 @@ void adamw_create(AdamW* opt, long n) {
     opt->step = 0;
 }
 
-void adamw_destroy(AdamW* opt) {
-    cuda_check(cudaFree(opt->m));
-    cuda_check(cudaFree(opt->v));
-    opt->m = opt->v = nullptr;
+AdamW::~AdamW() {
+    (void)cudaFree(m);
+    (void)cudaFree(v);
 }
 
 void adamw_update(AdamW* opt, real* params, const real* grads, long num_decayed, real lr, const real* norm, real max_norm) {
@@ -1755,10 +1901,7 @@ void sgd_create(SGD* opt, long n) {
     opt->n = n;
 }
 
-void sgd_destroy(SGD* opt) {
-    cuda_check(cudaFree(opt->velocity));
-    opt->velocity = nullptr;
-}
+SGD::~SGD() { (void)cudaFree(velocity); }
 
 void sgd_update(SGD* opt, real* params, const real* grads, real lr, const real* norm, real max_norm) {
     launch(sgd_kernel, grid_size(opt->n, 256), 256, 0, params, grads, opt->velocity, opt->n, lr, real(opt->momentum), norm, max_norm);
@@ -1877,35 +2020,39 @@ void gpt_load(GPT* model, const char* path, std::vector<FileSection>* sections) 
     }
     int64_t count;
     memcpy(&count, &header[16], 8);
+    if (count < 0 || uint64_t(count) > (data.size() - reader.position) / sizeof(float))  // before allocating anything
+        fail("model file '%s': truncated: the header promises %lld parameters, the file has room for fewer", path, (long long)count);
     gpt_create(model, c);
-    std::vector<Parameter> ordered = parameters_in_buffer_order(*model);
-    if (header[14] != int32_t(ordered.size()) || count != model->num_parameters)
-        fail("model file '%s': lists %d tensors and %lld parameters, its config needs %zu and %ld", path, header[14], (long long)count,
-             ordered.size(), model->num_parameters);
-    for (const Parameter& p : ordered) {
-        char name[directory_name_bytes];
-        int32_t dims[4];
-        reader.read(name, sizeof name, "the tensor directory");
-        reader.read(dims, sizeof dims, "the tensor directory");
-        name[directory_name_bytes - 1] = 0;
-        bool same = p.name == name && dims[0] == int32_t(p.shape.size()) && dims[1] == p.shape[0] && (p.shape.size() < 2 || dims[2] == p.shape[1]);
-        if (!same) fail("model file '%s': tensor '%s' is not the '%s' its config expects here", path, name, p.name.c_str());
+    {
+        std::vector<Parameter> ordered = parameters_in_buffer_order(*model);
+        if (header[14] != int32_t(ordered.size()) || count != model->num_parameters)
+            fail("model file '%s': lists %d tensors and %lld parameters, its config needs %zu and %ld", path, header[14], (long long)count,
+                 ordered.size(), model->num_parameters);
+        for (const Parameter& p : ordered) {
+            char name[directory_name_bytes];
+            int32_t dims[4];
+            reader.read(name, sizeof name, "the tensor directory");
+            reader.read(dims, sizeof dims, "the tensor directory");
+            name[directory_name_bytes - 1] = 0;
+            bool same = p.name == name && dims[0] == int32_t(p.shape.size()) && dims[1] == p.shape[0] && (p.shape.size() < 2 || dims[2] == p.shape[1]);
+            if (!same) fail("model file '%s': tensor '%s' is not the '%s' its config expects here", path, name, p.name.c_str());
+        }
+        std::vector<float> values(model->num_parameters);
+        reader.read(values.data(), values.size() * sizeof(float), "the parameters");
+        std::vector<real> host(values.begin(), values.end());
+        cuda_check(cudaMemcpy(model->parameters, host.data(), host.size() * sizeof(real), cudaMemcpyHostToDevice));
+        for (int32_t s = 0; s < header[15]; s++) {
+            FileSection section;
+            int64_t length;
+            reader.read(section.tag, 4, "a section header");
+            reader.read(&length, 8, "a section header");
+            if (length < 0) fail("model file '%s': section '%.4s' has a negative length", path, section.tag);
+            section.bytes.resize(size_t(length));
+            reader.read(&section.bytes[0], size_t(length), "a section");
+            if (sections) sections->push_back(section);
+        }
+        if (reader.position != data.size()) fail("model file '%s': %zu unexpected bytes after the last section", path, data.size() - reader.position);
     }
-    std::vector<float> values(model->num_parameters);
-    reader.read(values.data(), values.size() * sizeof(float), "the parameters");
-    std::vector<real> host(values.begin(), values.end());
-    cuda_check(cudaMemcpy(model->parameters, host.data(), host.size() * sizeof(real), cudaMemcpyHostToDevice));
-    for (int32_t s = 0; s < header[15]; s++) {
-        FileSection section;
-        int64_t length;
-        reader.read(section.tag, 4, "a section header");
-        reader.read(&length, 8, "a section header");
-        if (length < 0) fail("model file '%s': section '%.4s' has a negative length", path, section.tag);
-        section.bytes.resize(size_t(length));
-        reader.read(&section.bytes[0], size_t(length), "a section");
-        if (sections) sections->push_back(section);
-    }
-    if (reader.position != data.size()) fail("model file '%s': %zu unexpected bytes after the last section", path, data.size() - reader.position);
 }
 
 void floats_from_section(real* device, long n, const FileSection& section, const char* path) {
@@ -1935,17 +2082,35 @@ std::string read_whole_file(const char* path, const char* kind) {
     return data;
 }
 
+// For the crash tests: TRICYCLE_CRASH_BEFORE_RENAME=SUFFIX:N kills the process on the N-th write of a
+// file whose path ends in SUFFIX, after the temporary file is complete and before the rename.
+static void crash_here_if_asked(const char* path) {
+    static int writes_seen = 0;
+    const char* spec = getenv("TRICYCLE_CRASH_BEFORE_RENAME");
+    const char* colon = spec ? strrchr(spec, ':') : nullptr;
+    if (!colon) return;
+    std::string suffix(spec, colon), name(path);
+    bool matches = name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+    if (matches && ++writes_seen == atoi(colon + 1)) {
+        fprintf(stderr, "TRICYCLE_CRASH_BEFORE_RENAME: aborting before renaming '%s'\n", path);
+        abort();
+    }
+}
+
 void write_file_atomic(const char* path, const void* data, size_t size, const char* kind) {
     std::string temp_path = std::string(path) + ".tmp";
     FILE* f = fopen(temp_path.c_str(), "wb");
     if (!f) fail("%s '%s': cannot create '%s': %s", kind, path, temp_path.c_str(), strerror(errno));
     bool ok = fwrite(data, 1, size, f) == size;
-    if (fclose(f) != 0) ok = false;  // fclose flushes, so a full disk shows up here
+    ok = fflush(f) == 0 && ok;
+    ok = fsync(fileno(f)) == 0 && ok;  // on disk before the rename makes it the file
+    if (fclose(f) != 0) ok = false;
     if (!ok) {
         int error = errno;
         remove(temp_path.c_str());
         fail("%s '%s': write failed: %s", kind, path, strerror(error));
     }
+    crash_here_if_asked(path);
     if (rename(temp_path.c_str(), path) != 0) {
         int error = errno;
         remove(temp_path.c_str());
@@ -2240,7 +2405,7 @@ void tokenizer_train(Tokenizer* tok, const char* text, size_t length, int vocab_
 // ----------------------------------------------------------------------------------------------------
 // Saving and loading
 
-void tokenizer_save(const Tokenizer* tok, const char* path) {
+std::string tokenizer_serialize(const Tokenizer* tok) {
     std::vector<int32_t> ints;
     ints.push_back((int32_t)TOKENIZER_MAGIC);
     ints.push_back(TOKENIZER_VERSION);
@@ -2254,7 +2419,11 @@ void tokenizer_save(const Tokenizer* tok, const char* path) {
     ints.push_back(tok->eot_token);
     ints.push_back((int32_t)tok->eot_name.size());
     std::string data((const char*)ints.data(), ints.size() * sizeof(int32_t));
-    data += tok->eot_name;
+    return data + tok->eot_name;
+}
+
+void tokenizer_save(const Tokenizer* tok, const char* path) {
+    std::string data = tokenizer_serialize(tok);
     write_file_atomic(path, data.data(), data.size(), "tokenizer file");
 }
 
@@ -2275,8 +2444,9 @@ static int32_t read_int32(ByteReader* r, const char* what) {
     return value;
 }
 
-void tokenizer_load(Tokenizer* tok, const char* path) {
-    std::string data = read_whole_file(path, "tokenizer file");
+void tokenizer_load(Tokenizer* tok, const char* path) { tokenizer_parse(tok, read_whole_file(path, "tokenizer file"), path); }
+
+void tokenizer_parse(Tokenizer* tok, const std::string& data, const char* path) {
     ByteReader r = {&data, 0, path};
 
     uint32_t magic = (uint32_t)read_int32(&r, "the magic number");
@@ -2652,3 +2822,45 @@ void dataloader_close(DataLoader* loader) {
     loader->inputs.clear();
     loader->targets.clear();
 }
+
+// ====================================================================================================
+// Command-line programs
+
+bool wants_help(int argc, char** argv) {
+    for (int i = 0; i < argc; i++)
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) return true;
+    return false;
+}
+
+const char* flag_value(int argc, char** argv, int* i) {
+    const char* flag = argv[*i];
+    if (*i + 1 >= argc) fail("flag %s needs a value", flag);
+    const char* value = argv[*i + 1];
+    if (strncmp(value, "--", 2) == 0) fail("flag %s needs a value, got '%s'", flag, value);
+    *i += 1;
+    return value;
+}
+
+long parse_int(const char* flag, const char* text, long min, long max) {
+    char* end = nullptr;
+    errno = 0;
+    long value = strtol(text, &end, 10);
+    if (end == text || *end != '\0' || errno == ERANGE || value < min || value > max)
+        fail("flag %s expects an integer from %ld to %ld, got '%s'", flag, min, max, text);
+    return value;
+}
+
+double parse_number(const char* flag, const char* text, double min, double max) {
+    char* end = nullptr;
+    double value = strtod(text, &end);
+    if (end == text || *end != '\0' || !(value >= min && value <= max))
+        fail("flag %s expects a number from %g to %g, got '%s'", flag, min, max, text);
+    return value;
+}
+
+void unknown_flag(const char* arg) {
+    if (arg[0] == '-') fail("unknown flag '%s' (see --help)", arg);
+    fail("unexpected argument '%s' (see --help)", arg);
+}
+
+double seconds_now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }

@@ -19,6 +19,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <initializer_list>
 #include <new>
 #include <string>
@@ -291,8 +292,8 @@ void residual_forward(real* out, const real* a, const real* b, long n);
 void residual_backward(real* da, real* db, const real* dout, long n);
 Tensor residual(Tensor a, Tensor b);
 
-void rotary_forward(real* x, long heads, int T, int hs);    // in place on (heads, T, hs)
-void rotary_backward(real* dx, long heads, int T, int hs);  // in place
+void rotary_forward(real* x, long heads, int T, int hs, int start = 0);  // in place on (heads, T, hs), positions from start
+void rotary_backward(real* dx, long heads, int T, int hs);               // in place
 Tensor rotary(Tensor x);                                    // x (B, NH, T, hs)
 
 // Causal self-attention on qkv (B, T, 3C) -> (B, T, C). The forward fills `saved`: q, k, v (B, NH, T, hs)
@@ -343,6 +344,7 @@ struct GPTLayer {
 
 // Parameters and gradients each live in one contiguous device buffer; the Tensors are views into
 // them. The first num_decayed entries (the weight matrices) are the ones AdamW decays.
+// The buffers are freed when the GPT goes out of scope (it cannot be copied).
 struct GPT {
     GPTConfig config;
     real* parameters = nullptr;
@@ -350,13 +352,47 @@ struct GPT {
     long num_parameters = 0, num_decayed = 0;
     Tensor wte, wpe, lm_head, final_norm_weight, final_norm_bias;  // wpe empty if rotary, lm_head if tied
     std::vector<GPTLayer> layers;
+
+    GPT() = default;
+    GPT(const GPT&) = delete;
+    GPT& operator=(const GPT&) = delete;
+    ~GPT();
 };
 
 void gpt_create(GPT* model, const GPTConfig& config);  // allocates and lays out; gradients zeroed
 void gpt_init(GPT* model, uint64_t seed);              // GPT-2 initialisation
-void gpt_destroy(GPT* model);
 std::vector<std::pair<std::string, Tensor>> gpt_named_parameters(GPT& model);
 Tensor gpt_forward(GPT& model, const int* tokens, int B, int T, bool training, uint64_t seed);  // logits (B, T, V)
+
+// ====================================================================================================
+// Generation
+
+// Keys and values of every layer for the positions seen so far, (layers, NH, context, hs) each.
+struct KVCache {
+    GPTConfig config;
+    real *keys = nullptr, *values = nullptr;
+    int length = 0;  // positions filled
+
+    KVCache() = default;
+    KVCache(const KVCache&) = delete;
+    KVCache& operator=(const KVCache&) = delete;
+    ~KVCache();
+};
+void kv_cache_create(KVCache* cache, const GPTConfig& config);
+// Runs n more positions of one sequence (tokens on the device), adding them to the cache; returns the
+// last position's logits (vocab_size values on the device, in the arena).
+real* gpt_forward_cached(GPT& model, KVCache& cache, const int* tokens, int n);
+
+struct Sampler {
+    float temperature = 1;  // 0: greedy
+    int top_k = 0;          // 0: no limit
+    float top_p = 1;        // nucleus: the smallest set of tokens reaching this probability
+    uint64_t rng_state = 0; // splitmix64
+};
+int sample_token(const std::vector<real>& logits, Sampler& sampler);
+// Appends `count` sampled tokens to `tokens` (the prompt, not empty), calling on_token for each as it
+// comes. With use_cache, each token costs one position of work; without, a full forward pass.
+void generate(GPT& model, std::vector<int>& tokens, int count, Sampler& sampler, bool use_cache, const std::function<void(int)>& on_token);
 
 // ====================================================================================================
 // Optimizers and training maths
@@ -365,22 +401,31 @@ void gradient_norm(real* norm, const real* gradients, long n);  // sqrt(sum g^2)
 
 // Both optimizers clip by global norm themselves when given the device norm and max_norm > 0:
 // gradients are scaled by max_norm / (norm + 1e-6) when that is below 1 (as torch's clip_grad_norm_).
+// Optimizer state is freed when the optimizer goes out of scope.
 struct AdamW {
     float beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.1f;
     long step = 0, n = 0;
     real *m = nullptr, *v = nullptr;
+
+    AdamW() = default;
+    AdamW(const AdamW&) = delete;
+    AdamW& operator=(const AdamW&) = delete;
+    ~AdamW();
 };
 void adamw_create(AdamW* opt, long n);
-void adamw_destroy(AdamW* opt);
 void adamw_update(AdamW* opt, real* params, const real* grads, long num_decayed, real lr, const real* norm, real max_norm);
 
 struct SGD {
     float momentum = 0.9f;
     long n = 0;
     real* velocity = nullptr;
+
+    SGD() = default;
+    SGD(const SGD&) = delete;
+    SGD& operator=(const SGD&) = delete;
+    ~SGD();
 };
 void sgd_create(SGD* opt, long n);
-void sgd_destroy(SGD* opt);
 void sgd_update(SGD* opt, real* params, const real* grads, real lr, const real* norm, real max_norm);
 
 // Linear warmup over `warmup` steps, then cosine decay to min_lr at the last step.
@@ -513,6 +558,9 @@ size_t tokenizer_chunk_length(const char* text, size_t length);
 void tokenizer_train(Tokenizer* tok, const char* text, size_t length, int vocab_size);
 void tokenizer_save(const Tokenizer* tok, const char* path);
 void tokenizer_load(Tokenizer* tok, const char* path);   // validates everything
+// The file's bytes, and back (a checkpoint carries its tokenizer this way); `path` names it in errors.
+std::string tokenizer_serialize(const Tokenizer* tok);
+void tokenizer_parse(Tokenizer* tok, const std::string& data, const char* path);
 
 // Appends the tokens of `text` to *tokens. Not thread-safe (uses the cache).
 void tokenizer_encode(Tokenizer* tok, const char* text, size_t length, std::vector<int32_t>* tokens);
@@ -601,3 +649,14 @@ void dataloader_reset(DataLoader* loader);
 uint64_t dataloader_get_rng_state(const DataLoader* loader);
 void dataloader_set_rng_state(DataLoader* loader, uint64_t state);
 void dataloader_close(DataLoader* loader);
+
+// ====================================================================================================
+// Command-line programs: flag parsing shared by train_gpt, inference and tokenizer, so every bad flag
+// gets the same kind of one-line error (the program's main adds its name in front).
+
+bool wants_help(int argc, char** argv);                       // any --help or -h
+const char* flag_value(int argc, char** argv, int* i);        // the value after the flag argv[*i]
+long parse_int(const char* flag, const char* text, long min, long max);
+double parse_number(const char* flag, const char* text, double min, double max);
+[[noreturn]] void unknown_flag(const char* arg);
+double seconds_now();                                                    // a steady clock

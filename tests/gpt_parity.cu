@@ -80,8 +80,6 @@ int main(int argc, char** argv) {
             memory_release(mark);
         }
         fclose(file);
-        adamw_destroy(&adam);
-        gpt_destroy(&model);
         return 0;
     } catch (const std::exception& error) {
         fprintf(stderr, "gpt_parity: error: %s\n", error.what());

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# End-to-end checks of the programs: tokenizer -> train_gpt -> checkpoint -> inference, resuming,
+# crashes while saving, corrupt files and bad flags. Small and fast: a debug-sized model, a few dozen
+# steps, on this repository's own source code as the text.
+set -u
+passed=0 failed=0
+check() {  # check "what" command...: passes when the command succeeds
+    local what=$1
+    shift
+    if "$@" >/dev/null 2>&1; then
+        echo "ok   $what"
+        passed=$((passed + 1))
+    else
+        echo "FAIL $what"
+        failed=$((failed + 1))
+    fi
+}
+fails_with() {  # fails_with "what" "expected message" command...: must exit non-zero mentioning it
+    local what=$1 expected=$2
+    shift 2
+    local output
+    output=$("$@" 2>&1)
+    local status=$?
+    if [ $status -ne 0 ] && grep -qF -- "$expected" <<< "$output"; then
+        echo "ok   $what: exit $status, \"$(tail -n 1 <<< "$output")\""
+        passed=$((passed + 1))
+    else
+        echo "FAIL $what: exit $status, expected an error mentioning \"$expected\", got: $(tail -n 1 <<< "$output")"
+        failed=$((failed + 1))
+    fi
+}
+
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+cat ./*.cu ./*.h README.md > "$dir/text.txt"
+./tokenizer train --input "$dir/text.txt" --vocab-size 320 --output "$dir/tok.tok" 2>/dev/null
+./tokenizer encode --tokenizer "$dir/tok.tok" --input "$dir/text.txt" --output "$dir/data" 2>/dev/null
+check "tokenizer trains and encodes the sources into token files" test -s "$dir/data_train.bin" -a -s "$dir/data_val.bin"
+
+# Train a debug model; validation at steps 0, 20, 40, 60.
+train=(./train_gpt --preset debug --train "$dir/data_train.bin" --val "$dir/data_val.bin" --tokenizer "$dir/tok.tok"
+       --steps 60 --eval-interval 20 --eval-steps 4 --lr 1e-2 --warmup 5 --dropout 0.1)
+"${train[@]}" --out "$dir/a" > "$dir/a.log" 2>&1
+check "train_gpt runs 60 steps of the debug preset" grep -q "^done: 60 steps" "$dir/a.log"
+first=$(grep -m1 "val loss" "$dir/a.log" | sed 's/.*val loss \([0-9.]*\).*/\1/')
+last=$(grep "val loss" "$dir/a.log" | tail -n 1 | sed 's/.*val loss \([0-9.]*\).*/\1/')
+check "validation loss falls clearly, by over 1 nat ($first -> $last; uniform is ln 320 = 5.77)" \
+    awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < a - 1) }'
+check "checkpoints, metrics.csv (61 rows) and loss.svg are written" \
+    bash -c "test -s '$dir/a/latest.bin' -a -s '$dir/a/best.bin' -a -s '$dir/a/loss.svg' && [ \$(wc -l < '$dir/a/metrics.csv') -eq 62 ]"
+check "loss.svg is an SVG with both curves" bash -c "grep -q '<svg' '$dir/a/loss.svg' && [ \$(grep -c '<polyline' '$dir/a/loss.svg') -eq 2 ]"
+
+./inference "$dir/a/latest.bin" --prompt "Tensor " --tokens 40 --seed 1 > "$dir/sample.txt" 2>/dev/null
+check "inference streams text from the checkpoint" test "$(wc -c < "$dir/sample.txt")" -gt 40
+./inference "$dir/a/latest.bin" --prompt "int main" --tokens 60 --temperature 0 --tokens-out "$dir/greedy_cache.txt" >/dev/null 2>&1
+./inference "$dir/a/latest.bin" --prompt "int main" --tokens 60 --temperature 0 --tokens-out "$dir/greedy_full.txt" --no-cache >/dev/null 2>&1
+check "greedy generation: the KV cache gives the same 60 tokens as full recomputation" cmp "$dir/greedy_cache.txt" "$dir/greedy_full.txt"
+./inference "$dir/a/latest.bin" --tokens 80 --top-k 20 --top-p 0.9 --seed 5 --tokens-out "$dir/sampled_cache.txt" >/dev/null 2>&1
+./inference "$dir/a/latest.bin" --tokens 80 --top-k 20 --top-p 0.9 --seed 5 --tokens-out "$dir/sampled_full.txt" --no-cache >/dev/null 2>&1
+check "sampled generation from an empty prompt: cached and uncached tokens identical" cmp "$dir/sampled_cache.txt" "$dir/sampled_full.txt"
+./inference "$dir/a/latest.bin" --tokens 50 --temperature 0 --prompt "$(head -c 3000 "$dir/text.txt")" > /dev/null 2> "$dir/long.err"
+check "a prompt longer than the context is cut from the left, with a notice" grep -q "keeping the last 32" "$dir/long.err"
+
+# A run killed while saving its step-40 checkpoint (after the temporary file, before the rename)
+# keeps the step-20 one; resuming from it ends exactly where the uninterrupted run did.
+exec 3>&2 2>/dev/null  # keep bash's own "Aborted" report out of the test output
+TRICYCLE_CRASH_BEFORE_RENAME=latest.bin:3 "${train[@]}" --out "$dir/b" > "$dir/b.log" 2>&1
+exec 2>&3 3>&-
+check "the crash hook killed the run while saving its third checkpoint" grep -q "aborting before renaming" "$dir/b.log"
+check "after the crash, latest.bin is the intact step-20 checkpoint (inference loads it)" \
+    ./inference "$dir/b/latest.bin" --tokens 5
+"${train[@]}" --out "$dir/b" --resume > "$dir/b2.log" 2>&1
+check "resume continues from step 20" grep -q "resuming from .* at step 20" "$dir/b2.log"
+check "a resumed run gives exactly the losses of the uninterrupted one (all 60 steps and 4 evaluations)" \
+    cmp <(cut -d, -f1-5 "$dir/a/metrics.csv") <(cut -d, -f1-5 "$dir/b/metrics.csv")
+
+# Bad input.
+head -c 5000 "$dir/a/latest.bin" > "$dir/truncated.bin"
+fails_with "inference rejects a truncated checkpoint" "truncated" ./inference "$dir/truncated.bin"
+printf 'not a model at all, just text that is long enough to hold a header' > "$dir/junk.bin"
+fails_with "inference rejects a file that is not a checkpoint" "junk.bin" ./inference "$dir/junk.bin"
+fails_with "inference rejects a missing checkpoint" "cannot open" ./inference "$dir/missing.bin"
+fails_with "train_gpt rejects an unknown flag" "unknown flag '--learning-rate'" "${train[@]}" --out "$dir/c" --learning-rate 3
+fails_with "train_gpt rejects a malformed number" "flag --steps expects an integer" "${train[@]}" --out "$dir/c" --steps ten
+fails_with "inference rejects an unknown flag" "unknown flag '--temp'" ./inference "$dir/a/latest.bin" --temp 1
+fails_with "tokenizer rejects an unknown flag" "unknown flag '--vocab'" ./tokenizer train --input "$dir/text.txt" --vocab 300 --output "$dir/x.tok"
+./tokenizer train --bytes --output "$dir/bytes.tok" 2>/dev/null
+fails_with "train_gpt rejects token files with tokens beyond the tokenizer's vocabulary" ">= vocab size 257" \
+    ./train_gpt --preset debug --train "$dir/data_train.bin" --val "$dir/data_val.bin" --tokenizer "$dir/bytes.tok" --out "$dir/c"
+fails_with "train_gpt rejects a --vocab-size that differs from the tokenizer" "does not match the tokenizer" "${train[@]}" --out "$dir/c" --vocab-size 500
+fails_with "a diverging run (lr 1e4) stops at a non-finite loss, naming the step" "step" "${train[@]}" --out "$dir/d" --lr 1e4 --clip 0 --min-lr 0
+check "after the divergence the last good checkpoint still loads" ./inference "$dir/d/latest.bin" --tokens 3
+for program in train_gpt inference tokenizer; do
+    check "$program --help" "./$program" --help
+done
+
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
