@@ -29,7 +29,7 @@ ifeq ($(BUILD),gpu)
   LINKER := $(NVCC)
   LIBS := -lcublas
 else
-  OPT := -O3 -march=native
+  OPT := -O3 -march=native -fno-math-errno
   ifeq ($(BUILD),cpu-sanitize)
     OPT := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
   endif

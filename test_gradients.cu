@@ -320,7 +320,7 @@ static void test_layer_gradients() {
     Tensor r1 = input({2, 9}, 12), r2 = input({2, 9}, 13);
     check_gradient("residual (2,9) + (2,9)", [=] { return residual(r1, r2); }, {r1, r2});
     Tensor q = input({2, 3, 5, 8}, 14);
-    check_gradient("rotary embedding on (2,3,5,8)", [=] { return rotary(q); }, {q});
+    check_gradient("rotary embedding on (B,T,NH,hs) = (2,3,5,8)", [=] { return rotary(q); }, {q});
     Tensor m1 = input({3, 7}, 15), m2 = input({3, 7}, 16);
     check_gradient("mean squared error (3,7)", [=] { return mse(m1, m2); }, {m1, m2});
 

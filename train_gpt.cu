@@ -41,7 +41,8 @@ static const char* help_text =
     "  --eval-interval N  --eval-steps N                   validation every N steps, over N batches\n"
     "  --sample-every N  --sample-tokens N                 print a sample every N steps (0: never)\n"
     "  --log-every N                                       a log line every N steps when not on a terminal\n"
-    "  --threads N                                         CPU build: cores to use (default: all)\n";
+    "  --threads N                                         CPU build: cores to use (default: all)\n"
+    "  --profile                                           time every kernel and matrix product; print a table\n";
 
 // ----------------------------------------------------------------------------------------------------
 // Options
@@ -56,6 +57,7 @@ struct Options {
     float lr = 1e-3f, min_lr = 1e-4f, weight_decay = 0.1f, beta1 = 0.9f, beta2 = 0.99f, clip = 1.0f;
     uint64_t seed = 1337;
     int eval_interval = 250, eval_steps = 20, sample_every = 0, sample_tokens = 200, log_every = 10, threads = 0;
+    bool profile = false;
 };
 
 // Each preset brings a model and training defaults that suit it.
@@ -123,6 +125,7 @@ static Options parse_options(int argc, char** argv) {
         else if (flag == "--sample-tokens") o.sample_tokens = int(integer(0, 1 << 20));
         else if (flag == "--log-every") o.log_every = int(integer(1, 1 << 30));
         else if (flag == "--threads") o.threads = int(integer(1, 1024));
+        else if (flag == "--profile") o.profile = true;
         else unknown_flag(argv[i]);
     }
     if (o.train.empty() || o.val.empty()) fail("--train and --val are required (token files from `tokenizer encode`)");
@@ -389,6 +392,7 @@ static int train(int argc, char** argv) {
         if (step == o.steps) break;
 
         // One optimizer step: grad_accum micro-batches, each contributing 1/grad_accum of the loss.
+        profiling = o.profile && step > first_step;  // the first step warms up; evaluations are not counted
         double step_start = seconds_now(), loss_sum = 0;
         cuda_check(cudaMemset(model.gradients, 0, model.num_parameters * sizeof(real)));
         for (int micro = 0; micro < o.grad_accum; micro++) {
@@ -411,6 +415,7 @@ static int train(int argc, char** argv) {
         float lr = learning_rate(step, o.warmup, o.steps, o.lr, o.min_lr);
         adamw_update(&adam, model.parameters, model.gradients, model.num_decayed, lr, norm, o.clip);
         cuda_check(cudaDeviceSynchronize());
+        profiling = false;
 
         double seconds = seconds_now() - step_start, elapsed = elapsed_before + seconds_now() - run_start;
         if (step > first_step) step_seconds_total += seconds, timed_steps++;  // the first step warms caches up
@@ -439,6 +444,10 @@ static int train(int argc, char** argv) {
             save_checkpoint(latest, model, tokenizer, adam, state);
             save_checkpoint(best, model, tokenizer, adam, state);
         }
+    }
+    if (o.profile && timed_steps > 0) {
+        printf("profile over %ld steps (%.3f ms per step measured around the step):\n", timed_steps, step_seconds_total / timed_steps * 1e3);
+        profile_report(stdout, timed_steps);
     }
     double total = seconds_now() - run_start;
     printf("done: %ld steps in %s (%.1f ms per step), best val loss %.4f; checkpoints in %s\n", o.steps - first_step, duration_text(total).c_str(),

@@ -65,27 +65,162 @@ static cublasHandle_t cublas_handle() {
 #endif
 
 // ----------------------------------------------------------------------------------------------------
-// Launch shapes
+// Profiling. Regions are recorded as they start and end; on a GPU their CUDA events are read only in
+// profile_report, so timing never stalls the stream.
+
+bool profiling = false;
+static bool in_backward = false;
+
+struct ProfileTotal {
+    std::string name;
+    bool backward;
+    long calls = 0;
+    double seconds = 0;
+};
+
+static std::vector<ProfileTotal> profile_totals;
+#ifdef __CUDACC__
+struct PendingRegion {
+    int slot;
+    cudaEvent_t start, stop;
+};
+static std::vector<PendingRegion> pending_regions;
+static std::vector<cudaEvent_t> spare_events;
+static cudaEvent_t profile_event() {
+    cudaEvent_t event;
+    if (spare_events.empty()) cuda_check(cudaEventCreate(&event));
+    else event = spare_events.back(), spare_events.pop_back();
+    return event;
+}
+#endif
+
+static int profile_slot(const std::string& name) {
+    for (size_t i = 0; i < profile_totals.size(); i++)
+        if (profile_totals[i].name == name && profile_totals[i].backward == in_backward) return int(i);
+    profile_totals.push_back(ProfileTotal{name, in_backward});
+    return int(profile_totals.size()) - 1;
+}
+
+static std::string kernel_display_name(const void* kernel) {
+    static std::unordered_map<const void*, std::string> names;
+    auto known = names.find(kernel);
+    if (known != names.end()) return known->second;
+#ifdef __CUDACC__
+    const char* raw = "?";
+    cudaFuncGetName(&raw, kernel);
+    std::string name = raw;
+#else
+    std::string name = emu::kernel_name(kernel);
+#endif
+    std::string shortened = name.substr(0, name.find('('));  // drop the parameter list
+    return names[kernel] = shortened;
+}
+
+ProfileRegion::ProfileRegion(const void* kernel) : ProfileRegion(kernel_display_name(kernel).c_str()) {}
+
+ProfileRegion::ProfileRegion(const char* name) : slot(profile_slot(name)), pending(-1), start(seconds_now()) {
+#ifdef __CUDACC__
+    pending = int(pending_regions.size());
+    pending_regions.push_back({slot, profile_event(), profile_event()});
+    cuda_check(cudaEventRecord(pending_regions.back().start));
+#endif
+}
+
+ProfileRegion::~ProfileRegion() {
+    profile_totals[slot].calls++;
+#ifdef __CUDACC__
+    (void)cudaEventRecord(pending_regions[pending].stop);
+#else
+    profile_totals[slot].seconds += seconds_now() - start;
+#endif
+}
+
+void profile_reset() {
+    profile_totals.clear();
+}
+
+void profile_report(FILE* out, long steps) {
+#ifdef __CUDACC__
+    cuda_check(cudaDeviceSynchronize());
+    for (PendingRegion& r : pending_regions) {
+        float ms = 0;
+        cuda_check(cudaEventElapsedTime(&ms, r.start, r.stop));
+        profile_totals[r.slot].seconds += ms / 1e3;
+        spare_events.push_back(r.start), spare_events.push_back(r.stop);
+    }
+    pending_regions.clear();
+#endif
+    std::vector<ProfileTotal> rows = profile_totals;
+    std::sort(rows.begin(), rows.end(), [](const ProfileTotal& a, const ProfileTotal& b) { return a.seconds > b.seconds; });
+    double total = 0;
+    for (const ProfileTotal& r : rows) total += r.seconds;
+    fprintf(out, "%-44s %-8s %9s %11s %7s\n", "kernel or matrix product", "pass", "calls", "ms/step", "share");
+    for (const ProfileTotal& r : rows)
+        fprintf(out, "%-44s %-8s %9.1f %11.3f %6.1f%%\n", r.name.c_str(), r.backward ? "backward" : "forward", double(r.calls) / steps,
+                r.seconds / steps * 1e3, 100 * r.seconds / std::max(total, 1e-30));
+    fprintf(out, "%-44s %-8s %9s %11.3f\n", "total", "", "", total / steps * 1e3);
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Launch shapes. Two patterns cover most kernels.
+//
+// Elementwise kernels cut the data into one contiguous tile per block, and the block's threads stride
+// through their tile: neighbouring threads touch neighbouring elements, which a GPU coalesces. Under the
+// CPU emulator a block has one thread, which walks its tile with unit stride: a plain loop that the
+// compiler vectorises.
+//
+// Row kernels (softmax, normalisations, cross-entropy) give each row a group of `threads_per_row`
+// threads, 1 to 32, that share the row the same way and combine partial results with warp shuffles.
+// A GPU wants a warp per row; the emulator is fastest with 1, where no shuffle happens. Tests run both.
 
 #ifdef __CUDACC__
 int threads_per_row = 32;
+static const int element_threads = 256;      // threads per block of an elementwise kernel
+static const long max_blocks = 132 * 32;     // enough to fill an H100 several times over
+static int rows_per_block() { return 256 / threads_per_row; }
 #else
 int threads_per_row = 1;
+static const int element_threads = 1;
+static const long max_blocks = 64;           // a few per core, so the cores share the work evenly
+static int rows_per_block() { return threads_per_row < 16 ? 16 / threads_per_row : 1; }
 #endif
 
-unsigned grid_size(long n, int threads) {
-#ifdef __CUDACC__
-    const long max_blocks = 132 * 32;  // enough to fill an H100 several times over
-#else
-    const long max_blocks = 64;        // the emulator wants few, long-running threads
-#endif
-    long blocks = (n + threads - 1) / threads;
-    return unsigned(blocks < 1 ? 1 : blocks < max_blocks ? blocks : max_blocks);
+static unsigned clamp_blocks(long blocks) { return unsigned(blocks < 1 ? 1 : blocks < max_blocks ? blocks : max_blocks); }
+
+// Blocks of `threads` for a grid-stride loop over n elements (kernels with irregular indexing).
+unsigned grid_size(long n, int threads) { return clamp_blocks((n + threads - 1) / threads); }
+
+// Elementwise kernels: blocks of element_threads threads; on the CPU, a block per 2048 elements or more.
+static unsigned element_blocks(long n) {
+    long per_block = element_threads > 1 ? element_threads : 2048;
+    return clamp_blocks((n + per_block - 1) / per_block);
 }
 
-// Row kernels: blocks of (threads_per_row, rows_per_block) threads, 256 in all.
-static dim3 row_block() { return dim3(threads_per_row, 256 / threads_per_row); }
-static dim3 row_grid(long rows) { return dim3(unsigned((rows + 256 / threads_per_row - 1) / (256 / threads_per_row))); }
+// Row kernels: blocks of (threads_per_row, rows_per_block) threads.
+static dim3 row_block() { return dim3(threads_per_row, rows_per_block()); }
+static dim3 row_grid(long rows) { return dim3(unsigned((rows + rows_per_block() - 1) / rows_per_block())); }
+
+// Calls body(i) for the i in [begin, end) that thread `thread` of `threads` handles: begin + thread,
+// then every threads-th. A lone thread takes them all in a unit-stride loop (vectorisable).
+template <typename F> __device__ inline void for_each_strided(long begin, long end, int thread, int threads, F body) {
+    if (threads == 1) {
+        for (long i = begin; i < end; i++) body(i);
+    } else {
+        for (long i = begin + thread; i < end; i += threads) body(i);
+    }
+}
+
+// Elementwise kernels: this thread's share of its block's tile of [0, n). Tiles are multiples of 64
+// elements, so they start on cache-line (and vector) boundaries.
+template <typename F> __device__ inline void for_each_element(long n, F body) {
+    long tile = ((n + gridDim.x - 1) / gridDim.x + 63) / 64 * 64, begin = blockIdx.x * tile;
+    for_each_strided(begin, begin + tile < n ? begin + tile : n, threadIdx.x, blockDim.x, body);
+}
+
+// Row kernels: this thread's share of the `count` elements of its group's row.
+template <typename F> __device__ inline void for_each_in_row(int count, F body) {
+    for_each_strided(0, count, threadIdx.x, blockDim.x, [&](long i) { body(int(i)); });
+}
 
 // Within a row kernel: which row this thread's group handles. Threads of a row past the end work on
 // the last row but must not write (they still take part in the group's shuffles).
@@ -111,6 +246,25 @@ __device__ inline real group_max(real value) {
     for (int offset = blockDim.x / 2; offset > 0; offset /= 2) value = fmax(value, __shfl_xor_sync(warp_lanes(), value, offset, blockDim.x));
     return value;
 }
+
+// e^x in float by range reduction and a polynomial: x = k ln2 + r with |r| <= ln2/2, e^x = 2^k e^r.
+// About 1 ulp, and only arithmetic, so loops of it vectorise on the CPU (libm's expf does not); a GPU
+// runs it as a short chain of FMAs. In double (the gradient-check build) it is exp itself.
+__device__ inline float fast_exp(float x) {
+    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;  // (not fminf/fmaxf: their NaN rules block vectorising)
+    float k = rintf(x * 1.44269504f);
+    float r = fmaf(k, -0.693359375f, x);  // ln2 in two parts, so r keeps its low bits
+    r = fmaf(k, 2.12194440e-4f, r);
+    float p = 1.9875691500e-4f;
+    p = fmaf(p, r, 1.3981999507e-3f);
+    p = fmaf(p, r, 8.3334519073e-3f);
+    p = fmaf(p, r, 4.1665795894e-2f);
+    p = fmaf(p, r, 1.6666665459e-1f);
+    p = fmaf(p, r, 5.0000001201e-1f);
+    p = fmaf(p * r, r, r) + 1.0f;
+    return p * __int_as_float((int(k) + 127) << 23);
+}
+__device__ inline double fast_exp(double x) { return exp(x); }
 
 // ----------------------------------------------------------------------------------------------------
 // Memory: two bump arenas, one of device memory for tensors and one of host memory for tape closures.
@@ -188,29 +342,28 @@ size_t memory_reserved() {
 // Filling buffers: constants and counter-based random draws (see random_bits in tricycle.h).
 
 __global__ void fill_kernel(real* out, long n, real value) {
-    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) out[i] = value;
+    for_each_element(n, [&](long i) { out[i] = value; });
 }
 
 __global__ void fill_uniform_kernel(real* out, long n, uint64_t seed, real low, real high) {
-    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x)
-        out[i] = low + (high - low) * real(random_uniform(seed, uint64_t(i)));
+    for_each_element(n, [&](long i) { out[i] = low + (high - low) * real(random_uniform(seed, uint64_t(i))); });
 }
 
 // Box-Muller: element i uses the uniform draws 2i and 2i+1 (u1 is kept away from 0 for the log).
 __global__ void fill_normal_kernel(real* out, long n, uint64_t seed, real mean, real std) {
-    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
+    for_each_element(n, [&](long i) {
         double u1 = (double(random_bits(seed, 2 * uint64_t(i)) >> 11) + 1.0) * (1.0 / 9007199254740992.0);
         double u2 = double(random_bits(seed, 2 * uint64_t(i) + 1) >> 11) * (1.0 / 9007199254740992.0);
         out[i] = mean + std * real(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
-    }
+    });
 }
 
-void fill(real* out, long n, real value) { launch(fill_kernel, grid_size(n, 256), 256, 0, out, n, value); }
+void fill(real* out, long n, real value) { launch(fill_kernel, element_blocks(n), element_threads, 0, out, n, value); }
 void fill_normal(real* out, long n, uint64_t seed, real mean, real std) {
-    launch(fill_normal_kernel, grid_size(n, 256), 256, 0, out, n, seed, mean, std);
+    launch(fill_normal_kernel, element_blocks(n), element_threads, 0, out, n, seed, mean, std);
 }
 void fill_uniform(real* out, long n, uint64_t seed, real low, real high) {
-    launch(fill_uniform_kernel, grid_size(n, 256), 256, 0, out, n, seed, low, high);
+    launch(fill_uniform_kernel, element_blocks(n), element_threads, 0, out, n, seed, low, high);
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -239,7 +392,7 @@ static Tensor make_tensor(int ndim, const int* shape, bool with_grad) {
     t.data = device_alloc<real>(t.size());
     if (with_grad) {
         t.grad = device_alloc<real>(t.size());
-        cuda_check(cudaMemset(t.grad, 0, t.size() * sizeof(real)));
+        fill(t.grad, t.size(), 0);
     }
     return t;
 }
@@ -362,7 +515,9 @@ size_t tape_length() { return tape.size(); }
 void backward(Tensor t) {
     if (!t.grad) fail("backward: the tensor %s does not require a gradient (no input of it does)", shape_string(t).c_str());
     fill(t.grad, t.size(), 1);
+    in_backward = true;
     for (size_t i = tape.size(); i-- > 0;) tape[i].run(tape[i].closure);
+    in_backward = false;
     tape.clear();
 }
 
@@ -406,8 +561,8 @@ struct PowScalar {
     __device__ real derivative(real x) const { return p * pow(x, p - 1); }
 };
 struct Exp {
-    __device__ real forward(real x) const { return exp(x); }
-    __device__ real derivative(real x) const { return exp(x); }
+    __device__ real forward(real x) const { return fast_exp(x); }
+    __device__ real derivative(real x) const { return fast_exp(x); }
 };
 struct Log {
     __device__ real forward(real x) const { return log(x); }
@@ -430,7 +585,7 @@ struct Tanh {
     __device__ real derivative(real x) const { return 1 - tanh(x) * tanh(x); }
 };
 struct Sigmoid {
-    __device__ real forward(real x) const { return 1 / (1 + exp(-x)); }
+    __device__ real forward(real x) const { return 1 / (1 + fast_exp(-x)); }
     __device__ real derivative(real x) const { return forward(x) * (1 - forward(x)); }
 };
 struct Relu {
@@ -439,20 +594,19 @@ struct Relu {
 };
 
 template <typename F> __global__ void map_forward_kernel(real* out, const real* x, long n, F f) {
-    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) out[i] = f.forward(x[i]);
+    for_each_element(n, [&](long i) { out[i] = f.forward(x[i]); });
 }
 
 template <typename F> __global__ void map_backward_kernel(real* dx, const real* dout, const real* x, long n, F f) {
-    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x)
-        dx[i] += dout[i] * f.derivative(x[i]);
+    for_each_element(n, [&](long i) { dx[i] += dout[i] * f.derivative(x[i]); });
 }
 
 template <typename F> static void map_forward(real* out, const real* x, long n, F f) {
-    launch(map_forward_kernel<F>, grid_size(n, 256), 256, 0, out, x, n, f);
+    launch(map_forward_kernel<F>, element_blocks(n), element_threads, 0, out, x, n, f);
 }
 
 template <typename F> static void map_backward(real* dx, const real* dout, const real* x, long n, F f) {
-    launch(map_backward_kernel<F>, grid_size(n, 256), 256, 0, dx, dout, x, n, f);
+    launch(map_backward_kernel<F>, element_blocks(n), element_threads, 0, dx, dout, x, n, f);
 }
 
 template <typename F> static Tensor map(Tensor x, F f) {
@@ -753,26 +907,24 @@ __global__ void softmax_forward_kernel(real* out, const real* x, long rows, int 
     bool active;
     long row = group_row(rows, &active);
     const real* xr = x + row * n;
-    real row_max = -INFINITY;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) row_max = fmax(row_max, xr[i]);
+    real* yr = out + row * n;
+    real row_max = -INFINITY, total = 0;
+    for_each_in_row(n, [&](int i) { row_max = fmax(row_max, xr[i]); });
     row_max = group_max(row_max);
-    real total = 0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) total += exp(xr[i] - row_max);
+    for_each_in_row(n, [&](int i) { total += fast_exp(xr[i] - row_max); });
     total = group_sum(total);
-    if (active)
-        for (int i = threadIdx.x; i < n; i += blockDim.x) out[row * n + i] = exp(xr[i] - row_max) / total;
+    if (active) for_each_in_row(n, [&](int i) { yr[i] = fast_exp(xr[i] - row_max) / total; });
 }
 
 __global__ void softmax_backward_kernel(real* dx, const real* dout, const real* out, long rows, int n) {
     bool active;
     long row = group_row(rows, &active);
-    const real* yr = out + row * n;
-    const real* dyr = dout + row * n;
+    const real *yr = out + row * n, *dyr = dout + row * n;
+    real* dxr = dx + row * n;
     real dot = 0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) dot += dyr[i] * yr[i];
+    for_each_in_row(n, [&](int i) { dot += dyr[i] * yr[i]; });
     dot = group_sum(dot);
-    if (active)
-        for (int i = threadIdx.x; i < n; i += blockDim.x) dx[row * n + i] += yr[i] * (dyr[i] - dot);
+    if (active) for_each_in_row(n, [&](int i) { dxr[i] += yr[i] * (dyr[i] - dot); });
 }
 
 Tensor softmax(Tensor x) {
@@ -809,13 +961,25 @@ inline void cblas_gemm(CBLAS_TRANSPOSE op_a, CBLAS_TRANSPOSE op_b, int M, int N,
 }
 #endif
 
-void gemm(bool transpose_a, bool transpose_b, int M, int N, int K, real alpha, const real* A, const real* B, real beta, real* C,
-          int batch, long stride_a, long stride_b, long stride_c) {
-    int lda = transpose_a ? M : K, ldb = transpose_b ? K : N;
+void gemm(bool transpose_a, bool transpose_b, int M, int N, int K, real alpha, const real* A, int lda, const real* B, int ldb, real beta,
+          real* C, int ldc, const GemmBatch& batch) {
+    int count = batch.outer * batch.inner;
+    if (profiling) {
+        char name[96];
+        snprintf(name, sizeof name, "gemm %s%s %dx%dx%d%s", transpose_a ? "T" : "N", transpose_b ? "T" : "N", M, N, K,
+                 count > 1 ? (" x" + std::to_string(count)).c_str() : "");
+        ProfileRegion region(name);
+        profiling = false;
+        gemm(transpose_a, transpose_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, batch);
+        profiling = true;
+        return;
+    }
 #ifdef __CUDACC__
     // cuBLAS is column-major: compute C^T = op(B)^T op(A)^T, which is C in row-major.
-    cublas_check(cublas_gemm(transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N, transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha, B, ldb,
-                             stride_b, A, lda, stride_a, &beta, C, N, stride_c, batch));
+    for (int o = 0; o < batch.outer; o++)
+        cublas_check(cublas_gemm(transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N, transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha,
+                                 B + o * batch.outer_b, ldb, batch.inner_b, A + o * batch.outer_a, lda, batch.inner_a, &beta,
+                                 C + o * batch.outer_c, ldc, batch.inner_c, batch.inner));
 #else
     // OpenBLAS runs single-threaded and we split the work over the cores ourselves: by matrix when
     // there are several, by rows of C otherwise. (On two cores OpenBLAS's own threading does not speed
@@ -824,21 +988,23 @@ void gemm(bool transpose_a, bool transpose_b, int M, int N, int K, real alpha, c
     (void)blas_single_threaded;
     CBLAS_TRANSPOSE op_a = transpose_a ? CblasTrans : CblasNoTrans, op_b = transpose_b ? CblasTrans : CblasNoTrans;
     int workers = omp_get_max_threads();
-    bool big = 2.0 * M * N * K * batch > 4e6;  // below this, splitting costs more than it saves
-    int parts = !big ? 1 : batch > 1 ? batch : (M >= 8 * workers ? workers : 1);
+    bool big = 2.0 * M * N * K * count > 4e6;  // below this, splitting costs more than it saves
+    int parts = !big ? 1 : count > 1 ? count : (M >= 8 * workers ? workers : 1);
+    auto product = [&](int i, int m0, int m1) {  // rows m0..m1 of matrix i
+        long o = i / batch.inner, j = i % batch.inner;
+        const real* a = A + o * batch.outer_a + j * batch.inner_a + (transpose_a ? m0 : long(m0) * lda);
+        const real* b = B + o * batch.outer_b + j * batch.inner_b;
+        real* c = C + o * batch.outer_c + j * batch.inner_c + long(m0) * ldc;
+        cblas_gemm(op_a, op_b, m1 - m0, N, K, alpha, a, lda, b, ldb, beta, c, ldc);
+    };
     if (parts == 1) {
-        for (int i = 0; i < batch; i++)
-            cblas_gemm(op_a, op_b, M, N, K, alpha, A + i * stride_a, lda, B + i * stride_b, ldb, beta, C + i * stride_c, N);
+        for (int i = 0; i < count; i++) product(i, 0, M);
         return;
     }
 #pragma omp parallel for schedule(static)
     for (int part = 0; part < parts; part++) {
-        if (batch > 1) {
-            cblas_gemm(op_a, op_b, M, N, K, alpha, A + part * stride_a, lda, B + part * stride_b, ldb, beta, C + part * stride_c, N);
-        } else {  // rows m0..m1 of C, which are rows of A (or columns, when A is stored transposed)
-            int m0 = int(long(M) * part / parts), m1 = int(long(M) * (part + 1) / parts);
-            cblas_gemm(op_a, op_b, m1 - m0, N, K, alpha, A + (transpose_a ? m0 : long(m0) * K), lda, B, ldb, beta, C + long(m0) * N, N);
-        }
+        if (count > 1) product(part, 0, M);
+        else product(0, int(long(M) * part / parts), int(long(M) * (part + 1) / parts));
     }
 #endif
 }
@@ -858,18 +1024,17 @@ Tensor matmul(Tensor a, Tensor b) {
     Tensor like = a;
     like.shape[a.ndim - 1] = N;
     Tensor out = new_result(like, {a, b});
-    if (shared_b) {
-        gemm(false, false, batch * M, N, K, 1, a.data, b.data, 0, out.data);
-    } else {
-        gemm(false, false, M, N, K, 1, a.data, b.data, 0, out.data, batch, long(M) * K, long(K) * N, long(M) * N);
-    }
+    GemmBatch batched{1, batch, 0, 0, 0, long(M) * K, long(K) * N, long(M) * N};
+    if (shared_b) gemm(false, false, batch * M, N, K, 1, a.data, K, b.data, N, 0, out.data, N);
+    else gemm(false, false, M, N, K, 1, a.data, K, b.data, N, 0, out.data, N, batched);
     if (out.grad) record([=] {
         if (shared_b) {
-            if (a.grad) gemm(false, true, batch * M, K, N, 1, out.grad, b.data, 1, a.grad);
-            if (b.grad) gemm(true, false, K, N, batch * M, 1, a.data, out.grad, 1, b.grad);
+            if (a.grad) gemm(false, true, batch * M, K, N, 1, out.grad, N, b.data, N, 1, a.grad, K);
+            if (b.grad) gemm(true, false, K, N, batch * M, 1, a.data, K, out.grad, N, 1, b.grad, N);
         } else {
-            if (a.grad) gemm(false, true, M, K, N, 1, out.grad, b.data, 1, a.grad, batch, long(M) * N, long(K) * N, long(M) * K);
-            if (b.grad) gemm(true, false, K, N, M, 1, a.data, out.grad, 1, b.grad, batch, long(M) * K, long(M) * N, long(K) * N);
+            GemmBatch for_da{1, batch, 0, 0, 0, long(M) * N, long(K) * N, long(M) * K}, for_db{1, batch, 0, 0, 0, long(M) * K, long(M) * N, long(K) * N};
+            if (a.grad) gemm(false, true, M, K, N, 1, out.grad, N, b.data, N, 1, a.grad, K, for_da);
+            if (b.grad) gemm(true, false, K, N, M, 1, a.data, K, out.grad, N, 1, b.grad, N, for_db);
         }
     });
     return out;
@@ -881,20 +1046,63 @@ Tensor matmul(Tensor a, Tensor b) {
 // records the backward. Backward functions add into gradients (+=) and skip null gradient pointers.
 
 // ----------------------------------------------------------------------------------------------------
-// Column sums, the backward of anything broadcast over rows (biases, norm weights):
-// dcolumn[c] += sum_r dout[r, c] * (weight[r, c] when a weight is given). One thread per column, so
-// adjacent threads read adjacent addresses (coalesced) and each thread owns its sum (no atomics).
+// Column sums, the backward of whatever is broadcast over rows. For a bias: dbias[c] += sum_r dout[r, c].
+// For a norm's weight: dweight[c] += sum_r dout[r, c] * xhat[r, c], with xhat = (x - mean) * rstd
+// recomputed from the saved statistics (mean is null for RMSNorm). Two stages, each adding in a fixed
+// order (deterministic, no atomics): blocks of (column tile, slab of rows) write partial sums, then one
+// pass adds the slabs up. Each thread owns whole columns, so neighbouring threads read neighbouring
+// addresses.
 
-__global__ void column_sum_kernel(real* dcolumn, const real* dout, long rows, int columns) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= columns) return;
-    real total = 0;
-    for (long r = 0; r < rows; r++) total += dout[r * columns + c];
-    dcolumn[c] += total;
+constexpr int column_slab_rows = 32;
+
+__global__ void column_partial_sums_kernel(real* partial, real* partial_weighted, const real* dout, const real* x, const real* mean,
+                                           const real* rstd, long rows, int C) {
+    long r0 = long(blockIdx.y) * column_slab_rows, r1 = r0 + column_slab_rows < rows ? r0 + column_slab_rows : rows;
+    long tile = (C + gridDim.x - 1) / gridDim.x, c0 = blockIdx.x * tile, c1 = c0 + tile < C ? c0 + tile : C;
+    real* sums = partial ? partial + long(blockIdx.y) * C : nullptr;
+    real* weighted_sums = partial_weighted ? partial_weighted + long(blockIdx.y) * C : nullptr;
+    auto xhat = [&](long r, long c) { return (x[r * C + c] - (mean ? mean[r] : 0)) * rstd[r]; };
+    if (blockDim.x == 1) {  // a lone thread adds row after row into the sums: unit stride, vectorised
+        for (long c = c0; c < c1; c++) {
+            if (sums) sums[c] = 0;
+            if (weighted_sums) weighted_sums[c] = 0;
+        }
+        for (long r = r0; r < r1; r++) {
+            if (sums)
+                for (long c = c0; c < c1; c++) sums[c] += dout[r * C + c];
+            if (weighted_sums)
+                for (long c = c0; c < c1; c++) weighted_sums[c] += dout[r * C + c] * xhat(r, c);
+        }
+        return;
+    }
+    for_each_strided(c0, c1, threadIdx.x, blockDim.x, [&](long c) {  // each thread sums its columns in registers
+        real sum = 0, weighted = 0;
+        for (long r = r0; r < r1; r++) {
+            sum += dout[r * C + c];
+            if (weighted_sums) weighted += dout[r * C + c] * xhat(r, c);
+        }
+        if (sums) sums[c] = sum;
+        if (weighted_sums) weighted_sums[c] = weighted;
+    });
 }
 
-static void column_sum(real* dcolumn, const real* dout, long rows, int columns) {
-    launch(column_sum_kernel, (columns + 255) / 256, 256, 0, dcolumn, dout, rows, columns);
+__global__ void add_partial_sums_kernel(real* dcolumn, const real* partial, int slabs, int C) {
+    for_each_element(C, [&](long c) {
+        real total = 0;
+        for (int s = 0; s < slabs; s++) total += partial[long(s) * C + c];
+        dcolumn[c] += total;
+    });
+}
+
+// dsum[c] += sum_r dout[r, c] and dweighted[c] += sum_r dout[r, c] * xhat[r, c]; either may be null.
+static void column_sums(real* dsum, real* dweighted, const real* dout, const real* x, const real* mean, const real* rstd, long rows, int C) {
+    int slabs = int((rows + column_slab_rows - 1) / column_slab_rows);
+    unsigned column_tiles = element_threads > 1 ? (C + element_threads - 1) / element_threads : 1;
+    real* partial = dsum ? device_alloc<real>(long(slabs) * C) : nullptr;
+    real* partial_weighted = dweighted ? device_alloc<real>(long(slabs) * C) : nullptr;
+    launch(column_partial_sums_kernel, dim3(column_tiles, slabs), element_threads, 0, partial, partial_weighted, dout, x, mean, rstd, rows, C);
+    if (dsum) launch(add_partial_sums_kernel, element_blocks(C), element_threads, 0, dsum, partial, slabs, C);
+    if (dweighted) launch(add_partial_sums_kernel, element_blocks(C), element_threads, 0, dweighted, partial_weighted, slabs, C);
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -903,13 +1111,15 @@ static void column_sum(real* dcolumn, const real* dout, long rows, int columns) 
 // Many positions hold the same token, so the backward gives each thread one channel c and walks the
 // positions in order: no two threads touch the same element, and the sum order is fixed.
 
+// A row kernel: one row per position.
 __global__ void embedding_forward_kernel(real* out, const int* tokens, const real* wte, const real* wpe, int B, int T, int C) {
-    long n = long(B) * T * C;
-    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
-        long position = i / C;
-        int c = int(i % C), t = int(position % T);
-        out[i] = wte[long(tokens[position]) * C + c] + (wpe ? wpe[long(t) * C + c] : 0);
-    }
+    bool active;
+    long position = group_row(long(B) * T, &active);
+    if (!active) return;
+    const real* token_row = wte + long(tokens[position]) * C;
+    const real* position_row = wpe ? wpe + (position % T) * C : nullptr;
+    real* o = out + position * C;
+    for_each_in_row(C, [&](int c) { o[c] = token_row[c] + (position_row ? position_row[c] : 0); });
 }
 
 __global__ void embedding_backward_kernel(real* dwte, real* dwpe, const real* dout, const int* tokens, int B, int T, int C) {
@@ -923,8 +1133,7 @@ __global__ void embedding_backward_kernel(real* dwte, real* dwpe, const real* do
 }
 
 void embedding_forward(real* out, const int* tokens, const real* wte, const real* wpe, int B, int T, int C) {
-    long n = long(B) * T * C;
-    launch(embedding_forward_kernel, grid_size(n, 256), 256, 0, out, tokens, wte, wpe, B, T, C);
+    launch(embedding_forward_kernel, row_grid(long(B) * T), row_block(), 0, out, tokens, wte, wpe, B, T, C);
 }
 
 void embedding_backward(real* dwte, real* dwpe, const real* dout, const int* tokens, int B, int T, int C) {
@@ -945,21 +1154,25 @@ Tensor embedding(const int* tokens, int B, int T, Tensor wte, Tensor wpe) {
 // Linear: x (N, in) -> out (N, out_features),  out = x @ W^T + b,  W (out_features, in), b optional.
 // Backward: dx += dout @ W,  dW += dout^T @ x,  db += column sums of dout.
 
+// Every row of out (rows, columns) becomes a copy of `row` (a row kernel).
 __global__ void broadcast_rows_kernel(real* out, const real* row, long rows, int columns) {
-    long n = rows * columns;
-    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) out[i] = row[i % columns];
+    bool active;
+    long r = group_row(rows, &active);
+    if (!active) return;
+    real* o = out + r * columns;
+    for_each_in_row(columns, [&](int c) { o[c] = row[c]; });
 }
 
 void linear_forward(real* out, const real* x, const real* weight, const real* bias, long N, int in, int out_features) {
-    if (bias) launch(broadcast_rows_kernel, grid_size(N * out_features, 256), 256, 0, out, bias, N, out_features);
-    gemm(false, true, int(N), out_features, in, 1, x, weight, bias ? 1 : 0, out);
+    if (bias) launch(broadcast_rows_kernel, row_grid(N), row_block(), 0, out, bias, N, out_features);
+    gemm(false, true, int(N), out_features, in, 1, x, in, weight, in, bias ? 1 : 0, out, out_features);
 }
 
 void linear_backward(real* dx, real* dweight, real* dbias, const real* dout, const real* x, const real* weight, long N, int in,
                      int out_features) {
-    if (dx) gemm(false, false, int(N), in, out_features, 1, dout, weight, 1, dx);
-    if (dweight) gemm(true, false, out_features, in, int(N), 1, dout, x, 1, dweight);
-    if (dbias) column_sum(dbias, dout, N, out_features);
+    if (dx) gemm(false, false, int(N), in, out_features, 1, dout, out_features, weight, in, 1, dx, in);
+    if (dweight) gemm(true, false, out_features, in, int(N), 1, dout, out_features, x, in, 1, dweight, in);
+    if (dbias) column_sums(dbias, nullptr, dout, nullptr, nullptr, nullptr, N, out_features);
 }
 
 Tensor linear(Tensor x, Tensor weight, Tensor bias) {
@@ -988,14 +1201,14 @@ __global__ void layernorm_forward_kernel(real* out, real* mean_out, real* rstd_o
     bool active;
     long row = group_row(rows, &active);
     const real* xr = x + row * C;
-    real total = 0;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) total += xr[c];
+    real* o = out + row * C;
+    real total = 0, variance = 0;
+    for_each_in_row(C, [&](int c) { total += xr[c]; });
     real mean = group_sum(total) / C;
-    real variance = 0;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) variance += (xr[c] - mean) * (xr[c] - mean);
+    for_each_in_row(C, [&](int c) { variance += (xr[c] - mean) * (xr[c] - mean); });
     real rstd = 1 / sqrt(group_sum(variance) / C + norm_eps);
     if (!active) return;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) out[row * C + c] = (xr[c] - mean) * rstd * weight[c] + bias[c];
+    for_each_in_row(C, [&](int c) { o[c] = (xr[c] - mean) * rstd * weight[c] + bias[c]; });
     if (threadIdx.x == 0) mean_out[row] = mean, rstd_out[row] = rstd;
 }
 
@@ -1004,32 +1217,15 @@ __global__ void layernorm_backward_kernel(real* dx, const real* dout, const real
     bool active;
     long row = group_row(rows, &active);
     const real *xr = x + row * C, *dr = dout + row * C;
-    real g_total = 0, g_xhat_total = 0;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    real* dxr = dx + row * C;
+    real row_mean = mean[row], row_rstd = rstd[row], g_total = 0, g_xhat_total = 0;
+    for_each_in_row(C, [&](int c) {
         real g = dr[c] * weight[c];
-        g_total += g, g_xhat_total += g * (xr[c] - mean[row]) * rstd[row];
-    }
+        g_total += g, g_xhat_total += g * (xr[c] - row_mean) * row_rstd;
+    });
     real g_mean = group_sum(g_total) / C, g_xhat_mean = group_sum(g_xhat_total) / C;
     if (!active) return;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-        real xhat = (xr[c] - mean[row]) * rstd[row];
-        dx[row * C + c] += rstd[row] * (dr[c] * weight[c] - g_mean - xhat * g_xhat_mean);
-    }
-}
-
-// dweight and dbias of a norm: column sums of dout * xhat and of dout (xhat recomputed from the saved
-// statistics; mean is null for RMSNorm).
-__global__ void norm_parameters_backward_kernel(real* dweight, real* dbias, const real* dout, const real* x, const real* mean, const real* rstd,
-                                                long rows, int C) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    real dw = 0, db = 0;
-    for (long r = 0; r < rows; r++) {
-        real xhat = (x[r * C + c] - (mean ? mean[r] : 0)) * rstd[r];
-        dw += dout[r * C + c] * xhat, db += dout[r * C + c];
-    }
-    if (dweight) dweight[c] += dw;
-    if (dbias) dbias[c] += db;
+    for_each_in_row(C, [&](int c) { dxr[c] += row_rstd * (dr[c] * weight[c] - g_mean - (xr[c] - row_mean) * row_rstd * g_xhat_mean); });
 }
 
 void layernorm_forward(real* out, real* mean, real* rstd, const real* x, const real* weight, const real* bias, long rows, int C) {
@@ -1039,7 +1235,7 @@ void layernorm_forward(real* out, real* mean, real* rstd, const real* x, const r
 void layernorm_backward(real* dx, real* dweight, real* dbias, const real* dout, const real* x, const real* weight, const real* mean,
                         const real* rstd, long rows, int C) {
     if (dx) launch(layernorm_backward_kernel, row_grid(rows), row_block(), 0, dx, dout, x, weight, mean, rstd, rows, C);
-    if (dweight || dbias) launch(norm_parameters_backward_kernel, (C + 255) / 256, 256, 0, dweight, dbias, dout, x, mean, rstd, rows, C);
+    if (dweight || dbias) column_sums(dbias, dweight, dout, x, mean, rstd, rows, C);
 }
 
 Tensor layernorm(Tensor x, Tensor weight, Tensor bias) {
@@ -1061,11 +1257,12 @@ __global__ void rmsnorm_forward_kernel(real* out, real* rstd_out, const real* x,
     bool active;
     long row = group_row(rows, &active);
     const real* xr = x + row * C;
+    real* o = out + row * C;
     real squares = 0;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) squares += xr[c] * xr[c];
+    for_each_in_row(C, [&](int c) { squares += xr[c] * xr[c]; });
     real rstd = 1 / sqrt(group_sum(squares) / C + norm_eps);
     if (!active) return;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) out[row * C + c] = xr[c] * rstd * weight[c];
+    for_each_in_row(C, [&](int c) { o[c] = xr[c] * rstd * weight[c]; });
     if (threadIdx.x == 0) rstd_out[row] = rstd;
 }
 
@@ -1073,11 +1270,12 @@ __global__ void rmsnorm_backward_kernel(real* dx, const real* dout, const real* 
     bool active;
     long row = group_row(rows, &active);
     const real *xr = x + row * C, *dr = dout + row * C;
-    real g_xhat_total = 0;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) g_xhat_total += dr[c] * weight[c] * xr[c] * rstd[row];
+    real* dxr = dx + row * C;
+    real row_rstd = rstd[row], g_xhat_total = 0;
+    for_each_in_row(C, [&](int c) { g_xhat_total += dr[c] * weight[c] * xr[c] * row_rstd; });
     real g_xhat_mean = group_sum(g_xhat_total) / C;
     if (!active) return;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) dx[row * C + c] += rstd[row] * (dr[c] * weight[c] - xr[c] * rstd[row] * g_xhat_mean);
+    for_each_in_row(C, [&](int c) { dxr[c] += row_rstd * (dr[c] * weight[c] - xr[c] * row_rstd * g_xhat_mean); });
 }
 
 void rmsnorm_forward(real* out, real* rstd, const real* x, const real* weight, long rows, int C) {
@@ -1086,7 +1284,7 @@ void rmsnorm_forward(real* out, real* rstd, const real* x, const real* weight, l
 
 void rmsnorm_backward(real* dx, real* dweight, const real* dout, const real* x, const real* weight, const real* rstd, long rows, int C) {
     if (dx) launch(rmsnorm_backward_kernel, row_grid(rows), row_block(), 0, dx, dout, x, weight, rstd, rows, C);
-    if (dweight) launch(norm_parameters_backward_kernel, (C + 255) / 256, 256, 0, dweight, (real*)nullptr, dout, x, (const real*)nullptr, rstd, rows, C);
+    if (dweight) column_sums(nullptr, dweight, dout, x, nullptr, rstd, rows, C);
 }
 
 Tensor rmsnorm(Tensor x, Tensor weight) {
@@ -1101,24 +1299,26 @@ Tensor rmsnorm(Tensor x, Tensor weight) {
 
 // ----------------------------------------------------------------------------------------------------
 // Activations, elementwise (see map above).
-// GELU, tanh approximation as in GPT-2:  gelu(x) = x/2 * (1 + tanh(u)),  u = sqrt(2/pi) * (x + 0.044715 x^3)
-//   gelu'(x) = (1 + tanh(u))/2 + x/2 * (1 - tanh(u)^2) * sqrt(2/pi) * (1 + 3 * 0.044715 x^2)
-// SiLU (Swish):  silu(x) = x * sigmoid(x),  silu'(x) = s * (1 + x * (1 - s)),  s = sigmoid(x)
+// GELU, tanh approximation as in GPT-2:  gelu(x) = x/2 * (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3).
+// Since (1 + tanh(u))/2 = sigmoid(2u), gelu(x) = x * s with s = sigmoid(2u): one exponential.
+//   gelu'(x) = s + x * s (1 - s) * 2 du/dx,  du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+// SiLU (Swish):  silu(x) = x * sigmoid(x),  silu'(x) = s (1 + x (1 - s)),  s = sigmoid(x)
 
 struct Gelu {
-    __device__ real forward(real x) const {
-        real u = real(0.7978845608028654) * (x + real(0.044715) * x * x * x);
-        return real(0.5) * x * (1 + tanh(u));
-    }
+    __device__ real forward(real x) const { return x * gate(x); }
     __device__ real derivative(real x) const {
-        real u = real(0.7978845608028654) * (x + real(0.044715) * x * x * x), t = tanh(u);
-        return real(0.5) * (1 + t) + real(0.5) * x * (1 - t * t) * real(0.7978845608028654) * (1 + 3 * real(0.044715) * x * x);
+        real s = gate(x), du = real(0.7978845608028654) * (1 + 3 * real(0.044715) * x * x);
+        return s + x * s * (1 - s) * 2 * du;
+    }
+    __device__ real gate(real x) const {  // sigmoid(2u)
+        real u = real(0.7978845608028654) * (x + real(0.044715) * x * x * x);
+        return 1 / (1 + fast_exp(-2 * u));
     }
 };
 struct Silu {
-    __device__ real forward(real x) const { return x / (1 + exp(-x)); }
+    __device__ real forward(real x) const { return x / (1 + fast_exp(-x)); }
     __device__ real derivative(real x) const {
-        real s = 1 / (1 + exp(-x));
+        real s = 1 / (1 + fast_exp(-x));
         return s * (1 + x * (1 - s));
     }
 };
@@ -1136,26 +1336,29 @@ Tensor silu(Tensor x) { return map(x, Silu{}); }
 // out (N, H) = silu(a) * gate.  Backward: da += dout * gate * silu'(a),  dgate += dout * silu(a).
 
 __global__ void swiglu_forward_kernel(real* out, const real* x, long N, int H) {
-    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < N * H; i += long(gridDim.x) * blockDim.x) {
-        long row = i / H;
-        int h = int(i % H);
-        out[i] = Silu{}.forward(x[row * 2 * H + h]) * x[row * 2 * H + H + h];
-    }
+    bool active;
+    long row = group_row(N, &active);
+    if (!active) return;
+    const real *a = x + row * 2 * H, *gate = a + H;
+    real* o = out + row * H;
+    for_each_in_row(H, [&](int h) { o[h] = Silu{}.forward(a[h]) * gate[h]; });
 }
 
 __global__ void swiglu_backward_kernel(real* dx, const real* dout, const real* x, long N, int H) {
-    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < N * H; i += long(gridDim.x) * blockDim.x) {
-        long row = i / H;
-        int h = int(i % H);
-        real a = x[row * 2 * H + h], gate = x[row * 2 * H + H + h];
-        dx[row * 2 * H + h] += dout[i] * gate * Silu{}.derivative(a);
-        dx[row * 2 * H + H + h] += dout[i] * Silu{}.forward(a);
-    }
+    bool active;
+    long row = group_row(N, &active);
+    if (!active) return;
+    const real *a = x + row * 2 * H, *gate = a + H, *d = dout + row * H;
+    real *da = dx + row * 2 * H, *dgate = da + H;
+    for_each_in_row(H, [&](int h) {
+        da[h] += d[h] * gate[h] * Silu{}.derivative(a[h]);
+        dgate[h] += d[h] * Silu{}.forward(a[h]);
+    });
 }
 
-void swiglu_forward(real* out, const real* x, long N, int H) { launch(swiglu_forward_kernel, grid_size(N * H, 256), 256, 0, out, x, N, H); }
+void swiglu_forward(real* out, const real* x, long N, int H) { launch(swiglu_forward_kernel, row_grid(N), row_block(), 0, out, x, N, H); }
 void swiglu_backward(real* dx, const real* dout, const real* x, long N, int H) {
-    launch(swiglu_backward_kernel, grid_size(N * H, 256), 256, 0, dx, dout, x, N, H);
+    launch(swiglu_backward_kernel, row_grid(N), row_block(), 0, dx, dout, x, N, H);
 }
 
 Tensor swiglu(Tensor x) {
@@ -1177,18 +1380,18 @@ Tensor swiglu(Tensor x) {
 
 __global__ void dropout_kernel(real* out, const real* x, long n, real p, uint64_t seed, bool accumulate) {
     real scale = 1 / (1 - p);
-    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
+    for_each_element(n, [&](long i) {
         real kept = random_uniform(seed, uint64_t(i)) >= p ? x[i] * scale : 0;
         out[i] = accumulate ? out[i] + kept : kept;
-    }
+    });
 }
 
 void dropout_forward(real* out, const real* x, long n, real p, uint64_t seed) {
-    launch(dropout_kernel, grid_size(n, 256), 256, 0, out, x, n, p, seed, false);
+    launch(dropout_kernel, element_blocks(n), element_threads, 0, out, x, n, p, seed, false);
 }
 
 void dropout_backward(real* dx, const real* dout, long n, real p, uint64_t seed) {
-    launch(dropout_kernel, grid_size(n, 256), 256, 0, dx, dout, n, p, seed, true);
+    launch(dropout_kernel, element_blocks(n), element_threads, 0, dx, dout, n, p, seed, true);
 }
 
 Tensor dropout(Tensor x, real p, uint64_t seed) {
@@ -1205,18 +1408,20 @@ Tensor dropout(Tensor x, real p, uint64_t seed) {
 // Residual connection: out = a + b (same shapes).  Backward: da += dout, db += dout.
 
 __global__ void residual_forward_kernel(real* out, const real* a, const real* b, long n) {
-    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) out[i] = a[i] + b[i];
+    for_each_element(n, [&](long i) { out[i] = a[i] + b[i]; });
 }
 
 __global__ void residual_backward_kernel(real* da, real* db, const real* dout, long n) {
-    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
-        if (da) da[i] += dout[i];
-        if (db) db[i] += dout[i];
-    }
+    if (da) for_each_element(n, [&](long i) { da[i] += dout[i]; });
+    if (db) for_each_element(n, [&](long i) { db[i] += dout[i]; });
 }
 
-void residual_forward(real* out, const real* a, const real* b, long n) { launch(residual_forward_kernel, grid_size(n, 256), 256, 0, out, a, b, n); }
-void residual_backward(real* da, real* db, const real* dout, long n) { launch(residual_backward_kernel, grid_size(n, 256), 256, 0, da, db, dout, n); }
+void residual_forward(real* out, const real* a, const real* b, long n) {
+    launch(residual_forward_kernel, element_blocks(n), element_threads, 0, out, a, b, n);
+}
+void residual_backward(real* da, real* db, const real* dout, long n) {
+    launch(residual_backward_kernel, element_blocks(n), element_threads, 0, da, db, dout, n);
+}
 
 Tensor residual(Tensor a, Tensor b) {
     if (a.size() != b.size()) fail("residual: shapes %s and %s differ", shape_string(a).c_str(), shape_string(b).c_str());
@@ -1230,103 +1435,61 @@ Tensor residual(Tensor a, Tensor b) {
 // ----------------------------------------------------------------------------------------------------
 // Rotary position embedding (RoPE), on one head's vector x (hs values) at position t: each pair
 // (x[i], x[i + hs/2]) is rotated by the angle t * base^(-2i/hs). A rotation is undone by the opposite
-// angle, so the backward is the same kernel run with `inverse`. Works in place on (B*NH, T, hs).
+// angle, so the backward is the same kernel with `inverse`. A row kernel over head vectors: rows
+// p = b*T + t of a (B, T, NH*hs) layout whose rows are ld_x (ld_out) apart, NH vectors per row.
 
 constexpr double rotary_base = 10000.0;
 
-__global__ void rotary_kernel(real* out, const real* x, long heads, int T, int hs, int start, bool inverse, bool accumulate) {
-    int half = hs / 2;
-    long n = heads * T * half;
-    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
-        int pair = int(i % half);
-        long vector = i / half;  // (head, t)
-        int t = start + int(vector % T);
-        double angle = t * pow(rotary_base, -2.0 * pair / hs);
+__global__ void rotary_kernel(real* out, int ld_out, const real* x, int ld_x, long rows, int T, int NH, int hs, int start, bool inverse,
+                              bool accumulate) {
+    bool active;
+    long r = group_row(rows * NH, &active);
+    if (!active) return;
+    long p = r / NH;
+    int half = hs / 2, t = start + int(p % T);
+    const real* source = x + p * ld_x + (r % NH) * hs;
+    real* target = out + p * ld_out + (r % NH) * hs;
+    for_each_in_row(half, [&](int i) {
+        double angle = t * pow(rotary_base, -2.0 * i / hs);
         real c = real(cos(angle)), s = real(inverse ? -sin(angle) : sin(angle));
-        long first = vector * hs + pair, second = first + half;
-        real x0 = x[first], x1 = x[second];  // both read before either is written: in place is fine
-        out[first] = (accumulate ? out[first] : 0) + x0 * c - x1 * s;
-        out[second] = (accumulate ? out[second] : 0) + x0 * s + x1 * c;
-    }
+        real x0 = source[i], x1 = source[i + half];  // both read before either is written: in place is fine
+        target[i] = (accumulate ? target[i] : 0) + x0 * c - x1 * s;
+        target[i + half] = (accumulate ? target[i + half] : 0) + x0 * s + x1 * c;
+    });
 }
 
-// In place on x (B*NH, T, hs) holding positions start..start+T-1; the backward turns the gradient back
-// by the opposite angles.
-void rotary_forward(real* x, long heads, int T, int hs, int start) {
-    launch(rotary_kernel, grid_size(heads * T * (hs / 2), 256), 256, 0, x, x, heads, T, hs, start, false, false);
+// out = x rotated, at positions start, start+1, ... along each of the rows / T sequences. The backward
+// adds the gradient, turned back, into dx.
+void rotary_forward(real* out, int ld_out, const real* x, int ld_x, long rows, int T, int NH, int hs, int start) {
+    launch(rotary_kernel, row_grid(rows * NH), row_block(), 0, out, ld_out, x, ld_x, rows, T, NH, hs, start, false, false);
 }
-void rotary_backward(real* dx, long heads, int T, int hs) {
-    launch(rotary_kernel, grid_size(heads * T * (hs / 2), 256), 256, 0, dx, dx, heads, T, hs, 0, true, false);
+void rotary_backward(real* dx, int ld_dx, const real* dout, int ld_dout, long rows, int T, int NH, int hs) {
+    launch(rotary_kernel, row_grid(rows * NH), row_block(), 0, dx, ld_dx, dout, ld_dout, rows, T, NH, hs, 0, true, true);
 }
 
-// The tape version: x (B, NH, T, hs) -> a rotated copy.
+// The tape version: x (B, T, NH, hs) -> a rotated copy.
 Tensor rotary(Tensor x) {
-    if (x.ndim != 4 || x.dim(-1) % 2) fail("rotary: expects (B, NH, T, hs) with hs even, got %s", shape_string(x).c_str());
+    if (x.ndim != 4 || x.dim(-1) % 2) fail("rotary: expects (B, T, NH, hs) with hs even, got %s", shape_string(x).c_str());
     Tensor out = new_result(x, {x});
-    long heads = long(x.shape[0]) * x.shape[1];
-    int T = x.shape[2], hs = x.shape[3];
-    long n = heads * T * (hs / 2);
-    launch(rotary_kernel, grid_size(n, 256), 256, 0, out.data, x.data, heads, T, hs, 0, false, false);
-    if (out.grad) record([=] { launch(rotary_kernel, grid_size(n, 256), 256, 0, x.grad, out.grad, heads, T, hs, 0, true, true); });
+    int T = x.shape[1], NH = x.shape[2], hs = x.shape[3];
+    long rows = long(x.shape[0]) * T;
+    rotary_forward(out.data, NH * hs, x.data, NH * hs, rows, T, NH, hs, 0);
+    if (out.grad) record([=] { rotary_backward(x.grad, NH * hs, out.grad, NH * hs, rows, T, NH, hs); });
     return out;
 }
 
 // ----------------------------------------------------------------------------------------------------
 // Causal multi-head self-attention, the core: qkv (B, T, 3C) -> out (B, T, C), NH heads of hs = C/NH.
-//   q, k, v = split and permute qkv to (B, NH, T, hs); rotate q and k if rotary
-//   att = softmax(q @ k^T / sqrt(hs)) over keys s <= t (causal mask)        (B, NH, T, T)
-//   att' = dropout(att);  y = att' @ v;  out = y permuted back to (B, T, C)
-// Backward, with dy = permute(dout):
-//   datt' = dy @ v^T,  dv = att'^T @ dy,  datt = dropout backward of datt',
+// Each head reads its queries, keys and values straight out of qkv (rows of hs values, 3C apart) and
+// writes into its hs columns of out, so nothing is rearranged; with rotary positions, q and k are first
+// rotated into (B, T, C) buffers of their own.
+//   att = softmax(q @ k^T / sqrt(hs)) over the keys s <= t (causal)        (B, NH, T, T)
+//   att' = dropout(att);  out[:, :, head] = att' @ v
+// Backward, per head, with dy = the head's columns of dout:
+//   datt' = dy @ v^T,  dv += att'^T @ dy,  datt = dropout backward of datt',
 //   dpre = att * (datt - sum_s(datt * att)) (softmax backward),
-//   dq = dpre @ k / sqrt(hs),  dk = dpre^T @ q / sqrt(hs),  un-rotate dq and dk,  dqkv += permuted back.
-// The forward saves q, k, v and att (and att' with dropout) in `saved`.
-
-__global__ void attention_split_kernel(real* q, real* k, real* v, const real* qkv, int B, int T, int C, int NH) {
-    int hs = C / NH;
-    long n = long(B) * T * C;
-    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
-        // i indexes (b, h, t, d) of the outputs
-        int d = int(i % hs), t = int(i / hs % T), h = int(i / (long(hs) * T) % NH);
-        long b = i / (long(hs) * T * NH);
-        const real* source = qkv + (b * T + t) * 3 * C + h * hs + d;
-        q[i] = source[0], k[i] = source[C], v[i] = source[2 * C];
-    }
-}
-
-// The reverse of the split, adding: dqkv[b, t, part*C + h*hs + d] += d{q,k,v}[b, h, t, d].
-__global__ void attention_merge_kernel(real* dqkv, const real* dq, const real* dk, const real* dv, int B, int T, int C, int NH) {
-    int hs = C / NH;
-    long n = long(B) * T * C;
-    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
-        int d = int(i % hs), t = int(i / hs % T), h = int(i / (long(hs) * T) % NH);
-        long b = i / (long(hs) * T * NH);
-        real* target = dqkv + (b * T + t) * 3 * C + h * hs + d;
-        target[0] += dq[i], target[C] += dk[i], target[2 * C] += dv[i];
-    }
-}
-
-// out (B, T, C) -> y (B, NH, T, hs): the attention output's gradient, arranged by head.
-__global__ void attention_permute_kernel(real* y, const real* out, int B, int T, int C, int NH) {
-    int hs = C / NH;
-    long n = long(B) * T * C;
-    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
-        int d = int(i % hs), t = int(i / hs % T), h = int(i / (long(hs) * T) % NH);
-        long b = i / (long(hs) * T * NH);
-        y[i] = out[(b * T + t) * C + h * hs + d];
-    }
-}
-
-// y (B, NH, T, hs) -> out (B, T, C): the heads side by side again.
-__global__ void attention_unpermute_kernel(real* out, const real* y, int B, int T, int C, int NH) {
-    int hs = C / NH;
-    long n = long(B) * T * C;
-    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
-        int d = int(i % hs), t = int(i / hs % T), h = int(i / (long(hs) * T) % NH);
-        long b = i / (long(hs) * T * NH);
-        out[(b * T + t) * C + h * hs + d] = y[i];
-    }
-}
+//   dq += dpre @ k / sqrt(hs),  dk += dpre^T @ q / sqrt(hs)  (turned back first, with rotary).
+// The forward saves att (and att' with dropout), and the rotated q and k.
 
 // Rows of att are (b, h, t): query t against `keys` keys. Query t sits at position start + t and sees
 // keys s <= start + t; the rest of its row is zeroed. (Training: keys = T, start = 0. Generation with a
@@ -1336,14 +1499,16 @@ __global__ void causal_softmax_forward_kernel(real* att, long rows, int T, int k
     long row = group_row(rows, &active);
     int last = start + int(row % T);
     real* a = att + row * keys;
-    real row_max = -INFINITY;
-    for (int s = threadIdx.x; s <= last; s += blockDim.x) row_max = fmax(row_max, a[s]);
+    real row_max = -INFINITY, total = 0;
+    for_each_in_row(last + 1, [&](int s) { row_max = fmax(row_max, a[s]); });
     row_max = group_max(row_max);
-    real total = 0;
-    for (int s = threadIdx.x; s <= last; s += blockDim.x) total += exp(a[s] - row_max);
-    total = group_sum(total);
+    if (active) {  // exponentials in place, then their sum (threads past the end only join the shuffles)
+        for_each_in_row(last + 1, [&](int s) { a[s] = fast_exp(a[s] - row_max); });
+        for_each_in_row(last + 1, [&](int s) { total += a[s]; });
+    }
+    real inverse = 1 / group_sum(total);
     if (!active) return;
-    for (int s = threadIdx.x; s < keys; s += blockDim.x) a[s] = s <= last ? exp(a[s] - row_max) / total : 0;
+    for_each_in_row(keys, [&](int s) { a[s] = s <= last ? a[s] * inverse : 0; });
 }
 
 // In place: datt becomes dpre = att * (datt - sum_s(datt * att)).
@@ -1354,52 +1519,68 @@ __global__ void causal_softmax_backward_kernel(real* datt, const real* att, long
     const real* a = att + row * T;
     real* d = datt + row * T;
     real dot = 0;
-    for (int s = threadIdx.x; s <= t; s += blockDim.x) dot += d[s] * a[s];
+    for_each_in_row(t + 1, [&](int s) { dot += d[s] * a[s]; });
     dot = group_sum(dot);
     if (!active) return;
-    for (int s = threadIdx.x; s < T; s += blockDim.x) d[s] = s <= t ? a[s] * (d[s] - dot) : 0;
+    for_each_in_row(T, [&](int s) { d[s] = s <= t ? a[s] * (d[s] - dot) : 0; });
+}
+
+// The batch of a per-head product: `outer` over the B sequences, `inner` over the NH heads.
+static GemmBatch per_head(int B, int NH, long outer_a, long inner_a, long outer_b, long inner_b, long outer_c, long inner_c) {
+    return GemmBatch{B, NH, outer_a, outer_b, outer_c, inner_a, inner_b, inner_c};
 }
 
 void attention_forward(real* out, AttentionSaved saved, const real* qkv, int B, int T, int C, int NH, bool rotary, real dropout_p, uint64_t seed) {
-    int hs = C / NH;
-    long n = long(B) * T * C, heads = long(B) * NH;
-    launch(attention_split_kernel, grid_size(n, 256), 256, 0, saved.q, saved.k, saved.v, qkv, B, T, C, NH);
-    if (rotary) rotary_forward(saved.q, heads, T, hs), rotary_forward(saved.k, heads, T, hs);
+    int hs = C / NH, ld = rotary ? C : 3 * C;  // the row stride of q and k
+    long heads = long(B) * NH, att_size = long(T) * T;
+    const real *q = qkv, *k = qkv + C, *v = qkv + 2 * C;
+    if (rotary) {
+        rotary_forward(saved.q, C, qkv, 3 * C, long(B) * T, T, NH, hs, 0);
+        rotary_forward(saved.k, C, qkv + C, 3 * C, long(B) * T, T, NH, hs, 0);
+        q = saved.q, k = saved.k;
+    }
     real scale = real(1 / std::sqrt(double(hs)));
-    gemm(false, true, T, T, hs, scale, saved.q, saved.k, 0, saved.att, int(heads), long(T) * hs, long(T) * hs, long(T) * T);
+    gemm(false, true, T, T, hs, scale, q, ld, k, ld, 0, saved.att, T, per_head(B, NH, long(T) * ld, hs, long(T) * ld, hs, NH * att_size, att_size));
     launch(causal_softmax_forward_kernel, row_grid(heads * T), row_block(), 0, saved.att, heads * T, T, T, 0);
     const real* att = saved.att;
     if (dropout_p > 0) {
-        dropout_forward(saved.att_dropped, saved.att, heads * T * T, dropout_p, seed);
+        dropout_forward(saved.att_dropped, saved.att, heads * att_size, dropout_p, seed);
         att = saved.att_dropped;
     }
-    real* y = device_alloc<real>(n);
-    gemm(false, false, T, hs, T, 1, att, saved.v, 0, y, int(heads), long(T) * T, long(T) * hs, long(T) * hs);
-    launch(attention_unpermute_kernel, grid_size(n, 256), 256, 0, out, y, B, T, C, NH);
+    gemm(false, false, T, hs, T, 1, att, T, v, 3 * C, 0, out, C, per_head(B, NH, NH * att_size, att_size, long(T) * 3 * C, hs, long(T) * C, hs));
 }
 
-void attention_backward(real* dqkv, const real* dout, AttentionSaved saved, int B, int T, int C, int NH, bool rotary, real dropout_p,
-                        uint64_t seed) {
-    int hs = C / NH;
-    long n = long(B) * T * C, heads = long(B) * NH;
-    real *dy = device_alloc<real>(n), *dq = device_alloc<real>(n), *dk = device_alloc<real>(n), *dv = device_alloc<real>(n);
-    real* datt = device_alloc<real>(heads * T * T);
-    launch(attention_permute_kernel, grid_size(n, 256), 256, 0, dy, dout, B, T, C, NH);
+void attention_backward(real* dqkv, const real* dout, AttentionSaved saved, const real* qkv, int B, int T, int C, int NH, bool rotary,
+                        real dropout_p, uint64_t seed) {
+    int hs = C / NH, ld = rotary ? C : 3 * C;
+    long heads = long(B) * NH, att_size = long(T) * T;
+    const real *q = rotary ? saved.q : qkv, *k = rotary ? saved.k : qkv + C, *v = qkv + 2 * C;
     const real* att = dropout_p > 0 ? saved.att_dropped : saved.att;
-    gemm(false, true, T, T, hs, 1, dy, saved.v, 0, datt, int(heads), long(T) * hs, long(T) * hs, long(T) * T);
-    gemm(true, false, T, hs, T, 1, att, dy, 0, dv, int(heads), long(T) * T, long(T) * hs, long(T) * hs);
-    if (dropout_p > 0) {  // datt' -> datt, in place: a dropout backward into a zeroed buffer
-        real* undropped = device_alloc<real>(heads * T * T);
-        cuda_check(cudaMemset(undropped, 0, heads * T * T * sizeof(real)));
-        dropout_backward(undropped, datt, heads * T * T, dropout_p, seed);
+    real* datt = device_alloc<real>(heads * att_size);
+    gemm(false, true, T, T, hs, 1, dout, C, v, 3 * C, 0, datt, T, per_head(B, NH, long(T) * C, hs, long(T) * 3 * C, hs, NH * att_size, att_size));
+    gemm(true, false, T, hs, T, 1, att, T, dout, C, 1, dqkv + 2 * C, 3 * C,
+         per_head(B, NH, NH * att_size, att_size, long(T) * C, hs, long(T) * 3 * C, hs));
+    if (dropout_p > 0) {  // datt' -> datt: a dropout backward into a zeroed buffer
+        real* undropped = device_alloc<real>(heads * att_size);
+        fill(undropped, heads * att_size, 0);
+        dropout_backward(undropped, datt, heads * att_size, dropout_p, seed);
         datt = undropped;
     }
     launch(causal_softmax_backward_kernel, row_grid(heads * T), row_block(), 0, datt, saved.att, heads * T, T);
     real scale = real(1 / std::sqrt(double(hs)));
-    gemm(false, false, T, hs, T, scale, datt, saved.k, 0, dq, int(heads), long(T) * T, long(T) * hs, long(T) * hs);
-    gemm(true, false, T, hs, T, scale, datt, saved.q, 0, dk, int(heads), long(T) * T, long(T) * hs, long(T) * hs);
-    if (rotary) rotary_backward(dq, heads, T, hs), rotary_backward(dk, heads, T, hs);
-    launch(attention_merge_kernel, grid_size(n, 256), 256, 0, dqkv, dq, dk, dv, B, T, C, NH);
+    // Without rotary, dq and dk are added straight into dqkv; with it, they go to scratch (B, T, C)
+    // buffers first, to be turned back.
+    real* dq = rotary ? device_alloc<real>(long(B) * T * C) : dqkv;
+    real* dk = rotary ? device_alloc<real>(long(B) * T * C) : dqkv + C;
+    int ld_grad = rotary ? C : 3 * C;
+    real beta = rotary ? 0 : 1;
+    GemmBatch layout = per_head(B, NH, NH * att_size, att_size, long(T) * ld, hs, long(T) * ld_grad, hs);
+    gemm(false, false, T, hs, T, scale, datt, T, k, ld, beta, dq, ld_grad, layout);
+    gemm(true, false, T, hs, T, scale, datt, T, q, ld, beta, dk, ld_grad, layout);
+    if (rotary) {
+        rotary_backward(dqkv, 3 * C, dq, C, long(B) * T, T, NH, hs);
+        rotary_backward(dqkv + C, 3 * C, dk, C, long(B) * T, T, NH, hs);
+    }
 }
 
 Tensor attention(Tensor qkv, int heads, bool rotary, real dropout_p, uint64_t seed) {
@@ -1410,10 +1591,10 @@ Tensor attention(Tensor qkv, int heads, bool rotary, real dropout_p, uint64_t se
     like.shape[2] = C;
     Tensor out = new_result(like, {qkv});
     long n = long(B) * T * C, att_size = long(B) * heads * T * T;
-    AttentionSaved saved{device_alloc<real>(n), device_alloc<real>(n), device_alloc<real>(n), device_alloc<real>(att_size),
+    AttentionSaved saved{rotary ? device_alloc<real>(n) : nullptr, rotary ? device_alloc<real>(n) : nullptr, device_alloc<real>(att_size),
                          dropout_p > 0 ? device_alloc<real>(att_size) : nullptr};
     attention_forward(out.data, saved, qkv.data, B, T, C, heads, rotary, dropout_p, seed);
-    if (out.grad) record([=] { attention_backward(qkv.grad, out.grad, saved, B, T, C, heads, rotary, dropout_p, seed); });
+    if (out.grad) record([=] { attention_backward(qkv.grad, out.grad, saved, qkv.data, B, T, C, heads, rotary, dropout_p, seed); });
     return out;
 }
 
@@ -1431,11 +1612,10 @@ __global__ void cross_entropy_forward_kernel(real* losses, real* logsumexp, cons
     bool active;
     long row = group_row(N, &active);
     const real* l = logits + row * V;
-    real row_max = -INFINITY;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) row_max = fmax(row_max, l[v]);
+    real row_max = -INFINITY, total = 0;
+    for_each_in_row(V, [&](int v) { row_max = fmax(row_max, l[v]); });
     row_max = group_max(row_max);
-    real total = 0;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) total += exp(l[v] - row_max);
+    for_each_in_row(V, [&](int v) { total += fast_exp(l[v] - row_max); });
     real lse = row_max + log(group_sum(total));
     if (!active || threadIdx.x != 0) return;
     int target = targets[row];
@@ -1458,11 +1638,11 @@ __global__ void cross_entropy_backward_kernel(real* dlogits, const real* dloss, 
     bool active;
     long row = group_row(N, &active);
     if (!active || targets[row] < 0 || targets[row] >= V) return;
-    real scale = dloss[0] / count[0];
-    for (int v = threadIdx.x; v < V; v += blockDim.x) {
-        real p = exp(logits[row * V + v] - logsumexp[row]);
-        dlogits[row * V + v] += (p - (v == targets[row] ? 1 : 0)) * scale;
-    }
+    real scale = dloss[0] / count[0], lse = logsumexp[row];
+    int target = targets[row];
+    const real* l = logits + row * V;
+    real* d = dlogits + row * V;
+    for_each_in_row(V, [&](int v) { d[v] += (fast_exp(l[v] - lse) - (v == target ? 1 : 0)) * scale; });
 }
 
 void cross_entropy_forward(real* loss, real* count, real* losses, real* logsumexp, const real* logits, const int* targets, long N, int V) {
@@ -1681,13 +1861,15 @@ KVCache::~KVCache() {
 }
 
 // k, v (NH, n, hs) -> the cache's rows [start, start + n) of each head; cache layout (NH, context, hs).
-__global__ void kv_cache_append_kernel(real* cache_keys, real* cache_values, const real* k, const real* v, int n, int NH, int hs, int context, int start) {
-    long total = long(NH) * n * hs;
-    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += long(gridDim.x) * blockDim.x) {
-        int d = int(i % hs), t = int(i / hs % n), h = int(i / (long(hs) * n));
-        long slot = (long(h) * context + start + t) * hs + d;
-        cache_keys[slot] = k[i], cache_values[slot] = v[i];
-    }
+// The keys and values of n new positions (rows ld_k and ld_v apart, NH head vectors each) into the
+// cache's slots start..start+n of every head. A row kernel over the n*NH head vectors.
+__global__ void kv_cache_append_kernel(real* cache_keys, real* cache_values, const real* k, int ld_k, const real* v, int ld_v, int n, int NH,
+                                       int hs, int context, int start) {
+    bool active;
+    long r = group_row(long(n) * NH, &active);
+    if (!active) return;
+    long p = r / NH, h = r % NH, slot = (h * context + start + p) * hs;
+    for_each_in_row(hs, [&](int d) { cache_keys[slot + d] = k[p * ld_k + h * hs + d], cache_values[slot + d] = v[p * ld_v + h * hs + d]; });
 }
 
 // Positions [cache.length, cache.length + n) of one sequence: their keys and values join the cache,
@@ -1699,9 +1881,8 @@ real* gpt_forward_cached(GPT& model, KVCache& cache, const int* tokens, int n) {
     if (L > c.context) fail("gpt_forward_cached: %d positions exceed the context window %d", L, c.context);
     int hidden = c.mlp_ratio * C, fc_out = c.activation == Activation::swiglu ? 2 * hidden : hidden;
     real *x = device_alloc<real>(long(n) * C), *h = device_alloc<real>(long(n) * C), *qkv = device_alloc<real>(long(n) * 3 * C);
-    real *q = device_alloc<real>(long(n) * C), *k = device_alloc<real>(long(n) * C), *v = device_alloc<real>(long(n) * C);
-    real *att = device_alloc<real>(long(NH) * n * L), *heads_out = device_alloc<real>(long(n) * C);
-    real *y = device_alloc<real>(long(n) * C), *branch = device_alloc<real>(long(n) * C);
+    real *q_rotated = device_alloc<real>(long(n) * C), *k_rotated = device_alloc<real>(long(n) * C);
+    real *att = device_alloc<real>(long(NH) * n * L), *y = device_alloc<real>(long(n) * C), *branch = device_alloc<real>(long(n) * C);
     real *fc = device_alloc<real>(long(n) * fc_out), *act = device_alloc<real>(long(n) * hidden);
     real *mean = device_alloc<real>(n), *rstd = device_alloc<real>(n);
     auto normalize_into = [&](real* out, const real* in, const Tensor& weight, const Tensor& bias) {
@@ -1715,14 +1896,20 @@ real* gpt_forward_cached(GPT& model, KVCache& cache, const int* tokens, int n) {
         real* cache_values = cache.values + long(l) * c.context * C;
         normalize_into(h, x, layer.norm1_weight, layer.norm1_bias);
         linear_forward(qkv, h, layer.qkv_weight.data, layer.qkv_bias.data, n, C, 3 * C);
-        launch(attention_split_kernel, grid_size(long(n) * C, 256), 256, 0, q, k, v, qkv, 1, n, C, NH);
-        if (c.rotary) rotary_forward(q, NH, n, hs, start), rotary_forward(k, NH, n, hs, start);
-        launch(kv_cache_append_kernel, grid_size(long(n) * C, 256), 256, 0, cache_keys, cache_values, k, v, n, NH, hs, c.context, start);
-        // Each new query against every cached key up to its own position.
-        gemm(false, true, n, L, hs, real(1 / std::sqrt(double(hs))), q, cache_keys, 0, att, NH, long(n) * hs, long(c.context) * hs, long(n) * L);
+        const real *q = qkv, *k = qkv + C;
+        int ld = 3 * C;
+        if (c.rotary) {
+            rotary_forward(q_rotated, C, qkv, 3 * C, n, n, NH, hs, start);
+            rotary_forward(k_rotated, C, qkv + C, 3 * C, n, n, NH, hs, start);
+            q = q_rotated, k = k_rotated, ld = C;
+        }
+        launch(kv_cache_append_kernel, row_grid(long(n) * NH), row_block(), 0, cache_keys, cache_values, k, ld, qkv + 2 * C, 3 * C, n, NH, hs,
+               c.context, start);
+        // Each new query against every cached key up to its own position, head by head.
+        gemm(false, true, n, L, hs, real(1 / std::sqrt(double(hs))), q, ld, cache_keys, hs, 0, att, L,
+             GemmBatch{1, NH, 0, 0, 0, hs, long(c.context) * hs, long(n) * L});
         launch(causal_softmax_forward_kernel, row_grid(long(NH) * n), row_block(), 0, att, long(NH) * n, n, L, start);
-        gemm(false, false, n, hs, L, 1, att, cache_values, 0, heads_out, NH, long(n) * L, long(c.context) * hs, long(n) * hs);
-        launch(attention_unpermute_kernel, grid_size(long(n) * C, 256), 256, 0, y, heads_out, 1, n, C, NH);
+        gemm(false, false, n, hs, L, 1, att, L, cache_values, hs, 0, y, C, GemmBatch{1, NH, 0, 0, 0, long(n) * L, long(c.context) * hs, hs});
         linear_forward(branch, y, layer.attn_proj_weight.data, layer.attn_proj_bias.data, n, C, C);
         residual_forward(x, x, branch, long(n) * C);
         normalize_into(h, x, layer.norm2_weight, layer.norm2_bias);
@@ -1807,19 +1994,12 @@ void generate(GPT& model, std::vector<int>& tokens, int count, Sampler& sampler,
 // ====================================================================================================
 // Optimizers and training maths. All on the device, over the whole parameter buffer at once.
 
-// Global gradient norm, sqrt(sum g^2), deterministic: each block sums a fixed stride of elements and
-// then its threads combine through shared memory; one thread adds the block sums in order.
-constexpr int norm_blocks = 64;
-#ifdef __CUDACC__
-constexpr int norm_threads = 256;
-#else
-constexpr int norm_threads = 32;  // the emulator pays per barrier per thread
-#endif
-
+// Global gradient norm, sqrt(sum g^2), deterministic: each block sums its tile, its threads combining
+// through shared memory in a tree; then one thread adds the block sums in order.
 __global__ void sum_of_squares_kernel(real* block_sums, const real* x, long n) {
     auto partial = shared_memory<real>();
     real total = 0;
-    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) total += x[i] * x[i];
+    for_each_element(n, [&](long i) { total += x[i] * x[i]; });
     partial[threadIdx.x] = total;
     __syncthreads();
     for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
@@ -1836,9 +2016,10 @@ __global__ void square_root_of_sum_kernel(real* out, const real* values, int n) 
 }
 
 void gradient_norm(real* norm, const real* gradients, long n) {
-    real* block_sums = device_alloc<real>(norm_blocks);
-    launch(sum_of_squares_kernel, norm_blocks, norm_threads, norm_threads * sizeof(real), block_sums, gradients, n);
-    launch(square_root_of_sum_kernel, 1, 1, 0, norm, block_sums, norm_blocks);
+    unsigned blocks = element_blocks(n);
+    real* block_sums = device_alloc<real>(blocks);
+    launch(sum_of_squares_kernel, blocks, element_threads, element_threads * sizeof(real), block_sums, gradients, n);
+    launch(square_root_of_sum_kernel, 1, 1, 0, norm, block_sums, int(blocks));
 }
 
 // Clipping by global norm happens inside the optimizer kernels: the gradient is scaled by
@@ -1855,13 +2036,13 @@ __device__ inline real clip_scale(const real* norm, real max_norm) {
 __global__ void adamw_kernel(real* params, const real* grads, real* m, real* v, long n, long num_decayed, real lr, real beta1, real beta2,
                              real eps, real weight_decay, real bias_correction1, real bias_correction2, const real* norm, real max_norm) {
     real scale = clip_scale(norm, max_norm);
-    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
+    for_each_element(n, [&](long i) {
         real g = grads[i] * scale;
         m[i] = beta1 * m[i] + (1 - beta1) * g;
         v[i] = beta2 * v[i] + (1 - beta2) * g * g;
         real update = m[i] / bias_correction1 / (sqrt(v[i] / bias_correction2) + eps);
         params[i] -= lr * (update + (i < num_decayed ? weight_decay * params[i] : 0));
-    }
+    });
 }
 
 void adamw_create(AdamW* opt, long n) {
@@ -1882,17 +2063,17 @@ void adamw_update(AdamW* opt, real* params, const real* grads, long num_decayed,
     opt->step++;
     real bias_correction1 = real(1 - std::pow(double(opt->beta1), double(opt->step)));
     real bias_correction2 = real(1 - std::pow(double(opt->beta2), double(opt->step)));
-    launch(adamw_kernel, grid_size(opt->n, 256), 256, 0, params, grads, opt->m, opt->v, opt->n, num_decayed, lr, real(opt->beta1),
+    launch(adamw_kernel, element_blocks(opt->n), element_threads, 0, params, grads, opt->m, opt->v, opt->n, num_decayed, lr, real(opt->beta1),
            real(opt->beta2), real(opt->eps), real(opt->weight_decay), bias_correction1, bias_correction2, norm, max_norm);
 }
 
 // SGD with momentum:  u = momentum * u + clip * grad,  p -= lr * u.
 __global__ void sgd_kernel(real* params, const real* grads, real* velocity, long n, real lr, real momentum, const real* norm, real max_norm) {
     real scale = clip_scale(norm, max_norm);
-    for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
+    for_each_element(n, [&](long i) {
         velocity[i] = momentum * velocity[i] + grads[i] * scale;
         params[i] -= lr * velocity[i];
-    }
+    });
 }
 
 void sgd_create(SGD* opt, long n) {
@@ -1904,7 +2085,7 @@ void sgd_create(SGD* opt, long n) {
 SGD::~SGD() { (void)cudaFree(velocity); }
 
 void sgd_update(SGD* opt, real* params, const real* grads, real lr, const real* norm, real max_norm) {
-    launch(sgd_kernel, grid_size(opt->n, 256), 256, 0, params, grads, opt->velocity, opt->n, lr, real(opt->momentum), norm, max_norm);
+    launch(sgd_kernel, element_blocks(opt->n), element_threads, 0, params, grads, opt->velocity, opt->n, lr, real(opt->momentum), norm, max_norm);
 }
 
 // Linear warmup from 0 to max_lr over `warmup` steps, then cosine decay to min_lr at the last step.

@@ -18,6 +18,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <deque>
 #include <functional>
 #include <initializer_list>
@@ -53,6 +54,19 @@ void cuda_check(cudaError_t error, const char* file = __builtin_FILE(), int line
 
 void check_launch(const void* kernel);
 
+// Profiling (train_gpt --profile): while `profiling` is on, every kernel launch and matrix product is
+// timed and added up under its name, split into forward and backward (the tape's walk).
+extern bool profiling;
+struct ProfileRegion {  // times its own lifetime: CUDA events on a GPU, the clock on the CPU
+    int slot, pending;
+    double start;
+    ProfileRegion(const void* kernel);
+    ProfileRegion(const char* name);
+    ~ProfileRegion();
+};
+void profile_reset();
+void profile_report(FILE* out, long steps);  // a table of time per step by name, slowest first
+
 #ifdef __CUDACC__
 // Dynamic shared memory, `byte_offset` bytes into the block's buffer (the emulator's version checks
 // every access).
@@ -64,6 +78,13 @@ template <typename T> __device__ T* shared_memory(size_t byte_offset = 0) {
 
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, Args... args) {
+    if (profiling) {
+        ProfileRegion region(reinterpret_cast<const void*>(kernel));
+        profiling = false;  // time this launch once, not its nested parts
+        launch(kernel, grid, block, shared_bytes, args...);
+        profiling = true;
+        return;
+    }
 #ifdef __CUDACC__
     kernel<<<grid, block, shared_bytes>>>(Params(args)...);
 #else
@@ -245,11 +266,18 @@ inline Tensor operator*(Tensor x, real c) { return mul_scalar(x, c); }
 inline Tensor operator*(real c, Tensor x) { return mul_scalar(x, c); }
 inline Tensor operator/(Tensor x, real c) { return mul_scalar(x, 1 / c); }
 
-// Matrix products on raw row-major buffers, batched with strides:
-//   C[i] = alpha * op(A[i]) @ op(B[i]) + beta * C[i],  op(A) is (M, K), op(B) is (K, N), C is (M, N).
-// cuBLAS on the GPU, OpenBLAS on the CPU.
-void gemm(bool transpose_a, bool transpose_b, int M, int N, int K, real alpha, const real* A, const real* B, real beta,
-          real* C, int batch = 1, long stride_a = 0, long stride_b = 0, long stride_c = 0);
+// Matrix products on row-major matrices in device buffers, cuBLAS on the GPU and OpenBLAS on the CPU:
+//   C = alpha * op(A) @ op(B) + beta * C,  op(A) is (M, K), op(B) is (K, N), C is (M, N).
+// lda, ldb, ldc are the distances between rows, so a matrix can sit inside a wider buffer (one head's
+// queries inside the (B, T, 3C) qkv buffer are rows of hs values, 3C apart). A batch runs the product
+// for every (o, j), o < outer, j < inner, on the matrices at A + o * outer_a + j * inner_a (same for B, C).
+struct GemmBatch {
+    int outer = 1, inner = 1;
+    long outer_a = 0, outer_b = 0, outer_c = 0;
+    long inner_a = 0, inner_b = 0, inner_c = 0;
+};
+void gemm(bool transpose_a, bool transpose_b, int M, int N, int K, real alpha, const real* A, int lda, const real* B, int ldb, real beta,
+          real* C, int ldc, const GemmBatch& batch = GemmBatch());
 
 // ====================================================================================================
 // Layers. Each is a pair of functions on raw device pointers, <layer>_forward and <layer>_backward,
@@ -292,17 +320,19 @@ void residual_forward(real* out, const real* a, const real* b, long n);
 void residual_backward(real* da, real* db, const real* dout, long n);
 Tensor residual(Tensor a, Tensor b);
 
-void rotary_forward(real* x, long heads, int T, int hs, int start = 0);  // in place on (heads, T, hs), positions from start
-void rotary_backward(real* dx, long heads, int T, int hs);               // in place
-Tensor rotary(Tensor x);                                    // x (B, NH, T, hs)
+// On `rows` positions (sequences of T) of NH head vectors of hs values, rows ld apart; may work in place.
+void rotary_forward(real* out, int ld_out, const real* x, int ld_x, long rows, int T, int NH, int hs, int start);
+void rotary_backward(real* dx, int ld_dx, const real* dout, int ld_dout, long rows, int T, int NH, int hs);  // dx += turned back
+Tensor rotary(Tensor x);  // x (B, T, NH, hs)
 
-// Causal self-attention on qkv (B, T, 3C) -> (B, T, C). The forward fills `saved`: q, k, v (B, NH, T, hs)
-// each, att (B, NH, T, T), and att_dropped (same) when dropout_p > 0.
+// Causal self-attention on qkv (B, T, 3C) -> (B, T, C). The forward fills `saved`: att (B, NH, T, T),
+// att_dropped (same) when dropout_p > 0, and with rotary the rotated q and k, (B, T, C) each.
 struct AttentionSaved {
-    real *q, *k, *v, *att, *att_dropped;
+    real *q, *k, *att, *att_dropped;
 };
 void attention_forward(real* out, AttentionSaved saved, const real* qkv, int B, int T, int C, int NH, bool rotary, real dropout_p, uint64_t seed);
-void attention_backward(real* dqkv, const real* dout, AttentionSaved saved, int B, int T, int C, int NH, bool rotary, real dropout_p, uint64_t seed);
+void attention_backward(real* dqkv, const real* dout, AttentionSaved saved, const real* qkv, int B, int T, int C, int NH, bool rotary,
+                        real dropout_p, uint64_t seed);
 Tensor attention(Tensor qkv, int heads, bool rotary, real dropout_p, uint64_t seed);
 // The whole layer: linear to qkv, attention, linear out.
 Tensor multi_head_attention(Tensor x, Tensor qkv_weight, Tensor qkv_bias, Tensor proj_weight, Tensor proj_bias, int heads);
