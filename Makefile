@@ -73,7 +73,7 @@ test: $(TESTS) tests/gpt_parity $(PROGRAMS)
 	@bash tests/run_tests.sh $(TESTS) tests/test_parity.sh tests/test_programs.sh
 
 clean:
-	rm -rf build $(PROGRAMS) $(TESTS) tests/gpt_parity bench/emulator
+	rm -rf build $(PROGRAMS) $(TESTS) tests/gpt_parity bench/emulator bench/bench_gpt
 
 # ----------------------------------------------------------------------------------------------------
 # Data. The corpus is downloaded, never committed. DATA=path uses a copy you already have.
@@ -126,7 +126,7 @@ train: train_gpt inference data/$(DATASET)_train.bin
 # ----------------------------------------------------------------------------------------------------
 # Benchmarks (not tests): each prints its figures.
 
-bench/emulator: $(OBJ)/bench/emulator.o $(OBJ)/tricycle.o $(STAMP)
+bench/emulator bench/bench_gpt: %: $(OBJ)/%.o $(OBJ)/tricycle.o $(STAMP)
 	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
 
 bench-emulator: bench/emulator

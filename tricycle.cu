@@ -222,6 +222,39 @@ template <typename F> __device__ inline void for_each_in_row(int count, F body) 
     for_each_strided(0, count, threadIdx.x, blockDim.x, [&](long i) { body(int(i)); });
 }
 
+// Sums and maxima of f(i) over this thread's share of [begin, end) (as for_each_strided). A lone thread's
+// loop is declared a SIMD reduction, which lets the CPU compiler vectorise it (adding in another order
+// than a plain loop would, so the last bits may differ).
+template <typename F> __device__ inline real sum_strided(long begin, long end, int thread, int threads, F f) {
+    real total = 0;
+    if (threads == 1) {
+#pragma omp simd reduction(+ : total)
+        for (long i = begin; i < end; i++) total += f(i);
+    } else {
+        for (long i = begin + thread; i < end; i += threads) total += f(i);
+    }
+    return total;
+}
+
+template <typename F> __device__ inline real max_strided(long begin, long end, int thread, int threads, F f) {
+    real best = -INFINITY;
+    if (threads == 1) {
+#pragma omp simd reduction(max : best)
+        for (long i = begin; i < end; i++) best = f(i) > best ? f(i) : best;
+    } else {
+        for (long i = begin + thread; i < end; i += threads) best = fmax(best, f(i));
+    }
+    return best;
+}
+
+// Row kernels: this thread's part of the sum (max) of f over the `count` elements of its row.
+template <typename F> __device__ inline real row_sum(int count, F f) {
+    return sum_strided(0, count, threadIdx.x, blockDim.x, [&](long i) { return f(int(i)); });
+}
+template <typename F> __device__ inline real row_max(int count, F f) {
+    return max_strided(0, count, threadIdx.x, blockDim.x, [&](long i) { return f(int(i)); });
+}
+
 // Within a row kernel: which row this thread's group handles. Threads of a row past the end work on
 // the last row but must not write (they still take part in the group's shuffles).
 __device__ inline long group_row(long rows, bool* active) {
@@ -908,12 +941,9 @@ __global__ void softmax_forward_kernel(real* out, const real* x, long rows, int 
     long row = group_row(rows, &active);
     const real* xr = x + row * n;
     real* yr = out + row * n;
-    real row_max = -INFINITY, total = 0;
-    for_each_in_row(n, [&](int i) { row_max = fmax(row_max, xr[i]); });
-    row_max = group_max(row_max);
-    for_each_in_row(n, [&](int i) { total += fast_exp(xr[i] - row_max); });
-    total = group_sum(total);
-    if (active) for_each_in_row(n, [&](int i) { yr[i] = fast_exp(xr[i] - row_max) / total; });
+    real largest = group_max(row_max(n, [&](int i) { return xr[i]; }));
+    real total = group_sum(row_sum(n, [&](int i) { return fast_exp(xr[i] - largest); }));
+    if (active) for_each_in_row(n, [&](int i) { yr[i] = fast_exp(xr[i] - largest) / total; });
 }
 
 __global__ void softmax_backward_kernel(real* dx, const real* dout, const real* out, long rows, int n) {
@@ -921,9 +951,7 @@ __global__ void softmax_backward_kernel(real* dx, const real* dout, const real* 
     long row = group_row(rows, &active);
     const real *yr = out + row * n, *dyr = dout + row * n;
     real* dxr = dx + row * n;
-    real dot = 0;
-    for_each_in_row(n, [&](int i) { dot += dyr[i] * yr[i]; });
-    dot = group_sum(dot);
+    real dot = group_sum(row_sum(n, [&](int i) { return dyr[i] * yr[i]; }));
     if (active) for_each_in_row(n, [&](int i) { dxr[i] += yr[i] * (dyr[i] - dot); });
 }
 
@@ -1202,11 +1230,9 @@ __global__ void layernorm_forward_kernel(real* out, real* mean_out, real* rstd_o
     long row = group_row(rows, &active);
     const real* xr = x + row * C;
     real* o = out + row * C;
-    real total = 0, variance = 0;
-    for_each_in_row(C, [&](int c) { total += xr[c]; });
-    real mean = group_sum(total) / C;
-    for_each_in_row(C, [&](int c) { variance += (xr[c] - mean) * (xr[c] - mean); });
-    real rstd = 1 / sqrt(group_sum(variance) / C + norm_eps);
+    real mean = group_sum(row_sum(C, [&](int c) { return xr[c]; })) / C;
+    real variance = group_sum(row_sum(C, [&](int c) { return (xr[c] - mean) * (xr[c] - mean); })) / C;
+    real rstd = 1 / sqrt(variance + norm_eps);
     if (!active) return;
     for_each_in_row(C, [&](int c) { o[c] = (xr[c] - mean) * rstd * weight[c] + bias[c]; });
     if (threadIdx.x == 0) mean_out[row] = mean, rstd_out[row] = rstd;
@@ -1218,12 +1244,9 @@ __global__ void layernorm_backward_kernel(real* dx, const real* dout, const real
     long row = group_row(rows, &active);
     const real *xr = x + row * C, *dr = dout + row * C;
     real* dxr = dx + row * C;
-    real row_mean = mean[row], row_rstd = rstd[row], g_total = 0, g_xhat_total = 0;
-    for_each_in_row(C, [&](int c) {
-        real g = dr[c] * weight[c];
-        g_total += g, g_xhat_total += g * (xr[c] - row_mean) * row_rstd;
-    });
-    real g_mean = group_sum(g_total) / C, g_xhat_mean = group_sum(g_xhat_total) / C;
+    real row_mean = mean[row], row_rstd = rstd[row];
+    real g_mean = group_sum(row_sum(C, [&](int c) { return dr[c] * weight[c]; })) / C;
+    real g_xhat_mean = group_sum(row_sum(C, [&](int c) { return dr[c] * weight[c] * (xr[c] - row_mean) * row_rstd; })) / C;
     if (!active) return;
     for_each_in_row(C, [&](int c) { dxr[c] += row_rstd * (dr[c] * weight[c] - g_mean - (xr[c] - row_mean) * row_rstd * g_xhat_mean); });
 }
@@ -1258,9 +1281,7 @@ __global__ void rmsnorm_forward_kernel(real* out, real* rstd_out, const real* x,
     long row = group_row(rows, &active);
     const real* xr = x + row * C;
     real* o = out + row * C;
-    real squares = 0;
-    for_each_in_row(C, [&](int c) { squares += xr[c] * xr[c]; });
-    real rstd = 1 / sqrt(group_sum(squares) / C + norm_eps);
+    real rstd = 1 / sqrt(group_sum(row_sum(C, [&](int c) { return xr[c] * xr[c]; })) / C + norm_eps);
     if (!active) return;
     for_each_in_row(C, [&](int c) { o[c] = xr[c] * rstd * weight[c]; });
     if (threadIdx.x == 0) rstd_out[row] = rstd;
@@ -1271,9 +1292,8 @@ __global__ void rmsnorm_backward_kernel(real* dx, const real* dout, const real* 
     long row = group_row(rows, &active);
     const real *xr = x + row * C, *dr = dout + row * C;
     real* dxr = dx + row * C;
-    real row_rstd = rstd[row], g_xhat_total = 0;
-    for_each_in_row(C, [&](int c) { g_xhat_total += dr[c] * weight[c] * xr[c] * row_rstd; });
-    real g_xhat_mean = group_sum(g_xhat_total) / C;
+    real row_rstd = rstd[row];
+    real g_xhat_mean = group_sum(row_sum(C, [&](int c) { return dr[c] * weight[c] * xr[c] * row_rstd; })) / C;
     if (!active) return;
     for_each_in_row(C, [&](int c) { dxr[c] += row_rstd * (dr[c] * weight[c] - xr[c] * row_rstd * g_xhat_mean); });
 }
@@ -1499,12 +1519,10 @@ __global__ void causal_softmax_forward_kernel(real* att, long rows, int T, int k
     long row = group_row(rows, &active);
     int last = start + int(row % T);
     real* a = att + row * keys;
-    real row_max = -INFINITY, total = 0;
-    for_each_in_row(last + 1, [&](int s) { row_max = fmax(row_max, a[s]); });
-    row_max = group_max(row_max);
+    real largest = group_max(row_max(last + 1, [&](int s) { return a[s]; })), total = 0;
     if (active) {  // exponentials in place, then their sum (threads past the end only join the shuffles)
-        for_each_in_row(last + 1, [&](int s) { a[s] = fast_exp(a[s] - row_max); });
-        for_each_in_row(last + 1, [&](int s) { total += a[s]; });
+        for_each_in_row(last + 1, [&](int s) { a[s] = fast_exp(a[s] - largest); });
+        total = row_sum(last + 1, [&](int s) { return a[s]; });
     }
     real inverse = 1 / group_sum(total);
     if (!active) return;
@@ -1518,9 +1536,7 @@ __global__ void causal_softmax_backward_kernel(real* datt, const real* att, long
     int t = int(row % T);
     const real* a = att + row * T;
     real* d = datt + row * T;
-    real dot = 0;
-    for_each_in_row(t + 1, [&](int s) { dot += d[s] * a[s]; });
-    dot = group_sum(dot);
+    real dot = group_sum(row_sum(t + 1, [&](int s) { return d[s] * a[s]; }));
     if (!active) return;
     for_each_in_row(T, [&](int s) { d[s] = s <= t ? a[s] * (d[s] - dot) : 0; });
 }
@@ -1612,11 +1628,8 @@ __global__ void cross_entropy_forward_kernel(real* losses, real* logsumexp, cons
     bool active;
     long row = group_row(N, &active);
     const real* l = logits + row * V;
-    real row_max = -INFINITY, total = 0;
-    for_each_in_row(V, [&](int v) { row_max = fmax(row_max, l[v]); });
-    row_max = group_max(row_max);
-    for_each_in_row(V, [&](int v) { total += fast_exp(l[v] - row_max); });
-    real lse = row_max + log(group_sum(total));
+    real largest = group_max(row_max(V, [&](int v) { return l[v]; }));
+    real lse = largest + log(group_sum(row_sum(V, [&](int v) { return fast_exp(l[v] - largest); })));
     if (!active || threadIdx.x != 0) return;
     int target = targets[row];
     logsumexp[row] = lse;
@@ -1998,9 +2011,8 @@ void generate(GPT& model, std::vector<int>& tokens, int count, Sampler& sampler,
 // through shared memory in a tree; then one thread adds the block sums in order.
 __global__ void sum_of_squares_kernel(real* block_sums, const real* x, long n) {
     auto partial = shared_memory<real>();
-    real total = 0;
-    for_each_element(n, [&](long i) { total += x[i] * x[i]; });
-    partial[threadIdx.x] = total;
+    long tile = ((n + gridDim.x - 1) / gridDim.x + 63) / 64 * 64, begin = blockIdx.x * tile;
+    partial[threadIdx.x] = sum_strided(begin, begin + tile < n ? begin + tile : n, threadIdx.x, blockDim.x, [&](long i) { return x[i] * x[i]; });
     __syncthreads();
     for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
         if (int(threadIdx.x) < stride) partial[threadIdx.x] = partial[threadIdx.x] + partial[threadIdx.x + stride];
