@@ -43,7 +43,7 @@ HEADERS := tricycle.h cuda_cpu.h
 PROGRAMS := train_gpt inference tokenizer
 TESTS := test_gradients tests/test_tokenizer
 
-.PHONY: all test clean train bench-emulator bench-tokenizer
+.PHONY: all test clean train bench kernel-report bench-emulator bench-tokenizer
 all: $(PROGRAMS) $(TESTS)
 
 # Binaries go to the repository root whatever the build; this stamp relinks them when it changes.
@@ -128,6 +128,14 @@ train: train_gpt inference data/$(DATASET)_train.bin
 
 bench/emulator bench/bench_gpt: %: $(OBJ)/%.o $(OBJ)/tricycle.o $(STAMP)
 	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
+
+# Tricycle against PyTorch on nanoGPT's CPU recipe, a per-kernel profile, the GPT-2 124M shape, and
+# the GPU kernels' registers and spills. BENCH_STEPS=N shortens the recipe.
+bench: train_gpt tokenizer bench/bench_gpt $(DATA)
+	DATA=$(DATA) bash bench/run_bench.sh
+
+kernel-report:
+	bash bench/kernel_report.sh $(CUDA_ARCH)
 
 bench-emulator: bench/emulator
 	./bench/emulator

@@ -210,11 +210,20 @@ template <typename F> __device__ inline void for_each_strided(long begin, long e
     }
 }
 
-// Elementwise kernels: this thread's share of its block's tile of [0, n). Tiles are multiples of 64
-// elements, so they start on cache-line (and vector) boundaries.
+// Elementwise kernels: this block's tile [begin, end) of [0, n). Tiles are multiples of 64 elements,
+// so they start on cache-line (and vector) boundaries.
+struct Tile {
+    long begin, end;
+};
+__device__ inline Tile block_tile(long n) {
+    long size = ((n + gridDim.x - 1) / gridDim.x + 63) / 64 * 64, begin = blockIdx.x * size;
+    return Tile{begin, begin + size < n ? begin + size : n};
+}
+
+// Elementwise kernels: this thread's share of its block's tile.
 template <typename F> __device__ inline void for_each_element(long n, F body) {
-    long tile = ((n + gridDim.x - 1) / gridDim.x + 63) / 64 * 64, begin = blockIdx.x * tile;
-    for_each_strided(begin, begin + tile < n ? begin + tile : n, threadIdx.x, blockDim.x, body);
+    Tile tile = block_tile(n);
+    for_each_strided(tile.begin, tile.end, threadIdx.x, blockDim.x, body);
 }
 
 // Row kernels: this thread's share of the `count` elements of its group's row.
@@ -2011,8 +2020,8 @@ void generate(GPT& model, std::vector<int>& tokens, int count, Sampler& sampler,
 // through shared memory in a tree; then one thread adds the block sums in order.
 __global__ void sum_of_squares_kernel(real* block_sums, const real* x, long n) {
     auto partial = shared_memory<real>();
-    long tile = ((n + gridDim.x - 1) / gridDim.x + 63) / 64 * 64, begin = blockIdx.x * tile;
-    partial[threadIdx.x] = sum_strided(begin, begin + tile < n ? begin + tile : n, threadIdx.x, blockDim.x, [&](long i) { return x[i] * x[i]; });
+    Tile tile = block_tile(n);
+    partial[threadIdx.x] = sum_strided(tile.begin, tile.end, threadIdx.x, blockDim.x, [&](long i) { return x[i] * x[i]; });
     __syncthreads();
     for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
         if (int(threadIdx.x) < stride) partial[threadIdx.x] = partial[threadIdx.x] + partial[threadIdx.x + stride];

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# make bench: Tricycle against PyTorch on nanoGPT's CPU recipe, side by side in one invocation, then
+# where Tricycle's time goes (per kernel), the GPT-2 124M shape, and the kernels' register report.
+#
+# The recipe: character-level tinyshakespeare (first 90% train, last 10% val), 4 layers, 4 heads,
+# 128 dim, context 64, batch 12, AdamW lr 1e-3 with 100 warmup steps and cosine decay to 1e-4,
+# beta2 0.99, weight decay 0.1, clip 1.0, dropout 0, eval every 250 steps on 20 batches, fp32.
+# BENCH_STEPS=N shortens it (default 2000); BENCH_SKIP_PYTORCH=1 leaves PyTorch out.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+steps=${BENCH_STEPS:-2000}
+data=${DATA:-data/tinyshakespeare.txt}
+out=out/bench
+mkdir -p data "$out"
+
+# Character-level data: the byte tokenizer (256 bytes + end-of-text, vocab 257).
+[ -f data/bytes.tok ] || ./tokenizer train --bytes --output data/bytes.tok
+[ -f data/char_train.bin ] || ./tokenizer encode --tokenizer data/bytes.tok --input "$data" --output data/char
+recipe=(--layers 4 --heads 4 --dim 128 --context 64 --batch 12 --steps "$steps" --lr 1e-3 --min-lr 1e-4 --warmup 100
+        --beta2 0.99 --weight-decay 0.1 --clip 1.0 --dropout 0 --eval-interval 250 --eval-steps 20 --seed 1337)
+
+median_ms() {  # median step time of a metrics.csv (from its tokens/s column), in ms
+    awk -F, -v tokens=$((12 * 64)) 'NR > 1 && $6 != "" { print tokens / $6 * 1000 }' "$1" | sort -n |
+        awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
+}
+
+echo "== nanoGPT CPU recipe, $steps steps"
+calc() { awk "BEGIN { print $1 }"; }
+start=$(date +%s.%N)
+./train_gpt --train data/char_train.bin --val data/char_val.bin --tokenizer data/bytes.tok --out "$out" "${recipe[@]}" > "$out/train.log"
+ours_wall=$(calc "$(date +%s.%N) - $start")
+ours_ms=$(median_ms "$out/metrics.csv")
+ours_loss=$(grep "val loss" "$out/train.log" | tail -n 1 | sed 's/.*val loss \([0-9.]*\).*/\1/')
+printf "tricycle: wall %.1f s, median %.2f ms/step, val loss %s\n" "$ours_wall" "$ours_ms" "$ours_loss"
+
+if [ "${BENCH_SKIP_PYTORCH:-0}" != 1 ]; then
+    # PyTorch at its fastest here: try 1 and 2 threads of its own, each with 1 and 2 OpenBLAS threads.
+    best_ms=1e9
+    for blas in 1 2; do
+        while read -r _ threads ms; do
+            threads=${threads#threads=} ms=${ms#ms_per_step=}
+            echo "pytorch probe: $threads PyTorch thread(s), $blas OpenBLAS thread(s): $ms ms/step"
+            if awk "BEGIN { exit !($ms < $best_ms) }"; then best_ms=$ms best_threads=$threads best_blas=$blas; fi
+        done < <(OPENBLAS_NUM_THREADS=$blas /usr/bin/python3 bench/pytorch_baseline.py --train data/char_train.bin --val data/char_val.bin \
+                     --vocab-size 257 --probe | grep '^PROBE')
+    done
+    OPENBLAS_NUM_THREADS=$best_blas /usr/bin/python3 bench/pytorch_baseline.py --train data/char_train.bin --val data/char_val.bin \
+        --vocab-size 257 --steps "$steps" --threads "$best_threads" | tee "$out/pytorch.log"
+    result=$(grep '^RESULT' "$out/pytorch.log")
+    field() { sed "s/.* $1=\([^ ]*\).*/\1/" <<< "$result"; }
+    torch_wall=$(field wall_s) torch_ms=$(field ms_per_step) torch_loss=$(field val_loss)
+    echo
+    printf "%-36s %10s %12s %10s %10s\n" "" "wall (s)" "ms/step" "tokens/s" "val loss"
+    printf "%-36s %10.1f %12.2f %10.0f %10s\n" "tricycle (CPU build, 2 cores)" "$ours_wall" "$ours_ms" "$(calc "768000 / $ours_ms")" "$ours_loss"
+    printf "%-36s %10.1f %12.2f %10.0f %10s\n" "pytorch ($best_threads thread, OpenBLAS $best_blas)" "$torch_wall" "$torch_ms" "$(calc "768000 / $torch_ms")" "$torch_loss"
+    printf "tricycle / pytorch: wall %.2fx, ms/step %.2fx\n" "$(calc "$ours_wall / $torch_wall")" "$(calc "$ours_ms / $torch_ms")"
+fi
+
+echo
+echo "== where the time goes: one training step of the recipe, per kernel and matrix product"
+./train_gpt --train data/char_train.bin --val data/char_val.bin --tokenizer data/bytes.tok --out "$out/profile" "${recipe[@]}" \
+    --steps 100 --eval-interval 0 --profile | sed -n '/^profile over/,$p' | grep -v '^done'
+
+echo
+echo "== GPT-2 124M shape (12 layers, 768 dim, 12 heads, vocab 50257), B=4, T=64 (llm.c's CPU train_gpt2.c, 2 threads: ~5.5 s/step here)"
+./bench/bench_gpt --steps 5 | tail -n 1
+
+echo
+echo "== GPU build: registers and spills per kernel (nvcc -Xptxas -v; nothing runs)"
+bash bench/kernel_report.sh | tail -n 3
