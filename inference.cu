@@ -84,15 +84,4 @@ static int run(int argc, char** argv) {
     return 0;
 }
 
-int main(int argc, char** argv) {
-    if (wants_help(argc, argv)) {
-        fputs(help_text, stdout);
-        return 0;
-    }
-    try {
-        return run(argc, argv);
-    } catch (const std::exception& error) {
-        fprintf(stderr, "inference: error: %s\n", error.what());
-        return 1;
-    }
-}
+int main(int argc, char** argv) { return run_program("inference", help_text, argc, argv, run); }

@@ -456,15 +456,4 @@ static int train(int argc, char** argv) {
     return 0;
 }
 
-int main(int argc, char** argv) {
-    if (wants_help(argc, argv)) {
-        fputs(help_text, stdout);
-        return 0;
-    }
-    try {
-        return train(argc, argv);
-    } catch (const std::exception& error) {
-        fprintf(stderr, "\ntrain_gpt: error: %s\n", error.what());
-        return 1;
-    }
-}
+int main(int argc, char** argv) { return run_program("train_gpt", help_text, argc, argv, train); }

@@ -3066,3 +3066,17 @@ void unknown_flag(const char* arg) {
 }
 
 double seconds_now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+int run_program(const char* name, const char* help, int argc, char** argv, int (*body)(int argc, char** argv)) {
+    if (wants_help(argc, argv)) {
+        fputs(help, stdout);
+        return 0;
+    }
+    try {
+        return body(argc, argv);
+    } catch (const std::exception& error) {
+        fflush(stdout);
+        fprintf(stderr, "%s: error: %s\n", name, error.what());
+        return 1;
+    }
+}

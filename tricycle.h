@@ -690,3 +690,7 @@ long parse_int(const char* flag, const char* text, long min, long max);
 double parse_number(const char* flag, const char* text, double min, double max);
 [[noreturn]] void unknown_flag(const char* arg);
 double seconds_now();                                                    // a steady clock
+
+// A program's main: --help prints `help`; otherwise it runs body(argc, argv), and an error becomes one
+// line "NAME: error: MESSAGE" on stderr and exit status 1.
+int run_program(const char* name, const char* help, int argc, char** argv, int (*body)(int argc, char** argv));

@@ -16,73 +16,69 @@ static void write_floats(FILE* file, const real* device, long n) {
     fwrite(bytes.data(), 1, bytes.size(), file);
 }
 
-int main(int argc, char** argv) {
-    try {
-        if (argc < 2 || !strcmp(argv[1], "--help")) {
-            printf("usage: tests/gpt_parity DIR [--rmsnorm] [--swiglu] [--rotary] [--untied]\n");
-            return argc < 2 ? 1 : 0;
-        }
-        std::string dir = argv[1];
-        GPTConfig config;
-        config.vocab_size = 61, config.context = 16, config.dim = 48, config.layers = 2, config.heads = 4;
-        for (int i = 2; i < argc; i++) {
-            if (!strcmp(argv[i], "--rmsnorm")) config.norm = Norm::rmsnorm;
-            else if (!strcmp(argv[i], "--swiglu")) config.activation = Activation::swiglu;
-            else if (!strcmp(argv[i], "--rotary")) config.rotary = true;
-            else if (!strcmp(argv[i], "--untied")) config.tied_embeddings = false;
-            else fail("unknown flag '%s'", argv[i]);
-        }
-        GPT model;
-        gpt_create(&model, config);
-        gpt_init(&model, 1234);
-        gpt_save(model, (dir + "/model.bin").c_str());
-
-        const int B = 4, T = 16, V = config.vocab_size;
-        std::vector<int> batch(2 + 2 * B * T);
-        batch[0] = B, batch[1] = T;
-        for (int i = 0; i < B * T; i++) {
-            batch[2 + i] = int(random_bits(11, i) % V);
-            batch[2 + B * T + i] = int(random_bits(12, i) % V);
-        }
-        batch[2 + B * T + 5] = ignore_index;  // one padded position
-        FILE* file = fopen((dir + "/batch.bin").c_str(), "wb");
-        if (!file) fail("cannot write %s/batch.bin", dir.c_str());
-        fwrite(batch.data(), sizeof(int), batch.size(), file);
-        fclose(file);
-        int* tokens = device_alloc<int>(2 * B * T);
-        cuda_check(cudaMemcpy(tokens, batch.data() + 2, 2 * B * T * sizeof(int), cudaMemcpyHostToDevice));
-        int* targets = tokens + B * T;
-
-        // One forward and backward: logits, loss, gradients.
-        file = fopen((dir + "/tricycle.bin").c_str(), "wb");
-        if (!file) fail("cannot write %s/tricycle.bin", dir.c_str());
-        MemoryMark mark = memory_mark();
-        Tensor logits = gpt_forward(model, tokens, B, T, true, 0);
-        Tensor loss = cross_entropy(logits, targets);
-        backward(loss);
-        write_floats(file, logits.data, logits.size());
-        write_floats(file, loss.data, 1);
-        write_floats(file, model.gradients, model.num_parameters);
-        memory_release(mark);
-
-        // Ten AdamW steps, lr 1e-3, betas (0.9, 0.95), weight decay 0.1, clipping at norm 1.
-        AdamW adam;
-        adamw_create(&adam, model.num_parameters);
-        real* norm = device_alloc<real>(1);
-        for (int step = 0; step < 10; step++) {
-            cuda_check(cudaMemset(model.gradients, 0, model.num_parameters * sizeof(real)));
-            mark = memory_mark();
-            loss = cross_entropy(gpt_forward(model, tokens, B, T, true, 0), targets);
-            backward(loss);
-            write_floats(file, loss.data, 1);
-            gradient_norm(norm, model.gradients, model.num_parameters);
-            adamw_update(&adam, model.parameters, model.gradients, model.num_decayed, real(1e-3), norm, 1);
-            memory_release(mark);
-        }
-        fclose(file);
-        return 0;
-    } catch (const std::exception& error) {
-        fprintf(stderr, "gpt_parity: error: %s\n", error.what());
-        return 1;
+static int write_parity_files(int argc, char** argv) {
+    if (argc < 2) fail("no output folder given (usage: tests/gpt_parity DIR [flags])");
+    std::string dir = argv[1];
+    GPTConfig config;
+    config.vocab_size = 61, config.context = 16, config.dim = 48, config.layers = 2, config.heads = 4;
+    for (int i = 2; i < argc; i++) {
+        if (!strcmp(argv[i], "--rmsnorm")) config.norm = Norm::rmsnorm;
+        else if (!strcmp(argv[i], "--swiglu")) config.activation = Activation::swiglu;
+        else if (!strcmp(argv[i], "--rotary")) config.rotary = true;
+        else if (!strcmp(argv[i], "--untied")) config.tied_embeddings = false;
+        else fail("unknown flag '%s'", argv[i]);
     }
+    GPT model;
+    gpt_create(&model, config);
+    gpt_init(&model, 1234);
+    gpt_save(model, (dir + "/model.bin").c_str());
+
+    const int B = 4, T = 16, V = config.vocab_size;
+    std::vector<int> batch(2 + 2 * B * T);
+    batch[0] = B, batch[1] = T;
+    for (int i = 0; i < B * T; i++) {
+        batch[2 + i] = int(random_bits(11, i) % V);
+        batch[2 + B * T + i] = int(random_bits(12, i) % V);
+    }
+    batch[2 + B * T + 5] = ignore_index;  // one padded position
+    FILE* file = fopen((dir + "/batch.bin").c_str(), "wb");
+    if (!file) fail("cannot write %s/batch.bin", dir.c_str());
+    fwrite(batch.data(), sizeof(int), batch.size(), file);
+    fclose(file);
+    int* tokens = device_alloc<int>(2 * B * T);
+    cuda_check(cudaMemcpy(tokens, batch.data() + 2, 2 * B * T * sizeof(int), cudaMemcpyHostToDevice));
+    int* targets = tokens + B * T;
+
+    // One forward and backward: logits, loss, gradients.
+    file = fopen((dir + "/tricycle.bin").c_str(), "wb");
+    if (!file) fail("cannot write %s/tricycle.bin", dir.c_str());
+    MemoryMark mark = memory_mark();
+    Tensor logits = gpt_forward(model, tokens, B, T, true, 0);
+    Tensor loss = cross_entropy(logits, targets);
+    backward(loss);
+    write_floats(file, logits.data, logits.size());
+    write_floats(file, loss.data, 1);
+    write_floats(file, model.gradients, model.num_parameters);
+    memory_release(mark);
+
+    // Ten AdamW steps, lr 1e-3, betas (0.9, 0.95), weight decay 0.1, clipping at norm 1.
+    AdamW adam;
+    adamw_create(&adam, model.num_parameters);
+    real* norm = device_alloc<real>(1);
+    for (int step = 0; step < 10; step++) {
+        cuda_check(cudaMemset(model.gradients, 0, model.num_parameters * sizeof(real)));
+        mark = memory_mark();
+        loss = cross_entropy(gpt_forward(model, tokens, B, T, true, 0), targets);
+        backward(loss);
+        write_floats(file, loss.data, 1);
+        gradient_norm(norm, model.gradients, model.num_parameters);
+        adamw_update(&adam, model.parameters, model.gradients, model.num_decayed, real(1e-3), norm, 1);
+        memory_release(mark);
+    }
+    fclose(file);
+    return 0;
+}
+
+int main(int argc, char** argv) {
+    return run_program("gpt_parity", "usage: tests/gpt_parity DIR [--rmsnorm] [--swiglu] [--rotary] [--untied]\n", argc, argv, write_parity_files);
 }
