@@ -326,12 +326,20 @@ static void test_layer_gradients() {
 
     for (int lanes : {1, 32, 8}) {
         threads_per_row = lanes;
-        Tensor qkv = input({2, 5, 36}, 17);  // C = 12, 3 heads of 4
-        check_gradient("attention (2,5,3*12), 3 heads" + lanes_note(), [=] { return attention(qkv, 3, false, 0, 0); }, {qkv});
-        check_gradient("attention with rotary positions" + lanes_note(), [=] { return attention(qkv, 3, true, 0, 0); }, {qkv});
-        check_gradient("attention with dropout 0.25 on the probabilities" + lanes_note(), [=] { return attention(qkv, 3, false, 0.25, 5); }, {qkv});
-        Tensor single = input({3, 1, 18}, 18);
-        check_gradient("attention with T=1, 2 heads of 3" + lanes_note(), [=] { return attention(single, 2, false, 0, 0); }, {single});
+        for (bool flash : {false, true}) {
+            use_flash_attention = flash;
+            std::string kind = std::string(flash ? "flash" : "plain") + " attention";
+            Tensor qkv = input({2, 5, 36}, 17);  // C = 12, 3 heads of 4
+            check_gradient(kind + " (2,5,3*12), 3 heads" + lanes_note(), [=] { return attention(qkv, 3, false, 0, 0); }, {qkv});
+            check_gradient(kind + " with rotary positions" + lanes_note(), [=] { return attention(qkv, 3, true, 0, 0); }, {qkv});
+            check_gradient(kind + " with dropout 0.25 on the probabilities" + lanes_note(), [=] { return attention(qkv, 3, false, 0.25, 5); }, {qkv});
+            Tensor single = input({3, 1, 18}, 18);
+            check_gradient(kind + " with T=1, 2 heads of 3" + lanes_note(), [=] { return attention(single, 2, false, 0, 0); }, {single});
+            Tensor longer = input({1, 37, 36}, 19);  // T past one 32-key tile
+            check_gradient(kind + " with T=37, 2 heads of 6, rotary, dropout 0.1" + lanes_note(), [=] { return attention(longer, 2, true, 0.1, 6); },
+                           {longer});
+        }
+        use_flash_attention = false;
 
         Tensor logits = input({7, 37}, 19);
         int* targets = device_ints({3, 36, ignore_index, 0, 5, 5, 20});
@@ -363,6 +371,26 @@ static void test_layer_gradients() {
     check(m_a == m_b, "dropout: the same seed gives the same mask");
     check(m_a != m_c, "dropout: another seed gives another mask");
     check(dropped > 1800 && dropped < 2200 && (m_a[0] == 0 || std::fabs(m_a[0] - 1.25) < 1e-12), "dropout p=0.2: %ld of 10000 dropped, kept ones scaled to 1.25", dropped);
+
+    // Flash and plain attention compute the same thing: outputs and input gradients agree.
+    for (int lanes : {1, 32}) {
+        threads_per_row = lanes;
+        Tensor qkv = requires_grad(randn({2, 70, 48}, 23));
+        std::vector<real> outputs[2], grads[2];
+        for (int flash = 0; flash < 2; flash++) {
+            use_flash_attention = flash;
+            zero_grad(qkv);
+            Tensor out = attention(qkv, 4, false, 0.2, 9);
+            outputs[flash] = to_host(out);
+            backward(project(out));
+            grads[flash] = to_host(grad(qkv));
+        }
+        use_flash_attention = false;
+        check(max_difference(outputs[0], outputs[1]) < 1e-12 && max_difference(grads[0], grads[1]) < 1e-12,
+              "flash and plain attention agree on (2,70,3*16), 4 heads, dropout 0.2: output diff %.1e, gradient diff %.1e%s",
+              max_difference(outputs[0], outputs[1]), max_difference(grads[0], grads[1]), lanes_note().c_str());
+    }
+    threads_per_row = 1;
 
     // The seed's attention example: embedding_dim 32, 2 heads, context 32, input (4,32,32) of ones.
     Tensor ones_in = requires_grad(ones({4, 32, 32}));
@@ -407,7 +435,11 @@ static void test_gpt() {
     dropped.dropout = 0.2f, dropped.attention_dropout = 0.1f;
     threads_per_row = 32;
     check_gpt_gradients("dropout 0.2 and attention dropout 0.1, 32 threads per row", dropped);
+    use_flash_attention = true;
+    check_gpt_gradients("flash attention with attention dropout 0.1, 32 threads per row", dropped);
     threads_per_row = 1;
+    check_gpt_gradients("flash attention, rmsnorm, swiglu, rotary, untied", modern);
+    use_flash_attention = false;
 
     // Gradient accumulation: two micro-batches at half weight give the gradient of the full batch.
     GPT model;

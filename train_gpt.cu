@@ -33,6 +33,7 @@ static const char* help_text =
     "  --vocab-size N        must equal the tokenizer's vocabulary (default: taken from it)\n"
     "  --dropout P           dropout on embeddings and residual branches (attention: --attention-dropout P)\n"
     "  --norm layernorm|rmsnorm   --activation gelu|swiglu   --rotary   --untied\n"
+    "  --attention plain|flash     attention kernels (same results; default flash on a GPU, plain on the CPU)\n"
     "training:\n"
     "  --batch N  --grad-accum N  --steps N                sequences per micro-batch, micro-batches per step\n"
     "  --lr X  --min-lr X  --warmup N                      linear warmup, then cosine decay to min-lr\n"
@@ -106,6 +107,10 @@ static Options parse_options(int argc, char** argv) {
             std::string v = value();
             if (v != "gelu" && v != "swiglu") fail("flag --activation expects gelu or swiglu, got '%s'", v.c_str());
             m.activation = v == "swiglu" ? Activation::swiglu : Activation::gelu;
+        } else if (flag == "--attention") {
+            std::string v = value();
+            if (v != "plain" && v != "flash") fail("flag --attention expects plain or flash, got '%s'", v.c_str());
+            use_flash_attention = v == "flash";
         } else if (flag == "--rotary") m.rotary = true;
         else if (flag == "--untied") m.tied_embeddings = false;
         else if (flag == "--batch") o.batch = int(integer(1, 1 << 20));

@@ -1608,6 +1608,272 @@ void attention_backward(real* dqkv, const real* dout, AttentionSaved saved, cons
     }
 }
 
+// ----------------------------------------------------------------------------------------------------
+// Flash-style attention: the same maths without the (T, T) matrix in memory. A block takes a tile of
+// query rows, a row group per query; keys and values pass through shared memory a tile at a time, and
+// each query keeps a running maximum m, the running sum l of exp(score - m) and its output accumulator
+// o, rescaled whenever m grows (the online softmax):
+//   m' = max(m, s),  l = l e^(m - m') + e^(s - m'),  o = o e^(m - m') + e^(s - m') v;  out = o / l.
+// The forward saves only lse = m + log l per query. The backward recomputes p = exp(q.k / sqrt(hs) - lse):
+//   D_t = dout_t . out_t,  dp = dout_t . v_s,  ds = p (dp - D_t),
+//   dq_t += ds k_s / sqrt(hs)                   (one kernel: a query per row group, looping over keys)
+//   dk_s += ds q_t / sqrt(hs),  dv_s += p dout_t  (another: a key per row group, looping over queries)
+// so every gradient row has one owner and nothing is added atomically. Attention dropout uses the same
+// mask as the plain kernels (element (b, h, t, s) of the counter-based stream).
+//
+// Each thread keeps its share of a head vector, the elements d = threadIdx.x + i * blockDim.x for
+// i < PER_THREAD, in registers; PER_THREAD is a template parameter so the arrays stay in registers.
+
+bool use_flash_attention =
+#ifdef __CUDACC__
+    true;
+#else
+    false;  // on the CPU the plain kernels' matrix products are faster
+#endif
+
+constexpr int flash_tile = 32;  // keys (or queries) per shared-memory tile
+
+struct FlashShape {
+    int B, T, C, NH, ld_qk;  // q and k rows are ld_qk apart (3C inside qkv, C when rotated); v's are 3C
+    real scale, dropout_p;
+    uint64_t seed;
+};
+
+// The dropout factor of probability (b, h, t, s): 0 or 1 / (1 - p), as dropout_kernel draws it.
+__device__ inline real attention_keep(const FlashShape& s, int b, int h, int t, int key) {
+    if (s.dropout_p <= 0) return 1;
+    uint64_t index = ((uint64_t(b) * s.NH + h) * s.T + t) * s.T + key;
+    return random_uniform(s.seed, index) >= s.dropout_p ? 1 / (1 - s.dropout_p) : 0;
+}
+
+// Loads rows first..first+flash_tile-1 (zeros past T) of two (B, T, *) buffers, head h of sequence b,
+// into shared tiles a and b: all the block's threads share the copying.
+template <typename Shared>
+__device__ inline void load_tiles(Shared a, Shared b_tile, const real* x, int ld_x, const real* y, int ld_y, const FlashShape& s, int b, int h,
+                                  int first) {
+    int hs = s.C / s.NH, threads = blockDim.x * blockDim.y, me = threadIdx.y * blockDim.x + threadIdx.x;
+    for (int e = me; e < flash_tile * hs; e += threads) {
+        int j = e / hs, row = first + j;
+        long column = long(h) * hs + e % hs;
+        a[e] = row < s.T ? x[(long(b) * s.T + row) * ld_x + column] : 0;
+        b_tile[e] = row < s.T ? y[(long(b) * s.T + row) * ld_y + column] : 0;
+    }
+}
+
+template <int PER_THREAD>
+__global__ void flash_attention_forward_kernel(real* out, real* lse, const real* q, const real* k, const real* v, FlashShape s) {
+    int hs = s.C / s.NH, b = blockIdx.y / s.NH, h = blockIdx.y % s.NH;
+    int first = blockIdx.x * blockDim.y, t = first + threadIdx.y, last = (first + int(blockDim.y) < s.T ? first + int(blockDim.y) : s.T) - 1;
+    bool active = t < s.T;
+    if (!active) t = s.T - 1;  // past the end: work on the last query, write nothing
+    auto keys = shared_memory<real>();
+    auto values = shared_memory<real>(flash_tile * hs * sizeof(real));
+    real query[PER_THREAD], o[PER_THREAD], m = -INFINITY, l = 0;
+    for (int i = 0; i < PER_THREAD; i++) {
+        int d = threadIdx.x + i * blockDim.x;
+        query[i] = d < hs ? q[(long(b) * s.T + t) * s.ld_qk + h * hs + d] : 0;
+        o[i] = 0;
+    }
+    for (int first_key = 0; first_key <= last; first_key += flash_tile) {  // keys past the block's last query never count
+        __syncthreads();  // everyone is done with the previous tile
+        load_tiles(keys, values, k, s.ld_qk, v, 3 * s.C, s, b, h, first_key);
+        __syncthreads();
+        for (int j = 0; j < flash_tile; j++) {
+            real partial = 0;
+            for (int i = 0; i < PER_THREAD; i++) {
+                int d = threadIdx.x + i * blockDim.x;
+                if (d < hs) partial += query[i] * keys[j * hs + d];
+            }
+            real score = group_sum(partial) * s.scale;  // every group takes part: the shuffles need the whole warp
+            int key = first_key + j;
+            if (key > t) continue;  // causal
+            real m_new = fmax(m, score), rescale = fast_exp(m - m_new), p = fast_exp(score - m_new);
+            real weight = p * attention_keep(s, b, h, t, key);
+            l = l * rescale + p;
+            for (int i = 0; i < PER_THREAD; i++) {
+                int d = threadIdx.x + i * blockDim.x;
+                if (d < hs) o[i] = o[i] * rescale + weight * values[j * hs + d];
+            }
+            m = m_new;
+        }
+    }
+    if (!active) return;
+    for (int i = 0; i < PER_THREAD; i++) {
+        int d = threadIdx.x + i * blockDim.x;
+        if (d < hs) out[(long(b) * s.T + t) * s.C + h * hs + d] = o[i] / l;
+    }
+    if (threadIdx.x == 0) lse[(long(b) * s.NH + h) * s.T + t] = m + log(l);
+}
+
+// D = dout . out for every (b, h, t): a row kernel over the head vectors, rows (b, h, t).
+__global__ void attention_row_dot_kernel(real* D, const real* dout, const real* out, FlashShape s) {
+    bool active;
+    int hs = s.C / s.NH;
+    long r = group_row(long(s.B) * s.NH * s.T, &active);
+    long b = r / (long(s.NH) * s.T), h = r / s.T % s.NH, t = r % s.T;
+    const real *x = dout + (b * s.T + t) * s.C + h * hs, *y = out + (b * s.T + t) * s.C + h * hs;
+    real dot = group_sum(row_sum(hs, [&](int d) { return x[d] * y[d]; }));
+    if (active && threadIdx.x == 0) D[r] = dot;
+}
+
+// dq for a tile of queries per block (layout as the forward); written to dq (rows ld_dq apart), added
+// when `accumulate`.
+template <int PER_THREAD>
+__global__ void flash_attention_dq_kernel(real* dq, int ld_dq, bool accumulate, const real* dout, const real* lse, const real* D, const real* q,
+                                          const real* k, const real* v, FlashShape s) {
+    int hs = s.C / s.NH, b = blockIdx.y / s.NH, h = blockIdx.y % s.NH;
+    int first = blockIdx.x * blockDim.y, t = first + threadIdx.y, last = (first + int(blockDim.y) < s.T ? first + int(blockDim.y) : s.T) - 1;
+    bool active = t < s.T;
+    if (!active) t = s.T - 1;
+    auto keys = shared_memory<real>();
+    auto values = shared_memory<real>(flash_tile * hs * sizeof(real));
+    long row = (long(b) * s.NH + h) * s.T + t;
+    real query[PER_THREAD], dy[PER_THREAD], grad[PER_THREAD], row_lse = lse[row], row_D = D[row];
+    for (int i = 0; i < PER_THREAD; i++) {
+        int d = threadIdx.x + i * blockDim.x;
+        query[i] = d < hs ? q[(long(b) * s.T + t) * s.ld_qk + h * hs + d] : 0;
+        dy[i] = d < hs ? dout[(long(b) * s.T + t) * s.C + h * hs + d] : 0;
+        grad[i] = 0;
+    }
+    for (int first_key = 0; first_key <= last; first_key += flash_tile) {
+        __syncthreads();
+        load_tiles(keys, values, k, s.ld_qk, v, 3 * s.C, s, b, h, first_key);
+        __syncthreads();
+        for (int j = 0; j < flash_tile; j++) {
+            real qk = 0, dp = 0;
+            for (int i = 0; i < PER_THREAD; i++) {
+                int d = threadIdx.x + i * blockDim.x;
+                if (d < hs) qk += query[i] * keys[j * hs + d], dp += dy[i] * values[j * hs + d];
+            }
+            qk = group_sum(qk) * s.scale, dp = group_sum(dp);
+            int key = first_key + j;
+            if (key > t) continue;
+            real ds = fast_exp(qk - row_lse) * (dp * attention_keep(s, b, h, t, key) - row_D);
+            for (int i = 0; i < PER_THREAD; i++) {
+                int d = threadIdx.x + i * blockDim.x;
+                if (d < hs) grad[i] += ds * keys[j * hs + d] * s.scale;
+            }
+        }
+    }
+    if (!active) return;
+    for (int i = 0; i < PER_THREAD; i++) {
+        int d = threadIdx.x + i * blockDim.x;
+        real* target = dq + (long(b) * s.T + t) * ld_dq + h * hs + d;
+        if (d < hs) *target = (accumulate ? *target : 0) + grad[i];
+    }
+}
+
+// dk and dv for a tile of keys per block: a key per row group, looping over the queries t >= s, whose
+// q and dout rows (and lse and D) pass through shared memory.
+template <int PER_THREAD>
+__global__ void flash_attention_dkdv_kernel(real* dk, int ld_dk, bool accumulate, real* dv, const real* dout, const real* lse, const real* D,
+                                            const real* q, const real* k, const real* v, FlashShape s) {
+    int hs = s.C / s.NH, b = blockIdx.y / s.NH, h = blockIdx.y % s.NH;
+    int first = blockIdx.x * blockDim.y, key = first + threadIdx.y;
+    bool active = key < s.T;
+    if (!active) key = s.T - 1;
+    auto queries = shared_memory<real>();
+    auto dys = shared_memory<real>(flash_tile * hs * sizeof(real));
+    auto stats = shared_memory<real>(2 * flash_tile * hs * sizeof(real));  // lse and D of the tile's queries
+    real key_row[PER_THREAD], value_row[PER_THREAD], grad_k[PER_THREAD], grad_v[PER_THREAD];
+    for (int i = 0; i < PER_THREAD; i++) {
+        int d = threadIdx.x + i * blockDim.x;
+        key_row[i] = d < hs ? k[(long(b) * s.T + key) * s.ld_qk + h * hs + d] : 0;
+        value_row[i] = d < hs ? v[(long(b) * s.T + key) * 3 * s.C + h * hs + d] : 0;
+        grad_k[i] = grad_v[i] = 0;
+    }
+    for (int first_query = first / flash_tile * flash_tile; first_query < s.T; first_query += flash_tile) {
+        __syncthreads();
+        load_tiles(queries, dys, q, s.ld_qk, dout, s.C, s, b, h, first_query);
+        int me = threadIdx.y * blockDim.x + threadIdx.x;
+        for (int j = me; j < flash_tile; j += blockDim.x * blockDim.y) {
+            int t = first_query + j;
+            stats[j] = t < s.T ? lse[(long(b) * s.NH + h) * s.T + t] : 0;
+            stats[flash_tile + j] = t < s.T ? D[(long(b) * s.NH + h) * s.T + t] : 0;
+        }
+        __syncthreads();
+        for (int j = 0; j < flash_tile; j++) {
+            real qk = 0, dp = 0;
+            for (int i = 0; i < PER_THREAD; i++) {
+                int d = threadIdx.x + i * blockDim.x;
+                if (d < hs) qk += key_row[i] * queries[j * hs + d], dp += value_row[i] * dys[j * hs + d];
+            }
+            qk = group_sum(qk) * s.scale, dp = group_sum(dp);
+            int t = first_query + j;
+            if (t < key || t >= s.T) continue;  // causal: only later queries see this key
+            real p = fast_exp(qk - stats[j]), keep = attention_keep(s, b, h, t, key), ds = p * (dp * keep - stats[flash_tile + j]);
+            for (int i = 0; i < PER_THREAD; i++) {
+                int d = threadIdx.x + i * blockDim.x;
+                if (d < hs) grad_v[i] += p * keep * dys[j * hs + d], grad_k[i] += ds * queries[j * hs + d] * s.scale;
+            }
+        }
+    }
+    if (!active) return;
+    for (int i = 0; i < PER_THREAD; i++) {
+        int d = threadIdx.x + i * blockDim.x;
+        if (d >= hs) continue;
+        real* target_k = dk + (long(b) * s.T + key) * ld_dk + h * hs + d;
+        *target_k = (accumulate ? *target_k : 0) + grad_k[i];
+        dv[(long(b) * s.T + key) * 3 * s.C + h * hs + d] += grad_v[i];
+    }
+}
+
+// Calls f with std::integral_constant<int, N>, N the power of two at least hs / threads_per_row: the
+// instance of a flash kernel whose register arrays fit a head.
+template <typename F> static void with_values_per_thread(int hs, F f) {
+    int needed = (hs + threads_per_row - 1) / threads_per_row;
+    if (needed <= 1) f(std::integral_constant<int, 1>());
+    else if (needed <= 2) f(std::integral_constant<int, 2>());
+    else if (needed <= 4) f(std::integral_constant<int, 4>());
+    else if (needed <= 8) f(std::integral_constant<int, 8>());
+    else if (needed <= 16) f(std::integral_constant<int, 16>());
+    else if (needed <= 32) f(std::integral_constant<int, 32>());
+    else if (needed <= 64) f(std::integral_constant<int, 64>());
+    else if (needed <= 128) f(std::integral_constant<int, 128>());
+    else fail("flash attention: head size %d needs more than 128 values per thread", hs);
+}
+
+void flash_attention_forward(real* out, AttentionSaved saved, const real* qkv, int B, int T, int C, int NH, bool rotary, real dropout_p, uint64_t seed) {
+    int hs = C / NH;
+    const real *q = qkv, *k = qkv + C;
+    if (rotary) {
+        rotary_forward(saved.q, C, qkv, 3 * C, long(B) * T, T, NH, hs, 0);
+        rotary_forward(saved.k, C, qkv + C, 3 * C, long(B) * T, T, NH, hs, 0);
+        q = saved.q, k = saved.k;
+    }
+    FlashShape s{B, T, C, NH, rotary ? C : 3 * C, real(1 / std::sqrt(double(hs))), dropout_p, seed};
+    dim3 grid(unsigned((T + rows_per_block() - 1) / rows_per_block()), unsigned(B * NH));
+    with_values_per_thread(hs, [&](auto per_thread) {
+        launch(flash_attention_forward_kernel<decltype(per_thread)::value>, grid, row_block(), 2 * flash_tile * hs * sizeof(real), out, saved.lse,
+               q, k, qkv + 2 * C, s);
+    });
+}
+
+void flash_attention_backward(real* dqkv, const real* dout, const real* out, AttentionSaved saved, const real* qkv, int B, int T, int C, int NH,
+                              bool rotary, real dropout_p, uint64_t seed) {
+    int hs = C / NH;
+    const real *q = rotary ? saved.q : qkv, *k = rotary ? saved.k : qkv + C, *v = qkv + 2 * C;
+    FlashShape s{B, T, C, NH, rotary ? C : 3 * C, real(1 / std::sqrt(double(hs))), dropout_p, seed};
+    real* D = device_alloc<real>(long(B) * NH * T);
+    launch(attention_row_dot_kernel, row_grid(long(B) * NH * T), row_block(), 0, D, dout, out, s);
+    // Without rotary, dq and dk are added straight into dqkv; with it they go to scratch buffers first,
+    // to be turned back.
+    real* dq = rotary ? device_alloc<real>(long(B) * T * C) : dqkv;
+    real* dk = rotary ? device_alloc<real>(long(B) * T * C) : dqkv + C;
+    int ld = rotary ? C : 3 * C;
+    dim3 grid(unsigned((T + rows_per_block() - 1) / rows_per_block()), unsigned(B * NH));
+    with_values_per_thread(hs, [&](auto per_thread) {
+        constexpr int n = decltype(per_thread)::value;
+        launch(flash_attention_dq_kernel<n>, grid, row_block(), 2 * flash_tile * hs * sizeof(real), dq, ld, !rotary, dout, saved.lse, D, q, k, v, s);
+        launch(flash_attention_dkdv_kernel<n>, grid, row_block(), (2 * flash_tile * hs + 2 * flash_tile) * sizeof(real), dk, ld, !rotary,
+               dqkv + 2 * C, dout, saved.lse, D, q, k, v, s);
+    });
+    if (rotary) {
+        rotary_backward(dqkv, 3 * C, dq, C, long(B) * T, T, NH, hs);
+        rotary_backward(dqkv + C, 3 * C, dk, C, long(B) * T, T, NH, hs);
+    }
+}
+
 Tensor attention(Tensor qkv, int heads, bool rotary, real dropout_p, uint64_t seed) {
     if (qkv.ndim != 3 || qkv.dim(-1) % (3 * heads) || (rotary && (qkv.dim(-1) / 3 / heads) % 2))
         fail("attention: qkv %s must be (B, T, 3C) with C divisible by %d heads (and an even head size for rotary)", shape_string(qkv).c_str(), heads);
@@ -1616,10 +1882,16 @@ Tensor attention(Tensor qkv, int heads, bool rotary, real dropout_p, uint64_t se
     like.shape[2] = C;
     Tensor out = new_result(like, {qkv});
     long n = long(B) * T * C, att_size = long(B) * heads * T * T;
-    AttentionSaved saved{rotary ? device_alloc<real>(n) : nullptr, rotary ? device_alloc<real>(n) : nullptr, device_alloc<real>(att_size),
-                         dropout_p > 0 ? device_alloc<real>(att_size) : nullptr};
-    attention_forward(out.data, saved, qkv.data, B, T, C, heads, rotary, dropout_p, seed);
-    if (out.grad) record([=] { attention_backward(qkv.grad, out.grad, saved, qkv.data, B, T, C, heads, rotary, dropout_p, seed); });
+    bool flash = use_flash_attention;
+    AttentionSaved saved{rotary ? device_alloc<real>(n) : nullptr, rotary ? device_alloc<real>(n) : nullptr,
+                         flash ? nullptr : device_alloc<real>(att_size), !flash && dropout_p > 0 ? device_alloc<real>(att_size) : nullptr,
+                         flash ? device_alloc<real>(long(B) * heads * T) : nullptr};
+    if (flash) flash_attention_forward(out.data, saved, qkv.data, B, T, C, heads, rotary, dropout_p, seed);
+    else attention_forward(out.data, saved, qkv.data, B, T, C, heads, rotary, dropout_p, seed);
+    if (out.grad) record([=] {
+        if (flash) flash_attention_backward(qkv.grad, out.grad, out.data, saved, qkv.data, B, T, C, heads, rotary, dropout_p, seed);
+        else attention_backward(qkv.grad, out.grad, saved, qkv.data, B, T, C, heads, rotary, dropout_p, seed);
+    });
     return out;
 }
 

@@ -325,14 +325,24 @@ void rotary_forward(real* out, int ld_out, const real* x, int ld_x, long rows, i
 void rotary_backward(real* dx, int ld_dx, const real* dout, int ld_dout, long rows, int T, int NH, int hs);  // dx += turned back
 Tensor rotary(Tensor x);  // x (B, T, NH, hs)
 
-// Causal self-attention on qkv (B, T, 3C) -> (B, T, C). The forward fills `saved`: att (B, NH, T, T),
-// att_dropped (same) when dropout_p > 0, and with rotary the rotated q and k, (B, T, C) each.
+// Causal self-attention on qkv (B, T, 3C) -> (B, T, C), two ways with the same results:
+// - plain: matrix products around a (B, NH, T, T) attention matrix; the forward saves att (and
+//   att_dropped when dropout_p > 0);
+// - flash: one kernel pair with tiles in shared memory and an online softmax, no (T, T) matrix; the
+//   forward saves lse, the log-sum-exp of each query's scores, (B, NH, T).
+// With rotary positions both also save the rotated q and k, (B, T, C) each. The tape version uses
+// flash when use_flash_attention (the default on a GPU; on the CPU the plain kernels are faster).
 struct AttentionSaved {
-    real *q, *k, *att, *att_dropped;
+    real *q, *k, *att, *att_dropped, *lse;
 };
+extern bool use_flash_attention;
 void attention_forward(real* out, AttentionSaved saved, const real* qkv, int B, int T, int C, int NH, bool rotary, real dropout_p, uint64_t seed);
 void attention_backward(real* dqkv, const real* dout, AttentionSaved saved, const real* qkv, int B, int T, int C, int NH, bool rotary,
                         real dropout_p, uint64_t seed);
+void flash_attention_forward(real* out, AttentionSaved saved, const real* qkv, int B, int T, int C, int NH, bool rotary, real dropout_p,
+                             uint64_t seed);
+void flash_attention_backward(real* dqkv, const real* dout, const real* out, AttentionSaved saved, const real* qkv, int B, int T, int C, int NH,
+                              bool rotary, real dropout_p, uint64_t seed);
 Tensor attention(Tensor qkv, int heads, bool rotary, real dropout_p, uint64_t seed);
 // The whole layer: linear to qkv, attention, linear out.
 Tensor multi_head_attention(Tensor x, Tensor qkv_weight, Tensor qkv_bias, Tensor proj_weight, Tensor proj_bias, int heads);

@@ -13,7 +13,7 @@
 #include <vector>
 
 static const char* help_text =
-    "usage: bench/bench_gpt [--layers N --heads N --dim N --vocab N --context N] [--batch B --seq T] [--steps N] [--profile]\n"
+    "usage: bench/bench_gpt [--layers N --heads N --dim N --vocab N --context N] [--batch B --seq T] [--steps N] [--profile] [--flash | --plain]\n"
     "Defaults: the GPT-2 124M shape (12 layers, 12 heads, 768 dim, vocab 50257, context 1024), B=4, T=64, 5 steps.\n";
 
 static int bench(int argc, char** argv) {
@@ -32,6 +32,8 @@ static int bench(int argc, char** argv) {
         else if (flag == "--seq") T = integer(1 << 20);
         else if (flag == "--steps") steps = integer(1 << 20);
         else if (flag == "--profile") profile = true;
+        else if (flag == "--flash") use_flash_attention = true;
+        else if (flag == "--plain") use_flash_attention = false;
         else unknown_flag(argv[i]);
     }
     GPT model;

@@ -3,7 +3,7 @@
 // and write what Tricycle computes for them — logits, loss, every parameter gradient, and the losses
 // of 10 AdamW steps. The Python script rebuilds the model in PyTorch from the same files and compares.
 //
-//   tests/gpt_parity DIR [--rmsnorm] [--swiglu] [--rotary] [--untied]
+//   tests/gpt_parity DIR [--rmsnorm] [--swiglu] [--rotary] [--untied] [--flash]
 #include "tricycle.h"
 
 #include <cstdio>
@@ -26,7 +26,8 @@ static int write_parity_files(int argc, char** argv) {
         else if (!strcmp(argv[i], "--swiglu")) config.activation = Activation::swiglu;
         else if (!strcmp(argv[i], "--rotary")) config.rotary = true;
         else if (!strcmp(argv[i], "--untied")) config.tied_embeddings = false;
-        else fail("unknown flag '%s'", argv[i]);
+        else if (!strcmp(argv[i], "--flash")) use_flash_attention = true;
+        else unknown_flag(argv[i]);
     }
     GPT model;
     gpt_create(&model, config);
@@ -80,5 +81,5 @@ static int write_parity_files(int argc, char** argv) {
 }
 
 int main(int argc, char** argv) {
-    return run_program("gpt_parity", "usage: tests/gpt_parity DIR [--rmsnorm] [--swiglu] [--rotary] [--untied]\n", argc, argv, write_parity_files);
+    return run_program("gpt_parity", "usage: tests/gpt_parity DIR [--rmsnorm] [--swiglu] [--rotary] [--untied] [--flash]\n", argc, argv, write_parity_files);
 }

@@ -123,7 +123,8 @@ def compare(directory):
     our_logits, our_loss = ours[:n_logits], float(ours[n_logits])
     our_grads, our_losses = ours[n_logits + 1:n_logits + 1 + n_params], ours[n_logits + 1 + n_params:]
     kind = ("rmsnorm" if config["rmsnorm"] else "layernorm") + "+" + ("swiglu" if config["swiglu"] else "gelu") + \
-        ("+rotary" if config["rotary"] else "") + ("" if config["tied"] else "+untied")
+        ("+rotary" if config["rotary"] else "") + ("" if config["tied"] else "+untied") + \
+        (" (flash attention)" if directory.endswith("flash") else "")
 
     model = GPT(config, params)
     logits = model(tokens)

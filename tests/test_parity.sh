@@ -4,7 +4,11 @@
 set -eu
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
-mkdir -p "$dir/gelu_layernorm" "$dir/swiglu_rmsnorm"
-./tests/gpt_parity "$dir/gelu_layernorm"
-./tests/gpt_parity "$dir/swiglu_rmsnorm" --swiglu --rmsnorm --rotary --untied
-/usr/bin/python3 tests/pytorch_parity.py "$dir/gelu_layernorm" "$dir/swiglu_rmsnorm"
+# Each model kind twice: with the plain attention kernels and with the flash-style pair.
+for attention in plain flash; do
+    flag=$([ $attention = flash ] && echo --flash || true)
+    mkdir -p "$dir/gelu_layernorm_$attention" "$dir/swiglu_rmsnorm_$attention"
+    ./tests/gpt_parity "$dir/gelu_layernorm_$attention" $flag
+    ./tests/gpt_parity "$dir/swiglu_rmsnorm_$attention" --swiglu --rmsnorm --rotary --untied $flag
+done
+/usr/bin/python3 tests/pytorch_parity.py "$dir"/*_plain "$dir"/*_flash
