@@ -1819,18 +1819,26 @@ __global__ void flash_attention_dkdv_kernel(real* dk, int ld_dk, bool accumulate
 }
 
 // Calls f with std::integral_constant<int, N>, N the power of two at least hs / threads_per_row: the
-// instance of a flash kernel whose register arrays fit a head.
+// instance of a flash kernel whose register arrays fit a head. A GPU runs a warp per row, so 16 values
+// per thread cover heads of up to 512; the larger instances (for one thread per row, on the CPU)
+// would spill registers and are not built for it.
+#ifdef __CUDACC__
+constexpr int max_values_per_thread = 16;
+#else
+constexpr int max_values_per_thread = 128;
+#endif
+
+template <int N, typename F> static void with_values_per_thread_from(int needed, int hs, F f) {
+    if constexpr (N <= max_values_per_thread) {
+        if (needed <= N) return f(std::integral_constant<int, N>());
+        return with_values_per_thread_from<2 * N>(needed, hs, f);
+    } else {
+        fail("flash attention: a head of %d values needs more than %d values per thread (raise threads_per_row)", hs, max_values_per_thread);
+    }
+}
+
 template <typename F> static void with_values_per_thread(int hs, F f) {
-    int needed = (hs + threads_per_row - 1) / threads_per_row;
-    if (needed <= 1) f(std::integral_constant<int, 1>());
-    else if (needed <= 2) f(std::integral_constant<int, 2>());
-    else if (needed <= 4) f(std::integral_constant<int, 4>());
-    else if (needed <= 8) f(std::integral_constant<int, 8>());
-    else if (needed <= 16) f(std::integral_constant<int, 16>());
-    else if (needed <= 32) f(std::integral_constant<int, 32>());
-    else if (needed <= 64) f(std::integral_constant<int, 64>());
-    else if (needed <= 128) f(std::integral_constant<int, 128>());
-    else fail("flash attention: head size %d needs more than 128 values per thread", hs);
+    with_values_per_thread_from<1>((hs + threads_per_row - 1) / threads_per_row, hs, f);
 }
 
 void flash_attention_forward(real* out, AttentionSaved saved, const real* qkv, int B, int T, int C, int NH, bool rotary, real dropout_p, uint64_t seed) {
