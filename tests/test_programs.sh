@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end checks of the programs: tokenizer -> train_gpt -> checkpoint -> inference, resuming,
 # crashes while saving, corrupt files and bad flags. Small and fast: a debug-sized model, a few dozen
-# steps, on this repository's own source code as the text.
+# steps, on a text made up here (6000 sentences from a tiny grammar, the same on every machine).
 set -u
 passed=0 failed=0
 check() {  # check "what" command...: passes when the command succeeds
@@ -32,10 +32,23 @@ fails_with() {  # fails_with "what" "expected message" command...: must exit non
 
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
-cat ./*.cu ./*.h README.md > "$dir/text.txt"
+awk 'BEGIN {
+    split("cat dog bird fox horse mouse owl bear wolf deer", subject, " ")
+    split("sees chases finds hears follows helps watches meets calls greets", verb, " ")
+    split("river tree stone house field hill road bridge garden forest", object, " ")
+    split("slowly quickly quietly loudly early late gladly rarely often twice", adverb, " ")
+    x = 42  # a Lehmer generator: exact in awk arithmetic, so every machine makes the same text
+    for (line = 0; line < 6000; line++) {
+        x = (x * 16807) % 2147483647; s = subject[x % 10 + 1]
+        x = (x * 16807) % 2147483647; v = verb[x % 10 + 1]
+        x = (x * 16807) % 2147483647; o = object[x % 10 + 1]
+        x = (x * 16807) % 2147483647; a = adverb[x % 10 + 1]
+        print "the " s " " v " the " o " " a "."
+    }
+}' > "$dir/text.txt"
 ./tokenizer train --input "$dir/text.txt" --vocab-size 320 --output "$dir/tok.tok" 2>/dev/null
 ./tokenizer encode --tokenizer "$dir/tok.tok" --input "$dir/text.txt" --output "$dir/data" 2>/dev/null
-check "tokenizer trains and encodes the sources into token files" test -s "$dir/data_train.bin" -a -s "$dir/data_val.bin"
+check "tokenizer trains and encodes the text into token files" test -s "$dir/data_train.bin" -a -s "$dir/data_val.bin"
 
 # Train a debug model; validation at steps 0, 20, 40, 60.
 train=(./train_gpt --preset debug --train "$dir/data_train.bin" --val "$dir/data_val.bin" --tokenizer "$dir/tok.tok"
@@ -44,16 +57,16 @@ train=(./train_gpt --preset debug --train "$dir/data_train.bin" --val "$dir/data
 check "train_gpt runs 60 steps of the debug preset" grep -q "^done: 60 steps" "$dir/a.log"
 first=$(grep -m1 "val loss" "$dir/a.log" | sed 's/.*val loss \([0-9.]*\).*/\1/')
 last=$(grep "val loss" "$dir/a.log" | tail -n 1 | sed 's/.*val loss \([0-9.]*\).*/\1/')
-check "validation loss falls clearly, by over 1 nat ($first -> $last; uniform is ln 320 = 5.77)" \
-    awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < a - 1) }'
+check "validation loss falls clearly, by over 2 nats ($first -> $last; uniform is ln 320 = 5.77)" \
+    awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < a - 2) }'
 check "checkpoints, metrics.csv (61 rows) and loss.svg are written" \
     bash -c "test -s '$dir/a/latest.bin' -a -s '$dir/a/best.bin' -a -s '$dir/a/loss.svg' && [ \$(wc -l < '$dir/a/metrics.csv') -eq 62 ]"
 check "loss.svg is an SVG with both curves" bash -c "grep -q '<svg' '$dir/a/loss.svg' && [ \$(grep -c '<polyline' '$dir/a/loss.svg') -eq 2 ]"
 
-./inference "$dir/a/latest.bin" --prompt "Tensor " --tokens 40 --seed 1 > "$dir/sample.txt" 2>/dev/null
+./inference "$dir/a/latest.bin" --prompt "the fox " --tokens 40 --seed 1 > "$dir/sample.txt" 2>/dev/null
 check "inference streams text from the checkpoint" test "$(wc -c < "$dir/sample.txt")" -gt 40
-./inference "$dir/a/latest.bin" --prompt "int main" --tokens 60 --temperature 0 --tokens-out "$dir/greedy_cache.txt" >/dev/null 2>&1
-./inference "$dir/a/latest.bin" --prompt "int main" --tokens 60 --temperature 0 --tokens-out "$dir/greedy_full.txt" --no-cache >/dev/null 2>&1
+./inference "$dir/a/latest.bin" --prompt "the owl" --tokens 60 --temperature 0 --tokens-out "$dir/greedy_cache.txt" >/dev/null 2>&1
+./inference "$dir/a/latest.bin" --prompt "the owl" --tokens 60 --temperature 0 --tokens-out "$dir/greedy_full.txt" --no-cache >/dev/null 2>&1
 check "greedy generation: the KV cache gives the same 60 tokens as full recomputation" cmp "$dir/greedy_cache.txt" "$dir/greedy_full.txt"
 ./inference "$dir/a/latest.bin" --tokens 80 --top-k 20 --top-p 0.9 --seed 5 --tokens-out "$dir/sampled_cache.txt" >/dev/null 2>&1
 ./inference "$dir/a/latest.bin" --tokens 80 --top-k 20 --top-p 0.9 --seed 5 --tokens-out "$dir/sampled_full.txt" --no-cache >/dev/null 2>&1
