@@ -484,6 +484,23 @@ static void test_gpt() {
         worst = std::max(worst, std::fabs(p - p2[i]));
     }
     check(worst < 1e-10, "AdamW, 2 steps with clipping and decay on the %ld weight-matrix entries only, equals the loop (max diff %.1e)", model.num_decayed, worst);
+    {  // a size that is not a multiple of the 4-wide packs: the tail must be updated too
+        const long n = 1027, decayed = 500;
+        Tensor p = randn({int(n)}, 30), g = randn({int(n)}, 31);
+        std::vector<real> hp = to_host(p), hg = to_host(g);
+        AdamW odd;
+        adamw_create(&odd, n);
+        adamw_update(&odd, p.data, g.data, decayed, lr, nullptr, 0);
+        std::vector<real> after = to_host(p);
+        double worst_odd = 0;
+        double b1 = double(0.9f), b2 = double(0.95f), wd = double(0.1f);  // AdamW keeps its settings as float
+        for (long i = 0; i < n; i++) {
+            double m = (1 - b1) * hg[i], v = (1 - b2) * hg[i] * hg[i];
+            double expected = hp[i] - lr * (m / (1 - b1) / (std::sqrt(v / (1 - b2)) + double(1e-8f)) + (i < decayed ? wd * hp[i] : 0));
+            worst_odd = std::max(worst_odd, std::fabs(expected - after[i]));
+        }
+        check(worst_odd < 1e-12, "AdamW on 1027 parameters (a tail past the 4-wide packs) equals the loop (max diff %.1e)", worst_odd);
+    }
     SGD sgd;
     sgd.momentum = 0.5f;
     sgd_create(&sgd, model.num_parameters);

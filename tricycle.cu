@@ -2334,16 +2334,36 @@ __device__ inline real clip_scale(const real* norm, real max_norm) {
 
 // AdamW (decoupled weight decay):  g = clip * grad,  m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2,
 //   p -= lr * (m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + wd * p),  wd only on the first num_decayed.
-__global__ void adamw_kernel(real* params, const real* grads, real* m, real* v, long n, long num_decayed, real lr, real beta1, real beta2,
-                             real eps, real weight_decay, real bias_correction1, real bias_correction2, const real* norm, real max_norm) {
+// Memory-bound (16 bytes read and 12 written per parameter), so it moves four parameters per load:
+// Real4 is one 128-bit access for floats. The buffers come from cudaMalloc, aligned for that; the last
+// block takes the n % 4 left over.
+struct alignas(4 * sizeof(real)) Real4 {
+    real v[4];
+};
+
+struct AdamWStep {
+    real lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2;
+};
+
+__device__ inline void adamw_update_one(real& p, real g, real& m, real& v, bool decayed, const AdamWStep& s) {
+    m = s.beta1 * m + (1 - s.beta1) * g;
+    v = s.beta2 * v + (1 - s.beta2) * g * g;
+    real update = m / s.bias_correction1 / (sqrt(v / s.bias_correction2) + s.eps);
+    p -= s.lr * (update + (decayed ? s.weight_decay * p : 0));
+}
+
+__global__ void adamw_kernel(real* params, const real* grads, real* m, real* v, long n, long num_decayed, AdamWStep s, const real* norm,
+                             real max_norm) {
     real scale = clip_scale(norm, max_norm);
-    for_each_element(n, [&](long i) {
-        real g = grads[i] * scale;
-        m[i] = beta1 * m[i] + (1 - beta1) * g;
-        v[i] = beta2 * v[i] + (1 - beta2) * g * g;
-        real update = m[i] / bias_correction1 / (sqrt(v[i] / bias_correction2) + eps);
-        params[i] -= lr * (update + (i < num_decayed ? weight_decay * params[i] : 0));
+    Real4 *p4 = reinterpret_cast<Real4*>(params), *m4 = reinterpret_cast<Real4*>(m), *v4 = reinterpret_cast<Real4*>(v);
+    const Real4* g4 = reinterpret_cast<const Real4*>(grads);
+    for_each_element(n / 4, [&](long i) {
+        Real4 p = p4[i], g = g4[i], first = m4[i], second = v4[i];
+        for (int k = 0; k < 4; k++) adamw_update_one(p.v[k], g.v[k] * scale, first.v[k], second.v[k], 4 * i + k < num_decayed, s);
+        p4[i] = p, m4[i] = first, v4[i] = second;
     });
+    if (blockIdx.x == gridDim.x - 1)
+        for_each_strided(n / 4 * 4, n, threadIdx.x, blockDim.x, [&](long i) { adamw_update_one(params[i], grads[i] * scale, m[i], v[i], i < num_decayed, s); });
 }
 
 void adamw_create(AdamW* opt, long n) {
@@ -2362,10 +2382,9 @@ AdamW::~AdamW() {
 
 void adamw_update(AdamW* opt, real* params, const real* grads, long num_decayed, real lr, const real* norm, real max_norm) {
     opt->step++;
-    real bias_correction1 = real(1 - std::pow(double(opt->beta1), double(opt->step)));
-    real bias_correction2 = real(1 - std::pow(double(opt->beta2), double(opt->step)));
-    launch(adamw_kernel, element_blocks(opt->n), element_threads, 0, params, grads, opt->m, opt->v, opt->n, num_decayed, lr, real(opt->beta1),
-           real(opt->beta2), real(opt->eps), real(opt->weight_decay), bias_correction1, bias_correction2, norm, max_norm);
+    AdamWStep s{lr, real(opt->beta1), real(opt->beta2), real(opt->eps), real(opt->weight_decay),
+                real(1 - std::pow(double(opt->beta1), double(opt->step))), real(1 - std::pow(double(opt->beta2), double(opt->step)))};
+    launch(adamw_kernel, element_blocks(opt->n / 4), element_threads, 0, params, grads, opt->m, opt->v, opt->n, num_decayed, s, norm, max_norm);
 }
 
 // SGD with momentum:  u = momentum * u + clip * grad,  p -= lr * u.

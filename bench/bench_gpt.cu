@@ -1,6 +1,13 @@
 // bench/bench_gpt.cu — times training steps (forward, backward, AdamW) of a GPT of a given shape on
-// random tokens: no data files, no tokenizer, just the model's cost. Prints the median ms per step and
-// tokens per second, and with --profile the time of every kernel and matrix product.
+// random tokens: no data files, no tokenizer, just the model's cost. Prints the median ms per step,
+// tokens per second and the model FLOPs utilisation (MFU), and with --profile the time of every kernel
+// and matrix product (CUDA events on a GPU).
+//
+// MFU = model FLOPs per token x tokens per second / the GPU's peak. Per token a training step costs
+// 6 N (N parameters outside the position embedding: 2 per multiply-add, forward plus a backward of
+// twice the forward) plus 12 L T C for attention's two products of every layer — the usual estimate,
+// which counts the masked half of causal attention too. The peak is bf16 dense (H100 SXM 989 TFLOPS,
+// A100 312), looked up from the device name, or --peak-tflops.
 //
 //   bench/bench_gpt [--layers 12 --heads 12 --dim 768 --vocab 50257 --context 1024] [--batch 4 --seq 64]
 //                   [--steps 5] [--profile]
@@ -13,13 +20,27 @@
 #include <vector>
 
 static const char* help_text =
-    "usage: bench/bench_gpt [--layers N --heads N --dim N --vocab N --context N] [--batch B --seq T] [--steps N] [--profile] [--flash | --plain]\n"
+    "usage: bench/bench_gpt [--layers N --heads N --dim N --vocab N --context N] [--batch B --seq T] [--steps N]\n"
+    "                       [--profile] [--flash | --plain] [--peak-tflops X]\n"
     "Defaults: the GPT-2 124M shape (12 layers, 12 heads, 768 dim, vocab 50257, context 1024), B=4, T=64, 5 steps.\n";
+
+// The bf16 dense peak of the GPU in TFLOPS, from its name; 0 when unknown (and on the CPU build).
+static double known_peak_tflops() {
+#ifdef __CUDACC__
+    cudaDeviceProp properties;
+    cuda_check(cudaGetDeviceProperties(&properties, 0));
+    std::string name = properties.name;
+    if (name.find("H100") != std::string::npos || name.find("H200") != std::string::npos) return name.find("PCIe") != std::string::npos ? 756 : 989;
+    if (name.find("A100") != std::string::npos) return 312;
+#endif
+    return 0;
+}
 
 static int bench(int argc, char** argv) {
     GPTConfig config = gpt_preset("smol");
     int B = 4, T = 64, steps = 5;
     bool profile = false;
+    double peak_tflops = 0;
     for (int i = 1; i < argc; i++) {
         std::string flag = argv[i];
         auto integer = [&](long max) { return int(parse_int(flag.c_str(), flag_value(argc, argv, &i), 1, max)); };
@@ -34,6 +55,7 @@ static int bench(int argc, char** argv) {
         else if (flag == "--profile") profile = true;
         else if (flag == "--flash") use_flash_attention = true;
         else if (flag == "--plain") use_flash_attention = false;
+        else if (flag == "--peak-tflops") peak_tflops = parse_number(flag.c_str(), flag_value(argc, argv, &i), 1e-3, 1e6);
         else unknown_flag(argv[i]);
     }
     GPT model;
@@ -66,8 +88,12 @@ static int bench(int argc, char** argv) {
         printf("step %d: loss %.4f, %.1f ms\n", step, value, seconds * 1e3);
     }
     std::sort(times.begin(), times.end());
-    double median = times[times.size() / 2];
-    printf("RESULT name=bench_gpt steps=%d ms_per_step=%.1f tokens_per_s=%.0f\n", steps, median * 1e3, B * T / median);
+    double median = times[times.size() / 2], tokens_per_second = B * T / median;
+    double flops_per_token = 6.0 * (model.num_parameters - model.wpe.size()) + 12.0 * config.layers * T * config.dim;
+    if (peak_tflops == 0) peak_tflops = known_peak_tflops();
+    std::string mfu = peak_tflops > 0 ? " mfu=" + std::to_string(100 * flops_per_token * tokens_per_second / (peak_tflops * 1e12)) + "%" : "";
+    printf("RESULT name=bench_gpt steps=%d ms_per_step=%.1f tokens_per_s=%.0f model_tflops=%.3f%s\n", steps, median * 1e3, tokens_per_second,
+           flops_per_token * tokens_per_second / 1e12, mfu.c_str());
     if (profile) profile_report(stdout, steps);
     return 0;
 }

@@ -6,8 +6,22 @@
 # 128 dim, context 64, batch 12, AdamW lr 1e-3 with 100 warmup steps and cosine decay to 1e-4,
 # beta2 0.99, weight decay 0.1, clip 1.0, dropout 0, eval every 250 steps on 20 batches, fp32.
 # BENCH_STEPS=N shortens it (default 2000); BENCH_SKIP_PYTORCH=1 leaves PyTorch out.
+# With BUILD=gpu (make bench on a GPU) it measures the GPU instead: tokens/s, MFU and the per-kernel
+# breakdown (CUDA events) for the GPT-2 124M shape and the shakespeare preset.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${BUILD:-cpu}" = gpu ]; then
+    nvidia-smi -L
+    echo "== GPT-2 124M shape (12 layers, 768 dim, 12 heads, vocab 50257), B=8, T=1024"
+    ./bench/bench_gpt --batch 8 --seq 1024 --steps 10 --profile | grep -v '^step'
+    echo
+    echo "== the shakespeare preset (6 layers, 384 dim, 6 heads, vocab 1024), B=64, T=256"
+    ./bench/bench_gpt --layers 6 --heads 6 --dim 384 --vocab 1024 --context 256 --batch 64 --seq 256 --steps 20 --profile | grep -v '^step'
+    echo
+    bash bench/kernel_report.sh | tail -n 3
+    exit 0
+fi
 steps=${BENCH_STEPS:-2000}
 data=${DATA:-data/tinyshakespeare.txt}
 out=out/bench
