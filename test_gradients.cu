@@ -307,6 +307,14 @@ static void test_layer_gradients() {
         Tensor h = input({2, 3, 37}, 6), g = input({37}, 7), beta = input({37}, 8);
         check_gradient("layernorm (2,3,37)" + lanes_note(), [=] { return layernorm(h, g, beta); }, {h, g, beta});
         check_gradient("rmsnorm (2,3,37)" + lanes_note(), [=] { return rmsnorm(h, g); }, {h, g});
+        Tensor branch = input({2, 3, 37}, 9);
+        for (Norm kind : {Norm::layernorm, Norm::rmsnorm}) {
+            std::string name = kind == Norm::layernorm ? "layernorm" : "rmsnorm";
+            check_gradient("fused residual + " + name + " (2,3,37), both outputs used" + lanes_note(), [=] {
+                ResidualNorm r = residual_norm(h, branch, g, beta, kind);
+                return r.sum * 0.5 + r.normalized;
+            }, {h, branch, g, beta});
+        }
     }
     threads_per_row = 1;
 

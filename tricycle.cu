@@ -1226,104 +1226,111 @@ Tensor linear(Tensor x, Tensor weight, Tensor bias) {
 }
 
 // ----------------------------------------------------------------------------------------------------
-// LayerNorm over the last dim C, per row:  mean = sum(x)/C,  rstd = 1/sqrt(sum((x-mean)^2)/C + eps),
-// xhat = (x - mean) * rstd,  out = xhat * w + b. Forward saves mean and rstd per row.
-// Backward, with g = dout * w:  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
+// LayerNorm and RMSNorm over the last dim C, per row. LayerNorm:  mean = sum(x)/C,
+// rstd = 1/sqrt(sum((x-mean)^2)/C + eps),  xhat = (x - mean) * rstd,  out = xhat * w + b.
+// RMSNorm is the same without centring or bias (mean = 0, b = 0); its kernels get null mean and bias.
+// Forward saves mean and rstd per row.
+// Backward, with g = dout * w:  dx = rstd * (g - mean(g) - xhat * mean(g * xhat))  (RMSNorm: no mean(g)),
 // dw += sum over rows of dout * xhat,  db += sum over rows of dout.
+// The forward kernel can also form x = input + residual first and write that sum out: the residual
+// connection and the norm after it in one pass over memory (the fused kernel of a pre-norm transformer).
 
 constexpr real norm_eps = real(1e-5);
 
-__global__ void layernorm_forward_kernel(real* out, real* mean_out, real* rstd_out, const real* x, const real* weight, const real* bias,
-                                         long rows, int C) {
+__global__ void norm_forward_kernel(real* out, real* mean_out, real* rstd_out, real* sum_out, const real* x, const real* residual,
+                                    const real* weight, const real* bias, long rows, int C) {
     bool active;
     long row = group_row(rows, &active);
     const real* xr = x + row * C;
+    if (residual && active) {  // x + residual into sum_out, each thread reading back only its own elements
+        real* s = sum_out + row * C;
+        const real* rr = residual + row * C;
+        for_each_in_row(C, [&](int c) { s[c] = xr[c] + rr[c]; });
+        xr = s;
+    }
     real* o = out + row * C;
-    real mean = group_sum(row_sum(C, [&](int c) { return xr[c]; })) / C;
+    real mean = mean_out ? group_sum(row_sum(C, [&](int c) { return xr[c]; })) / C : 0;
     real variance = group_sum(row_sum(C, [&](int c) { return (xr[c] - mean) * (xr[c] - mean); })) / C;
     real rstd = 1 / sqrt(variance + norm_eps);
     if (!active) return;
-    for_each_in_row(C, [&](int c) { o[c] = (xr[c] - mean) * rstd * weight[c] + bias[c]; });
-    if (threadIdx.x == 0) mean_out[row] = mean, rstd_out[row] = rstd;
+    for_each_in_row(C, [&](int c) { o[c] = (xr[c] - mean) * rstd * weight[c] + (bias ? bias[c] : 0); });
+    if (threadIdx.x == 0) {
+        if (mean_out) mean_out[row] = mean;
+        rstd_out[row] = rstd;
+    }
 }
 
-__global__ void layernorm_backward_kernel(real* dx, const real* dout, const real* x, const real* weight, const real* mean, const real* rstd,
-                                          long rows, int C) {
+__global__ void norm_backward_kernel(real* dx, const real* dout, const real* x, const real* weight, const real* mean, const real* rstd, long rows,
+                                     int C) {
     bool active;
     long row = group_row(rows, &active);
     const real *xr = x + row * C, *dr = dout + row * C;
     real* dxr = dx + row * C;
-    real row_mean = mean[row], row_rstd = rstd[row];
-    real g_mean = group_sum(row_sum(C, [&](int c) { return dr[c] * weight[c]; })) / C;
+    real row_mean = mean ? mean[row] : 0, row_rstd = rstd[row];
+    real g_mean = mean ? group_sum(row_sum(C, [&](int c) { return dr[c] * weight[c]; })) / C : 0;
     real g_xhat_mean = group_sum(row_sum(C, [&](int c) { return dr[c] * weight[c] * (xr[c] - row_mean) * row_rstd; })) / C;
     if (!active) return;
     for_each_in_row(C, [&](int c) { dxr[c] += row_rstd * (dr[c] * weight[c] - g_mean - (xr[c] - row_mean) * row_rstd * g_xhat_mean); });
 }
 
+static void norm_forward(real* out, real* mean, real* rstd, real* sum_out, const real* x, const real* residual, const real* weight,
+                         const real* bias, long rows, int C) {
+    launch(norm_forward_kernel, row_grid(rows), row_block(), 0, out, mean, rstd, sum_out, x, residual, weight, bias, rows, C);
+}
+
+static void norm_backward(real* dx, real* dweight, real* dbias, const real* dout, const real* x, const real* weight, const real* mean,
+                          const real* rstd, long rows, int C) {
+    if (dx) launch(norm_backward_kernel, row_grid(rows), row_block(), 0, dx, dout, x, weight, mean, rstd, rows, C);
+    if (dweight || dbias) column_sums(dbias, dweight, dout, x, mean, rstd, rows, C);
+}
+
 void layernorm_forward(real* out, real* mean, real* rstd, const real* x, const real* weight, const real* bias, long rows, int C) {
-    launch(layernorm_forward_kernel, row_grid(rows), row_block(), 0, out, mean, rstd, x, weight, bias, rows, C);
+    norm_forward(out, mean, rstd, nullptr, x, nullptr, weight, bias, rows, C);
 }
 
 void layernorm_backward(real* dx, real* dweight, real* dbias, const real* dout, const real* x, const real* weight, const real* mean,
                         const real* rstd, long rows, int C) {
-    if (dx) launch(layernorm_backward_kernel, row_grid(rows), row_block(), 0, dx, dout, x, weight, mean, rstd, rows, C);
-    if (dweight || dbias) column_sums(dbias, dweight, dout, x, mean, rstd, rows, C);
-}
-
-Tensor layernorm(Tensor x, Tensor weight, Tensor bias) {
-    int C = x.dim(-1);
-    long rows = x.size() / C;
-    Tensor out = new_result(x, {x, weight, bias});
-    real* mean = device_alloc<real>(rows);
-    real* rstd = device_alloc<real>(rows);
-    layernorm_forward(out.data, mean, rstd, x.data, weight.data, bias.data, rows, C);
-    if (out.grad) record([=] { layernorm_backward(x.grad, weight.grad, bias.grad, out.grad, x.data, weight.data, mean, rstd, rows, C); });
-    return out;
-}
-
-// RMSNorm: like LayerNorm without centring or bias:  rstd = 1/sqrt(sum(x^2)/C + eps),
-// xhat = x * rstd,  out = xhat * w.  Backward, with g = dout * w:  dx = rstd * (g - xhat * mean(g * xhat)),
-// dw += sum over rows of dout * xhat.
-
-__global__ void rmsnorm_forward_kernel(real* out, real* rstd_out, const real* x, const real* weight, long rows, int C) {
-    bool active;
-    long row = group_row(rows, &active);
-    const real* xr = x + row * C;
-    real* o = out + row * C;
-    real rstd = 1 / sqrt(group_sum(row_sum(C, [&](int c) { return xr[c] * xr[c]; })) / C + norm_eps);
-    if (!active) return;
-    for_each_in_row(C, [&](int c) { o[c] = xr[c] * rstd * weight[c]; });
-    if (threadIdx.x == 0) rstd_out[row] = rstd;
-}
-
-__global__ void rmsnorm_backward_kernel(real* dx, const real* dout, const real* x, const real* weight, const real* rstd, long rows, int C) {
-    bool active;
-    long row = group_row(rows, &active);
-    const real *xr = x + row * C, *dr = dout + row * C;
-    real* dxr = dx + row * C;
-    real row_rstd = rstd[row];
-    real g_xhat_mean = group_sum(row_sum(C, [&](int c) { return dr[c] * weight[c] * xr[c] * row_rstd; })) / C;
-    if (!active) return;
-    for_each_in_row(C, [&](int c) { dxr[c] += row_rstd * (dr[c] * weight[c] - xr[c] * row_rstd * g_xhat_mean); });
+    norm_backward(dx, dweight, dbias, dout, x, weight, mean, rstd, rows, C);
 }
 
 void rmsnorm_forward(real* out, real* rstd, const real* x, const real* weight, long rows, int C) {
-    launch(rmsnorm_forward_kernel, row_grid(rows), row_block(), 0, out, rstd, x, weight, rows, C);
+    norm_forward(out, nullptr, rstd, nullptr, x, nullptr, weight, nullptr, rows, C);
 }
 
 void rmsnorm_backward(real* dx, real* dweight, const real* dout, const real* x, const real* weight, const real* rstd, long rows, int C) {
-    if (dx) launch(rmsnorm_backward_kernel, row_grid(rows), row_block(), 0, dx, dout, x, weight, rstd, rows, C);
-    if (dweight) column_sums(nullptr, dweight, dout, x, nullptr, rstd, rows, C);
+    norm_backward(dx, dweight, nullptr, dout, x, weight, nullptr, rstd, rows, C);
 }
 
-Tensor rmsnorm(Tensor x, Tensor weight) {
+// The tape versions. bias is empty for RMSNorm.
+static Tensor normalization(Tensor x, Tensor weight, Tensor bias, Norm kind) {
     int C = x.dim(-1);
     long rows = x.size() / C;
-    Tensor out = new_result(x, {x, weight});
+    Tensor out = new_result(x, {x, weight, bias});
+    real* mean = kind == Norm::layernorm ? device_alloc<real>(rows) : nullptr;
     real* rstd = device_alloc<real>(rows);
-    rmsnorm_forward(out.data, rstd, x.data, weight.data, rows, C);
-    if (out.grad) record([=] { rmsnorm_backward(x.grad, weight.grad, out.grad, x.data, weight.data, rstd, rows, C); });
+    norm_forward(out.data, mean, rstd, nullptr, x.data, nullptr, weight.data, bias.data, rows, C);
+    if (out.grad) record([=] { norm_backward(x.grad, weight.grad, bias.grad, out.grad, x.data, weight.data, mean, rstd, rows, C); });
     return out;
+}
+
+Tensor layernorm(Tensor x, Tensor weight, Tensor bias) { return normalization(x, weight, bias, Norm::layernorm); }
+Tensor rmsnorm(Tensor x, Tensor weight) { return normalization(x, weight, Tensor{}, Norm::rmsnorm); }
+
+// sum = a + b and normalized = norm(sum), fused. Backward: sum.grad (from sum's later users) gains
+// the norm's backward, then flows to a and b like a residual's.
+ResidualNorm residual_norm(Tensor a, Tensor b, Tensor weight, Tensor bias, Norm kind) {
+    if (a.size() != b.size()) fail("residual_norm: shapes %s and %s differ", shape_string(a).c_str(), shape_string(b).c_str());
+    int C = a.dim(-1);
+    long rows = a.size() / C;
+    Tensor sum = new_result(a, {a, b}), out = new_result(a, {a, b, weight, bias});
+    real* mean = kind == Norm::layernorm ? device_alloc<real>(rows) : nullptr;
+    real* rstd = device_alloc<real>(rows);
+    norm_forward(out.data, mean, rstd, sum.data, a.data, b.data, weight.data, kind == Norm::layernorm ? bias.data : nullptr, rows, C);
+    if (out.grad) record([=] {
+        norm_backward(sum.grad, weight.grad, kind == Norm::layernorm ? bias.grad : nullptr, out.grad, sum.data, weight.data, mean, rstd, rows, C);
+        residual_backward(a.grad, b.grad, sum.grad, a.size());
+    });
+    return ResidualNorm{sum, out};
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -2120,29 +2127,32 @@ std::vector<std::pair<std::string, Tensor>> gpt_named_parameters(GPT& model) {
     return named;
 }
 
-static Tensor normalize(const GPT& model, Tensor x, Tensor weight, Tensor bias) {
-    return model.config.norm == Norm::rmsnorm ? rmsnorm(x, weight) : layernorm(x, weight, bias);
-}
-
 // tokens (B, T) on the device -> logits (B, T, vocab). A pre-norm transformer:
 //   x = embed(tokens);  per layer: x = x + attn(norm1(x)),  x = x + mlp(norm2(x));  logits = head(norm(x))
-// Dropout only when `training`; each dropout call draws from its own stream of `seed`.
+// Each residual add is fused with the norm that follows it (residual_norm), so h, the normalized
+// stream, is always at hand for the next branch. Dropout only when `training`; each dropout call draws
+// from its own stream of `seed`.
 Tensor gpt_forward(GPT& model, const int* tokens, int B, int T, bool training, uint64_t seed) {
     const GPTConfig& c = model.config;
     if (T > c.context) fail("gpt_forward: sequence length %d exceeds the context window %d", T, c.context);
     real p = training ? c.dropout : 0, p_attention = training ? c.attention_dropout : 0;
     uint64_t stream = 0;
     Tensor x = dropout(embedding(tokens, B, T, model.wte, model.wpe), p, random_bits(seed, stream++));
-    for (GPTLayer& L : model.layers) {
-        Tensor h = normalize(model, x, L.norm1_weight, L.norm1_bias);
-        h = attention(linear(h, L.qkv_weight, L.qkv_bias), c.heads, c.rotary, p_attention, random_bits(seed, stream++));
-        x = residual(x, dropout(linear(h, L.attn_proj_weight, L.attn_proj_bias), p, random_bits(seed, stream++)));
-        h = linear(normalize(model, x, L.norm2_weight, L.norm2_bias), L.fc_weight, L.fc_bias);
-        h = c.activation == Activation::swiglu ? swiglu(h) : gelu(h);
-        x = residual(x, dropout(linear(h, L.mlp_proj_weight, L.mlp_proj_bias), p, random_bits(seed, stream++)));
+    Tensor h = normalization(x, model.layers[0].norm1_weight, model.layers[0].norm1_bias, c.norm);
+    for (size_t l = 0; l < model.layers.size(); l++) {
+        GPTLayer& L = model.layers[l];
+        Tensor branch = attention(linear(h, L.qkv_weight, L.qkv_bias), c.heads, c.rotary, p_attention, random_bits(seed, stream++));
+        branch = dropout(linear(branch, L.attn_proj_weight, L.attn_proj_bias), p, random_bits(seed, stream++));
+        ResidualNorm r = residual_norm(x, branch, L.norm2_weight, L.norm2_bias, c.norm);
+        branch = linear(r.normalized, L.fc_weight, L.fc_bias);
+        branch = c.activation == Activation::swiglu ? swiglu(branch) : gelu(branch);
+        branch = dropout(linear(branch, L.mlp_proj_weight, L.mlp_proj_bias), p, random_bits(seed, stream++));
+        bool last = l + 1 == model.layers.size();  // the next norm: the next layer's first, or the final one
+        r = residual_norm(r.sum, branch, last ? model.final_norm_weight : model.layers[l + 1].norm1_weight,
+                          last ? model.final_norm_bias : model.layers[l + 1].norm1_bias, c.norm);
+        x = r.sum, h = r.normalized;
     }
-    x = normalize(model, x, model.final_norm_weight, model.final_norm_bias);
-    return linear(x, c.tied_embeddings ? model.wte : model.lm_head, Tensor{});
+    return linear(h, c.tied_embeddings ? model.wte : model.lm_head, Tensor{});
 }
 
 // ====================================================================================================

@@ -299,6 +299,12 @@ Tensor layernorm(Tensor x, Tensor weight, Tensor bias);
 void rmsnorm_forward(real* out, real* rstd, const real* x, const real* weight, long rows, int C);
 void rmsnorm_backward(real* dx, real* dweight, const real* dout, const real* x, const real* weight, const real* rstd, long rows, int C);
 Tensor rmsnorm(Tensor x, Tensor weight);
+enum class Norm { layernorm, rmsnorm };
+// sum = a + b and normalized = norm(sum) (bias unused for RMSNorm), in one fused pass.
+struct ResidualNorm {
+    Tensor sum, normalized;
+};
+ResidualNorm residual_norm(Tensor a, Tensor b, Tensor weight, Tensor bias, Norm kind);
 
 void gelu_forward(real* out, const real* x, long n);
 void gelu_backward(real* dx, const real* dout, const real* x, long n);
@@ -360,7 +366,6 @@ Tensor mse(Tensor a, Tensor b);
 // ====================================================================================================
 // The GPT
 
-enum class Norm { layernorm, rmsnorm };
 enum class Activation { gelu, swiglu };
 
 struct GPTConfig {
