@@ -46,7 +46,7 @@
 #define __global__
 #define __device__
 #define __host__
-#define __forceinline__ inline
+#define __forceinline__ inline __attribute__((always_inline))
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
 // A block-scope thread_local is static: one copy per OS thread, and a block owns its OS thread while it

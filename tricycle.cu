@@ -202,7 +202,7 @@ static dim3 row_grid(long rows) { return dim3(unsigned((rows + rows_per_block() 
 
 // Calls body(i) for the i in [begin, end) that thread `thread` of `threads` handles: begin + thread,
 // then every threads-th. A lone thread takes them all in a unit-stride loop (vectorisable).
-template <typename F> __device__ inline void for_each_strided(long begin, long end, int thread, int threads, F body) {
+template <typename F> __device__ __forceinline__ void for_each_strided(long begin, long end, int thread, int threads, F body) {
     if (threads == 1) {
         for (long i = begin; i < end; i++) body(i);
     } else {
@@ -215,26 +215,26 @@ template <typename F> __device__ inline void for_each_strided(long begin, long e
 struct Tile {
     long begin, end;
 };
-__device__ inline Tile block_tile(long n) {
+__device__ __forceinline__ Tile block_tile(long n) {
     long size = ((n + gridDim.x - 1) / gridDim.x + 63) / 64 * 64, begin = blockIdx.x * size;
     return Tile{begin, begin + size < n ? begin + size : n};
 }
 
 // Elementwise kernels: this thread's share of its block's tile.
-template <typename F> __device__ inline void for_each_element(long n, F body) {
+template <typename F> __device__ __forceinline__ void for_each_element(long n, F body) {
     Tile tile = block_tile(n);
     for_each_strided(tile.begin, tile.end, threadIdx.x, blockDim.x, body);
 }
 
 // Row kernels: this thread's share of the `count` elements of its group's row.
-template <typename F> __device__ inline void for_each_in_row(int count, F body) {
+template <typename F> __device__ __forceinline__ void for_each_in_row(int count, F body) {
     for_each_strided(0, count, threadIdx.x, blockDim.x, [&](long i) { body(int(i)); });
 }
 
 // Sums and maxima of f(i) over this thread's share of [begin, end) (as for_each_strided). A lone thread's
 // loop is declared a SIMD reduction, which lets the CPU compiler vectorise it (adding in another order
 // than a plain loop would, so the last bits may differ).
-template <typename F> __device__ inline real sum_strided(long begin, long end, int thread, int threads, F f) {
+template <typename F> __device__ __forceinline__ real sum_strided(long begin, long end, int thread, int threads, F f) {
     real total = 0;
     if (threads == 1) {
 #pragma omp simd reduction(+ : total)
@@ -245,7 +245,7 @@ template <typename F> __device__ inline real sum_strided(long begin, long end, i
     return total;
 }
 
-template <typename F> __device__ inline real max_strided(long begin, long end, int thread, int threads, F f) {
+template <typename F> __device__ __forceinline__ real max_strided(long begin, long end, int thread, int threads, F f) {
     real best = -INFINITY;
     if (threads == 1) {
 #pragma omp simd reduction(max : best)
@@ -257,34 +257,34 @@ template <typename F> __device__ inline real max_strided(long begin, long end, i
 }
 
 // Row kernels: this thread's part of the sum (max) of f over the `count` elements of its row.
-template <typename F> __device__ inline real row_sum(int count, F f) {
+template <typename F> __device__ __forceinline__ real row_sum(int count, F f) {
     return sum_strided(0, count, threadIdx.x, blockDim.x, [&](long i) { return f(int(i)); });
 }
-template <typename F> __device__ inline real row_max(int count, F f) {
+template <typename F> __device__ __forceinline__ real row_max(int count, F f) {
     return max_strided(0, count, threadIdx.x, blockDim.x, [&](long i) { return f(int(i)); });
 }
 
 // Within a row kernel: which row this thread's group handles. Threads of a row past the end work on
 // the last row but must not write (they still take part in the group's shuffles).
-__device__ inline long group_row(long rows, bool* active) {
+__device__ __forceinline__ long group_row(long rows, bool* active) {
     long row = long(blockIdx.x) * blockDim.y + threadIdx.y;
     *active = row < rows;
     return row < rows ? row : rows - 1;
 }
 
 // The lanes of this thread's warp that exist: all 32, unless the block is smaller than a warp.
-__device__ inline unsigned warp_lanes() {
+__device__ __forceinline__ unsigned warp_lanes() {
     unsigned threads = blockDim.x * blockDim.y * blockDim.z;
     return threads >= 32 ? 0xffffffffu : (1u << threads) - 1;
 }
 
 // Sum and max across the threads of a row group, by butterfly shuffles: every thread gets the result.
-__device__ inline real group_sum(real value) {
+__device__ __forceinline__ real group_sum(real value) {
     for (int offset = blockDim.x / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(warp_lanes(), value, offset, blockDim.x);
     return value;
 }
 
-__device__ inline real group_max(real value) {
+__device__ __forceinline__ real group_max(real value) {
     for (int offset = blockDim.x / 2; offset > 0; offset /= 2) value = fmax(value, __shfl_xor_sync(warp_lanes(), value, offset, blockDim.x));
     return value;
 }
@@ -292,7 +292,7 @@ __device__ inline real group_max(real value) {
 // e^x in float by range reduction and a polynomial: x = k ln2 + r with |r| <= ln2/2, e^x = 2^k e^r.
 // About 1 ulp, and only arithmetic, so loops of it vectorise on the CPU (libm's expf does not); a GPU
 // runs it as a short chain of FMAs. In double (the gradient-check build) it is exp itself.
-__device__ inline float fast_exp(float x) {
+__device__ __forceinline__ float fast_exp(float x) {
     x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;  // (not fminf/fmaxf: their NaN rules block vectorising)
     float k = rintf(x * 1.44269504f);
     float r = fmaf(k, -0.693359375f, x);  // ln2 in two parts, so r keeps its low bits
@@ -306,7 +306,7 @@ __device__ inline float fast_exp(float x) {
     p = fmaf(p * r, r, r) + 1.0f;
     return p * __int_as_float((int(k) + 127) << 23);
 }
-__device__ inline double fast_exp(double x) { return exp(x); }
+__device__ __forceinline__ double fast_exp(double x) { return exp(x); }
 
 // ----------------------------------------------------------------------------------------------------
 // Memory: two bump arenas, one of device memory for tensors and one of host memory for tape closures.
