@@ -5,8 +5,10 @@
 // files as C++ and runs every kernel on the CPU through the emulator in cuda_cpu.h (OpenBLAS for
 // matrix products).
 //
-// Reading order, here and in tricycle.cu: errors and launching, memory, random numbers, the Tensor,
-// the tape, the operations (each a kernel with its backward kernel).
+// Reading order, here and in tricycle.cu: errors, launching and profiling, memory, random numbers, the
+// Tensor, the tape, the operations (each a kernel with its backward kernel), the layers (forward and
+// backward kernels side by side), the GPT, generation, optimizers, model files, the tokenizer and the
+// data loader, and helpers for the programs.
 #pragma once
 
 #ifdef __CUDACC__
