@@ -17,13 +17,18 @@ ifeq ($(SANITIZE),1)
   endif
   BUILD := cpu-sanitize
 endif
+# BF16=1: mixed precision, every tensor stored in bfloat16 (see tricycle.h).
+ifeq ($(BF16),1)
+  BUILD := $(BUILD)-bf16
+  PRECISION := -DTRICYCLE_BF16
+endif
 
 # sm_80 (A100) and sm_90 (H100) by default.
 CUDA_ARCH ?= 80 90
 NVCC ?= $(shell command -v nvcc || echo /usr/local/cuda/bin/nvcc)
 CXX ?= g++
 
-ifeq ($(BUILD),gpu)
+ifneq ($(filter gpu%,$(BUILD)),)
   COMPILE := $(NVCC) -std=c++17 -O3 -x cu $(foreach a,$(CUDA_ARCH),-gencode arch=compute_$(a),code=sm_$(a)) \
              -Xcompiler -Wall,-Wextra -Werror all-warnings
   LINKER := $(NVCC)
@@ -43,7 +48,7 @@ HEADERS := tricycle.h cuda_cpu.h
 PROGRAMS := train_gpt inference tokenizer
 TESTS := test_gradients tests/test_tokenizer
 
-.PHONY: all test clean train bench kernel-report bench-emulator bench-tokenizer
+.PHONY: all test test-bf16 clean train bench kernel-report bench-emulator bench-tokenizer
 all: $(PROGRAMS) $(TESTS)
 
 # Binaries go to the repository root whatever the build; this stamp relinks them when it changes.
@@ -53,12 +58,17 @@ $(STAMP):
 
 $(OBJ)/%.o: %.cu $(HEADERS) tests/check.h
 	@mkdir -p $(dir $@)
-	$(COMPILE) -I. -c $< -o $@
+	$(COMPILE) $(PRECISION) -I. -c $< -o $@
 
 # The gradient-check build: everything in double precision.
 $(OBJ)/double/%.o: %.cu $(HEADERS) tests/check.h
 	@mkdir -p $(dir $@)
 	$(COMPILE) -DTRICYCLE_DOUBLE -I. -c $< -o $@
+
+# The mixed-precision test's bfloat16 half.
+$(OBJ)/bf16/%.o: %.cu $(HEADERS) tests/check.h
+	@mkdir -p $(dir $@)
+	$(COMPILE) -DTRICYCLE_BF16 -I. -c $< -o $@
 
 $(PROGRAMS): %: $(OBJ)/%.o $(OBJ)/tricycle.o $(STAMP)
 	$(LINKER) $(OBJ)/$*.o $(OBJ)/tricycle.o -o $@ $(LIBS)
@@ -69,11 +79,22 @@ test_gradients: $(OBJ)/double/test_gradients.o $(OBJ)/double/tricycle.o $(STAMP)
 tests/test_tokenizer tests/gpt_parity: %: $(OBJ)/%.o $(OBJ)/tricycle.o $(STAMP)
 	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
 
-test: $(TESTS) tests/gpt_parity $(PROGRAMS)
-	@bash tests/run_tests.sh $(TESTS) tests/test_parity.sh tests/test_programs.sh
+tests/mixed_precision_fp32: $(OBJ)/tests/mixed_precision.o $(OBJ)/tricycle.o $(STAMP)
+	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
+
+tests/mixed_precision_bf16: $(OBJ)/bf16/tests/mixed_precision.o $(OBJ)/bf16/tricycle.o $(STAMP)
+	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
+
+test: $(TESTS) tests/gpt_parity tests/mixed_precision_fp32 tests/mixed_precision_bf16 $(PROGRAMS)
+	@bash tests/run_tests.sh $(TESTS) tests/test_parity.sh tests/test_mixed_precision.sh tests/test_programs.sh
+
+# The programs' end-to-end tests again, with the programs built in mixed precision.
+test-bf16:
+	$(MAKE) BF16=1 $(PROGRAMS)
+	@bash tests/run_tests.sh tests/test_programs.sh
 
 clean:
-	rm -rf build $(PROGRAMS) $(TESTS) tests/gpt_parity bench/emulator bench/bench_gpt
+	rm -rf build $(PROGRAMS) $(TESTS) tests/gpt_parity tests/mixed_precision_fp32 tests/mixed_precision_bf16 bench/emulator bench/bench_gpt
 
 # ----------------------------------------------------------------------------------------------------
 # Data. The corpus is downloaded, never committed. DATA=path uses a copy you already have.

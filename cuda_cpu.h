@@ -59,6 +59,24 @@ struct dim3 {
     constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 struct alignas(16) float4 { float x, y, z, w; };
+
+// bfloat16 (for the mixed-precision build): the top 16 bits of a float, rounded to nearest even.
+struct __nv_bfloat16 {
+    uint16_t bits;
+};
+inline __nv_bfloat16 __float2bfloat16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return __nv_bfloat16{uint16_t((u >> 16) | 0x40)};  // NaN stays a (quiet) NaN
+    return __nv_bfloat16{uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16)};
+}
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short bits) { return __nv_bfloat16{bits}; }
+inline float __bfloat162float(__nv_bfloat16 b) {
+    uint32_t u = uint32_t(b.bits) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
 constexpr int warpSize = 32;
 
 // The built-in variables. The scheduler rewrites threadIdx every time it switches fibers.
@@ -80,6 +98,11 @@ inline float __int_as_float(int i) {
     float f;
     memcpy(&f, &i, sizeof f);
     return f;
+}
+inline unsigned int __float_as_uint(float f) {
+    unsigned int u;
+    memcpy(&u, &f, sizeof u);
+    return u;
 }
 
 // Blocks run on several OS threads at once, so atomics must be real atomics.

@@ -459,7 +459,7 @@ static void test_gpt() {
     backward(cross_entropy(gpt_forward(model, tokens, 4, 6, false, 0), targets));
     std::vector<real> full(model.num_parameters), accumulated(model.num_parameters);
     cuda_check(cudaMemcpy(full.data(), model.gradients, full.size() * sizeof(real), cudaMemcpyDeviceToHost));
-    cuda_check(cudaMemset(model.gradients, 0, model.num_parameters * sizeof(real)));
+    gpt_zero_grad(model);
     for (int half = 0; half < 2; half++) backward(cross_entropy(gpt_forward(model, tokens + 12 * half, 2, 6, false, 0), targets + 12 * half) * 0.5);
     cuda_check(cudaMemcpy(accumulated.data(), model.gradients, accumulated.size() * sizeof(real), cudaMemcpyDeviceToHost));
     check(max_difference(full, accumulated) < 1e-12, "gradient accumulation over 2 micro-batches equals the full batch (max diff %.1e)", max_difference(full, accumulated));
@@ -477,8 +477,8 @@ static void test_gpt() {
     AdamW adam;
     adamw_create(&adam, model.num_parameters);
     real max_norm = real(expected_norm / 2), lr = real(0.01);
-    adamw_update(&adam, model.parameters, model.gradients, model.num_decayed, lr, norm, max_norm);
-    adamw_update(&adam, model.parameters, model.gradients, model.num_decayed, lr, norm, max_norm);
+    adamw_update(&adam, model.parameters, model.master, model.gradients, model.num_decayed, lr, norm, max_norm);
+    adamw_update(&adam, model.parameters, model.master, model.gradients, model.num_decayed, lr, norm, max_norm);
     std::vector<real> p2(model.num_parameters);
     cuda_check(cudaMemcpy(p2.data(), model.parameters, p2.size() * sizeof(real), cudaMemcpyDeviceToHost));
     double worst = 0, scale = max_norm / (expected_norm + 1e-6);
@@ -498,7 +498,7 @@ static void test_gpt() {
         std::vector<real> hp = to_host(p), hg = to_host(g);
         AdamW odd;
         adamw_create(&odd, n);
-        adamw_update(&odd, p.data, g.data, decayed, lr, nullptr, 0);
+        adamw_update(&odd, p.data, nullptr, g.data, decayed, lr, nullptr, 0);
         std::vector<real> after = to_host(p);
         double worst_odd = 0;
         double b1 = double(0.9f), b2 = double(0.95f), wd = double(0.1f);  // AdamW keeps its settings as float
@@ -512,8 +512,8 @@ static void test_gpt() {
     SGD sgd;
     sgd.momentum = 0.5f;
     sgd_create(&sgd, model.num_parameters);
-    sgd_update(&sgd, model.parameters, model.gradients, lr, nullptr, 0);
-    sgd_update(&sgd, model.parameters, model.gradients, lr, nullptr, 0);
+    sgd_update(&sgd, model.parameters, model.master, model.gradients, lr, nullptr, 0);
+    sgd_update(&sgd, model.parameters, model.master, model.gradients, lr, nullptr, 0);
     std::vector<real> p3(model.num_parameters);
     cuda_check(cudaMemcpy(p3.data(), model.parameters, p3.size() * sizeof(real), cudaMemcpyDeviceToHost));
     worst = 0;

@@ -158,9 +158,11 @@ static FileSection section(const char* tag, std::string bytes) {
 }
 
 static void save_checkpoint(const std::string& path, GPT& model, const Tokenizer& tokenizer, const AdamW& adam, const TrainingState& state) {
-    gpt_save(model, path.c_str(),
-             {section("TOKN", tokenizer_serialize(&tokenizer)), section("ADMM", floats_section(adam.m, adam.n)),
-              section("ADMV", floats_section(adam.v, adam.n)), section("TRAN", std::string((const char*)&state, sizeof state))});
+    std::vector<FileSection> sections = {section("TOKN", tokenizer_serialize(&tokenizer)), section("ADMM", floats_section(adam.m, adam.n)),
+                                         section("ADMV", floats_section(adam.v, adam.n)),
+                                         section("TRAN", std::string((const char*)&state, sizeof state))};
+    if (model.master) sections.push_back(section("MAST", floats_section(model.master, model.num_parameters)));  // mixed precision
+    gpt_save(model, path.c_str(), sections);
 }
 
 static void load_checkpoint(const std::string& path, GPT* model, Tokenizer* tokenizer, AdamW* adam, TrainingState* state) {
@@ -174,6 +176,7 @@ static void load_checkpoint(const std::string& path, GPT* model, Tokenizer* toke
         else if (tag == "ADMM") floats_from_section(adam->m, adam->n, s, path.c_str()), found |= 2;
         else if (tag == "ADMV") floats_from_section(adam->v, adam->n, s, path.c_str()), found |= 4;
         else if (tag == "TRAN" && s.bytes.size() == sizeof *state) memcpy(state, s.bytes.data(), sizeof *state), found |= 8;
+        else if (tag == "MAST" && model->master) floats_from_section(model->master, model->num_parameters, s, path.c_str());
     }
     if (found != 15) fail("checkpoint '%s': lacks the tokenizer, optimizer or training state (a weights-only file cannot be resumed)", path.c_str());
     adam->step = state->optimizer_step;
@@ -399,7 +402,7 @@ static int train(int argc, char** argv) {
         // One optimizer step: grad_accum micro-batches, each contributing 1/grad_accum of the loss.
         profiling = o.profile && step > first_step;  // the first step warms up; evaluations are not counted
         double step_start = seconds_now(), loss_sum = 0;
-        cuda_check(cudaMemset(model.gradients, 0, model.num_parameters * sizeof(real)));
+        gpt_zero_grad(model);
         for (int micro = 0; micro < o.grad_accum; micro++) {
             dataloader_next_batch(&train_loader);
             cuda_check(cudaMemcpy(device_batch, train_loader.inputs.data(), size_t(B) * T * sizeof(int), cudaMemcpyHostToDevice));
@@ -418,7 +421,7 @@ static int train(int argc, char** argv) {
             fail("step %ld: the loss is %g and the gradient norm %g; stopping before the update (last good checkpoint: %s)", step,
                  loss_sum, double(grad_norm), latest.c_str());
         float lr = learning_rate(step, o.warmup, o.steps, o.lr, o.min_lr);
-        adamw_update(&adam, model.parameters, model.gradients, model.num_decayed, lr, norm, o.clip);
+        adamw_update(&adam, model.parameters, model.master, model.gradients, model.num_decayed, lr, norm, o.clip);
         cuda_check(cudaDeviceSynchronize());
         profiling = false;
 

@@ -249,7 +249,10 @@ template <typename F> __device__ __forceinline__ real max_strided(long begin, lo
     real best = -INFINITY;
     if (threads == 1) {
 #pragma omp simd reduction(max : best)
-        for (long i = begin; i < end; i++) best = f(i) > best ? f(i) : best;
+        for (long i = begin; i < end; i++) {
+            real value = f(i);
+            best = value > best ? value : best;
+        }
     } else {
         for (long i = begin + thread; i < end; i += threads) best = fmax(best, f(i));
     }
@@ -383,16 +386,16 @@ size_t memory_reserved() {
 // ----------------------------------------------------------------------------------------------------
 // Filling buffers: constants and counter-based random draws (see random_bits in tricycle.h).
 
-__global__ void fill_kernel(real* out, long n, real value) {
+__global__ void fill_kernel(floatX* out, long n, real value) {
     for_each_element(n, [&](long i) { out[i] = value; });
 }
 
-__global__ void fill_uniform_kernel(real* out, long n, uint64_t seed, real low, real high) {
+__global__ void fill_uniform_kernel(floatX* out, long n, uint64_t seed, real low, real high) {
     for_each_element(n, [&](long i) { out[i] = low + (high - low) * real(random_uniform(seed, uint64_t(i))); });
 }
 
 // Box-Muller: element i uses the uniform draws 2i and 2i+1 (u1 is kept away from 0 for the log).
-__global__ void fill_normal_kernel(real* out, long n, uint64_t seed, real mean, real std) {
+__global__ void fill_normal_kernel(floatX* out, long n, uint64_t seed, real mean, real std) {
     for_each_element(n, [&](long i) {
         double u1 = (double(random_bits(seed, 2 * uint64_t(i)) >> 11) + 1.0) * (1.0 / 9007199254740992.0);
         double u2 = double(random_bits(seed, 2 * uint64_t(i) + 1) >> 11) * (1.0 / 9007199254740992.0);
@@ -400,11 +403,11 @@ __global__ void fill_normal_kernel(real* out, long n, uint64_t seed, real mean, 
     });
 }
 
-void fill(real* out, long n, real value) { launch(fill_kernel, element_blocks(n), element_threads, 0, out, n, value); }
-void fill_normal(real* out, long n, uint64_t seed, real mean, real std) {
+void fill(floatX* out, long n, real value) { launch(fill_kernel, element_blocks(n), element_threads, 0, out, n, value); }
+void fill_normal(floatX* out, long n, uint64_t seed, real mean, real std) {
     launch(fill_normal_kernel, element_blocks(n), element_threads, 0, out, n, seed, mean, std);
 }
-void fill_uniform(real* out, long n, uint64_t seed, real low, real high) {
+void fill_uniform(floatX* out, long n, uint64_t seed, real low, real high) {
     launch(fill_uniform_kernel, element_blocks(n), element_threads, 0, out, n, seed, low, high);
 }
 
@@ -431,9 +434,9 @@ static Tensor make_tensor(int ndim, const int* shape, bool with_grad) {
         if (shape[i] < 0) fail("negative dim %d in a tensor shape", shape[i]);
         t.shape[i] = shape[i];
     }
-    t.data = device_alloc<real>(t.size());
+    t.data = device_alloc<floatX>(t.size());
     if (with_grad) {
-        t.grad = device_alloc<real>(t.size());
+        t.grad = device_alloc<floatX>(t.size());
         fill(t.grad, t.size(), 0);
     }
     return t;
@@ -475,8 +478,8 @@ Tensor rand_uniform(Shape shape, uint64_t seed, real low, real high) {
 
 Tensor requires_grad(Tensor t) {
     if (!t.grad) {
-        t.grad = device_alloc<real>(t.size());
-        cuda_check(cudaMemset(t.grad, 0, t.size() * sizeof(real)));
+        t.grad = device_alloc<floatX>(t.size());
+        cuda_check(cudaMemset(t.grad, 0, t.size() * sizeof(floatX)));
     }
     return t;
 }
@@ -489,15 +492,20 @@ Tensor grad(Tensor t) {
     return g;
 }
 
-std::vector<real> to_host(Tensor t) {
-    std::vector<real> values(t.size());
-    cuda_check(cudaMemcpy(values.data(), t.data, values.size() * sizeof(real), cudaMemcpyDeviceToHost));
-    return values;
+// Device buffers of T (floatX or real) to and from host values in real, converted one by one.
+template <typename T> static std::vector<real> download(const T* device, long n) {
+    std::vector<T> stored(n);
+    cuda_check(cudaMemcpy(stored.data(), device, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return std::vector<real>(stored.begin(), stored.end());
 }
 
-void copy_from_host(Tensor t, const real* values) {
-    cuda_check(cudaMemcpy(t.data, values, t.size() * sizeof(real), cudaMemcpyHostToDevice));
+template <typename T> static void upload(T* device, const real* values, long n) {
+    std::vector<T> stored(values, values + n);
+    cuda_check(cudaMemcpy(device, stored.data(), n * sizeof(T), cudaMemcpyHostToDevice));
 }
+
+std::vector<real> to_host(Tensor t) { return download(t.data, t.size()); }
+void copy_from_host(Tensor t, const real* values) { upload(t.data, values, t.size()); }
 
 // Like Python: (), (6,), (6, 5).
 std::string shape_string(Tensor t) {
@@ -564,7 +572,7 @@ void backward(Tensor t) {
 }
 
 void zero_grad(Tensor t) {
-    if (t.grad) cuda_check(cudaMemset(t.grad, 0, t.size() * sizeof(real)));
+    if (t.grad) cuda_check(cudaMemset(t.grad, 0, t.size() * sizeof(floatX)));
 }
 
 static bool any_requires_grad(std::initializer_list<Tensor> inputs) {
@@ -635,19 +643,19 @@ struct Relu {
     __device__ real derivative(real x) const { return x > 0 ? 1 : 0; }
 };
 
-template <typename F> __global__ void map_forward_kernel(real* out, const real* x, long n, F f) {
+template <typename F> __global__ void map_forward_kernel(floatX* out, const floatX* x, long n, F f) {
     for_each_element(n, [&](long i) { out[i] = f.forward(x[i]); });
 }
 
-template <typename F> __global__ void map_backward_kernel(real* dx, const real* dout, const real* x, long n, F f) {
+template <typename F> __global__ void map_backward_kernel(floatX* dx, const floatX* dout, const floatX* x, long n, F f) {
     for_each_element(n, [&](long i) { dx[i] += dout[i] * f.derivative(x[i]); });
 }
 
-template <typename F> static void map_forward(real* out, const real* x, long n, F f) {
+template <typename F> static void map_forward(floatX* out, const floatX* x, long n, F f) {
     launch(map_forward_kernel<F>, element_blocks(n), element_threads, 0, out, x, n, f);
 }
 
-template <typename F> static void map_backward(real* dx, const real* dout, const real* x, long n, F f) {
+template <typename F> static void map_backward(floatX* dx, const floatX* dout, const floatX* x, long n, F f) {
     launch(map_backward_kernel<F>, element_blocks(n), element_threads, 0, dx, dout, x, n, f);
 }
 
@@ -738,7 +746,7 @@ static Broadcast broadcast_shapes(const Tensor& a, const Tensor& b, Tensor* out_
     return s;
 }
 
-template <typename F> __global__ void broadcast_forward_kernel(real* out, const real* a, const real* b, long n, Broadcast s, F f) {
+template <typename F> __global__ void broadcast_forward_kernel(floatX* out, const floatX* a, const floatX* b, long n, Broadcast s, F f) {
     for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
         long rest = i, ia = 0, ib = 0;
         for (int d = max_dims - 1; d >= 0; d--) {
@@ -753,7 +761,7 @@ template <typename F> __global__ void broadcast_forward_kernel(real* out, const 
 // Gradient for one input ("mine"; the other is "theirs"): thread per element of mine, summing over the
 // output positions that element was broadcast to.
 template <typename F, bool FOR_A>
-__global__ void broadcast_backward_kernel(real* dmine, const real* dout, const real* a, const real* b, long n_mine, Broadcast s, F f) {
+__global__ void broadcast_backward_kernel(floatX* dmine, const floatX* dout, const floatX* a, const floatX* b, long n_mine, Broadcast s, F f) {
     const int* mine_dims = FOR_A ? s.a_dims : s.b_dims;
     const long* their_stride = FOR_A ? s.b_stride : s.a_stride;
     long copies = 1;
@@ -808,11 +816,11 @@ Tensor minimum(Tensor a, Tensor b) { return broadcast(a, b, Minimum{}); }
 enum ReduceKind { reduce_sum, reduce_max, reduce_min };
 
 template <ReduceKind KIND>
-__global__ void reduce_forward_kernel(real* out, int* winner, const real* x, long outer, int n, long inner, real scale) {
+__global__ void reduce_forward_kernel(floatX* out, int* winner, const floatX* x, long outer, int n, long inner, real scale) {
     bool active;
     long row = group_row(outer * inner, &active);
-    const real* base = x + (row / inner) * n * inner + row % inner;
-    real best = KIND == reduce_sum ? 0 : base[0];
+    const floatX* base = x + (row / inner) * n * inner + row % inner;
+    real best = KIND == reduce_sum ? 0 : real(base[0]);
     int best_k = 0;
     for (int k = threadIdx.x; k < n; k += blockDim.x) {
         real v = base[long(k) * inner];
@@ -832,7 +840,7 @@ __global__ void reduce_forward_kernel(real* out, int* winner, const real* x, lon
     }
 }
 
-__global__ void reduce_backward_kernel(real* dx, const real* dout, const int* winner, long outer, int n, long inner, real scale) {
+__global__ void reduce_backward_kernel(floatX* dx, const floatX* dout, const int* winner, long outer, int n, long inner, real scale) {
     long total = outer * n * inner;
     for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += long(gridDim.x) * blockDim.x) {
         long o = i / (n * inner), k = i / inner % n, j = i % inner;
@@ -912,7 +920,7 @@ static Dims padded_dims(const Tensor& t) {
 
 // out = x with dims d0 and d1 swapped (x seen as max_dims-d). With `accumulate` it adds instead, which is the
 // backward: transposing the output gradient back into dx.
-__global__ void transpose_kernel(real* out, const real* x, Dims x_shape, int d0, int d1, long n, bool accumulate) {
+__global__ void transpose_kernel(floatX* out, const floatX* x, Dims x_shape, int d0, int d1, long n, bool accumulate) {
     Dims out_shape = x_shape;
     out_shape.d[d0] = x_shape.d[d1], out_shape.d[d1] = x_shape.d[d0];
     for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
@@ -923,7 +931,7 @@ __global__ void transpose_kernel(real* out, const real* x, Dims x_shape, int d0,
         coord[d0] = coord[d1], coord[d1] = swapped;
         long o = 0;
         for (int d = 0; d < max_dims; d++) o = o * out_shape.d[d] + coord[d];
-        out[o] = accumulate ? out[o] + x[i] : x[i];
+        out[o] = accumulate ? out[o] + x[i] : real(x[i]);
     }
 }
 
@@ -945,21 +953,21 @@ Tensor transpose(Tensor x, int dim0, int dim1) {
 // Softmax over the last axis (rows of n): y = exp(x - max) / sum(exp(x - max)).
 // Backward: dx = y * (dy - sum(dy * y)), the sum taken over the row.
 
-__global__ void softmax_forward_kernel(real* out, const real* x, long rows, int n) {
+__global__ void softmax_forward_kernel(floatX* out, const floatX* x, long rows, int n) {
     bool active;
     long row = group_row(rows, &active);
-    const real* xr = x + row * n;
-    real* yr = out + row * n;
+    const floatX* xr = x + row * n;
+    floatX* yr = out + row * n;
     real largest = group_max(row_max(n, [&](int i) { return xr[i]; }));
     real total = group_sum(row_sum(n, [&](int i) { return fast_exp(xr[i] - largest); }));
     if (active) for_each_in_row(n, [&](int i) { yr[i] = fast_exp(xr[i] - largest) / total; });
 }
 
-__global__ void softmax_backward_kernel(real* dx, const real* dout, const real* out, long rows, int n) {
+__global__ void softmax_backward_kernel(floatX* dx, const floatX* dout, const floatX* out, long rows, int n) {
     bool active;
     long row = group_row(rows, &active);
-    const real *yr = out + row * n, *dyr = dout + row * n;
-    real* dxr = dx + row * n;
+    const floatX *yr = out + row * n, *dyr = dout + row * n;
+    floatX* dxr = dx + row * n;
     real dot = group_sum(row_sum(n, [&](int i) { return dyr[i] * yr[i]; }));
     if (active) for_each_in_row(n, [&](int i) { dxr[i] += yr[i] * (dyr[i] - dot); });
 }
@@ -987,6 +995,15 @@ inline cublasStatus_t cublas_gemm(cublasOperation_t op_a, cublasOperation_t op_b
                                   long stride_c, int batch) {
     return cublasDgemmStridedBatched(cublas_handle(), op_a, op_b, m, n, k, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc, stride_c, batch);
 }
+#ifdef TRICYCLE_BF16
+// bfloat16 inputs and output, float accumulation (the tensor cores' bf16 path).
+inline cublasStatus_t cublas_gemm(cublasOperation_t op_a, cublasOperation_t op_b, int m, int n, int k, const float* alpha, const bf16* A, int lda,
+                                  long stride_a, const bf16* B, int ldb, long stride_b, const float* beta, bf16* C, int ldc, long stride_c,
+                                  int batch) {
+    return cublasGemmStridedBatchedEx(cublas_handle(), op_a, op_b, m, n, k, alpha, A, CUDA_R_16BF, lda, stride_a, B, CUDA_R_16BF, ldb, stride_b,
+                                      beta, C, CUDA_R_16BF, ldc, stride_c, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+}
+#endif
 #else
 inline void cblas_gemm(CBLAS_TRANSPOSE op_a, CBLAS_TRANSPOSE op_b, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
                        int ldb, float beta, float* C, int ldc) {
@@ -996,10 +1013,31 @@ inline void cblas_gemm(CBLAS_TRANSPOSE op_a, CBLAS_TRANSPOSE op_b, int M, int N,
                        int ldb, double beta, double* C, int ldc) {
     cblas_dgemm(CblasRowMajor, op_a, op_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
+
+#ifdef TRICYCLE_BF16
+// bfloat16 on the CPU: widen the rows used to float, multiply in float, round the result back. (A
+// matrix may sit inside a wider buffer, so only `columns` of each row are touched.)
+static std::vector<float> widen(const bf16* x, int rows, int columns, int ld) {
+    std::vector<float> wide(size_t(rows) * columns);
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < columns; c++) wide[size_t(r) * columns + c] = x[long(r) * ld + c];
+    return wide;
+}
+
+inline void cblas_gemm(CBLAS_TRANSPOSE op_a, CBLAS_TRANSPOSE op_b, int M, int N, int K, float alpha, const bf16* A, int lda, const bf16* B,
+                       int ldb, float beta, bf16* C, int ldc) {
+    bool ta = op_a == CblasTrans, tb = op_b == CblasTrans;
+    std::vector<float> a = widen(A, ta ? K : M, ta ? M : K, lda), b = widen(B, tb ? N : K, tb ? K : N, ldb);
+    std::vector<float> c = beta != 0 ? widen(C, M, N, ldc) : std::vector<float>(size_t(M) * N);
+    cblas_sgemm(CblasRowMajor, op_a, op_b, M, N, K, alpha, a.data(), ta ? M : K, b.data(), tb ? K : N, beta, c.data(), N);
+    for (int r = 0; r < M; r++)
+        for (int col = 0; col < N; col++) C[long(r) * ldc + col] = c[size_t(r) * N + col];
+}
+#endif
 #endif
 
-void gemm(bool transpose_a, bool transpose_b, int M, int N, int K, real alpha, const real* A, int lda, const real* B, int ldb, real beta,
-          real* C, int ldc, const GemmBatch& batch) {
+void gemm(bool transpose_a, bool transpose_b, int M, int N, int K, real alpha, const floatX* A, int lda, const floatX* B, int ldb, real beta,
+          floatX* C, int ldc, const GemmBatch& batch) {
     int count = batch.outer * batch.inner;
     if (profiling) {
         char name[96];
@@ -1029,9 +1067,9 @@ void gemm(bool transpose_a, bool transpose_b, int M, int N, int K, real alpha, c
     int parts = !big ? 1 : count > 1 ? count : (M >= 8 * workers ? workers : 1);
     auto product = [&](int i, int m0, int m1) {  // rows m0..m1 of matrix i
         long o = i / batch.inner, j = i % batch.inner;
-        const real* a = A + o * batch.outer_a + j * batch.inner_a + (transpose_a ? m0 : long(m0) * lda);
-        const real* b = B + o * batch.outer_b + j * batch.inner_b;
-        real* c = C + o * batch.outer_c + j * batch.inner_c + long(m0) * ldc;
+        const floatX* a = A + o * batch.outer_a + j * batch.inner_a + (transpose_a ? m0 : long(m0) * lda);
+        const floatX* b = B + o * batch.outer_b + j * batch.inner_b;
+        floatX* c = C + o * batch.outer_c + j * batch.inner_c + long(m0) * ldc;
         cblas_gemm(op_a, op_b, m1 - m0, N, K, alpha, a, lda, b, ldb, beta, c, ldc);
     };
     if (parts == 1) {
@@ -1092,7 +1130,7 @@ Tensor matmul(Tensor a, Tensor b) {
 
 constexpr int column_slab_rows = 32;
 
-__global__ void column_partial_sums_kernel(real* partial, real* partial_weighted, const real* dout, const real* x, const real* mean,
+__global__ void column_partial_sums_kernel(real* partial, real* partial_weighted, const floatX* dout, const floatX* x, const real* mean,
                                            const real* rstd, long rows, int C) {
     long r0 = long(blockIdx.y) * column_slab_rows, r1 = r0 + column_slab_rows < rows ? r0 + column_slab_rows : rows;
     long tile = (C + gridDim.x - 1) / gridDim.x, c0 = blockIdx.x * tile, c1 = c0 + tile < C ? c0 + tile : C;
@@ -1123,7 +1161,7 @@ __global__ void column_partial_sums_kernel(real* partial, real* partial_weighted
     });
 }
 
-__global__ void add_partial_sums_kernel(real* dcolumn, const real* partial, int slabs, int C) {
+__global__ void add_partial_sums_kernel(floatX* dcolumn, const real* partial, int slabs, int C) {
     for_each_element(C, [&](long c) {
         real total = 0;
         for (int s = 0; s < slabs; s++) total += partial[long(s) * C + c];
@@ -1132,7 +1170,7 @@ __global__ void add_partial_sums_kernel(real* dcolumn, const real* partial, int 
 }
 
 // dsum[c] += sum_r dout[r, c] and dweighted[c] += sum_r dout[r, c] * xhat[r, c]; either may be null.
-static void column_sums(real* dsum, real* dweighted, const real* dout, const real* x, const real* mean, const real* rstd, long rows, int C) {
+static void column_sums(floatX* dsum, floatX* dweighted, const floatX* dout, const floatX* x, const real* mean, const real* rstd, long rows, int C) {
     int slabs = int((rows + column_slab_rows - 1) / column_slab_rows);
     unsigned column_tiles = element_threads > 1 ? (C + element_threads - 1) / element_threads : 1;
     real* partial = dsum ? device_alloc<real>(long(slabs) * C) : nullptr;
@@ -1146,35 +1184,52 @@ static void column_sums(real* dsum, real* dweighted, const real* dout, const rea
 // Embedding: tokens (B,T) -> out (B,T,C),  out[b,t,:] = wte[tokens[b,t], :] + wpe[t, :]
 // (no wpe in rotary models). Backward: dwte[tokens[b,t], :] += dout[b,t,:], dwpe[t,:] += dout[b,t,:].
 // Many positions hold the same token, so the backward gives each thread one channel c and walks the
-// positions in order: no two threads touch the same element, and the sum order is fixed.
+// positions in order: no two threads touch the same element, and the sum order is fixed. A token's
+// gradient gathers many small terms, so when tensors are stored in bfloat16 they are summed in a float
+// scratch (V, C) first and added to dwte once.
 
 // A row kernel: one row per position.
-__global__ void embedding_forward_kernel(real* out, const int* tokens, const real* wte, const real* wpe, int B, int T, int C) {
+__global__ void embedding_forward_kernel(floatX* out, const int* tokens, const floatX* wte, const floatX* wpe, int B, int T, int C) {
     bool active;
     long position = group_row(long(B) * T, &active);
     if (!active) return;
-    const real* token_row = wte + long(tokens[position]) * C;
-    const real* position_row = wpe ? wpe + (position % T) * C : nullptr;
-    real* o = out + position * C;
-    for_each_in_row(C, [&](int c) { o[c] = token_row[c] + (position_row ? position_row[c] : 0); });
+    const floatX* token_row = wte + long(tokens[position]) * C;
+    const floatX* position_row = wpe ? wpe + (position % T) * C : nullptr;
+    floatX* o = out + position * C;
+    for_each_in_row(C, [&](int c) { o[c] = token_row[c] + (position_row ? real(position_row[c]) : 0); });
 }
 
-__global__ void embedding_backward_kernel(real* dwte, real* dwpe, const real* dout, const int* tokens, int B, int T, int C) {
+template <typename Accumulator>
+__global__ void embedding_backward_kernel(Accumulator* dwte, floatX* dwpe, const floatX* dout, const int* tokens, int B, int T, int C) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
-    for (long position = 0; position < long(B) * T; position++) {
-        real g = dout[position * C + c];
-        if (dwte) dwte[long(tokens[position]) * C + c] += g;
-        if (dwpe) dwpe[(position % T) * C + c] += g;
-    }
+    if (dwte)
+        for (long position = 0; position < long(B) * T; position++) dwte[long(tokens[position]) * C + c] += dout[position * C + c];
+    if (dwpe)
+        for (int t = 0; t < T; t++) {
+            real total = 0;
+            for (int b = 0; b < B; b++) total += dout[(long(b) * T + t) * C + c];
+            dwpe[long(t) * C + c] += total;
+        }
 }
 
-void embedding_forward(real* out, const int* tokens, const real* wte, const real* wpe, int B, int T, int C) {
+__global__ void add_kernel(floatX* out, const real* x, long n) {
+    for_each_element(n, [&](long i) { out[i] += x[i]; });
+}
+
+void embedding_forward(floatX* out, const int* tokens, const floatX* wte, const floatX* wpe, int B, int T, int C) {
     launch(embedding_forward_kernel, row_grid(long(B) * T), row_block(), 0, out, tokens, wte, wpe, B, T, C);
 }
 
-void embedding_backward(real* dwte, real* dwpe, const real* dout, const int* tokens, int B, int T, int C) {
-    launch(embedding_backward_kernel, (C + 255) / 256, 256, 0, dwte, dwpe, dout, tokens, B, T, C);
+void embedding_backward(floatX* dwte, floatX* dwpe, const floatX* dout, const int* tokens, int B, int T, int V, int C) {
+    if (std::is_same<floatX, real>::value || !dwte) {
+        launch(embedding_backward_kernel<floatX>, (C + 255) / 256, 256, 0, dwte, dwpe, dout, tokens, B, T, C);
+        return;
+    }
+    real* wide = device_alloc<real>(long(V) * C);
+    cuda_check(cudaMemset(wide, 0, long(V) * C * sizeof(real)));
+    launch(embedding_backward_kernel<real>, (C + 255) / 256, 256, 0, wide, dwpe, dout, tokens, B, T, C);
+    launch(add_kernel, element_blocks(long(V) * C), element_threads, 0, dwte, wide, long(V) * C);
 }
 
 Tensor embedding(const int* tokens, int B, int T, Tensor wte, Tensor wpe) {
@@ -1183,7 +1238,8 @@ Tensor embedding(const int* tokens, int B, int T, Tensor wte, Tensor wpe) {
     like.ndim = 3, like.shape[0] = B, like.shape[1] = T, like.shape[2] = C;
     Tensor out = new_result(like, {wte, wpe});
     embedding_forward(out.data, tokens, wte.data, wpe.data, B, T, C);
-    if (out.grad) record([=] { embedding_backward(wte.grad, wpe.grad, out.grad, tokens, B, T, C); });
+    int V = wte.dim(0);
+    if (out.grad) record([=] { embedding_backward(wte.grad, wpe.grad, out.grad, tokens, B, T, V, C); });
     return out;
 }
 
@@ -1192,20 +1248,20 @@ Tensor embedding(const int* tokens, int B, int T, Tensor wte, Tensor wpe) {
 // Backward: dx += dout @ W,  dW += dout^T @ x,  db += column sums of dout.
 
 // Every row of out (rows, columns) becomes a copy of `row` (a row kernel).
-__global__ void broadcast_rows_kernel(real* out, const real* row, long rows, int columns) {
+__global__ void broadcast_rows_kernel(floatX* out, const floatX* row, long rows, int columns) {
     bool active;
     long r = group_row(rows, &active);
     if (!active) return;
-    real* o = out + r * columns;
+    floatX* o = out + r * columns;
     for_each_in_row(columns, [&](int c) { o[c] = row[c]; });
 }
 
-void linear_forward(real* out, const real* x, const real* weight, const real* bias, long N, int in, int out_features) {
+void linear_forward(floatX* out, const floatX* x, const floatX* weight, const floatX* bias, long N, int in, int out_features) {
     if (bias) launch(broadcast_rows_kernel, row_grid(N), row_block(), 0, out, bias, N, out_features);
     gemm(false, true, int(N), out_features, in, 1, x, in, weight, in, bias ? 1 : 0, out, out_features);
 }
 
-void linear_backward(real* dx, real* dweight, real* dbias, const real* dout, const real* x, const real* weight, long N, int in,
+void linear_backward(floatX* dx, floatX* dweight, floatX* dbias, const floatX* dout, const floatX* x, const floatX* weight, long N, int in,
                      int out_features) {
     if (dx) gemm(false, false, int(N), in, out_features, 1, dout, out_features, weight, in, 1, dx, in);
     if (dweight) gemm(true, false, out_features, in, int(N), 1, dout, out_features, x, in, 1, dweight, in);
@@ -1237,35 +1293,35 @@ Tensor linear(Tensor x, Tensor weight, Tensor bias) {
 
 constexpr real norm_eps = real(1e-5);
 
-__global__ void norm_forward_kernel(real* out, real* mean_out, real* rstd_out, real* sum_out, const real* x, const real* residual,
-                                    const real* weight, const real* bias, long rows, int C) {
+__global__ void norm_forward_kernel(floatX* out, real* mean_out, real* rstd_out, floatX* sum_out, const floatX* x, const floatX* residual,
+                                    const floatX* weight, const floatX* bias, long rows, int C) {
     bool active;
     long row = group_row(rows, &active);
-    const real* xr = x + row * C;
+    const floatX* xr = x + row * C;
     if (residual && active) {  // x + residual into sum_out, each thread reading back only its own elements
-        real* s = sum_out + row * C;
-        const real* rr = residual + row * C;
+        floatX* s = sum_out + row * C;
+        const floatX* rr = residual + row * C;
         for_each_in_row(C, [&](int c) { s[c] = xr[c] + rr[c]; });
         xr = s;
     }
-    real* o = out + row * C;
+    floatX* o = out + row * C;
     real mean = mean_out ? group_sum(row_sum(C, [&](int c) { return xr[c]; })) / C : 0;
     real variance = group_sum(row_sum(C, [&](int c) { return (xr[c] - mean) * (xr[c] - mean); })) / C;
     real rstd = 1 / sqrt(variance + norm_eps);
     if (!active) return;
-    for_each_in_row(C, [&](int c) { o[c] = (xr[c] - mean) * rstd * weight[c] + (bias ? bias[c] : 0); });
+    for_each_in_row(C, [&](int c) { o[c] = (xr[c] - mean) * rstd * weight[c] + (bias ? real(bias[c]) : 0); });
     if (threadIdx.x == 0) {
         if (mean_out) mean_out[row] = mean;
         rstd_out[row] = rstd;
     }
 }
 
-__global__ void norm_backward_kernel(real* dx, const real* dout, const real* x, const real* weight, const real* mean, const real* rstd, long rows,
+__global__ void norm_backward_kernel(floatX* dx, const floatX* dout, const floatX* x, const floatX* weight, const real* mean, const real* rstd, long rows,
                                      int C) {
     bool active;
     long row = group_row(rows, &active);
-    const real *xr = x + row * C, *dr = dout + row * C;
-    real* dxr = dx + row * C;
+    const floatX *xr = x + row * C, *dr = dout + row * C;
+    floatX* dxr = dx + row * C;
     real row_mean = mean ? mean[row] : 0, row_rstd = rstd[row];
     real g_mean = mean ? group_sum(row_sum(C, [&](int c) { return dr[c] * weight[c]; })) / C : 0;
     real g_xhat_mean = group_sum(row_sum(C, [&](int c) { return dr[c] * weight[c] * (xr[c] - row_mean) * row_rstd; })) / C;
@@ -1273,31 +1329,31 @@ __global__ void norm_backward_kernel(real* dx, const real* dout, const real* x, 
     for_each_in_row(C, [&](int c) { dxr[c] += row_rstd * (dr[c] * weight[c] - g_mean - (xr[c] - row_mean) * row_rstd * g_xhat_mean); });
 }
 
-static void norm_forward(real* out, real* mean, real* rstd, real* sum_out, const real* x, const real* residual, const real* weight,
-                         const real* bias, long rows, int C) {
+static void norm_forward(floatX* out, real* mean, real* rstd, floatX* sum_out, const floatX* x, const floatX* residual, const floatX* weight,
+                         const floatX* bias, long rows, int C) {
     launch(norm_forward_kernel, row_grid(rows), row_block(), 0, out, mean, rstd, sum_out, x, residual, weight, bias, rows, C);
 }
 
-static void norm_backward(real* dx, real* dweight, real* dbias, const real* dout, const real* x, const real* weight, const real* mean,
+static void norm_backward(floatX* dx, floatX* dweight, floatX* dbias, const floatX* dout, const floatX* x, const floatX* weight, const real* mean,
                           const real* rstd, long rows, int C) {
     if (dx) launch(norm_backward_kernel, row_grid(rows), row_block(), 0, dx, dout, x, weight, mean, rstd, rows, C);
     if (dweight || dbias) column_sums(dbias, dweight, dout, x, mean, rstd, rows, C);
 }
 
-void layernorm_forward(real* out, real* mean, real* rstd, const real* x, const real* weight, const real* bias, long rows, int C) {
+void layernorm_forward(floatX* out, real* mean, real* rstd, const floatX* x, const floatX* weight, const floatX* bias, long rows, int C) {
     norm_forward(out, mean, rstd, nullptr, x, nullptr, weight, bias, rows, C);
 }
 
-void layernorm_backward(real* dx, real* dweight, real* dbias, const real* dout, const real* x, const real* weight, const real* mean,
+void layernorm_backward(floatX* dx, floatX* dweight, floatX* dbias, const floatX* dout, const floatX* x, const floatX* weight, const real* mean,
                         const real* rstd, long rows, int C) {
     norm_backward(dx, dweight, dbias, dout, x, weight, mean, rstd, rows, C);
 }
 
-void rmsnorm_forward(real* out, real* rstd, const real* x, const real* weight, long rows, int C) {
+void rmsnorm_forward(floatX* out, real* rstd, const floatX* x, const floatX* weight, long rows, int C) {
     norm_forward(out, nullptr, rstd, nullptr, x, nullptr, weight, nullptr, rows, C);
 }
 
-void rmsnorm_backward(real* dx, real* dweight, const real* dout, const real* x, const real* weight, const real* rstd, long rows, int C) {
+void rmsnorm_backward(floatX* dx, floatX* dweight, const floatX* dout, const floatX* x, const floatX* weight, const real* rstd, long rows, int C) {
     norm_backward(dx, dweight, nullptr, dout, x, weight, nullptr, rstd, rows, C);
 }
 
@@ -1359,41 +1415,41 @@ struct Silu {
     }
 };
 
-void gelu_forward(real* out, const real* x, long n) { map_forward(out, x, n, Gelu{}); }
-void gelu_backward(real* dx, const real* dout, const real* x, long n) { map_backward(dx, dout, x, n, Gelu{}); }
-void relu_forward(real* out, const real* x, long n) { map_forward(out, x, n, Relu{}); }
-void relu_backward(real* dx, const real* dout, const real* x, long n) { map_backward(dx, dout, x, n, Relu{}); }
-void silu_forward(real* out, const real* x, long n) { map_forward(out, x, n, Silu{}); }
-void silu_backward(real* dx, const real* dout, const real* x, long n) { map_backward(dx, dout, x, n, Silu{}); }
+void gelu_forward(floatX* out, const floatX* x, long n) { map_forward(out, x, n, Gelu{}); }
+void gelu_backward(floatX* dx, const floatX* dout, const floatX* x, long n) { map_backward(dx, dout, x, n, Gelu{}); }
+void relu_forward(floatX* out, const floatX* x, long n) { map_forward(out, x, n, Relu{}); }
+void relu_backward(floatX* dx, const floatX* dout, const floatX* x, long n) { map_backward(dx, dout, x, n, Relu{}); }
+void silu_forward(floatX* out, const floatX* x, long n) { map_forward(out, x, n, Silu{}); }
+void silu_backward(floatX* dx, const floatX* dout, const floatX* x, long n) { map_backward(dx, dout, x, n, Silu{}); }
 Tensor gelu(Tensor x) { return map(x, Gelu{}); }
 Tensor silu(Tensor x) { return map(x, Silu{}); }
 
 // SwiGLU, the gated MLP activation: x (N, 2H) holds a = x[:, :H] and gate = x[:, H:];
 // out (N, H) = silu(a) * gate.  Backward: da += dout * gate * silu'(a),  dgate += dout * silu(a).
 
-__global__ void swiglu_forward_kernel(real* out, const real* x, long N, int H) {
+__global__ void swiglu_forward_kernel(floatX* out, const floatX* x, long N, int H) {
     bool active;
     long row = group_row(N, &active);
     if (!active) return;
-    const real *a = x + row * 2 * H, *gate = a + H;
-    real* o = out + row * H;
+    const floatX *a = x + row * 2 * H, *gate = a + H;
+    floatX* o = out + row * H;
     for_each_in_row(H, [&](int h) { o[h] = Silu{}.forward(a[h]) * gate[h]; });
 }
 
-__global__ void swiglu_backward_kernel(real* dx, const real* dout, const real* x, long N, int H) {
+__global__ void swiglu_backward_kernel(floatX* dx, const floatX* dout, const floatX* x, long N, int H) {
     bool active;
     long row = group_row(N, &active);
     if (!active) return;
-    const real *a = x + row * 2 * H, *gate = a + H, *d = dout + row * H;
-    real *da = dx + row * 2 * H, *dgate = da + H;
+    const floatX *a = x + row * 2 * H, *gate = a + H, *d = dout + row * H;
+    floatX *da = dx + row * 2 * H, *dgate = da + H;
     for_each_in_row(H, [&](int h) {
         da[h] += d[h] * gate[h] * Silu{}.derivative(a[h]);
         dgate[h] += d[h] * Silu{}.forward(a[h]);
     });
 }
 
-void swiglu_forward(real* out, const real* x, long N, int H) { launch(swiglu_forward_kernel, row_grid(N), row_block(), 0, out, x, N, H); }
-void swiglu_backward(real* dx, const real* dout, const real* x, long N, int H) {
+void swiglu_forward(floatX* out, const floatX* x, long N, int H) { launch(swiglu_forward_kernel, row_grid(N), row_block(), 0, out, x, N, H); }
+void swiglu_backward(floatX* dx, const floatX* dout, const floatX* x, long N, int H) {
     launch(swiglu_backward_kernel, row_grid(N), row_block(), 0, dx, dout, x, N, H);
 }
 
@@ -1414,7 +1470,7 @@ Tensor swiglu(Tensor x) {
 // counter-based generator redraws it in backward, identically on the CPU and the GPU.
 // Backward: dx += dout * keep / (1 - p).
 
-__global__ void dropout_kernel(real* out, const real* x, long n, real p, uint64_t seed, bool accumulate) {
+__global__ void dropout_kernel(floatX* out, const floatX* x, long n, real p, uint64_t seed, bool accumulate) {
     real scale = 1 / (1 - p);
     for_each_element(n, [&](long i) {
         real kept = random_uniform(seed, uint64_t(i)) >= p ? x[i] * scale : 0;
@@ -1422,11 +1478,11 @@ __global__ void dropout_kernel(real* out, const real* x, long n, real p, uint64_
     });
 }
 
-void dropout_forward(real* out, const real* x, long n, real p, uint64_t seed) {
+void dropout_forward(floatX* out, const floatX* x, long n, real p, uint64_t seed) {
     launch(dropout_kernel, element_blocks(n), element_threads, 0, out, x, n, p, seed, false);
 }
 
-void dropout_backward(real* dx, const real* dout, long n, real p, uint64_t seed) {
+void dropout_backward(floatX* dx, const floatX* dout, long n, real p, uint64_t seed) {
     launch(dropout_kernel, element_blocks(n), element_threads, 0, dx, dout, n, p, seed, true);
 }
 
@@ -1443,19 +1499,19 @@ Tensor dropout(Tensor x, real p, uint64_t seed) {
 // ----------------------------------------------------------------------------------------------------
 // Residual connection: out = a + b (same shapes).  Backward: da += dout, db += dout.
 
-__global__ void residual_forward_kernel(real* out, const real* a, const real* b, long n) {
+__global__ void residual_forward_kernel(floatX* out, const floatX* a, const floatX* b, long n) {
     for_each_element(n, [&](long i) { out[i] = a[i] + b[i]; });
 }
 
-__global__ void residual_backward_kernel(real* da, real* db, const real* dout, long n) {
+__global__ void residual_backward_kernel(floatX* da, floatX* db, const floatX* dout, long n) {
     if (da) for_each_element(n, [&](long i) { da[i] += dout[i]; });
     if (db) for_each_element(n, [&](long i) { db[i] += dout[i]; });
 }
 
-void residual_forward(real* out, const real* a, const real* b, long n) {
+void residual_forward(floatX* out, const floatX* a, const floatX* b, long n) {
     launch(residual_forward_kernel, element_blocks(n), element_threads, 0, out, a, b, n);
 }
-void residual_backward(real* da, real* db, const real* dout, long n) {
+void residual_backward(floatX* da, floatX* db, const floatX* dout, long n) {
     launch(residual_backward_kernel, element_blocks(n), element_threads, 0, da, db, dout, n);
 }
 
@@ -1476,30 +1532,30 @@ Tensor residual(Tensor a, Tensor b) {
 
 constexpr double rotary_base = 10000.0;
 
-__global__ void rotary_kernel(real* out, int ld_out, const real* x, int ld_x, long rows, int T, int NH, int hs, int start, bool inverse,
+__global__ void rotary_kernel(floatX* out, int ld_out, const floatX* x, int ld_x, long rows, int T, int NH, int hs, int start, bool inverse,
                               bool accumulate) {
     bool active;
     long r = group_row(rows * NH, &active);
     if (!active) return;
     long p = r / NH;
     int half = hs / 2, t = start + int(p % T);
-    const real* source = x + p * ld_x + (r % NH) * hs;
-    real* target = out + p * ld_out + (r % NH) * hs;
+    const floatX* source = x + p * ld_x + (r % NH) * hs;
+    floatX* target = out + p * ld_out + (r % NH) * hs;
     for_each_in_row(half, [&](int i) {
         double angle = t * pow(rotary_base, -2.0 * i / hs);
         real c = real(cos(angle)), s = real(inverse ? -sin(angle) : sin(angle));
         real x0 = source[i], x1 = source[i + half];  // both read before either is written: in place is fine
-        target[i] = (accumulate ? target[i] : 0) + x0 * c - x1 * s;
-        target[i + half] = (accumulate ? target[i + half] : 0) + x0 * s + x1 * c;
+        target[i] = (accumulate ? real(target[i]) : 0) + x0 * c - x1 * s;
+        target[i + half] = (accumulate ? real(target[i + half]) : 0) + x0 * s + x1 * c;
     });
 }
 
 // out = x rotated, at positions start, start+1, ... along each of the rows / T sequences. The backward
 // adds the gradient, turned back, into dx.
-void rotary_forward(real* out, int ld_out, const real* x, int ld_x, long rows, int T, int NH, int hs, int start) {
+void rotary_forward(floatX* out, int ld_out, const floatX* x, int ld_x, long rows, int T, int NH, int hs, int start) {
     launch(rotary_kernel, row_grid(rows * NH), row_block(), 0, out, ld_out, x, ld_x, rows, T, NH, hs, start, false, false);
 }
-void rotary_backward(real* dx, int ld_dx, const real* dout, int ld_dout, long rows, int T, int NH, int hs) {
+void rotary_backward(floatX* dx, int ld_dx, const floatX* dout, int ld_dout, long rows, int T, int NH, int hs) {
     launch(rotary_kernel, row_grid(rows * NH), row_block(), 0, dx, ld_dx, dout, ld_dout, rows, T, NH, hs, 0, true, true);
 }
 
@@ -1530,11 +1586,11 @@ Tensor rotary(Tensor x) {
 // Rows of att are (b, h, t): query t against `keys` keys. Query t sits at position start + t and sees
 // keys s <= start + t; the rest of its row is zeroed. (Training: keys = T, start = 0. Generation with a
 // cache: the new queries come after `start` cached positions.)
-__global__ void causal_softmax_forward_kernel(real* att, long rows, int T, int keys, int start) {
+__global__ void causal_softmax_forward_kernel(floatX* att, long rows, int T, int keys, int start) {
     bool active;
     long row = group_row(rows, &active);
     int last = start + int(row % T);
-    real* a = att + row * keys;
+    floatX* a = att + row * keys;
     real largest = group_max(row_max(last + 1, [&](int s) { return a[s]; })), total = 0;
     if (active) {  // exponentials in place, then their sum (threads past the end only join the shuffles)
         for_each_in_row(last + 1, [&](int s) { a[s] = fast_exp(a[s] - largest); });
@@ -1546,12 +1602,12 @@ __global__ void causal_softmax_forward_kernel(real* att, long rows, int T, int k
 }
 
 // In place: datt becomes dpre = att * (datt - sum_s(datt * att)).
-__global__ void causal_softmax_backward_kernel(real* datt, const real* att, long rows, int T) {
+__global__ void causal_softmax_backward_kernel(floatX* datt, const floatX* att, long rows, int T) {
     bool active;
     long row = group_row(rows, &active);
     int t = int(row % T);
-    const real* a = att + row * T;
-    real* d = datt + row * T;
+    const floatX* a = att + row * T;
+    floatX* d = datt + row * T;
     real dot = group_sum(row_sum(t + 1, [&](int s) { return d[s] * a[s]; }));
     if (!active) return;
     for_each_in_row(T, [&](int s) { d[s] = s <= t ? a[s] * (d[s] - dot) : 0; });
@@ -1562,10 +1618,10 @@ static GemmBatch per_head(int B, int NH, long outer_a, long inner_a, long outer_
     return GemmBatch{B, NH, outer_a, outer_b, outer_c, inner_a, inner_b, inner_c};
 }
 
-void attention_forward(real* out, AttentionSaved saved, const real* qkv, int B, int T, int C, int NH, bool rotary, real dropout_p, uint64_t seed) {
+void attention_forward(floatX* out, AttentionSaved saved, const floatX* qkv, int B, int T, int C, int NH, bool rotary, real dropout_p, uint64_t seed) {
     int hs = C / NH, ld = rotary ? C : 3 * C;  // the row stride of q and k
     long heads = long(B) * NH, att_size = long(T) * T;
-    const real *q = qkv, *k = qkv + C, *v = qkv + 2 * C;
+    const floatX *q = qkv, *k = qkv + C, *v = qkv + 2 * C;
     if (rotary) {
         rotary_forward(saved.q, C, qkv, 3 * C, long(B) * T, T, NH, hs, 0);
         rotary_forward(saved.k, C, qkv + C, 3 * C, long(B) * T, T, NH, hs, 0);
@@ -1574,7 +1630,7 @@ void attention_forward(real* out, AttentionSaved saved, const real* qkv, int B, 
     real scale = real(1 / std::sqrt(double(hs)));
     gemm(false, true, T, T, hs, scale, q, ld, k, ld, 0, saved.att, T, per_head(B, NH, long(T) * ld, hs, long(T) * ld, hs, NH * att_size, att_size));
     launch(causal_softmax_forward_kernel, row_grid(heads * T), row_block(), 0, saved.att, heads * T, T, T, 0);
-    const real* att = saved.att;
+    const floatX* att = saved.att;
     if (dropout_p > 0) {
         dropout_forward(saved.att_dropped, saved.att, heads * att_size, dropout_p, seed);
         att = saved.att_dropped;
@@ -1582,18 +1638,18 @@ void attention_forward(real* out, AttentionSaved saved, const real* qkv, int B, 
     gemm(false, false, T, hs, T, 1, att, T, v, 3 * C, 0, out, C, per_head(B, NH, NH * att_size, att_size, long(T) * 3 * C, hs, long(T) * C, hs));
 }
 
-void attention_backward(real* dqkv, const real* dout, AttentionSaved saved, const real* qkv, int B, int T, int C, int NH, bool rotary,
+void attention_backward(floatX* dqkv, const floatX* dout, AttentionSaved saved, const floatX* qkv, int B, int T, int C, int NH, bool rotary,
                         real dropout_p, uint64_t seed) {
     int hs = C / NH, ld = rotary ? C : 3 * C;
     long heads = long(B) * NH, att_size = long(T) * T;
-    const real *q = rotary ? saved.q : qkv, *k = rotary ? saved.k : qkv + C, *v = qkv + 2 * C;
-    const real* att = dropout_p > 0 ? saved.att_dropped : saved.att;
-    real* datt = device_alloc<real>(heads * att_size);
+    const floatX *q = rotary ? saved.q : qkv, *k = rotary ? saved.k : qkv + C, *v = qkv + 2 * C;
+    const floatX* att = dropout_p > 0 ? saved.att_dropped : saved.att;
+    floatX* datt = device_alloc<floatX>(heads * att_size);
     gemm(false, true, T, T, hs, 1, dout, C, v, 3 * C, 0, datt, T, per_head(B, NH, long(T) * C, hs, long(T) * 3 * C, hs, NH * att_size, att_size));
     gemm(true, false, T, hs, T, 1, att, T, dout, C, 1, dqkv + 2 * C, 3 * C,
          per_head(B, NH, NH * att_size, att_size, long(T) * C, hs, long(T) * 3 * C, hs));
     if (dropout_p > 0) {  // datt' -> datt: a dropout backward into a zeroed buffer
-        real* undropped = device_alloc<real>(heads * att_size);
+        floatX* undropped = device_alloc<floatX>(heads * att_size);
         fill(undropped, heads * att_size, 0);
         dropout_backward(undropped, datt, heads * att_size, dropout_p, seed);
         datt = undropped;
@@ -1602,8 +1658,8 @@ void attention_backward(real* dqkv, const real* dout, AttentionSaved saved, cons
     real scale = real(1 / std::sqrt(double(hs)));
     // Without rotary, dq and dk are added straight into dqkv; with it, they go to scratch (B, T, C)
     // buffers first, to be turned back.
-    real* dq = rotary ? device_alloc<real>(long(B) * T * C) : dqkv;
-    real* dk = rotary ? device_alloc<real>(long(B) * T * C) : dqkv + C;
+    floatX* dq = rotary ? device_alloc<floatX>(long(B) * T * C) : dqkv;
+    floatX* dk = rotary ? device_alloc<floatX>(long(B) * T * C) : dqkv + C;
     int ld_grad = rotary ? C : 3 * C;
     real beta = rotary ? 0 : 1;
     GemmBatch layout = per_head(B, NH, NH * att_size, att_size, long(T) * ld, hs, long(T) * ld_grad, hs);
@@ -1656,19 +1712,19 @@ __device__ inline real attention_keep(const FlashShape& s, int b, int h, int t, 
 // Loads rows first..first+flash_tile-1 (zeros past T) of two (B, T, *) buffers, head h of sequence b,
 // into shared tiles a and b: all the block's threads share the copying.
 template <typename Shared>
-__device__ inline void load_tiles(Shared a, Shared b_tile, const real* x, int ld_x, const real* y, int ld_y, const FlashShape& s, int b, int h,
+__device__ inline void load_tiles(Shared a, Shared b_tile, const floatX* x, int ld_x, const floatX* y, int ld_y, const FlashShape& s, int b, int h,
                                   int first) {
     int hs = s.C / s.NH, threads = blockDim.x * blockDim.y, me = threadIdx.y * blockDim.x + threadIdx.x;
     for (int e = me; e < flash_tile * hs; e += threads) {
         int j = e / hs, row = first + j;
         long column = long(h) * hs + e % hs;
-        a[e] = row < s.T ? x[(long(b) * s.T + row) * ld_x + column] : 0;
-        b_tile[e] = row < s.T ? y[(long(b) * s.T + row) * ld_y + column] : 0;
+        a[e] = row < s.T ? real(x[(long(b) * s.T + row) * ld_x + column]) : 0;
+        b_tile[e] = row < s.T ? real(y[(long(b) * s.T + row) * ld_y + column]) : 0;
     }
 }
 
 template <int PER_THREAD>
-__global__ void flash_attention_forward_kernel(real* out, real* lse, const real* q, const real* k, const real* v, FlashShape s) {
+__global__ void flash_attention_forward_kernel(floatX* out, real* lse, const floatX* q, const floatX* k, const floatX* v, FlashShape s) {
     int hs = s.C / s.NH, b = blockIdx.y / s.NH, h = blockIdx.y % s.NH;
     int first = blockIdx.x * blockDim.y, t = first + threadIdx.y, last = (first + int(blockDim.y) < s.T ? first + int(blockDim.y) : s.T) - 1;
     bool active = t < s.T;
@@ -1678,7 +1734,7 @@ __global__ void flash_attention_forward_kernel(real* out, real* lse, const real*
     real query[PER_THREAD], o[PER_THREAD], m = -INFINITY, l = 0;
     for (int i = 0; i < PER_THREAD; i++) {
         int d = threadIdx.x + i * blockDim.x;
-        query[i] = d < hs ? q[(long(b) * s.T + t) * s.ld_qk + h * hs + d] : 0;
+        query[i] = d < hs ? real(q[(long(b) * s.T + t) * s.ld_qk + h * hs + d]) : 0;
         o[i] = 0;
     }
     for (int first_key = 0; first_key <= last; first_key += flash_tile) {  // keys past the block's last query never count
@@ -1713,12 +1769,12 @@ __global__ void flash_attention_forward_kernel(real* out, real* lse, const real*
 }
 
 // D = dout . out for every (b, h, t): a row kernel over the head vectors, rows (b, h, t).
-__global__ void attention_row_dot_kernel(real* D, const real* dout, const real* out, FlashShape s) {
+__global__ void attention_row_dot_kernel(real* D, const floatX* dout, const floatX* out, FlashShape s) {
     bool active;
     int hs = s.C / s.NH;
     long r = group_row(long(s.B) * s.NH * s.T, &active);
     long b = r / (long(s.NH) * s.T), h = r / s.T % s.NH, t = r % s.T;
-    const real *x = dout + (b * s.T + t) * s.C + h * hs, *y = out + (b * s.T + t) * s.C + h * hs;
+    const floatX *x = dout + (b * s.T + t) * s.C + h * hs, *y = out + (b * s.T + t) * s.C + h * hs;
     real dot = group_sum(row_sum(hs, [&](int d) { return x[d] * y[d]; }));
     if (active && threadIdx.x == 0) D[r] = dot;
 }
@@ -1726,8 +1782,8 @@ __global__ void attention_row_dot_kernel(real* D, const real* dout, const real* 
 // dq for a tile of queries per block (layout as the forward); written to dq (rows ld_dq apart), added
 // when `accumulate`.
 template <int PER_THREAD>
-__global__ void flash_attention_dq_kernel(real* dq, int ld_dq, bool accumulate, const real* dout, const real* lse, const real* D, const real* q,
-                                          const real* k, const real* v, FlashShape s) {
+__global__ void flash_attention_dq_kernel(floatX* dq, int ld_dq, bool accumulate, const floatX* dout, const real* lse, const real* D, const floatX* q,
+                                          const floatX* k, const floatX* v, FlashShape s) {
     int hs = s.C / s.NH, b = blockIdx.y / s.NH, h = blockIdx.y % s.NH;
     int first = blockIdx.x * blockDim.y, t = first + threadIdx.y, last = (first + int(blockDim.y) < s.T ? first + int(blockDim.y) : s.T) - 1;
     bool active = t < s.T;
@@ -1738,8 +1794,8 @@ __global__ void flash_attention_dq_kernel(real* dq, int ld_dq, bool accumulate, 
     real query[PER_THREAD], dy[PER_THREAD], grad[PER_THREAD], row_lse = lse[row], row_D = D[row];
     for (int i = 0; i < PER_THREAD; i++) {
         int d = threadIdx.x + i * blockDim.x;
-        query[i] = d < hs ? q[(long(b) * s.T + t) * s.ld_qk + h * hs + d] : 0;
-        dy[i] = d < hs ? dout[(long(b) * s.T + t) * s.C + h * hs + d] : 0;
+        query[i] = d < hs ? real(q[(long(b) * s.T + t) * s.ld_qk + h * hs + d]) : 0;
+        dy[i] = d < hs ? real(dout[(long(b) * s.T + t) * s.C + h * hs + d]) : 0;
         grad[i] = 0;
     }
     for (int first_key = 0; first_key <= last; first_key += flash_tile) {
@@ -1765,16 +1821,16 @@ __global__ void flash_attention_dq_kernel(real* dq, int ld_dq, bool accumulate, 
     if (!active) return;
     for (int i = 0; i < PER_THREAD; i++) {
         int d = threadIdx.x + i * blockDim.x;
-        real* target = dq + (long(b) * s.T + t) * ld_dq + h * hs + d;
-        if (d < hs) *target = (accumulate ? *target : 0) + grad[i];
+        floatX* target = dq + (long(b) * s.T + t) * ld_dq + h * hs + d;
+        if (d < hs) *target = (accumulate ? real(*target) : 0) + grad[i];
     }
 }
 
 // dk and dv for a tile of keys per block: a key per row group, looping over the queries t >= s, whose
 // q and dout rows (and lse and D) pass through shared memory.
 template <int PER_THREAD>
-__global__ void flash_attention_dkdv_kernel(real* dk, int ld_dk, bool accumulate, real* dv, const real* dout, const real* lse, const real* D,
-                                            const real* q, const real* k, const real* v, FlashShape s) {
+__global__ void flash_attention_dkdv_kernel(floatX* dk, int ld_dk, bool accumulate, floatX* dv, const floatX* dout, const real* lse, const real* D,
+                                            const floatX* q, const floatX* k, const floatX* v, FlashShape s) {
     int hs = s.C / s.NH, b = blockIdx.y / s.NH, h = blockIdx.y % s.NH;
     int first = blockIdx.x * blockDim.y, key = first + threadIdx.y;
     bool active = key < s.T;
@@ -1785,8 +1841,8 @@ __global__ void flash_attention_dkdv_kernel(real* dk, int ld_dk, bool accumulate
     real key_row[PER_THREAD], value_row[PER_THREAD], grad_k[PER_THREAD], grad_v[PER_THREAD];
     for (int i = 0; i < PER_THREAD; i++) {
         int d = threadIdx.x + i * blockDim.x;
-        key_row[i] = d < hs ? k[(long(b) * s.T + key) * s.ld_qk + h * hs + d] : 0;
-        value_row[i] = d < hs ? v[(long(b) * s.T + key) * 3 * s.C + h * hs + d] : 0;
+        key_row[i] = d < hs ? real(k[(long(b) * s.T + key) * s.ld_qk + h * hs + d]) : 0;
+        value_row[i] = d < hs ? real(v[(long(b) * s.T + key) * 3 * s.C + h * hs + d]) : 0;
         grad_k[i] = grad_v[i] = 0;
     }
     for (int first_query = first / flash_tile * flash_tile; first_query < s.T; first_query += flash_tile) {
@@ -1819,8 +1875,8 @@ __global__ void flash_attention_dkdv_kernel(real* dk, int ld_dk, bool accumulate
     for (int i = 0; i < PER_THREAD; i++) {
         int d = threadIdx.x + i * blockDim.x;
         if (d >= hs) continue;
-        real* target_k = dk + (long(b) * s.T + key) * ld_dk + h * hs + d;
-        *target_k = (accumulate ? *target_k : 0) + grad_k[i];
+        floatX* target_k = dk + (long(b) * s.T + key) * ld_dk + h * hs + d;
+        *target_k = (accumulate ? real(*target_k) : 0) + grad_k[i];
         dv[(long(b) * s.T + key) * 3 * s.C + h * hs + d] += grad_v[i];
     }
 }
@@ -1848,9 +1904,9 @@ template <typename F> static void with_values_per_thread(int hs, F f) {
     with_values_per_thread_from<1>((hs + threads_per_row - 1) / threads_per_row, hs, f);
 }
 
-void flash_attention_forward(real* out, AttentionSaved saved, const real* qkv, int B, int T, int C, int NH, bool rotary, real dropout_p, uint64_t seed) {
+void flash_attention_forward(floatX* out, AttentionSaved saved, const floatX* qkv, int B, int T, int C, int NH, bool rotary, real dropout_p, uint64_t seed) {
     int hs = C / NH;
-    const real *q = qkv, *k = qkv + C;
+    const floatX *q = qkv, *k = qkv + C;
     if (rotary) {
         rotary_forward(saved.q, C, qkv, 3 * C, long(B) * T, T, NH, hs, 0);
         rotary_forward(saved.k, C, qkv + C, 3 * C, long(B) * T, T, NH, hs, 0);
@@ -1864,17 +1920,17 @@ void flash_attention_forward(real* out, AttentionSaved saved, const real* qkv, i
     });
 }
 
-void flash_attention_backward(real* dqkv, const real* dout, const real* out, AttentionSaved saved, const real* qkv, int B, int T, int C, int NH,
+void flash_attention_backward(floatX* dqkv, const floatX* dout, const floatX* out, AttentionSaved saved, const floatX* qkv, int B, int T, int C, int NH,
                               bool rotary, real dropout_p, uint64_t seed) {
     int hs = C / NH;
-    const real *q = rotary ? saved.q : qkv, *k = rotary ? saved.k : qkv + C, *v = qkv + 2 * C;
+    const floatX *q = rotary ? saved.q : qkv, *k = rotary ? saved.k : qkv + C, *v = qkv + 2 * C;
     FlashShape s{B, T, C, NH, rotary ? C : 3 * C, real(1 / std::sqrt(double(hs))), dropout_p, seed};
     real* D = device_alloc<real>(long(B) * NH * T);
     launch(attention_row_dot_kernel, row_grid(long(B) * NH * T), row_block(), 0, D, dout, out, s);
     // Without rotary, dq and dk are added straight into dqkv; with it they go to scratch buffers first,
     // to be turned back.
-    real* dq = rotary ? device_alloc<real>(long(B) * T * C) : dqkv;
-    real* dk = rotary ? device_alloc<real>(long(B) * T * C) : dqkv + C;
+    floatX* dq = rotary ? device_alloc<floatX>(long(B) * T * C) : dqkv;
+    floatX* dk = rotary ? device_alloc<floatX>(long(B) * T * C) : dqkv + C;
     int ld = rotary ? C : 3 * C;
     dim3 grid(unsigned((T + rows_per_block() - 1) / rows_per_block()), unsigned(B * NH));
     with_values_per_thread(hs, [&](auto per_thread) {
@@ -1898,8 +1954,8 @@ Tensor attention(Tensor qkv, int heads, bool rotary, real dropout_p, uint64_t se
     Tensor out = new_result(like, {qkv});
     long n = long(B) * T * C, att_size = long(B) * heads * T * T;
     bool flash = use_flash_attention;
-    AttentionSaved saved{rotary ? device_alloc<real>(n) : nullptr, rotary ? device_alloc<real>(n) : nullptr,
-                         flash ? nullptr : device_alloc<real>(att_size), !flash && dropout_p > 0 ? device_alloc<real>(att_size) : nullptr,
+    AttentionSaved saved{rotary ? device_alloc<floatX>(n) : nullptr, rotary ? device_alloc<floatX>(n) : nullptr,
+                         flash ? nullptr : device_alloc<floatX>(att_size), !flash && dropout_p > 0 ? device_alloc<floatX>(att_size) : nullptr,
                          flash ? device_alloc<real>(long(B) * heads * T) : nullptr};
     if (flash) flash_attention_forward(out.data, saved, qkv.data, B, T, C, heads, rotary, dropout_p, seed);
     else attention_forward(out.data, saved, qkv.data, B, T, C, heads, rotary, dropout_p, seed);
@@ -1920,10 +1976,10 @@ Tensor multi_head_attention(Tensor x, Tensor qkv_weight, Tensor qkv_bias, Tensor
 // The forward saves logsumexp per row, not the (N, V) probabilities.
 // Backward: dlogits_n += (softmax(logits_n) - onehot(target_n)) * dloss / count, 0 for ignored rows.
 
-__global__ void cross_entropy_forward_kernel(real* losses, real* logsumexp, const real* logits, const int* targets, long N, int V) {
+__global__ void cross_entropy_forward_kernel(real* losses, real* logsumexp, const floatX* logits, const int* targets, long N, int V) {
     bool active;
     long row = group_row(N, &active);
-    const real* l = logits + row * V;
+    const floatX* l = logits + row * V;
     real largest = group_max(row_max(V, [&](int v) { return l[v]; }));
     real lse = largest + log(group_sum(row_sum(V, [&](int v) { return fast_exp(l[v] - largest); })));
     if (!active || threadIdx.x != 0) return;
@@ -1934,7 +1990,7 @@ __global__ void cross_entropy_forward_kernel(real* losses, real* logsumexp, cons
 }
 
 // One group adds up the row losses in a fixed order: loss = sum / count; count is kept for backward.
-__global__ void mean_loss_kernel(real* loss, real* count_out, const real* losses, const int* targets, long N) {
+__global__ void mean_loss_kernel(floatX* loss, real* count_out, const real* losses, const int* targets, long N) {
     real total = 0, count = 0;
     for (long n = threadIdx.x; n < N; n += blockDim.x)
         if (targets[n] != ignore_index) total += losses[n], count += 1;
@@ -1942,24 +1998,24 @@ __global__ void mean_loss_kernel(real* loss, real* count_out, const real* losses
     if (threadIdx.x == 0) loss[0] = count > 0 ? total / count : 0, count_out[0] = count;
 }
 
-__global__ void cross_entropy_backward_kernel(real* dlogits, const real* dloss, const real* count, const real* logits, const real* logsumexp,
+__global__ void cross_entropy_backward_kernel(floatX* dlogits, const floatX* dloss, const real* count, const floatX* logits, const real* logsumexp,
                                               const int* targets, long N, int V) {
     bool active;
     long row = group_row(N, &active);
     if (!active || targets[row] < 0 || targets[row] >= V) return;
     real scale = dloss[0] / count[0], lse = logsumexp[row];
     int target = targets[row];
-    const real* l = logits + row * V;
-    real* d = dlogits + row * V;
+    const floatX* l = logits + row * V;
+    floatX* d = dlogits + row * V;
     for_each_in_row(V, [&](int v) { d[v] += (fast_exp(l[v] - lse) - (v == target ? 1 : 0)) * scale; });
 }
 
-void cross_entropy_forward(real* loss, real* count, real* losses, real* logsumexp, const real* logits, const int* targets, long N, int V) {
+void cross_entropy_forward(floatX* loss, real* count, real* losses, real* logsumexp, const floatX* logits, const int* targets, long N, int V) {
     launch(cross_entropy_forward_kernel, row_grid(N), row_block(), 0, losses, logsumexp, logits, targets, N, V);
     launch(mean_loss_kernel, 1, dim3(threads_per_row), 0, loss, count, losses, targets, N);
 }
 
-void cross_entropy_backward(real* dlogits, const real* dloss, const real* count, const real* logits, const real* logsumexp, const int* targets,
+void cross_entropy_backward(floatX* dlogits, const floatX* dloss, const real* count, const floatX* logits, const real* logsumexp, const int* targets,
                             long N, int V) {
     launch(cross_entropy_backward_kernel, row_grid(N), row_block(), 0, dlogits, dloss, count, logits, logsumexp, targets, N, V);
 }
@@ -1978,14 +2034,14 @@ Tensor cross_entropy(Tensor logits, const int* targets) {
 
 // Mean squared error: loss = mean((a - b)^2).  Backward: da += 2 (a - b) / n * dloss,  db -= the same.
 
-__global__ void mse_forward_kernel(real* loss, const real* a, const real* b, long n) {
+__global__ void mse_forward_kernel(floatX* loss, const floatX* a, const floatX* b, long n) {
     real total = 0;
     for (long i = threadIdx.x; i < n; i += blockDim.x) total += (a[i] - b[i]) * (a[i] - b[i]);
     total = group_sum(total);
     if (threadIdx.x == 0) loss[0] = total / n;
 }
 
-__global__ void mse_backward_kernel(real* da, real* db, const real* dloss, const real* a, const real* b, long n) {
+__global__ void mse_backward_kernel(floatX* da, floatX* db, const floatX* dloss, const floatX* a, const floatX* b, long n) {
     for (long i = long(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
         real g = 2 * (a[i] - b[i]) / n * dloss[0];
         if (da) da[i] += g;
@@ -1993,8 +2049,8 @@ __global__ void mse_backward_kernel(real* da, real* db, const real* dloss, const
     }
 }
 
-void mse_forward(real* loss, const real* a, const real* b, long n) { launch(mse_forward_kernel, 1, dim3(threads_per_row), 0, loss, a, b, n); }
-void mse_backward(real* da, real* db, const real* dloss, const real* a, const real* b, long n) {
+void mse_forward(floatX* loss, const floatX* a, const floatX* b, long n) { launch(mse_forward_kernel, 1, dim3(threads_per_row), 0, loss, a, b, n); }
+void mse_backward(floatX* da, floatX* db, const floatX* dloss, const floatX* a, const floatX* b, long n) {
     launch(mse_backward_kernel, grid_size(n, 256), 256, 0, da, db, dloss, a, b, n);
 }
 
@@ -2089,9 +2145,10 @@ void gpt_create(GPT* model, const GPTConfig& config) {
         model->num_parameters += size;
         if (p.decay) model->num_decayed += size;
     }
-    cuda_check(cudaMalloc(&model->parameters, model->num_parameters * sizeof(real)));
-    cuda_check(cudaMalloc(&model->gradients, model->num_parameters * sizeof(real)));
-    cuda_check(cudaMemset(model->gradients, 0, model->num_parameters * sizeof(real)));
+    cuda_check(cudaMalloc(&model->parameters, model->num_parameters * sizeof(floatX)));
+    cuda_check(cudaMalloc(&model->gradients, model->num_parameters * sizeof(floatX)));
+    cuda_check(cudaMemset(model->gradients, 0, model->num_parameters * sizeof(floatX)));
+    if (!std::is_same<floatX, real>::value) cuda_check(cudaMalloc(&model->master, model->num_parameters * sizeof(real)));
     long offset = 0;
     for (bool decayed : {true, false}) {
         for (Parameter& p : table) {
@@ -2110,7 +2167,10 @@ void gpt_create(GPT* model, const GPTConfig& config) {
 GPT::~GPT() {
     (void)cudaFree(parameters);
     (void)cudaFree(gradients);
+    (void)cudaFree(master);
 }
+
+void gpt_zero_grad(GPT& model) { cuda_check(cudaMemset(model.gradients, 0, model.num_parameters * sizeof(floatX))); }
 
 void gpt_init(GPT* model, uint64_t seed) {
     std::vector<Parameter> table = parameter_table(*model);
@@ -2118,6 +2178,10 @@ void gpt_init(GPT* model, uint64_t seed) {
         Tensor& t = *table[i].tensor;
         if (table[i].init_std > 0) fill_normal(t.data, t.size(), random_bits(seed, i), 0, table[i].init_std);
         else fill(t.data, t.size(), table[i].init_std < 0 ? 1 : 0);
+    }
+    if (model->master) {  // the master copy starts from the (rounded) parameters
+        std::vector<real> values = download(model->parameters, model->num_parameters);
+        upload(model->master, values.data(), model->num_parameters);
     }
 }
 
@@ -2162,7 +2226,7 @@ Tensor gpt_forward(GPT& model, const int* tokens, int B, int T, bool training, u
 void kv_cache_create(KVCache* cache, const GPTConfig& config) {
     cache->config = config;
     cache->length = 0;
-    size_t bytes = size_t(config.layers) * config.context * config.dim * sizeof(real);
+    size_t bytes = size_t(config.layers) * config.context * config.dim * sizeof(floatX);
     cuda_check(cudaMalloc(&cache->keys, bytes));
     cuda_check(cudaMalloc(&cache->values, bytes));
 }
@@ -2175,7 +2239,7 @@ KVCache::~KVCache() {
 // k, v (NH, n, hs) -> the cache's rows [start, start + n) of each head; cache layout (NH, context, hs).
 // The keys and values of n new positions (rows ld_k and ld_v apart, NH head vectors each) into the
 // cache's slots start..start+n of every head. A row kernel over the n*NH head vectors.
-__global__ void kv_cache_append_kernel(real* cache_keys, real* cache_values, const real* k, int ld_k, const real* v, int ld_v, int n, int NH,
+__global__ void kv_cache_append_kernel(floatX* cache_keys, floatX* cache_values, const floatX* k, int ld_k, const floatX* v, int ld_v, int n, int NH,
                                        int hs, int context, int start) {
     bool active;
     long r = group_row(long(n) * NH, &active);
@@ -2187,28 +2251,28 @@ __global__ void kv_cache_append_kernel(real* cache_keys, real* cache_values, con
 // Positions [cache.length, cache.length + n) of one sequence: their keys and values join the cache,
 // and the logits of the last one (V values on the device) come back. The same maths as gpt_forward,
 // through the raw forward functions (nothing is recorded).
-real* gpt_forward_cached(GPT& model, KVCache& cache, const int* tokens, int n) {
+floatX* gpt_forward_cached(GPT& model, KVCache& cache, const int* tokens, int n) {
     const GPTConfig& c = model.config;
     int start = cache.length, C = c.dim, NH = c.heads, hs = C / NH, L = start + n;
     if (L > c.context) fail("gpt_forward_cached: %d positions exceed the context window %d", L, c.context);
     int hidden = c.mlp_ratio * C, fc_out = c.activation == Activation::swiglu ? 2 * hidden : hidden;
-    real *x = device_alloc<real>(long(n) * C), *h = device_alloc<real>(long(n) * C), *qkv = device_alloc<real>(long(n) * 3 * C);
-    real *q_rotated = device_alloc<real>(long(n) * C), *k_rotated = device_alloc<real>(long(n) * C);
-    real *att = device_alloc<real>(long(NH) * n * L), *y = device_alloc<real>(long(n) * C), *branch = device_alloc<real>(long(n) * C);
-    real *fc = device_alloc<real>(long(n) * fc_out), *act = device_alloc<real>(long(n) * hidden);
+    floatX *x = device_alloc<floatX>(long(n) * C), *h = device_alloc<floatX>(long(n) * C), *qkv = device_alloc<floatX>(long(n) * 3 * C);
+    floatX *q_rotated = device_alloc<floatX>(long(n) * C), *k_rotated = device_alloc<floatX>(long(n) * C);
+    floatX *att = device_alloc<floatX>(long(NH) * n * L), *y = device_alloc<floatX>(long(n) * C), *branch = device_alloc<floatX>(long(n) * C);
+    floatX *fc = device_alloc<floatX>(long(n) * fc_out), *act = device_alloc<floatX>(long(n) * hidden);
     real *mean = device_alloc<real>(n), *rstd = device_alloc<real>(n);
-    auto normalize_into = [&](real* out, const real* in, const Tensor& weight, const Tensor& bias) {
+    auto normalize_into = [&](floatX* out, const floatX* in, const Tensor& weight, const Tensor& bias) {
         if (c.norm == Norm::rmsnorm) rmsnorm_forward(out, rstd, in, weight.data, n, C);
         else layernorm_forward(out, mean, rstd, in, weight.data, bias.data, n, C);
     };
     embedding_forward(x, tokens, model.wte.data, c.rotary ? nullptr : model.wpe.data + long(start) * C, 1, n, C);
     for (int l = 0; l < c.layers; l++) {
         GPTLayer& layer = model.layers[l];
-        real* cache_keys = cache.keys + long(l) * c.context * C;
-        real* cache_values = cache.values + long(l) * c.context * C;
+        floatX* cache_keys = cache.keys + long(l) * c.context * C;
+        floatX* cache_values = cache.values + long(l) * c.context * C;
         normalize_into(h, x, layer.norm1_weight, layer.norm1_bias);
         linear_forward(qkv, h, layer.qkv_weight.data, layer.qkv_bias.data, n, C, 3 * C);
-        const real *q = qkv, *k = qkv + C;
+        const floatX *q = qkv, *k = qkv + C;
         int ld = 3 * C;
         if (c.rotary) {
             rotary_forward(q_rotated, C, qkv, 3 * C, n, n, NH, hs, start);
@@ -2232,9 +2296,9 @@ real* gpt_forward_cached(GPT& model, KVCache& cache, const int* tokens, int n) {
         residual_forward(x, x, branch, long(n) * C);
     }
     cache.length = L;
-    real* last = x + long(n - 1) * C;
+    floatX* last = x + long(n - 1) * C;
     normalize_into(h, last, model.final_norm_weight, model.final_norm_bias);
-    real* logits = device_alloc<real>(c.vocab_size);
+    floatX* logits = device_alloc<floatX>(c.vocab_size);
     linear_forward(logits, h, (c.tied_embeddings ? model.wte : model.lm_head).data, nullptr, 1, C, c.vocab_size);
     return logits;
 }
@@ -2284,7 +2348,7 @@ void generate(GPT& model, std::vector<int>& tokens, int count, Sampler& sampler,
         if (tokens.size() - window_start > size_t(c.context)) window_start += std::max(1, c.context / 2), cache.length = 0;
         int n = int(tokens.size() - window_start);
         MemoryMark mark = memory_mark();
-        real* logits;
+        floatX* logits;
         if (use_cache) {
             int fresh = n - cache.length;  // all of the window after a reset, else just the newest token
             cuda_check(cudaMemcpy(device_tokens, tokens.data() + window_start + cache.length, fresh * sizeof(int), cudaMemcpyHostToDevice));
@@ -2293,8 +2357,7 @@ void generate(GPT& model, std::vector<int>& tokens, int count, Sampler& sampler,
             cuda_check(cudaMemcpy(device_tokens, tokens.data() + window_start, n * sizeof(int), cudaMemcpyHostToDevice));
             logits = gpt_forward(model, device_tokens, 1, n, false, 0).data + long(n - 1) * c.vocab_size;
         }
-        std::vector<real> host(c.vocab_size);
-        cuda_check(cudaMemcpy(host.data(), logits, host.size() * sizeof(real), cudaMemcpyDeviceToHost));
+        std::vector<real> host = download(logits, c.vocab_size);
         memory_release(mark);
         int next = sample_token(host, sampler);
         tokens.push_back(next);
@@ -2308,7 +2371,7 @@ void generate(GPT& model, std::vector<int>& tokens, int count, Sampler& sampler,
 
 // Global gradient norm, sqrt(sum g^2), deterministic: each block sums its tile, its threads combining
 // through shared memory in a tree; then one thread adds the block sums in order.
-__global__ void sum_of_squares_kernel(real* block_sums, const real* x, long n) {
+__global__ void sum_of_squares_kernel(real* block_sums, const floatX* x, long n) {
     auto partial = shared_memory<real>();
     Tile tile = block_tile(n);
     partial[threadIdx.x] = sum_strided(tile.begin, tile.end, threadIdx.x, blockDim.x, [&](long i) { return x[i] * x[i]; });
@@ -2320,13 +2383,13 @@ __global__ void sum_of_squares_kernel(real* block_sums, const real* x, long n) {
     if (threadIdx.x == 0) block_sums[blockIdx.x] = partial[0];
 }
 
-__global__ void square_root_of_sum_kernel(real* out, const real* values, int n) {
+__global__ void square_root_of_sum_kernel(floatX* out, const floatX* values, int n) {
     real total = 0;
     for (int i = 0; i < n; i++) total += values[i];
     out[0] = sqrt(total);
 }
 
-void gradient_norm(real* norm, const real* gradients, long n) {
+void gradient_norm(real* norm, const floatX* gradients, long n) {
     unsigned blocks = element_blocks(n);
     real* block_sums = device_alloc<real>(blocks);
     launch(sum_of_squares_kernel, blocks, element_threads, element_threads * sizeof(real), block_sums, gradients, n);
@@ -2343,37 +2406,66 @@ __device__ inline real clip_scale(const real* norm, real max_norm) {
 }
 
 // AdamW (decoupled weight decay):  g = clip * grad,  m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2,
-//   p -= lr * (m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + wd * p),  wd only on the first num_decayed.
-// Memory-bound (16 bytes read and 12 written per parameter), so it moves four parameters per load:
-// Real4 is one 128-bit access for floats. The buffers come from cudaMalloc, aligned for that; the last
+//   w -= lr * (m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + wd * w),  wd only on the first num_decayed.
+// w is the float master weight when there is one (mixed precision: the stored parameter is then w
+// rounded), else the parameter itself. Memory-bound, so it moves four parameters per load and store:
+// a Pack4 of floats is one 128-bit access. The buffers come from cudaMalloc, aligned for that; the last
 // block takes the n % 4 left over.
-struct alignas(4 * sizeof(real)) Real4 {
-    real v[4];
+template <typename T> struct alignas(4 * sizeof(T)) Pack4 {
+    T v[4];
 };
 
 struct AdamWStep {
     real lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2;
+    uint64_t seed;  // for rounding parameters from their master weights
 };
 
-__device__ inline void adamw_update_one(real& p, real g, real& m, real& v, bool decayed, const AdamWStep& s) {
+// Storing an updated master weight as a (bfloat16) parameter rounds it up or down at random, up with
+// probability equal to its distance from the value below, so that the stored parameter is the master
+// weight on average: with round-to-nearest, updates smaller than half a bfloat16 step (weights near 1
+// move in steps of 2^-8) would never show in the parameters the model computes with.
+__device__ inline floatX round_stochastic(real w, uint64_t seed, long i) {
+#ifdef TRICYCLE_BF16
+    unsigned int bits = __float_as_uint(w);
+    if ((bits & 0x7fffffff) < 0x7f7f0000) bits += unsigned(random_bits(seed, uint64_t(i)) & 0xffff);  // finite, not overflowing
+    bf16 stored;
+    stored.value = __ushort_as_bfloat16((unsigned short)(bits >> 16));
+    return stored;
+#else
+    (void)seed, (void)i;
+    return w;
+#endif
+}
+
+__device__ inline real adamw_weight(real w, real g, real& m, real& v, bool decayed, const AdamWStep& s) {
     m = s.beta1 * m + (1 - s.beta1) * g;
     v = s.beta2 * v + (1 - s.beta2) * g * g;
     real update = m / s.bias_correction1 / (sqrt(v / s.bias_correction2) + s.eps);
-    p -= s.lr * (update + (decayed ? s.weight_decay * p : 0));
+    return w - s.lr * (update + (decayed ? s.weight_decay * w : 0));
 }
 
-__global__ void adamw_kernel(real* params, const real* grads, real* m, real* v, long n, long num_decayed, AdamWStep s, const real* norm,
-                             real max_norm) {
+__global__ void adamw_kernel(floatX* params, real* master, const floatX* grads, real* m, real* v, long n, long num_decayed, AdamWStep s,
+                             const real* norm, real max_norm) {
     real scale = clip_scale(norm, max_norm);
-    Real4 *p4 = reinterpret_cast<Real4*>(params), *m4 = reinterpret_cast<Real4*>(m), *v4 = reinterpret_cast<Real4*>(v);
-    const Real4* g4 = reinterpret_cast<const Real4*>(grads);
     for_each_element(n / 4, [&](long i) {
-        Real4 p = p4[i], g = g4[i], first = m4[i], second = v4[i];
-        for (int k = 0; k < 4; k++) adamw_update_one(p.v[k], g.v[k] * scale, first.v[k], second.v[k], 4 * i + k < num_decayed, s);
-        p4[i] = p, m4[i] = first, v4[i] = second;
+        Pack4<floatX> p = reinterpret_cast<Pack4<floatX>*>(params)[i];
+        Pack4<floatX> g = reinterpret_cast<const Pack4<floatX>*>(grads)[i];
+        Pack4<real> first = reinterpret_cast<Pack4<real>*>(m)[i], second = reinterpret_cast<Pack4<real>*>(v)[i];
+        Pack4<real> w = master ? reinterpret_cast<Pack4<real>*>(master)[i] : Pack4<real>{{p.v[0], p.v[1], p.v[2], p.v[3]}};
+        for (int k = 0; k < 4; k++) {
+            w.v[k] = adamw_weight(w.v[k], g.v[k] * scale, first.v[k], second.v[k], 4 * i + k < num_decayed, s);
+            p.v[k] = master ? round_stochastic(w.v[k], s.seed, 4 * i + k) : floatX(w.v[k]);
+        }
+        reinterpret_cast<Pack4<floatX>*>(params)[i] = p;
+        reinterpret_cast<Pack4<real>*>(m)[i] = first, reinterpret_cast<Pack4<real>*>(v)[i] = second;
+        if (master) reinterpret_cast<Pack4<real>*>(master)[i] = w;
     });
     if (blockIdx.x == gridDim.x - 1)
-        for_each_strided(n / 4 * 4, n, threadIdx.x, blockDim.x, [&](long i) { adamw_update_one(params[i], grads[i] * scale, m[i], v[i], i < num_decayed, s); });
+        for_each_strided(n / 4 * 4, n, threadIdx.x, blockDim.x, [&](long i) {
+            real w = adamw_weight(master ? master[i] : real(params[i]), grads[i] * scale, m[i], v[i], i < num_decayed, s);
+            params[i] = master ? round_stochastic(w, s.seed, i) : floatX(w);
+            if (master) master[i] = w;
+        });
 }
 
 void adamw_create(AdamW* opt, long n) {
@@ -2390,19 +2482,24 @@ AdamW::~AdamW() {
     (void)cudaFree(v);
 }
 
-void adamw_update(AdamW* opt, real* params, const real* grads, long num_decayed, real lr, const real* norm, real max_norm) {
+void adamw_update(AdamW* opt, floatX* params, real* master, const floatX* grads, long num_decayed, real lr, const real* norm, real max_norm) {
     opt->step++;
     AdamWStep s{lr, real(opt->beta1), real(opt->beta2), real(opt->eps), real(opt->weight_decay),
-                real(1 - std::pow(double(opt->beta1), double(opt->step))), real(1 - std::pow(double(opt->beta2), double(opt->step)))};
-    launch(adamw_kernel, element_blocks(opt->n / 4), element_threads, 0, params, grads, opt->m, opt->v, opt->n, num_decayed, s, norm, max_norm);
+                real(1 - std::pow(double(opt->beta1), double(opt->step))), real(1 - std::pow(double(opt->beta2), double(opt->step))),
+                random_bits(0x5eed, uint64_t(opt->step))};
+    launch(adamw_kernel, element_blocks(opt->n / 4), element_threads, 0, params, master, grads, opt->m, opt->v, opt->n, num_decayed, s, norm,
+           max_norm);
 }
 
-// SGD with momentum:  u = momentum * u + clip * grad,  p -= lr * u.
-__global__ void sgd_kernel(real* params, const real* grads, real* velocity, long n, real lr, real momentum, const real* norm, real max_norm) {
+// SGD with momentum:  u = momentum * u + clip * grad,  w -= lr * u  (w: the master weight, as in AdamW).
+__global__ void sgd_kernel(floatX* params, real* master, const floatX* grads, real* velocity, long n, real lr, real momentum, uint64_t seed,
+                           const real* norm, real max_norm) {
     real scale = clip_scale(norm, max_norm);
     for_each_element(n, [&](long i) {
         velocity[i] = momentum * velocity[i] + grads[i] * scale;
-        params[i] -= lr * velocity[i];
+        real w = (master ? master[i] : real(params[i])) - lr * velocity[i];
+        params[i] = master ? round_stochastic(w, seed, i) : floatX(w);
+        if (master) master[i] = w;
     });
 }
 
@@ -2414,8 +2511,10 @@ void sgd_create(SGD* opt, long n) {
 
 SGD::~SGD() { (void)cudaFree(velocity); }
 
-void sgd_update(SGD* opt, real* params, const real* grads, real lr, const real* norm, real max_norm) {
-    launch(sgd_kernel, element_blocks(opt->n), element_threads, 0, params, grads, opt->velocity, opt->n, lr, real(opt->momentum), norm, max_norm);
+void sgd_update(SGD* opt, floatX* params, real* master, const floatX* grads, real lr, const real* norm, real max_norm) {
+    opt->step++;
+    launch(sgd_kernel, element_blocks(opt->n), element_threads, 0, params, master, grads, opt->velocity, opt->n, lr, real(opt->momentum),
+           random_bits(0x5eed, uint64_t(opt->step)), norm, max_norm);
 }
 
 // Linear warmup from 0 to max_lr over `warmup` steps, then cosine decay to min_lr at the last step.
@@ -2457,10 +2556,9 @@ static std::vector<Parameter> parameters_in_buffer_order(GPT& model) {
 
 static void append(std::string& out, const void* data, size_t bytes) { out.append(static_cast<const char*>(data), bytes); }
 
-// Device buffer of `real` -> float32 bytes.
-static void append_floats(std::string& out, const real* device, long n) {
-    std::vector<real> host(n);
-    cuda_check(cudaMemcpy(host.data(), device, n * sizeof(real), cudaMemcpyDeviceToHost));
+// Device buffer of floatX or real -> float32 bytes.
+template <typename T> static void append_floats(std::string& out, const T* device, long n) {
+    std::vector<real> host = download(device, n);
     std::vector<float> values(host.begin(), host.end());
     append(out, values.data(), n * sizeof(float));
 }
@@ -2488,7 +2586,7 @@ void gpt_save(GPT& model, const char* path, const std::vector<FileSection>& sect
         append(out, name, sizeof name);
         append(out, dims, sizeof dims);
     }
-    append_floats(out, model.parameters, model.num_parameters);
+    append_floats(out, model.parameters, model.num_parameters);  // the model as it computes (a trainer saves its master copy apart)
     for (const FileSection& s : sections) {
         int64_t length = int64_t(s.bytes.size());
         append(out, s.tag, 4);
@@ -2551,7 +2649,8 @@ void gpt_load(GPT* model, const char* path, std::vector<FileSection>* sections) 
         std::vector<float> values(model->num_parameters);
         reader.read(values.data(), values.size() * sizeof(float), "the parameters");
         std::vector<real> host(values.begin(), values.end());
-        cuda_check(cudaMemcpy(model->parameters, host.data(), host.size() * sizeof(real), cudaMemcpyHostToDevice));
+        upload(model->parameters, host.data(), model->num_parameters);
+        if (model->master) upload(model->master, host.data(), model->num_parameters);
         for (int32_t s = 0; s < header[15]; s++) {
             FileSection section;
             int64_t length;
@@ -2572,7 +2671,7 @@ void floats_from_section(real* device, long n, const FileSection& section, const
     std::vector<float> values(n);
     memcpy(values.data(), section.bytes.data(), n * sizeof(float));
     std::vector<real> host(values.begin(), values.end());
-    cuda_check(cudaMemcpy(device, host.data(), n * sizeof(real), cudaMemcpyHostToDevice));
+    upload(device, host.data(), n);
 }
 
 // ====================================================================================================

@@ -12,6 +12,7 @@
 #pragma once
 
 #ifdef __CUDACC__
+#include <cuda_bf16.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #else
@@ -32,13 +33,37 @@
 #include <vector>
 
 // ----------------------------------------------------------------------------------------------------
-// The element type: float, or double in the gradient-check build (make builds test_gradients with
-// -DTRICYCLE_DOUBLE), where finite differences are precise enough to check gradients to 1e-6.
+// Number types: arithmetic happens in `real`; tensors are stored as `floatX`.
+//   default            real = float, floatX = float
+//   -DTRICYCLE_DOUBLE  both double: the gradient-check build, where finite differences are precise
+//                      enough to check gradients to 1e-6
+//   -DTRICYCLE_BF16    real = float, floatX = bfloat16: mixed precision. Every tensor (activations,
+//                      parameters as kernels and matrix products read them, gradients) is stored in
+//                      bfloat16; kernels load into float, compute and accumulate in float, and round
+//                      when they store; matrix products accumulate in float. The GPT keeps a float
+//                      master copy of its parameters for the optimizer, whose moments are float too.
+// Statistics kernels save for backward (norm means and rstd, log-sum-exps) are always `real`.
 
-#ifdef TRICYCLE_DOUBLE
+#if defined(TRICYCLE_DOUBLE)
 typedef double real;
+typedef double floatX;
+#elif defined(TRICYCLE_BF16)
+// A __nv_bfloat16 with exactly one conversion, to float (CUDA's own also converts to every integer
+// type, which makes arithmetic on it ambiguous): expressions compute in float; stores round to nearest.
+struct bf16 {
+    __nv_bfloat16 value;
+    bf16() = default;
+    __host__ __device__ bf16(float f) : value(__float2bfloat16(f)) {}
+    __host__ __device__ operator float() const { return __bfloat162float(value); }
+    __host__ __device__ bf16& operator+=(float x) { return *this = float(*this) + x; }
+    __host__ __device__ bf16& operator-=(float x) { return *this = float(*this) - x; }
+    __host__ __device__ bf16& operator*=(float x) { return *this = float(*this) * x; }
+};
+typedef float real;
+typedef bf16 floatX;
 #else
 typedef float real;
+typedef float floatX;
 #endif
 
 // ----------------------------------------------------------------------------------------------------
@@ -146,8 +171,8 @@ constexpr int max_dims = 6;
 struct Tensor {
     int ndim = 0;
     int shape[max_dims] = {1, 1, 1, 1, 1, 1};
-    real* data = nullptr;
-    real* grad = nullptr;  // null unless the tensor requires a gradient
+    floatX* data = nullptr;
+    floatX* grad = nullptr;  // null unless the tensor requires a gradient
 
     long size() const;
     int dim(int i) const;  // negative counts from the end, like Python
@@ -174,9 +199,9 @@ std::string shape_string(Tensor t);                     // (6, 5, 4)
 void print(Tensor t);
 
 // Kernels that fill device buffers (used by the creators above and by the model's initialisation).
-void fill(real* out, long n, real value);
-void fill_normal(real* out, long n, uint64_t seed, real mean, real std);
-void fill_uniform(real* out, long n, uint64_t seed, real low, real high);
+void fill(floatX* out, long n, real value);
+void fill_normal(floatX* out, long n, uint64_t seed, real mean, real std);
+void fill_uniform(floatX* out, long n, uint64_t seed, real low, real high);
 
 // ----------------------------------------------------------------------------------------------------
 // The tape. While gradients are enabled, every operation whose inputs require a gradient appends a
@@ -278,28 +303,28 @@ struct GemmBatch {
     long outer_a = 0, outer_b = 0, outer_c = 0;
     long inner_a = 0, inner_b = 0, inner_c = 0;
 };
-void gemm(bool transpose_a, bool transpose_b, int M, int N, int K, real alpha, const real* A, int lda, const real* B, int ldb, real beta,
-          real* C, int ldc, const GemmBatch& batch = GemmBatch());
+void gemm(bool transpose_a, bool transpose_b, int M, int N, int K, real alpha, const floatX* A, int lda, const floatX* B, int ldb, real beta,
+          floatX* C, int ldc, const GemmBatch& batch = GemmBatch());
 
 // ====================================================================================================
 // Layers. Each is a pair of functions on raw device pointers, <layer>_forward and <layer>_backward,
 // launching its kernels (backward adds into gradients and skips null ones), and a tape version on
 // Tensors. Shapes: B batch, T time, C channels, N = B*T rows, NH heads, V vocabulary.
 
-void embedding_forward(real* out, const int* tokens, const real* wte, const real* wpe, int B, int T, int C);
-void embedding_backward(real* dwte, real* dwpe, const real* dout, const int* tokens, int B, int T, int C);
+void embedding_forward(floatX* out, const int* tokens, const floatX* wte, const floatX* wpe, int B, int T, int C);
+void embedding_backward(floatX* dwte, floatX* dwpe, const floatX* dout, const int* tokens, int B, int T, int V, int C);
 Tensor embedding(const int* tokens, int B, int T, Tensor wte, Tensor wpe);  // wpe may be empty (rotary)
 
-void linear_forward(real* out, const real* x, const real* weight, const real* bias, long N, int in, int out_features);
-void linear_backward(real* dx, real* dweight, real* dbias, const real* dout, const real* x, const real* weight, long N, int in, int out_features);
+void linear_forward(floatX* out, const floatX* x, const floatX* weight, const floatX* bias, long N, int in, int out_features);
+void linear_backward(floatX* dx, floatX* dweight, floatX* dbias, const floatX* dout, const floatX* x, const floatX* weight, long N, int in, int out_features);
 Tensor linear(Tensor x, Tensor weight, Tensor bias);  // x @ weight^T + bias; weight (out, in); bias may be empty
 
-void layernorm_forward(real* out, real* mean, real* rstd, const real* x, const real* weight, const real* bias, long rows, int C);
-void layernorm_backward(real* dx, real* dweight, real* dbias, const real* dout, const real* x, const real* weight, const real* mean,
+void layernorm_forward(floatX* out, real* mean, real* rstd, const floatX* x, const floatX* weight, const floatX* bias, long rows, int C);
+void layernorm_backward(floatX* dx, floatX* dweight, floatX* dbias, const floatX* dout, const floatX* x, const floatX* weight, const real* mean,
                         const real* rstd, long rows, int C);
 Tensor layernorm(Tensor x, Tensor weight, Tensor bias);
-void rmsnorm_forward(real* out, real* rstd, const real* x, const real* weight, long rows, int C);
-void rmsnorm_backward(real* dx, real* dweight, const real* dout, const real* x, const real* weight, const real* rstd, long rows, int C);
+void rmsnorm_forward(floatX* out, real* rstd, const floatX* x, const floatX* weight, long rows, int C);
+void rmsnorm_backward(floatX* dx, floatX* dweight, const floatX* dout, const floatX* x, const floatX* weight, const real* rstd, long rows, int C);
 Tensor rmsnorm(Tensor x, Tensor weight);
 enum class Norm { layernorm, rmsnorm };
 // sum = a + b and normalized = norm(sum) (bias unused for RMSNorm), in one fused pass.
@@ -308,29 +333,29 @@ struct ResidualNorm {
 };
 ResidualNorm residual_norm(Tensor a, Tensor b, Tensor weight, Tensor bias, Norm kind);
 
-void gelu_forward(real* out, const real* x, long n);
-void gelu_backward(real* dx, const real* dout, const real* x, long n);
-void relu_forward(real* out, const real* x, long n);
-void relu_backward(real* dx, const real* dout, const real* x, long n);
-void silu_forward(real* out, const real* x, long n);
-void silu_backward(real* dx, const real* dout, const real* x, long n);
+void gelu_forward(floatX* out, const floatX* x, long n);
+void gelu_backward(floatX* dx, const floatX* dout, const floatX* x, long n);
+void relu_forward(floatX* out, const floatX* x, long n);
+void relu_backward(floatX* dx, const floatX* dout, const floatX* x, long n);
+void silu_forward(floatX* out, const floatX* x, long n);
+void silu_backward(floatX* dx, const floatX* dout, const floatX* x, long n);
 Tensor gelu(Tensor x);
 Tensor silu(Tensor x);
-void swiglu_forward(real* out, const real* x, long N, int H);
-void swiglu_backward(real* dx, const real* dout, const real* x, long N, int H);
+void swiglu_forward(floatX* out, const floatX* x, long N, int H);
+void swiglu_backward(floatX* dx, const floatX* dout, const floatX* x, long N, int H);
 Tensor swiglu(Tensor x);  // (..., 2H) -> (..., H): silu(first half) * second half
 
-void dropout_forward(real* out, const real* x, long n, real p, uint64_t seed);
-void dropout_backward(real* dx, const real* dout, long n, real p, uint64_t seed);
+void dropout_forward(floatX* out, const floatX* x, long n, real p, uint64_t seed);
+void dropout_backward(floatX* dx, const floatX* dout, long n, real p, uint64_t seed);
 Tensor dropout(Tensor x, real p, uint64_t seed);  // p = 0 returns x itself
 
-void residual_forward(real* out, const real* a, const real* b, long n);
-void residual_backward(real* da, real* db, const real* dout, long n);
+void residual_forward(floatX* out, const floatX* a, const floatX* b, long n);
+void residual_backward(floatX* da, floatX* db, const floatX* dout, long n);
 Tensor residual(Tensor a, Tensor b);
 
 // On `rows` positions (sequences of T) of NH head vectors of hs values, rows ld apart; may work in place.
-void rotary_forward(real* out, int ld_out, const real* x, int ld_x, long rows, int T, int NH, int hs, int start);
-void rotary_backward(real* dx, int ld_dx, const real* dout, int ld_dout, long rows, int T, int NH, int hs);  // dx += turned back
+void rotary_forward(floatX* out, int ld_out, const floatX* x, int ld_x, long rows, int T, int NH, int hs, int start);
+void rotary_backward(floatX* dx, int ld_dx, const floatX* dout, int ld_dout, long rows, int T, int NH, int hs);  // dx += turned back
 Tensor rotary(Tensor x);  // x (B, T, NH, hs)
 
 // Causal self-attention on qkv (B, T, 3C) -> (B, T, C), two ways with the same results:
@@ -341,15 +366,16 @@ Tensor rotary(Tensor x);  // x (B, T, NH, hs)
 // With rotary positions both also save the rotated q and k, (B, T, C) each. The tape version uses
 // flash when use_flash_attention (the default on a GPU; on the CPU the plain kernels are faster).
 struct AttentionSaved {
-    real *q, *k, *att, *att_dropped, *lse;
+    floatX *q, *k, *att, *att_dropped;
+    real* lse;
 };
 extern bool use_flash_attention;
-void attention_forward(real* out, AttentionSaved saved, const real* qkv, int B, int T, int C, int NH, bool rotary, real dropout_p, uint64_t seed);
-void attention_backward(real* dqkv, const real* dout, AttentionSaved saved, const real* qkv, int B, int T, int C, int NH, bool rotary,
+void attention_forward(floatX* out, AttentionSaved saved, const floatX* qkv, int B, int T, int C, int NH, bool rotary, real dropout_p, uint64_t seed);
+void attention_backward(floatX* dqkv, const floatX* dout, AttentionSaved saved, const floatX* qkv, int B, int T, int C, int NH, bool rotary,
                         real dropout_p, uint64_t seed);
-void flash_attention_forward(real* out, AttentionSaved saved, const real* qkv, int B, int T, int C, int NH, bool rotary, real dropout_p,
+void flash_attention_forward(floatX* out, AttentionSaved saved, const floatX* qkv, int B, int T, int C, int NH, bool rotary, real dropout_p,
                              uint64_t seed);
-void flash_attention_backward(real* dqkv, const real* dout, const real* out, AttentionSaved saved, const real* qkv, int B, int T, int C, int NH,
+void flash_attention_backward(floatX* dqkv, const floatX* dout, const floatX* out, AttentionSaved saved, const floatX* qkv, int B, int T, int C, int NH,
                               bool rotary, real dropout_p, uint64_t seed);
 Tensor attention(Tensor qkv, int heads, bool rotary, real dropout_p, uint64_t seed);
 // The whole layer: linear to qkv, attention, linear out.
@@ -357,12 +383,12 @@ Tensor multi_head_attention(Tensor x, Tensor qkv_weight, Tensor qkv_bias, Tensor
 
 // Softmax + cross-entropy over logits (N, V): the mean over rows whose target is not ignore_index.
 constexpr int ignore_index = -1;
-void cross_entropy_forward(real* loss, real* count, real* losses, real* logsumexp, const real* logits, const int* targets, long N, int V);
-void cross_entropy_backward(real* dlogits, const real* dloss, const real* count, const real* logits, const real* logsumexp, const int* targets,
+void cross_entropy_forward(floatX* loss, real* count, real* losses, real* logsumexp, const floatX* logits, const int* targets, long N, int V);
+void cross_entropy_backward(floatX* dlogits, const floatX* dloss, const real* count, const floatX* logits, const real* logsumexp, const int* targets,
                             long N, int V);
 Tensor cross_entropy(Tensor logits, const int* targets);  // targets: N ints on the device
-void mse_forward(real* loss, const real* a, const real* b, long n);
-void mse_backward(real* da, real* db, const real* dloss, const real* a, const real* b, long n);
+void mse_forward(floatX* loss, const floatX* a, const floatX* b, long n);
+void mse_backward(floatX* da, floatX* db, const floatX* dloss, const floatX* a, const floatX* b, long n);
 Tensor mse(Tensor a, Tensor b);
 
 // ====================================================================================================
@@ -390,12 +416,15 @@ struct GPTLayer {
 };
 
 // Parameters and gradients each live in one contiguous device buffer; the Tensors are views into
-// them. The first num_decayed entries (the weight matrices) are the ones AdamW decays.
+// them. The first num_decayed entries (the weight matrices) are the ones AdamW decays. When tensors
+// are stored in less than float (the bfloat16 build), `master` holds the float parameters the
+// optimizer updates and the files store; otherwise it is null and the parameters are their own master.
 // The buffers are freed when the GPT goes out of scope (it cannot be copied).
 struct GPT {
     GPTConfig config;
-    real* parameters = nullptr;
-    real* gradients = nullptr;
+    floatX* parameters = nullptr;
+    floatX* gradients = nullptr;
+    real* master = nullptr;
     long num_parameters = 0, num_decayed = 0;
     Tensor wte, wpe, lm_head, final_norm_weight, final_norm_bias;  // wpe empty if rotary, lm_head if tied
     std::vector<GPTLayer> layers;
@@ -408,6 +437,7 @@ struct GPT {
 
 void gpt_create(GPT* model, const GPTConfig& config);  // allocates and lays out; gradients zeroed
 void gpt_init(GPT* model, uint64_t seed);              // GPT-2 initialisation
+void gpt_zero_grad(GPT& model);
 std::vector<std::pair<std::string, Tensor>> gpt_named_parameters(GPT& model);
 Tensor gpt_forward(GPT& model, const int* tokens, int B, int T, bool training, uint64_t seed);  // logits (B, T, V)
 
@@ -417,7 +447,7 @@ Tensor gpt_forward(GPT& model, const int* tokens, int B, int T, bool training, u
 // Keys and values of every layer for the positions seen so far, (layers, NH, context, hs) each.
 struct KVCache {
     GPTConfig config;
-    real *keys = nullptr, *values = nullptr;
+    floatX *keys = nullptr, *values = nullptr;
     int length = 0;  // positions filled
 
     KVCache() = default;
@@ -428,7 +458,7 @@ struct KVCache {
 void kv_cache_create(KVCache* cache, const GPTConfig& config);
 // Runs n more positions of one sequence (tokens on the device), adding them to the cache; returns the
 // last position's logits (vocab_size values on the device, in the arena).
-real* gpt_forward_cached(GPT& model, KVCache& cache, const int* tokens, int n);
+floatX* gpt_forward_cached(GPT& model, KVCache& cache, const int* tokens, int n);
 
 struct Sampler {
     float temperature = 1;  // 0: greedy
@@ -444,7 +474,7 @@ void generate(GPT& model, std::vector<int>& tokens, int count, Sampler& sampler,
 // ====================================================================================================
 // Optimizers and training maths
 
-void gradient_norm(real* norm, const real* gradients, long n);  // sqrt(sum g^2) into norm[0], on the device
+void gradient_norm(real* norm, const floatX* gradients, long n);  // sqrt(sum g^2) into norm[0], on the device
 
 // Both optimizers clip by global norm themselves when given the device norm and max_norm > 0:
 // gradients are scaled by max_norm / (norm + 1e-6) when that is below 1 (as torch's clip_grad_norm_).
@@ -460,11 +490,12 @@ struct AdamW {
     ~AdamW();
 };
 void adamw_create(AdamW* opt, long n);
-void adamw_update(AdamW* opt, real* params, const real* grads, long num_decayed, real lr, const real* norm, real max_norm);
+// params are updated through their float master copy when there is one (GPT::master), else directly.
+void adamw_update(AdamW* opt, floatX* params, real* master, const floatX* grads, long num_decayed, real lr, const real* norm, real max_norm);
 
 struct SGD {
     float momentum = 0.9f;
-    long n = 0;
+    long step = 0, n = 0;
     real* velocity = nullptr;
 
     SGD() = default;
@@ -473,7 +504,7 @@ struct SGD {
     ~SGD();
 };
 void sgd_create(SGD* opt, long n);
-void sgd_update(SGD* opt, real* params, const real* grads, real lr, const real* norm, real max_norm);
+void sgd_update(SGD* opt, floatX* params, real* master, const floatX* grads, real lr, const real* norm, real max_norm);
 
 // Linear warmup over `warmup` steps, then cosine decay to min_lr at the last step.
 float learning_rate(long step, long warmup, long total_steps, float max_lr, float min_lr);

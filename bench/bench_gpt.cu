@@ -74,12 +74,12 @@ static int bench(int argc, char** argv) {
     for (int step = 0; step <= steps; step++) {  // step 0 warms up and is not counted
         profiling = profile && step > 0;
         double start = seconds_now();
-        cuda_check(cudaMemset(model.gradients, 0, model.num_parameters * sizeof(real)));
+        gpt_zero_grad(model);
         MemoryMark mark = memory_mark();
         Tensor loss = cross_entropy(gpt_forward(model, tokens, B, T, true, uint64_t(step)), tokens + B * T);
         backward(loss);
         gradient_norm(norm, model.gradients, model.num_parameters);
-        adamw_update(&adam, model.parameters, model.gradients, model.num_decayed, real(1e-4), norm, 1);
+        adamw_update(&adam, model.parameters, model.master, model.gradients, model.num_decayed, real(1e-4), norm, 1);
         float value = float(to_host(loss)[0]);
         memory_release(mark);
         profiling = false;

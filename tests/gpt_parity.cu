@@ -67,13 +67,13 @@ static int write_parity_files(int argc, char** argv) {
     adamw_create(&adam, model.num_parameters);
     real* norm = device_alloc<real>(1);
     for (int step = 0; step < 10; step++) {
-        cuda_check(cudaMemset(model.gradients, 0, model.num_parameters * sizeof(real)));
+        gpt_zero_grad(model);
         mark = memory_mark();
         loss = cross_entropy(gpt_forward(model, tokens, B, T, true, 0), targets);
         backward(loss);
         write_floats(file, loss.data, 1);
         gradient_norm(norm, model.gradients, model.num_parameters);
-        adamw_update(&adam, model.parameters, model.gradients, model.num_decayed, real(1e-3), norm, 1);
+        adamw_update(&adam, model.parameters, model.master, model.gradients, model.num_decayed, real(1e-3), norm, 1);
         memory_release(mark);
     }
     fclose(file);
