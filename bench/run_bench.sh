@@ -19,7 +19,7 @@ if [ "${BUILD:-cpu}" = gpu ]; then
     echo "== the shakespeare preset (6 layers, 384 dim, 6 heads, vocab 1024), B=64, T=256"
     ./bench/bench_gpt --layers 6 --heads 6 --dim 384 --vocab 1024 --context 256 --batch 64 --seq 256 --steps 20 --profile | grep -v '^step'
     echo
-    bash bench/kernel_report.sh | tail -n 3
+    bash bench/kernel_report.sh | grep -E "kernels compiled|total spill"
     exit 0
 fi
 steps=${BENCH_STEPS:-2000}
@@ -81,4 +81,4 @@ echo "== GPT-2 124M shape (12 layers, 768 dim, 12 heads, vocab 50257), B=4, T=64
 
 echo
 echo "== GPU build: registers and spills per kernel (nvcc -Xptxas -v; nothing runs)"
-bash bench/kernel_report.sh | tail -n 3
+bash bench/kernel_report.sh | grep -E "kernels compiled|total spill"
