@@ -1723,6 +1723,19 @@ __device__ inline void load_tiles(Shared a, Shared b_tile, const floatX* x, int 
     }
 }
 
+// The dot products of this thread's shares of two head vectors, u and w, with row j of two shared tiles,
+// x and y, summed over the row group: every thread of the group gets both.
+template <int PER_THREAD, typename Shared>
+__device__ __forceinline__ void group_dots(const real (&u)[PER_THREAD], const real (&w)[PER_THREAD], Shared x, Shared y, int j, int hs, real& ux,
+                                           real& wy) {
+    ux = 0, wy = 0;
+    for (int i = 0; i < PER_THREAD; i++) {
+        int d = threadIdx.x + i * blockDim.x;
+        if (d < hs) ux += u[i] * x[j * hs + d], wy += w[i] * y[j * hs + d];
+    }
+    ux = group_sum(ux), wy = group_sum(wy);
+}
+
 template <int PER_THREAD>
 __global__ void flash_attention_forward_kernel(floatX* out, real* lse, const floatX* q, const floatX* k, const floatX* v, FlashShape s) {
     int hs = s.C / s.NH, b = blockIdx.y / s.NH, h = blockIdx.y % s.NH;
@@ -1803,12 +1816,9 @@ __global__ void flash_attention_dq_kernel(floatX* dq, int ld_dq, bool accumulate
         load_tiles(keys, values, k, s.ld_qk, v, 3 * s.C, s, b, h, first_key);
         __syncthreads();
         for (int j = 0; j < flash_tile; j++) {
-            real qk = 0, dp = 0;
-            for (int i = 0; i < PER_THREAD; i++) {
-                int d = threadIdx.x + i * blockDim.x;
-                if (d < hs) qk += query[i] * keys[j * hs + d], dp += dy[i] * values[j * hs + d];
-            }
-            qk = group_sum(qk) * s.scale, dp = group_sum(dp);
+            real qk, dp;
+            group_dots(query, dy, keys, values, j, hs, qk, dp);
+            qk *= s.scale;
             int key = first_key + j;
             if (key > t) continue;
             real ds = fast_exp(qk - row_lse) * (dp * attention_keep(s, b, h, t, key) - row_D);
@@ -1856,12 +1866,9 @@ __global__ void flash_attention_dkdv_kernel(floatX* dk, int ld_dk, bool accumula
         }
         __syncthreads();
         for (int j = 0; j < flash_tile; j++) {
-            real qk = 0, dp = 0;
-            for (int i = 0; i < PER_THREAD; i++) {
-                int d = threadIdx.x + i * blockDim.x;
-                if (d < hs) qk += key_row[i] * queries[j * hs + d], dp += value_row[i] * dys[j * hs + d];
-            }
-            qk = group_sum(qk) * s.scale, dp = group_sum(dp);
+            real qk, dp;
+            group_dots(key_row, value_row, queries, dys, j, hs, qk, dp);
+            qk *= s.scale;
             int t = first_query + j;
             if (t < key || t >= s.T) continue;  // causal: only later queries see this key
             real p = fast_exp(qk - stats[j]), keep = attention_keep(s, b, h, t, key), ds = p * (dp * keep - stats[flash_tile + j]);
