@@ -2406,7 +2406,7 @@ void gradient_norm(real* norm, const floatX* gradients, long n) {
 // Clipping by global norm happens inside the optimizer kernels: the gradient is scaled by
 // max_norm / (norm + 1e-6) when that is below 1 (max_norm <= 0: no clipping). The norm is read on the
 // device, so the host never waits for it.
-__device__ inline real clip_scale(const real* norm, real max_norm) {
+__device__ __forceinline__ real clip_scale(const real* norm, real max_norm) {
     if (max_norm <= 0 || !norm) return 1;
     real scale = max_norm / (norm[0] + real(1e-6));
     return scale < 1 ? scale : 1;
@@ -2431,7 +2431,7 @@ struct AdamWStep {
 // probability equal to its distance from the value below, so that the stored parameter is the master
 // weight on average: with round-to-nearest, updates smaller than half a bfloat16 step (weights near 1
 // move in steps of 2^-8) would never show in the parameters the model computes with.
-__device__ inline floatX round_stochastic(real w, uint64_t seed, long i) {
+__device__ __forceinline__ floatX round_stochastic(real w, uint64_t seed, long i) {
 #ifdef TRICYCLE_BF16
     unsigned int bits = __float_as_uint(w);
     if ((bits & 0x7fffffff) < 0x7f7f0000) bits += unsigned(random_bits(seed, uint64_t(i)) & 0xffff);  // finite, not overflowing
@@ -2444,29 +2444,39 @@ __device__ inline floatX round_stochastic(real w, uint64_t seed, long i) {
 #endif
 }
 
-__device__ inline real adamw_weight(real w, real g, real& m, real& v, bool decayed, const AdamWStep& s) {
+__device__ __forceinline__ real adamw_weight(real w, real g, real& m, real& v, bool decayed, const AdamWStep& s) {
     m = s.beta1 * m + (1 - s.beta1) * g;
     v = s.beta2 * v + (1 - s.beta2) * g * g;
     real update = m / s.bias_correction1 / (sqrt(v / s.bias_correction2) + s.eps);
     return w - s.lr * (update + (decayed ? s.weight_decay * w : 0));
 }
 
+// Four parameters: loaded and stored as packs, updated one by one. With a master copy (HAS_MASTER),
+// the float weight comes from it and the parameter is its rounding. A template, so that each kernel
+// body is one straight loop (a runtime branch per element keeps the CPU compiler from vectorising it).
+template <bool HAS_MASTER>
+__device__ __forceinline__ void adamw_pack(long i, floatX* params, real* master, const floatX* grads, real* m, real* v, real scale, long num_decayed,
+                                           const AdamWStep& s) {
+    Pack4<floatX> p = reinterpret_cast<Pack4<floatX>*>(params)[i];
+    Pack4<floatX> g = reinterpret_cast<const Pack4<floatX>*>(grads)[i];
+    Pack4<real> first = reinterpret_cast<Pack4<real>*>(m)[i], second = reinterpret_cast<Pack4<real>*>(v)[i];
+    Pack4<real> w;
+    if (HAS_MASTER) w = reinterpret_cast<Pack4<real>*>(master)[i];
+    for (int k = 0; k < 4; k++) {
+        real weight = adamw_weight(HAS_MASTER ? w.v[k] : real(p.v[k]), g.v[k] * scale, first.v[k], second.v[k], 4 * i + k < num_decayed, s);
+        if (HAS_MASTER) w.v[k] = weight, p.v[k] = round_stochastic(weight, s.seed, 4 * i + k);
+        else p.v[k] = weight;
+    }
+    reinterpret_cast<Pack4<floatX>*>(params)[i] = p;
+    reinterpret_cast<Pack4<real>*>(m)[i] = first, reinterpret_cast<Pack4<real>*>(v)[i] = second;
+    if (HAS_MASTER) reinterpret_cast<Pack4<real>*>(master)[i] = w;
+}
+
 __global__ void adamw_kernel(floatX* params, real* master, const floatX* grads, real* m, real* v, long n, long num_decayed, AdamWStep s,
                              const real* norm, real max_norm) {
     real scale = clip_scale(norm, max_norm);
-    for_each_element(n / 4, [&](long i) {
-        Pack4<floatX> p = reinterpret_cast<Pack4<floatX>*>(params)[i];
-        Pack4<floatX> g = reinterpret_cast<const Pack4<floatX>*>(grads)[i];
-        Pack4<real> first = reinterpret_cast<Pack4<real>*>(m)[i], second = reinterpret_cast<Pack4<real>*>(v)[i];
-        Pack4<real> w = master ? reinterpret_cast<Pack4<real>*>(master)[i] : Pack4<real>{{p.v[0], p.v[1], p.v[2], p.v[3]}};
-        for (int k = 0; k < 4; k++) {
-            w.v[k] = adamw_weight(w.v[k], g.v[k] * scale, first.v[k], second.v[k], 4 * i + k < num_decayed, s);
-            p.v[k] = master ? round_stochastic(w.v[k], s.seed, 4 * i + k) : floatX(w.v[k]);
-        }
-        reinterpret_cast<Pack4<floatX>*>(params)[i] = p;
-        reinterpret_cast<Pack4<real>*>(m)[i] = first, reinterpret_cast<Pack4<real>*>(v)[i] = second;
-        if (master) reinterpret_cast<Pack4<real>*>(master)[i] = w;
-    });
+    if (master) for_each_element(n / 4, [&](long i) { adamw_pack<true>(i, params, master, grads, m, v, scale, num_decayed, s); });
+    else for_each_element(n / 4, [&](long i) { adamw_pack<false>(i, params, master, grads, m, v, scale, num_decayed, s); });
     if (blockIdx.x == gridDim.x - 1)
         for_each_strided(n / 4 * 4, n, threadIdx.x, blockDim.x, [&](long i) {
             real w = adamw_weight(master ? master[i] : real(params[i]), grads[i] * scale, m[i], v[i], i < num_decayed, s);
