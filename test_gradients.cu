@@ -301,6 +301,11 @@ static void test_layer_gradients() {
     Tensor x = input({3, 5, 7}, 3), w = input({9, 7}, 4), b = input({9}, 5);
     check_gradient("linear (3,5,7) -> 9 with bias", [=] { return linear(x, w, b); }, {x, w, b});
     check_gradient("linear (3,5,7) -> 9 without bias", [=] { return linear(x, w, Tensor{}); }, {x, w});
+    for (int lanes : {1, 32}) {
+        threads_per_row = lanes;
+        check_gradient("fused linear + gelu (3,5,7) -> 9" + lanes_note(), [=] { return linear_gelu(x, w, b); }, {x, w, b});
+    }
+    threads_per_row = 1;
 
     for (int lanes : {1, 32, 8}) {
         threads_per_row = lanes;

@@ -1424,6 +1424,53 @@ void silu_backward(floatX* dx, const floatX* dout, const floatX* x, long n) { ma
 Tensor gelu(Tensor x) { return map(x, Gelu{}); }
 Tensor silu(Tensor x) { return map(x, Silu{}); }
 
+// Linear + GELU fused, the MLP's first half: out = gelu(x @ W^T + b). The product goes straight into the
+// pre-activation buffer (saved for backward, not a tensor of its own), and one pass adds the bias and
+// applies GELU; the separate bias broadcast and the pre-activation's own gradient buffer disappear.
+// Backward: dpre = dout * gelu'(pre), then the linear backward with dpre.
+
+__global__ void bias_gelu_forward_kernel(floatX* out, floatX* pre, const floatX* bias, long rows, int columns) {
+    bool active;
+    long r = group_row(rows, &active);
+    if (!active) return;
+    floatX *p = pre + r * columns, *o = out + r * columns;
+    for_each_in_row(columns, [&](int c) {
+        real value = p[c] + bias[c];
+        p[c] = value;
+        o[c] = Gelu{}.forward(value);
+    });
+}
+
+__global__ void gelu_gradient_kernel(floatX* dpre, const floatX* dout, const floatX* pre, long n) {
+    for_each_element(n, [&](long i) { dpre[i] = dout[i] * Gelu{}.derivative(pre[i]); });
+}
+
+void linear_gelu_forward(floatX* out, floatX* pre, const floatX* x, const floatX* weight, const floatX* bias, long N, int in, int out_features) {
+    gemm(false, true, int(N), out_features, in, 1, x, in, weight, in, 0, pre, out_features);
+    launch(bias_gelu_forward_kernel, row_grid(N), row_block(), 0, out, pre, bias, N, out_features);
+}
+
+void linear_gelu_backward(floatX* dx, floatX* dweight, floatX* dbias, const floatX* dout, const floatX* pre, const floatX* x, const floatX* weight,
+                          long N, int in, int out_features) {
+    floatX* dpre = device_alloc<floatX>(N * out_features);
+    launch(gelu_gradient_kernel, element_blocks(N * out_features), element_threads, 0, dpre, dout, pre, N * out_features);
+    linear_backward(dx, dweight, dbias, dpre, x, weight, N, in, out_features);
+}
+
+Tensor linear_gelu(Tensor x, Tensor weight, Tensor bias) {
+    int in = x.dim(-1), out_features = weight.dim(0);
+    if (weight.ndim != 2 || weight.dim(1) != in || bias.size() != out_features)
+        fail("linear_gelu: input %s does not fit weight %s and bias %s", shape_string(x).c_str(), shape_string(weight).c_str(), shape_string(bias).c_str());
+    long N = x.size() / in;
+    Tensor like = x;
+    like.shape[x.ndim - 1] = out_features;
+    Tensor out = new_result(like, {x, weight, bias});
+    floatX* pre = device_alloc<floatX>(N * out_features);
+    linear_gelu_forward(out.data, pre, x.data, weight.data, bias.data, N, in, out_features);
+    if (out.grad) record([=] { linear_gelu_backward(x.grad, weight.grad, bias.grad, out.grad, pre, x.data, weight.data, N, in, out_features); });
+    return out;
+}
+
 // SwiGLU, the gated MLP activation: x (N, 2H) holds a = x[:, :H] and gate = x[:, H:];
 // out (N, H) = silu(a) * gate.  Backward: da += dout * gate * silu'(a),  dgate += dout * silu(a).
 
@@ -2215,8 +2262,8 @@ Tensor gpt_forward(GPT& model, const int* tokens, int B, int T, bool training, u
         Tensor branch = attention(linear(h, L.qkv_weight, L.qkv_bias), c.heads, c.rotary, p_attention, random_bits(seed, stream++));
         branch = dropout(linear(branch, L.attn_proj_weight, L.attn_proj_bias), p, random_bits(seed, stream++));
         ResidualNorm r = residual_norm(x, branch, L.norm2_weight, L.norm2_bias, c.norm);
-        branch = linear(r.normalized, L.fc_weight, L.fc_bias);
-        branch = c.activation == Activation::swiglu ? swiglu(branch) : gelu(branch);
+        branch = c.activation == Activation::swiglu ? swiglu(linear(r.normalized, L.fc_weight, L.fc_bias))
+                                                    : linear_gelu(r.normalized, L.fc_weight, L.fc_bias);
         branch = dropout(linear(branch, L.mlp_proj_weight, L.mlp_proj_bias), p, random_bits(seed, stream++));
         bool last = l + 1 == model.layers.size();  // the next norm: the next layer's first, or the final one
         r = residual_norm(r.sum, branch, last ? model.final_norm_weight : model.layers[l + 1].norm1_weight,
@@ -2296,9 +2343,12 @@ floatX* gpt_forward_cached(GPT& model, KVCache& cache, const int* tokens, int n)
         linear_forward(branch, y, layer.attn_proj_weight.data, layer.attn_proj_bias.data, n, C, C);
         residual_forward(x, x, branch, long(n) * C);
         normalize_into(h, x, layer.norm2_weight, layer.norm2_bias);
-        linear_forward(fc, h, layer.fc_weight.data, layer.fc_bias.data, n, C, fc_out);
-        if (c.activation == Activation::swiglu) swiglu_forward(act, fc, n, hidden);
-        else gelu_forward(act, fc, long(n) * hidden);
+        if (c.activation == Activation::swiglu) {
+            linear_forward(fc, h, layer.fc_weight.data, layer.fc_bias.data, n, C, fc_out);
+            swiglu_forward(act, fc, n, hidden);
+        } else {
+            linear_gelu_forward(act, fc, h, layer.fc_weight.data, layer.fc_bias.data, n, C, fc_out);
+        }
         linear_forward(branch, act, layer.mlp_proj_weight.data, layer.mlp_proj_bias.data, n, hidden, C);
         residual_forward(x, x, branch, long(n) * C);
     }

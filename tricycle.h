@@ -341,6 +341,11 @@ void silu_forward(floatX* out, const floatX* x, long n);
 void silu_backward(floatX* dx, const floatX* dout, const floatX* x, long n);
 Tensor gelu(Tensor x);
 Tensor silu(Tensor x);
+// Linear then GELU in one layer: out = gelu(x @ W^T + b); `pre` (N, out_features) keeps x @ W^T + b.
+void linear_gelu_forward(floatX* out, floatX* pre, const floatX* x, const floatX* weight, const floatX* bias, long N, int in, int out_features);
+void linear_gelu_backward(floatX* dx, floatX* dweight, floatX* dbias, const floatX* dout, const floatX* pre, const floatX* x, const floatX* weight,
+                          long N, int in, int out_features);
+Tensor linear_gelu(Tensor x, Tensor weight, Tensor bias);
 void swiglu_forward(floatX* out, const floatX* x, long N, int H);
 void swiglu_backward(floatX* dx, const floatX* dout, const floatX* x, long N, int H);
 Tensor swiglu(Tensor x);  // (..., 2H) -> (..., H): silu(first half) * second half
