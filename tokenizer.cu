@@ -150,13 +150,13 @@ static int command_corpus(int argc, char** argv) {
     int skipped = 0;
     for (const std::string& path : paths) {
         std::string text = read_whole_file(path.c_str(), "corpus input");
-        if (text.find(TOKENIZER_EOT_NAME) != std::string::npos) {
+        if (text.find(end_of_text_name) != std::string::npos) {
             fprintf(stderr, "corpus: warning: skipping '%s': it contains the separator %s\n", path.c_str(),
-                    TOKENIZER_EOT_NAME);
+                    end_of_text_name);
             skipped++;
             continue;
         }
-        if (files > 0) corpus += TOKENIZER_EOT_NAME;
+        if (files > 0) corpus += end_of_text_name;
         corpus += text;
         files++;
     }

@@ -355,8 +355,8 @@ static int train(int argc, char** argv) {
     int B = o.batch, T = c.context;
 
     DataLoader train_loader, val_loader;
-    dataloader_open(&train_loader, o.train.c_str(), B, T, c.vocab_size, DATALOADER_RANDOM, o.seed);
-    dataloader_open(&val_loader, o.val.c_str(), B, T, c.vocab_size, DATALOADER_SWEEP, 0);
+    dataloader_open(&train_loader, o.train.c_str(), B, T, c.vocab_size, DataLoaderMode::random, o.seed);
+    dataloader_open(&val_loader, o.val.c_str(), B, T, c.vocab_size, DataLoaderMode::sweep, 0);
     if (o.resume) dataloader_set_rng_state(&train_loader, state.train_rng);
     std::vector<MetricRow> rows = o.resume ? read_metrics(metrics_path, state.step) : std::vector<MetricRow>();
     write_metrics(metrics_path, rows);

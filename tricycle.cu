@@ -2851,13 +2851,13 @@ static uint64_t pair_key(int32_t left, int32_t right) {
 // lookup, and an empty encoder cache.
 static void tokenizer_build_tables(Tokenizer* tok) {
     int num_merges = (int)tok->merges.size();
-    tok->vocab_size = TOKENIZER_BYTE_TOKENS + num_merges + 1;
+    tok->vocab_size = byte_tokens + num_merges + 1;
     tok->eot_token = tok->vocab_size - 1;
 
     // token_start[id] is where token id's bytes begin, and so where token id-1's end.
     tok->token_bytes.clear();
     tok->token_start.assign(tok->vocab_size + 1, 0);
-    for (int id = 0; id < TOKENIZER_BYTE_TOKENS; id++) {
+    for (int id = 0; id < byte_tokens; id++) {
         tok->token_start[id] = tok->token_bytes.size();
         tok->token_bytes.push_back((char)id);
     }
@@ -2865,7 +2865,7 @@ static void tokenizer_build_tables(Tokenizer* tok) {
         // A merged token's bytes are its left part's bytes then its right part's.
         // Both parts are older tokens, so their ends are already recorded. The
         // piece is built in a copy because appending to token_bytes may move it.
-        int id = TOKENIZER_BYTE_TOKENS + i;
+        int id = byte_tokens + i;
         tok->token_start[id] = tok->token_bytes.size();
         std::string piece = std::string(tokenizer_token_bytes(tok, tok->merges[i].left));
         piece += tokenizer_token_bytes(tok, tok->merges[i].right);
@@ -2990,10 +2990,10 @@ static void merge_in_word(BpeTrainer* tr, int32_t w, int32_t a, int32_t b, int32
 }
 
 void tokenizer_train(Tokenizer* tok, const char* text, size_t length, int vocab_size) {
-    int min_vocab = TOKENIZER_BYTE_TOKENS + 1;
+    int min_vocab = byte_tokens + 1;
     if (vocab_size < min_vocab)
         fail("vocab size %d is too small: need at least %d (256 bytes + end-of-text)", vocab_size, min_vocab);
-    std::string separator = TOKENIZER_EOT_NAME;
+    std::string separator = end_of_text_name;
 
     // 1. Count distinct chunks. The separators between documents are not text:
     //    they are skipped, and chunks never span them.
@@ -3054,7 +3054,7 @@ void tokenizer_train(Tokenizer* tok, const char* text, size_t length, int vocab_
         int32_t a = (int32_t)(best.key >> 32);
         int32_t b = (int32_t)(best.key & 0xFFFFFFFFu);
         int merge_index = (int)merges.size();
-        int32_t c = TOKENIZER_BYTE_TOKENS + merge_index;
+        int32_t c = byte_tokens + merge_index;
         merges.push_back(TokenPair{a, b});
 
         std::vector<int32_t> affected = std::move(tr.pairs[best.key].words);
@@ -3084,8 +3084,8 @@ void tokenizer_train(Tokenizer* tok, const char* text, size_t length, int vocab_
 
 std::string tokenizer_serialize(const Tokenizer* tok) {
     std::vector<int32_t> ints;
-    ints.push_back((int32_t)TOKENIZER_MAGIC);
-    ints.push_back(TOKENIZER_VERSION);
+    ints.push_back((int32_t)tokenizer_magic);
+    ints.push_back(tokenizer_version);
     ints.push_back(tok->vocab_size);
     ints.push_back((int32_t)tok->merges.size());
     ints.push_back(1);  // one special token: end-of-text
@@ -3127,18 +3127,18 @@ void tokenizer_parse(Tokenizer* tok, const std::string& data, const char* path) 
     ByteReader r = {&data, 0, path};
 
     uint32_t magic = (uint32_t)read_int32(&r, "the magic number");
-    if (magic != TOKENIZER_MAGIC)
-        fail("tokenizer file '%s': bad magic 0x%08x, expected 0x%08x", path, magic, TOKENIZER_MAGIC);
+    if (magic != tokenizer_magic)
+        fail("tokenizer file '%s': bad magic 0x%08x, expected 0x%08x", path, magic, tokenizer_magic);
     int version = read_int32(&r, "the version");
-    if (version != TOKENIZER_VERSION)
-        fail("tokenizer file '%s': unsupported version %d, expected %d", path, version, TOKENIZER_VERSION);
+    if (version != tokenizer_version)
+        fail("tokenizer file '%s': unsupported version %d, expected %d", path, version, tokenizer_version);
     int vocab_size = read_int32(&r, "the vocab size");
     int num_merges = read_int32(&r, "the merge count");
     int num_special = read_int32(&r, "the special token count");
     if (num_merges < 0) fail("tokenizer file '%s': negative merge count %d", path, num_merges);
     if (num_special != 1)
         fail("tokenizer file '%s': has %d special tokens, expected 1 (end-of-text)", path, num_special);
-    int64_t expected_vocab = (int64_t)TOKENIZER_BYTE_TOKENS + num_merges + num_special;
+    int64_t expected_vocab = (int64_t)byte_tokens + num_merges + num_special;
     if (vocab_size != expected_vocab)
         fail("tokenizer file '%s': vocab size %d, but 256 bytes + %d merges + %d special = %lld", path,
              vocab_size, num_merges, num_special, (long long)expected_vocab);
@@ -3152,7 +3152,7 @@ void tokenizer_parse(Tokenizer* tok, const std::string& data, const char* path) 
         merges[i].left = read_int32(&r, "a merge");
         merges[i].right = read_int32(&r, "a merge");
         // Merge i may only combine tokens that already exist: bytes and earlier merges.
-        int defined = TOKENIZER_BYTE_TOKENS + i;
+        int defined = byte_tokens + i;
         if (merges[i].left < 0 || merges[i].left >= defined || merges[i].right < 0 || merges[i].right >= defined)
             fail("tokenizer file '%s': merge %d (%d, %d) uses a token not defined before it (ids must be < %d)",
                  path, i, merges[i].left, merges[i].right, defined);
@@ -3196,8 +3196,8 @@ void tokenizer_parse(Tokenizer* tok, const std::string& data, const char* path) 
 // Limits on the chunk cache. Long chunks are rare and seldom repeat; the entry
 // cap bounds memory on inputs that never repeat (random bytes) - real text
 // needs far fewer (31 MB of Python source: about 95k distinct chunks).
-static const size_t MAX_CACHED_CHUNK = 64;
-static const size_t MAX_CACHE_ENTRIES = 1u << 20;
+static const size_t max_cached_chunk = 64;
+static const size_t max_cache_entries = 1u << 20;
 
 static bool candidate_after(const MergeCandidate& x, const MergeCandidate& y) {
     // "x comes after y": used as the heap's less-than, so the front is the lowest rank.
@@ -3241,7 +3241,7 @@ static void encode_chunk(Tokenizer* tok, const char* chunk, size_t length, std::
         const TokenPair& merge = tok->merges[candidate.rank];
         if (ids[i] != merge.left || ids[j] != merge.right) continue;  // the pair has changed since
         // Join i and j into the new token, unlink j, and look at the two new pairs.
-        ids[i] = TOKENIZER_BYTE_TOKENS + candidate.rank;
+        ids[i] = byte_tokens + candidate.rank;
         ids[j] = -1;
         next[i] = next[j];
         if (next[j] < n) prev[next[j]] = i;
@@ -3262,7 +3262,7 @@ static void encode_piece(Tokenizer* tok, const char* text, size_t length, std::v
             out->push_back((unsigned char)chunk[0]);
             continue;
         }
-        if (n > MAX_CACHED_CHUNK) {
+        if (n > max_cached_chunk) {
             encode_chunk(tok, chunk, n, out);
             continue;
         }
@@ -3274,7 +3274,7 @@ static void encode_piece(Tokenizer* tok, const char* text, size_t length, std::v
         }
         size_t first = out->size();
         encode_chunk(tok, chunk, n, out);
-        if (tok->cache.size() < MAX_CACHE_ENTRIES) {
+        if (tok->cache.size() < max_cache_entries) {
             CachedChunk entry = {(uint32_t)tok->cache_tokens.size(), (uint32_t)(out->size() - first)};
             tok->cache_tokens.insert(tok->cache_tokens.end(), out->begin() + first, out->end());
             tok->cache_keys.emplace_back(chunk, n);
@@ -3315,12 +3315,12 @@ void write_token_file(const char* path, const int32_t* tokens, size_t count, int
         fail("token file '%s': %zu tokens, more than the header can count (%d)", path, count, INT32_MAX);
     bool wide = vocab_size > 65536;
     size_t width = wide ? 4 : 2;
-    size_t header_bytes = TOKEN_FILE_HEADER_INTS * sizeof(int32_t);
+    size_t header_bytes = token_file_header_ints * sizeof(int32_t);
     std::vector<unsigned char> data(header_bytes + count * width, 0);
 
-    int32_t header[TOKEN_FILE_HEADER_INTS] = {0};
-    header[0] = TOKEN_FILE_MAGIC;
-    header[1] = wide ? TOKEN_FILE_VERSION_U32 : TOKEN_FILE_VERSION_U16;
+    int32_t header[token_file_header_ints] = {0};
+    header[0] = token_file_magic;
+    header[1] = wide ? token_file_version_u32 : token_file_version_u16;
     header[2] = (int32_t)count;
     memcpy(data.data(), header, header_bytes);
 
@@ -3366,7 +3366,7 @@ void token_file_open(TokenFile* file, const char* path, int vocab_size) {
         fail("token file '%s': cannot stat: %s", path, strerror(error));
     }
     size_t size = (size_t)info.st_size;
-    size_t header_bytes = TOKEN_FILE_HEADER_INTS * sizeof(int32_t);
+    size_t header_bytes = token_file_header_ints * sizeof(int32_t);
     if (size < header_bytes) {
         close(fd);
         fail("token file '%s': truncated: %zu bytes, smaller than the %zu-byte header", path, size, header_bytes);
@@ -3381,15 +3381,15 @@ void token_file_open(TokenFile* file, const char* path, int vocab_size) {
     file->map_size = size;
 
     const int32_t* header = (const int32_t*)map;
-    if (header[0] != TOKEN_FILE_MAGIC)
-        fail("token file '%s': bad magic %d, expected %d", path, header[0], TOKEN_FILE_MAGIC);
+    if (header[0] != token_file_magic)
+        fail("token file '%s': bad magic %d, expected %d", path, header[0], token_file_magic);
     int version = header[1];
-    if (version != TOKEN_FILE_VERSION_U16 && version != TOKEN_FILE_VERSION_U32)
+    if (version != token_file_version_u16 && version != token_file_version_u32)
         fail("token file '%s': unsupported version %d, expected 1 (uint16 tokens) or 2 (uint32 tokens)", path,
              version);
     if (header[2] < 0) fail("token file '%s': negative token count %d", path, header[2]);
     size_t count = (size_t)header[2];
-    size_t width = version == TOKEN_FILE_VERSION_U16 ? 2 : 4;
+    size_t width = version == token_file_version_u16 ? 2 : 4;
     size_t expected = header_bytes + count * width;
     if (size < expected)
         fail("token file '%s': truncated: header says %zu tokens (%zu bytes), file has %zu bytes", path, count,
@@ -3474,7 +3474,7 @@ void dataloader_next_batch(DataLoader* loader) {
     size_t T = (size_t)loader->T;
     for (int b = 0; b < loader->B; b++) {
         size_t start;
-        if (loader->mode == DATALOADER_RANDOM) {
+        if (loader->mode == DataLoaderMode::random) {
             start = (size_t)splitmix64_below(&loader->rng_state, count - T);  // starts 0 .. count-T-1
         } else {
             if (loader->sweep_next + T + 1 > count) loader->sweep_next = 0;  // wrap around

@@ -553,7 +553,7 @@ void floats_from_section(real* device, long n, const FileSection& section, const
 // All files are little-endian (big-endian hosts are not supported).
 //
 // Tokenizer file (.tok), all integers int32:
-//   magic = TOKENIZER_MAGIC, version = 1, vocab_size, num_merges, num_special
+//   magic = tokenizer_magic, version = 1, vocab_size, num_merges, num_special
 //   num_merges x (left, right)            merge i defines token 256 + i
 //   num_special x (id, name_length, name bytes)
 // Version 1 has exactly one special token, the end-of-text token, with
@@ -572,14 +572,14 @@ void write_file_atomic(const char* path, const void* data, size_t size, const ch
 // ----------------------------------------------------------------------------------------------------
 // Tokenizer
 
-constexpr uint32_t TOKENIZER_MAGIC = 0x4B544354;  // the bytes "TCTK" read as a little-endian int
-constexpr int TOKENIZER_VERSION = 1;
-constexpr int TOKENIZER_BYTE_TOKENS = 256;        // ids 0..255 are the raw byte values
+constexpr uint32_t tokenizer_magic = 0x4B544354;  // the bytes "TCTK" read as a little-endian int
+constexpr int tokenizer_version = 1;
+constexpr int byte_tokens = 256;        // ids 0..255 are the raw byte values
 // The end-of-text token's name. It is also its text: the corpus builder puts this
 // string between files, encoding turns each occurrence into the end-of-text token
 // and decoding turns the token back into the string, so decode(encode(x)) == x
 // for every byte string x.
-constexpr const char* TOKENIZER_EOT_NAME = "<|endoftext|>";
+constexpr const char* end_of_text_name = "<|endoftext|>";
 
 struct TokenPair {
     int32_t left;
@@ -603,7 +603,7 @@ struct Tokenizer {
     int vocab_size = 0;              // 256 + merges.size() + 1
     std::vector<TokenPair> merges;   // merges[i] creates token 256 + i
     int eot_token = -1;              // end-of-text id, always vocab_size - 1
-    std::string eot_name;            // TOKENIZER_EOT_NAME
+    std::string eot_name;            // end_of_text_name
 
     // Derived tables, rebuilt from the merges by train and load.
     std::string token_bytes;                      // all tokens' bytes, back to back
@@ -655,10 +655,10 @@ std::string_view tokenizer_token_bytes(const Tokenizer* tok, int token);
 // ----------------------------------------------------------------------------------------------------
 // Token files
 
-constexpr int TOKEN_FILE_MAGIC = 20240520;
-constexpr int TOKEN_FILE_VERSION_U16 = 1;      // tokens stored as uint16
-constexpr int TOKEN_FILE_VERSION_U32 = 2;      // tokens stored as uint32
-constexpr int TOKEN_FILE_HEADER_INTS = 256;
+constexpr int token_file_magic = 20240520;
+constexpr int token_file_version_u16 = 1;      // tokens stored as uint16
+constexpr int token_file_version_u32 = 2;      // tokens stored as uint32
+constexpr int token_file_header_ints = 256;
 
 // Writes `tokens` (each in [0, vocab_size)) to `path` via a temporary file and a
 // rename, so a reader never sees a half-written file. uint16 when vocab_size <= 65536.
@@ -703,16 +703,16 @@ uint64_t splitmix64_below(uint64_t* state, uint64_t bound);
 // ----------------------------------------------------------------------------------------------------
 // Data loader
 
-enum DataLoaderMode {
-    DATALOADER_RANDOM,  // training: each row is a window at a random position
-    DATALOADER_SWEEP,   // validation: consecutive non-overlapping windows, in order, wrapping
+enum class DataLoaderMode {
+    random,  // training: each row is a window at a random position
+    sweep,   // validation: consecutive non-overlapping windows, in order, wrapping
 };
 
 struct DataLoader {
     TokenFile file;
     int B = 0;                 // rows per batch
     int T = 0;                 // tokens per row
-    DataLoaderMode mode = DATALOADER_RANDOM;
+    DataLoaderMode mode = DataLoaderMode::random;
     uint64_t seed = 0;
     uint64_t rng_state = 0;    // random mode: splitmix64 state
     size_t sweep_next = 0;     // sweep mode: where the next window starts

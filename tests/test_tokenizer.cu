@@ -120,7 +120,7 @@ static std::string generated_text(uint64_t seed, size_t target_bytes) {
     while (text.size() < target_bytes) {
         uint64_t r = splitmix64_next(&rng);
         if (r % 101 == 0)
-            text += TOKENIZER_EOT_NAME;
+            text += end_of_text_name;
         else if (r % 10 == 0)
             text += std::to_string(r % 2000);
         else
@@ -133,7 +133,7 @@ static std::string generated_text(uint64_t seed, size_t target_bytes) {
 // The pieces of text between end-of-text separators.
 static std::vector<std::string> split_at_separators(const std::string& text) {
     std::vector<std::string> pieces;
-    std::string separator = TOKENIZER_EOT_NAME;
+    std::string separator = end_of_text_name;
     size_t start = 0;
     while (true) {
         size_t hit = text.find(separator, start);
@@ -292,7 +292,7 @@ static void test_hand_checked_merges() {
 
     // The separator is not text: only the two "ab" chunks around it count.
     Tokenizer tok3;
-    train(&tok3, std::string("ab") + TOKENIZER_EOT_NAME + "ab", 1000);
+    train(&tok3, std::string("ab") + end_of_text_name + "ab", 1000);
     check_that(same_merges(tok3.merges, {{97, 98}}), "training skips the end-of-text separator",
                merges_to_string(tok3.merges));
 }
@@ -365,7 +365,7 @@ static void test_round_trips(const std::string& sample) {
     std::string with_nuls(nul_text, sizeof(nul_text) - 1);  // 15 bytes, 5 of them NUL
     check_that(decode(&tok, encode(&tok, with_nuls)) == with_nuls, "round trip of text with NUL bytes");
 
-    std::string eot = TOKENIZER_EOT_NAME;
+    std::string eot = end_of_text_name;
     std::string with_separator = "first doc" + eot + "second" + eot + eot + "<|endoftext| almost";
     std::vector<int32_t> tokens = encode(&tok, with_separator);
     int eot_count = 0;
@@ -412,11 +412,11 @@ static void test_tokenizer_files(const std::string& sample) {
     Tokenizer loaded;
     tokenizer_load(&loaded, path.c_str());
     check_that(same_merges(tok.merges, loaded.merges) && loaded.vocab_size == tok.vocab_size &&
-                   loaded.eot_name == TOKENIZER_EOT_NAME && encode(&loaded, sample) == encode(&tok, sample),
+                   loaded.eot_name == end_of_text_name && encode(&loaded, sample) == encode(&tok, sample),
                "tokenizer save/load round trip (same merges, same encoding)");
 
     std::string good = read_whole_file(path.c_str(), "test");
-    size_t expected_size = 20 + 8 * tok.merges.size() + 8 + strlen(TOKENIZER_EOT_NAME);
+    size_t expected_size = 20 + 8 * tok.merges.size() + 8 + strlen(end_of_text_name);
     check_that(good.size() == expected_size && good.compare(0, 4, "TCTK") == 0,
                "tokenizer file layout: 20-byte header, 8 bytes per merge, end-of-text entry",
                std::to_string(good.size()) + " bytes");
@@ -536,7 +536,7 @@ static void test_dataloader() {
     std::string path = counting_file("count.bin", N);
 
     DataLoader loader;
-    dataloader_open(&loader, path.c_str(), B, T, 65536, DATALOADER_RANDOM, 42);
+    dataloader_open(&loader, path.c_str(), B, T, 65536, DataLoaderMode::random, 42);
     bool shifted = true, in_range = true;
     for (int step = 0; step < 50; step++) {
         dataloader_next_batch(&loader);
@@ -554,8 +554,8 @@ static void test_dataloader() {
     check_that(in_range, "random windows stay inside the file");
 
     DataLoader same, other;
-    dataloader_open(&same, path.c_str(), B, T, 65536, DATALOADER_RANDOM, 42);
-    dataloader_open(&other, path.c_str(), B, T, 65536, DATALOADER_RANDOM, 43);
+    dataloader_open(&same, path.c_str(), B, T, 65536, DataLoaderMode::random, 42);
+    dataloader_open(&other, path.c_str(), B, T, 65536, DataLoaderMode::random, 43);
     dataloader_reset(&loader);
     std::vector<int32_t> first = batches(&loader, 10);
     check_that(first == batches(&same, 10) && first != batches(&other, 10),
@@ -567,7 +567,7 @@ static void test_dataloader() {
     uint64_t state = dataloader_get_rng_state(&loader);
     std::vector<int32_t> continued = batches(&loader, 2);
     DataLoader resumed;
-    dataloader_open(&resumed, path.c_str(), B, T, 65536, DATALOADER_RANDOM, 1);
+    dataloader_open(&resumed, path.c_str(), B, T, 65536, DataLoaderMode::random, 1);
     dataloader_set_rng_state(&resumed, state);
     check_that(batches(&resumed, 2) == continued, "restoring the RNG state resumes the exact window stream");
 
@@ -577,7 +577,7 @@ static void test_dataloader() {
 
     // Sweep: (N - 1) / T = 124 windows at 0, 8, ..., 984, then back to 0.
     DataLoader sweep;
-    dataloader_open(&sweep, path.c_str(), B, T, 65536, DATALOADER_SWEEP, 0);
+    dataloader_open(&sweep, path.c_str(), B, T, 65536, DataLoaderMode::sweep, 0);
     bool in_order = sweep.sweep_windows == 124;
     int expected_start = 0;
     for (int step = 0; step < 31; step++) {  // 31 batches x 4 rows = 124 windows
@@ -595,17 +595,17 @@ static void test_dataloader() {
     dataloader_reset(&sweep);
     std::vector<int32_t> sweep_first = batches(&sweep, 5);
     DataLoader sweep2;
-    dataloader_open(&sweep2, path.c_str(), B, T, 65536, DATALOADER_SWEEP, 777);
+    dataloader_open(&sweep2, path.c_str(), B, T, 65536, DataLoaderMode::sweep, 777);
     check_that(sweep_first == batches(&sweep2, 5) && sweep_first[0] == 0,
                "validation sweep is deterministic and reset restarts it");
 
     std::string short_path = counting_file("short.bin", T);
     DataLoader short_loader;
     check_rejects("loader given a file shorter than T+1 tokens", {short_path, "has 8 tokens", "T+1 = 9"},
-                  [&] { dataloader_open(&short_loader, short_path.c_str(), B, T, 65536, DATALOADER_RANDOM, 0); });
+                  [&] { dataloader_open(&short_loader, short_path.c_str(), B, T, 65536, DataLoaderMode::random, 0); });
     std::string exact_path = counting_file("exact.bin", T + 1);
     DataLoader exact;
-    dataloader_open(&exact, exact_path.c_str(), 2, T, 65536, DATALOADER_RANDOM, 5);
+    dataloader_open(&exact, exact_path.c_str(), 2, T, 65536, DataLoaderMode::random, 5);
     dataloader_next_batch(&exact);
     check_that(exact.inputs[0] == 0 && exact.inputs[T] == 0 && exact.targets[T - 1] == T,
                "a file of exactly T+1 tokens gives the one possible window");
@@ -613,7 +613,7 @@ static void test_dataloader() {
     DataLoader small_vocab;
     check_rejects("loader checks every token against the vocab size at open",
                   {path, "token 500 at index 500 >= vocab size 500"},
-                  [&] { dataloader_open(&small_vocab, path.c_str(), B, T, 500, DATALOADER_RANDOM, 0); });
+                  [&] { dataloader_open(&small_vocab, path.c_str(), B, T, 500, DataLoaderMode::random, 0); });
 }
 
 // ----------------------------------------------------------------------------
