@@ -305,6 +305,34 @@ static double evaluate(GPT& model, DataLoader& val, int* device_batch, int eval_
     return total / eval_steps;
 }
 
+// One optimizer step: grad_accum micro-batches, each contributing 1/grad_accum of the loss, then the
+// gradient norm, and AdamW with clipping. Returns the loss; the norm is left in grad_norm.
+static double train_step(GPT& model, AdamW& adam, DataLoader& loader, int* device_batch, real* norm, const Options& o, long step, real* grad_norm) {
+    int B = loader.B, T = loader.T;
+    double loss_sum = 0;
+    gpt_zero_grad(model);
+    for (int micro = 0; micro < o.grad_accum; micro++) {
+        dataloader_next_batch(&loader);
+        cuda_check(cudaMemcpy(device_batch, loader.inputs.data(), size_t(B) * T * sizeof(int), cudaMemcpyHostToDevice));
+        cuda_check(cudaMemcpy(device_batch + B * T, loader.targets.data(), size_t(B) * T * sizeof(int), cudaMemcpyHostToDevice));
+        MemoryMark mark = memory_mark();
+        uint64_t dropout_seed = random_bits(o.seed, uint64_t(step) * o.grad_accum + micro);
+        Tensor loss = cross_entropy(gpt_forward(model, device_batch, B, T, true, dropout_seed), device_batch + B * T) * (1.0 / o.grad_accum);
+        backward(loss);
+        loss_sum += to_host(loss)[0];
+        memory_release(mark);
+    }
+    gradient_norm(norm, model.gradients, model.num_parameters);
+    cuda_check(cudaMemcpy(grad_norm, norm, sizeof *grad_norm, cudaMemcpyDeviceToHost));
+    if (!std::isfinite(loss_sum) || !std::isfinite(*grad_norm))
+        fail("step %ld: the loss is %g and the gradient norm %g; stopping before the update (the last good checkpoint is in %s)", step, loss_sum,
+             double(*grad_norm), o.out.c_str());
+    float lr = learning_rate(step, o.warmup, o.steps, o.lr, o.min_lr);
+    adamw_update(&adam, model.parameters, model.master, model.gradients, model.num_decayed, lr, norm, o.clip);
+    cuda_check(cudaDeviceSynchronize());
+    return loss_sum;
+}
+
 static void print_sample(GPT& model, Tokenizer& tokenizer, int tokens, uint64_t seed) {
     Sampler sampler;
     sampler.temperature = 0.8f, sampler.top_k = 40, sampler.rng_state = seed;
@@ -352,7 +380,7 @@ static int train(int argc, char** argv) {
     }
     adam.beta1 = o.beta1, adam.beta2 = o.beta2, adam.weight_decay = o.weight_decay;
     const GPTConfig& c = model.config;
-    int B = o.batch, T = c.context;
+    int B = o.batch, T = c.context;  // the model's context is the training sequence length
 
     DataLoader train_loader, val_loader;
     dataloader_open(&train_loader, o.train.c_str(), B, T, c.vocab_size, DataLoaderMode::random, o.seed);
@@ -399,30 +427,11 @@ static int train(int argc, char** argv) {
             print_sample(model, tokenizer, o.sample_tokens, o.seed + uint64_t(step));
         if (step == o.steps) break;
 
-        // One optimizer step: grad_accum micro-batches, each contributing 1/grad_accum of the loss.
         profiling = o.profile && step > first_step;  // the first step warms up; evaluations are not counted
-        double step_start = seconds_now(), loss_sum = 0;
-        gpt_zero_grad(model);
-        for (int micro = 0; micro < o.grad_accum; micro++) {
-            dataloader_next_batch(&train_loader);
-            cuda_check(cudaMemcpy(device_batch, train_loader.inputs.data(), size_t(B) * T * sizeof(int), cudaMemcpyHostToDevice));
-            cuda_check(cudaMemcpy(device_batch + B * T, train_loader.targets.data(), size_t(B) * T * sizeof(int), cudaMemcpyHostToDevice));
-            MemoryMark mark = memory_mark();
-            uint64_t dropout_seed = random_bits(o.seed, uint64_t(step) * o.grad_accum + micro);
-            Tensor loss = cross_entropy(gpt_forward(model, device_batch, B, T, true, dropout_seed), device_batch + B * T) * (1.0 / o.grad_accum);
-            backward(loss);
-            loss_sum += to_host(loss)[0];
-            memory_release(mark);
-        }
-        gradient_norm(norm, model.gradients, model.num_parameters);
+        double step_start = seconds_now();
         real grad_norm;
-        cuda_check(cudaMemcpy(&grad_norm, norm, sizeof grad_norm, cudaMemcpyDeviceToHost));
-        if (!std::isfinite(loss_sum) || !std::isfinite(grad_norm))
-            fail("step %ld: the loss is %g and the gradient norm %g; stopping before the update (last good checkpoint: %s)", step,
-                 loss_sum, double(grad_norm), latest.c_str());
+        double loss_sum = train_step(model, adam, train_loader, device_batch, norm, o, step, &grad_norm);
         float lr = learning_rate(step, o.warmup, o.steps, o.lr, o.min_lr);
-        adamw_update(&adam, model.parameters, model.master, model.gradients, model.num_decayed, lr, norm, o.clip);
-        cuda_check(cudaDeviceSynchronize());
         profiling = false;
 
         double seconds = seconds_now() - step_start, elapsed = elapsed_before + seconds_now() - run_start;
