@@ -58,7 +58,6 @@ struct dim3 {
     unsigned int x, y, z;
     constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
 };
-struct alignas(16) float4 { float x, y, z, w; };
 
 // bfloat16 (for the mixed-precision build): the top 16 bits of a float, rounded to nearest even.
 struct __nv_bfloat16 {
@@ -77,7 +76,6 @@ inline float __bfloat162float(__nv_bfloat16 b) {
     memcpy(&f, &u, 4);
     return f;
 }
-constexpr int warpSize = 32;
 
 // The built-in variables. The scheduler rewrites threadIdx every time it switches fibers.
 inline thread_local uint3 threadIdx;
@@ -88,12 +86,6 @@ inline thread_local dim3 gridDim;
 // ----------------------------------------------------------------------------------------------------
 // Device math and atomics (the subset Tricycle's kernels use)
 
-inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
-inline double rsqrt(double x) { return 1.0 / sqrt(x); }
-inline float __expf(float x) { return expf(x); }
-inline float __logf(float x) { return logf(x); }
-inline float __fdividef(float x, float y) { return x / y; }
-template <typename T> inline T __ldg(const T* p) { return *p; }
 inline float __int_as_float(int i) {
     float f;
     memcpy(&f, &i, sizeof f);
@@ -195,6 +187,11 @@ struct WarpOp {
     uint64_t result[32];
 };
 
+// Dynamic shared memory comes in 16-byte words, so any type up to 16 bytes can be laid over it.
+struct alignas(16) SharedWord {
+    unsigned char bytes[16];
+};
+
 // Everything about the block running on this OS thread.
 struct Block {
     void (*body)(void*);  // runs the kernel for the current thread
@@ -217,7 +214,7 @@ struct Block {
     WarpOp warp[max_warps_per_block];
 
     // Dynamic shared memory and its shadow: one byte per byte, set when written.
-    std::vector<float4> shared_storage;
+    std::vector<SharedWord> shared_storage;
     std::vector<unsigned char> shadow;
     size_t shared_bytes;
 
@@ -475,8 +472,8 @@ inline void run_grid(const void* kernel, dim3 grid, dim3 block, size_t shared_by
         b.n_threads = n_threads, b.block_dim = block;
         b.shared_bytes = shared_bytes;
         if (b.shadow.size() < shared_bytes) {
-            b.shared_storage.resize((shared_bytes + sizeof(float4) - 1) / sizeof(float4));
-            b.shadow.resize(b.shared_storage.size() * sizeof(float4));
+            b.shared_storage.resize((shared_bytes + sizeof(SharedWord) - 1) / sizeof(SharedWord));
+            b.shadow.resize(b.shared_storage.size() * sizeof(SharedWord));
         }
         blockDim = block, gridDim = grid;
         blockIdx = uint3{unsigned(i % grid.x), unsigned(i / grid.x % grid.y), unsigned(i / (long(grid.x) * grid.y))};
