@@ -86,7 +86,7 @@ tests/mixed_precision_bf16: $(OBJ)/bf16/tests/mixed_precision.o $(OBJ)/bf16/tric
 	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
 
 test: $(TESTS) tests/gpt_parity tests/mixed_precision_fp32 tests/mixed_precision_bf16 $(PROGRAMS)
-	@bash tests/run_tests.sh $(TESTS) tests/test_parity.sh tests/test_mixed_precision.sh tests/test_programs.sh
+	@bash tests/run_tests.sh $(TESTS) tests/test_launch_types.sh tests/test_parity.sh tests/test_mixed_precision.sh tests/test_programs.sh
 
 # The programs' end-to-end tests again, with the programs built in mixed precision.
 test-bf16:

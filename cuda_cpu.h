@@ -634,6 +634,6 @@ template <typename T> inline emu::SharedArray<T> shared_memory(size_t byte_offse
 // The launch: kernel<<<grid, block, shared_bytes>>>(args...) on a GPU.
 template <typename... Params, typename... Args>
 void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, Args... args) {
-    auto body = [&]() { kernel(Params(args)...); };
+    auto body = [&]() { kernel(args...); };
     emu::run_grid(reinterpret_cast<const void*>(kernel), grid, block, shared_bytes, emu::call_body<decltype(body)>, &body);
 }

@@ -2044,12 +2044,16 @@ __global__ void cross_entropy_forward_kernel(real* losses, real* logsumexp, cons
 }
 
 // One group adds up the row losses in a fixed order: loss = sum / count; count is kept for backward.
-__global__ void mean_loss_kernel(floatX* loss, real* count_out, const real* losses, const int* targets, long N) {
+// The mean stays in `real` (float even when tensors are bfloat16: a loss rounded to 8 bits would log as
+// 5.5625 and blur the choice of the best checkpoint); `stored` gets a copy as a tensor when not null.
+__global__ void mean_loss_kernel(real* loss, floatX* stored, real* count_out, const real* losses, const int* targets, long N) {
     real total = 0, count = 0;
     for (long n = threadIdx.x; n < N; n += blockDim.x)
         if (targets[n] != ignore_index) total += losses[n], count += 1;
     total = group_sum(total), count = group_sum(count);
-    if (threadIdx.x == 0) loss[0] = count > 0 ? total / count : 0, count_out[0] = count;
+    if (threadIdx.x != 0) return;
+    loss[0] = count > 0 ? total / count : 0, count_out[0] = count;
+    if (stored) stored[0] = loss[0];
 }
 
 __global__ void cross_entropy_backward_kernel(floatX* dlogits, const floatX* dloss, const real* count, const floatX* logits, const real* logsumexp,
@@ -2064,9 +2068,9 @@ __global__ void cross_entropy_backward_kernel(floatX* dlogits, const floatX* dlo
     for_each_in_row(V, [&](int v) { d[v] += (fast_exp(l[v] - lse) - (v == target ? 1 : 0)) * scale; });
 }
 
-void cross_entropy_forward(floatX* loss, real* count, real* losses, real* logsumexp, const floatX* logits, const int* targets, long N, int V) {
+void cross_entropy_forward(real* loss, real* count, real* losses, real* logsumexp, const floatX* logits, const int* targets, long N, int V) {
     launch(cross_entropy_forward_kernel, row_grid(N), row_block(), 0, losses, logsumexp, logits, targets, N, V);
-    launch(mean_loss_kernel, 1, dim3(threads_per_row), 0, loss, count, losses, targets, N);
+    launch(mean_loss_kernel, 1, dim3(threads_per_row), 0, loss, nullptr, count, losses, targets, N);
 }
 
 void cross_entropy_backward(floatX* dlogits, const floatX* dloss, const real* count, const floatX* logits, const real* logsumexp, const int* targets,
@@ -2078,10 +2082,11 @@ Tensor cross_entropy(Tensor logits, const int* targets) {
     int V = logits.dim(-1);
     long N = logits.size() / V;
     Tensor out = new_result(Tensor{}, {logits});
-    real* count = device_alloc<real>(1);
+    real *loss = device_alloc<real>(1), *count = device_alloc<real>(1);
     real* losses = device_alloc<real>(N);
     real* logsumexp = device_alloc<real>(N);
-    cross_entropy_forward(out.data, count, losses, logsumexp, logits.data, targets, N, V);
+    launch(cross_entropy_forward_kernel, row_grid(N), row_block(), 0, losses, logsumexp, logits.data, targets, N, V);
+    launch(mean_loss_kernel, 1, dim3(threads_per_row), 0, loss, out.data, count, losses, targets, N);
     if (out.grad) record([=] { cross_entropy_backward(logits.grad, out.grad, count, logits.data, logsumexp, targets, N, V); });
     return out;
 }
@@ -2440,7 +2445,7 @@ __global__ void sum_of_squares_kernel(real* block_sums, const floatX* x, long n)
     if (threadIdx.x == 0) block_sums[blockIdx.x] = partial[0];
 }
 
-__global__ void square_root_of_sum_kernel(floatX* out, const floatX* values, int n) {
+__global__ void square_root_of_sum_kernel(real* out, const real* values, int n) {
     real total = 0;
     for (int i = 0; i < n; i++) total += values[i];
     out[0] = sqrt(total);

@@ -103,8 +103,18 @@ template <typename T> __device__ T* shared_memory(size_t byte_offset = 0) {
 }
 #endif
 
+// A launch's arguments must each convert implicitly to the kernel's parameter type: a real* where the
+// kernel takes a floatX* (bfloat16 build) is a compile error, not a silent reinterpretation.
+template <typename Kernel, typename... Args> struct LaunchArgumentsFit : std::false_type {};
+template <typename... Params, typename... Args>
+struct LaunchArgumentsFit<void (*)(Params...), Args...>
+    : std::bool_constant<sizeof...(Params) == sizeof...(Args) && (std::is_convertible<Args, Params>::value && ...)> {};
+
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, Args... args) {
+    static_assert(sizeof...(Params) == sizeof...(Args), "launch: the kernel takes a different number of arguments");
+    static_assert(LaunchArgumentsFit<void (*)(Params...), Args...>::value,
+                  "launch: an argument does not convert implicitly to the kernel's parameter type");
     if (profiling) {
         ProfileRegion region(reinterpret_cast<const void*>(kernel));
         profiling = false;  // time this launch once, not its nested parts
@@ -113,7 +123,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
         return;
     }
 #ifdef __CUDACC__
-    kernel<<<grid, block, shared_bytes>>>(Params(args)...);
+    kernel<<<grid, block, shared_bytes>>>(args...);
 #else
     launch_kernel(kernel, grid, block, shared_bytes, args...);
 #endif
@@ -387,8 +397,10 @@ Tensor attention(Tensor qkv, int heads, bool rotary, real dropout_p, uint64_t se
 Tensor multi_head_attention(Tensor x, Tensor qkv_weight, Tensor qkv_bias, Tensor proj_weight, Tensor proj_bias, int heads);
 
 // Softmax + cross-entropy over logits (N, V): the mean over rows whose target is not ignore_index.
+// The forward writes the mean loss as `real` (float in the bfloat16 build) and the count of rows that
+// count; the tape version also stores the loss as its output tensor.
 constexpr int ignore_index = -1;
-void cross_entropy_forward(floatX* loss, real* count, real* losses, real* logsumexp, const floatX* logits, const int* targets, long N, int V);
+void cross_entropy_forward(real* loss, real* count, real* losses, real* logsumexp, const floatX* logits, const int* targets, long N, int V);
 void cross_entropy_backward(floatX* dlogits, const floatX* dloss, const real* count, const floatX* logits, const real* logsumexp, const int* targets,
                             long N, int V);
 Tensor cross_entropy(Tensor logits, const int* targets);  // targets: N ints on the device

@@ -12,6 +12,7 @@
 #include "tricycle.h"
 #include "tests/check.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -21,6 +22,17 @@
 typedef std::map<std::string, std::vector<real>> Results;
 
 static Tensor random(Shape shape, uint64_t seed, real std = 1) { return randn(shape, seed, 0, std); }
+
+static void upload_values(floatX* device, const std::vector<real>& values) {
+    std::vector<floatX> stored(values.begin(), values.end());
+    cuda_check(cudaMemcpy(device, stored.data(), stored.size() * sizeof(floatX), cudaMemcpyHostToDevice));
+}
+
+static double download_value(const real* device) {
+    real value;
+    cuda_check(cudaMemcpy(&value, device, sizeof value, cudaMemcpyDeviceToHost));
+    return value;
+}
 
 static Results compute() {
     Results results;
@@ -80,6 +92,66 @@ static void generate_and_train(Results& results) {
     }
 }
 
+// The training maths the build keeps in float, against plain loops over the stored values: the
+// gradient norm, clipping inside AdamW (its first moments are clip * g exactly), and the loss.
+static void check_float_statistics(const char* precision) {
+    const int n = 10007;
+    std::vector<real> gradient = to_host(randn({n}, 21, 0, real(0.01)));  // the values as stored
+    floatX* grads = device_alloc<floatX>(n);
+    upload_values(grads, gradient);
+    double sum = 0;
+    for (real g : gradient) sum += double(g) * g;
+    double expected = std::sqrt(sum);
+    real* norm = device_alloc<real>(1);
+    gradient_norm(norm, grads, n);
+    double got = download_value(norm);
+    check(std::fabs(got - expected) <= 1e-5 * expected, "%s: gradient norm %.7g, a plain loop %.7g (relative 1e-5)", precision, got, expected);
+
+    // Clipping to a quarter of the norm: AdamW's first step leaves m = (1 - beta1) * g * scale.
+    AdamW adam;
+    adamw_create(&adam, n);
+    floatX* params = device_alloc<floatX>(n);
+    real* master = device_alloc<real>(n);
+    std::vector<real> weights = to_host(randn({n}, 22));
+    upload_values(params, weights);
+    cuda_check(cudaMemcpy(master, weights.data(), n * sizeof(real), cudaMemcpyHostToDevice));
+    real max_norm = real(expected / 4);
+    adamw_update(&adam, params, std::is_same<floatX, real>::value ? nullptr : master, grads, n / 2, real(1e-3), norm, max_norm);
+    double scale = max_norm / (got + 1e-6), worst = 0;
+    std::vector<real> m(n);
+    cuda_check(cudaMemcpy(m.data(), adam.m, n * sizeof(real), cudaMemcpyDeviceToHost));
+    for (int i = 0; i < n; i++) worst = std::max(worst, std::fabs(m[i] - (1 - 0.9) * gradient[i] * scale) / (0.1 * 0.01 * scale));
+    check(worst <= 1e-5, "%s: AdamW clips to max_norm = norm / 4: first moments within %.1e of a plain loop's (<= 1e-5)", precision, worst);
+
+    // A non-finite gradient gives a non-finite norm, which train_gpt stops on.
+    real infinity = INFINITY;
+    upload_values(grads + 17, std::vector<real>{infinity});
+    gradient_norm(norm, grads, n);
+    check(!std::isfinite(download_value(norm)), "%s: an infinite gradient makes the norm non-finite", precision);
+
+    // The loss: float, not rounded to the storage type.
+    const int N = 64, V = 70;
+    std::vector<real> logits = to_host(random({N, V}, 23, 2));
+    floatX* device_logits = device_alloc<floatX>(N * V);
+    upload_values(device_logits, logits);
+    std::vector<int> host_targets(N);
+    for (int i = 0; i < N; i++) host_targets[i] = int(random_bits(24, i) % V);
+    int* targets = device_alloc<int>(N);
+    cuda_check(cudaMemcpy(targets, host_targets.data(), N * sizeof(int), cudaMemcpyHostToDevice));
+    double plain = 0;
+    for (int r = 0; r < N; r++) {
+        double largest = *std::max_element(logits.begin() + r * V, logits.begin() + (r + 1) * V), total = 0;
+        for (int v = 0; v < V; v++) total += std::exp(logits[r * V + v] - largest);
+        plain += largest + std::log(total) - logits[r * V + host_targets[r]];
+    }
+    plain /= N;
+    real *loss = device_alloc<real>(1), *count = device_alloc<real>(1);
+    cross_entropy_forward(loss, count, device_alloc<real>(N), device_alloc<real>(N), device_logits, targets, N, V);
+    double loss_value = download_value(loss);
+    check(std::fabs(loss_value - plain) <= 1e-5 * plain, "%s: cross-entropy loss %.7f in float, a plain loop %.7f (relative 1e-5; bfloat16 would be 4e-3)",
+          precision, loss_value, plain);
+}
+
 static void write(const Results& results, const char* path) {
     std::string bytes;
     for (const auto& [name, values] : results) {
@@ -119,6 +191,7 @@ static int run(int argc, char** argv) {
     }
     Results reference = read(argv[2]);
     const char* precision = std::is_same<floatX, real>::value ? "float" : "bfloat16";
+    check_float_statistics(precision);
     for (const auto& [name, expected] : reference) {
         const std::vector<real>& got = results[name];
         bool same_size = got.size() == expected.size();
