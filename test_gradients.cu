@@ -243,11 +243,34 @@ static void test_tape_and_memory() {
     Tensor y = x * x;
     check(y.requires_grad() && tape_length() == before + 1, "with gradients on, x*x is recorded on the tape");
     backward(y);
-    check(tape_length() == 0, "backward clears the tape");
+    check(tape_length() == before + 1, "backward keeps the tape (memory_release drops it)");
     backward(x * x);
     check(scalar_value(grad(x)) == 12, "gradients accumulate across two backward passes (6 + 6 = %s)", to_string(grad(x)).c_str());
     zero_grad(x);
     check(scalar_value(grad(x)) == 0, "zero_grad clears the gradient");
+
+    // Like PyTorch (and unlike a tape that is run whole and cleared): backward runs only what its
+    // tensor depends on, and leaf gradients add up across calls.
+    {
+        Tensor x = requires_grad(tensor(1.0));
+        Tensor y1 = x * 2, y2 = x * 3;
+        backward(y1);
+        double after_first = scalar_value(grad(x));
+        backward(y2);
+        check(after_first == 2 && scalar_value(grad(x)) == 5, "y1 = 2x, y2 = 3x: backward(y1) gives grad(x) = %g, then backward(y2) %g (2, then 5)",
+              after_first, scalar_value(grad(x)));
+    }
+    {  // a shared subexpression: z = x^2, a = z + 1, b = 2z; da/dx + db/dx = 2x + 4x
+        Tensor x = requires_grad(tensor(1.5));
+        Tensor z = x * x, a = z + 1, b = z * 2;
+        backward(a);
+        backward(b);
+        double got = scalar_value(grad(x));
+        check(std::fabs(got - 9.0) < 1e-12, "shared subexpression z = x^2 in a = z + 1 and b = 2z: backward(a), backward(b) give %g (6x = 9)", got);
+        backward(b);
+        check(std::fabs(scalar_value(grad(x)) - 15.0) < 1e-12 && scalar_value(grad(z)) == 2,
+              "backward(b) again adds 4x more (%g), and z's own gradient is b's alone (%g)", scalar_value(grad(x)), scalar_value(grad(z)));
+    }
     check_fails("backward of a tensor without a gradient", "does not require a gradient", [] { backward(tensor(1.0) * 2); });
 
     // A "training step" run repeatedly: after the first, the arena takes nothing more from the system.
@@ -263,7 +286,9 @@ static void test_tape_and_memory() {
     step();
     size_t reserved = memory_reserved();
     for (int i = 0; i < 5; i++) step();
-    check(memory_reserved() == reserved && memory_in_use() == in_use && tape_length() == 0,
+    size_t tape_before = tape_length();
+    step();
+    check(memory_reserved() == reserved && memory_in_use() == in_use && tape_length() == tape_before,
           "memory_release returns the arena and the tape to the mark; later steps reserve nothing more (%zu bytes)", reserved);
 
     check(to_string(tensor(14.0)) == "Tensor(14.0)", "printing a scalar: %s", to_string(tensor(14.0)).c_str());
@@ -434,12 +459,56 @@ static void check_gpt_gradients(const std::string& what, GPTConfig config) {
     int *tokens = device_ints(host_tokens), *targets = device_ints(host_targets);
     std::vector<Tensor> params;
     for (auto& named : gpt_named_parameters(model)) params.push_back(named.second);
-    double error = gradient_error([&] { return cross_entropy(gpt_forward(model, tokens, B, T, true, 3), targets); }, params, 12);
+    double error = gradient_error([&] { return cross_entropy(gpt_forward_tape(model, tokens, B, T, true, 3), targets); }, params, 12);
     check(error < 1e-6, "gradient of a whole GPT (%s), %ld parameters, sampled from every tensor: relative error %.2e", what.c_str(),
           model.num_parameters, error);
 }
 
+// gpt_forward + gpt_backward (the GPT written out) against the tape: same loss, same gradients.
+static void check_explicit_backward(const std::string& what, GPTConfig config, int B, int T) {
+    GPT model;
+    gpt_create(&model, config);
+    gpt_init(&model, 9);
+    std::vector<int> host(2 * B * T);
+    for (int i = 0; i < 2 * B * T; i++) host[i] = int(random_bits(5, i) % config.vocab_size);
+    host[B * T + 3] = ignore_index;  // one position left out of the loss
+    int* tokens = device_ints(host);
+    const int* targets = tokens + B * T;
+    real scale = 0.5;  // as with two micro-batches
+    Tensor loss = cross_entropy(gpt_forward_tape(model, tokens, B, T, true, 21), targets) * scale;
+    backward(loss);
+    std::vector<real> tape_grads(model.num_parameters), explicit_grads(model.num_parameters);
+    cuda_check(cudaMemcpy(tape_grads.data(), model.gradients, tape_grads.size() * sizeof(real), cudaMemcpyDeviceToHost));
+    gpt_zero_grad(model);
+    GPTActivations acts;
+    gpt_forward(model, acts, tokens, B, T, true, 21);
+    gpt_backward(model, acts, targets, scale);
+    cuda_check(cudaMemcpy(explicit_grads.data(), model.gradients, explicit_grads.size() * sizeof(real), cudaMemcpyDeviceToHost));
+    double largest = 0, loss_explicit;
+    for (real g : tape_grads) largest = std::max(largest, std::fabs(double(g)));
+    cuda_check(cudaMemcpy(&loss_explicit, acts.loss, sizeof loss_explicit, cudaMemcpyDeviceToHost));
+    double relative = max_difference(tape_grads, explicit_grads) / largest, loss_tape = scalar_value(loss) / scale;
+    check(relative <= 1e-12 && std::fabs(loss_explicit - loss_tape) <= 1e-12 * loss_tape,
+          "gpt_backward equals the tape (%s): every gradient within %.1e of the largest, loss %.12f vs %.12f", what.c_str(), relative,
+          loss_explicit, loss_tape);
+}
+
 static void test_gpt() {
+    {
+        GPTConfig modern = tiny_config(), dropped = tiny_config();
+        modern.norm = Norm::rmsnorm, modern.activation = Activation::swiglu, modern.rotary = true, modern.tied_embeddings = false;
+        dropped.dropout = 0.2f, dropped.attention_dropout = 0.1f;
+        for (bool flash : {false, true}) {
+            use_flash_attention = flash;
+            std::string kind = flash ? "flash attention" : "plain attention";
+            check_explicit_backward("layernorm, gelu, tied; " + kind, tiny_config(), 3, 7);
+            check_explicit_backward("rmsnorm, swiglu, rotary, untied; " + kind, modern, 2, 8);
+            threads_per_row = 32;
+            check_explicit_backward("dropout 0.2, attention dropout 0.1, 32 threads per row; " + kind, dropped, 2, 5);
+            threads_per_row = 1;
+        }
+        use_flash_attention = false;
+    }
     check_gpt_gradients("layernorm, gelu, tied, learned positions", tiny_config());
     GPTConfig modern = tiny_config();
     modern.norm = Norm::rmsnorm, modern.activation = Activation::swiglu, modern.rotary = true, modern.tied_embeddings = false;
@@ -461,11 +530,11 @@ static void test_gpt() {
     std::vector<int> host_tokens(4 * 6), host_targets(4 * 6);
     for (int i = 0; i < 24; i++) host_tokens[i] = int(random_bits(3, i) % 37), host_targets[i] = int(random_bits(4, i) % 37);
     int *tokens = device_ints(host_tokens), *targets = device_ints(host_targets);
-    backward(cross_entropy(gpt_forward(model, tokens, 4, 6, false, 0), targets));
+    backward(cross_entropy(gpt_forward_tape(model, tokens, 4, 6, false, 0), targets));
     std::vector<real> full(model.num_parameters), accumulated(model.num_parameters);
     cuda_check(cudaMemcpy(full.data(), model.gradients, full.size() * sizeof(real), cudaMemcpyDeviceToHost));
     gpt_zero_grad(model);
-    for (int half = 0; half < 2; half++) backward(cross_entropy(gpt_forward(model, tokens + 12 * half, 2, 6, false, 0), targets + 12 * half) * 0.5);
+    for (int half = 0; half < 2; half++) backward(cross_entropy(gpt_forward_tape(model, tokens + 12 * half, 2, 6, false, 0), targets + 12 * half) * 0.5);
     cuda_check(cudaMemcpy(accumulated.data(), model.gradients, accumulated.size() * sizeof(real), cudaMemcpyDeviceToHost));
     check(max_difference(full, accumulated) < 1e-12, "gradient accumulation over 2 micro-batches equals the full batch (max diff %.1e)", max_difference(full, accumulated));
 

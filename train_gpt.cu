@@ -288,8 +288,7 @@ static std::string duration_text(double seconds) {
 }
 
 // Mean loss over the first eval_steps batches of the validation file (the same batches every time).
-static double evaluate(GPT& model, DataLoader& val, int* device_batch, int eval_steps) {
-    NoGrad no_grad;
+static double evaluate(GPT& model, GPTActivations& acts, DataLoader& val, int* device_batch, int eval_steps) {
     dataloader_reset(&val);
     double total = 0;
     for (int i = 0; i < eval_steps; i++) {
@@ -298,8 +297,8 @@ static double evaluate(GPT& model, DataLoader& val, int* device_batch, int eval_
         cuda_check(cudaMemcpy(device_batch, val.inputs.data(), n * sizeof(int), cudaMemcpyHostToDevice));
         cuda_check(cudaMemcpy(device_batch + n, val.targets.data(), n * sizeof(int), cudaMemcpyHostToDevice));
         MemoryMark mark = memory_mark();
-        Tensor loss = cross_entropy(gpt_forward(model, device_batch, val.B, val.T, false, 0), device_batch + n);
-        total += to_host(loss)[0];
+        gpt_forward(model, acts, device_batch, val.B, val.T, false, 0);
+        total += gpt_loss(acts, device_batch + n, model.config.vocab_size);
         memory_release(mark);
     }
     return total / eval_steps;
@@ -307,7 +306,8 @@ static double evaluate(GPT& model, DataLoader& val, int* device_batch, int eval_
 
 // One optimizer step: grad_accum micro-batches, each contributing 1/grad_accum of the loss, then the
 // gradient norm, and AdamW with clipping. Returns the loss; the norm is left in grad_norm.
-static double train_step(GPT& model, AdamW& adam, DataLoader& loader, int* device_batch, real* norm, const Options& o, long step, real* grad_norm) {
+static double train_step(GPT& model, GPTActivations& acts, AdamW& adam, DataLoader& loader, int* device_batch, real* norm, const Options& o,
+                         long step, real* grad_norm) {
     int B = loader.B, T = loader.T;
     double loss_sum = 0;
     gpt_zero_grad(model);
@@ -317,9 +317,11 @@ static double train_step(GPT& model, AdamW& adam, DataLoader& loader, int* devic
         cuda_check(cudaMemcpy(device_batch + B * T, loader.targets.data(), size_t(B) * T * sizeof(int), cudaMemcpyHostToDevice));
         MemoryMark mark = memory_mark();
         uint64_t dropout_seed = random_bits(o.seed, uint64_t(step) * o.grad_accum + micro);
-        Tensor loss = cross_entropy(gpt_forward(model, device_batch, B, T, true, dropout_seed), device_batch + B * T) * (1.0 / o.grad_accum);
-        backward(loss);
-        loss_sum += to_host(loss)[0];
+        gpt_forward(model, acts, device_batch, B, T, true, dropout_seed);
+        gpt_backward(model, acts, device_batch + B * T, real(1.0 / o.grad_accum));
+        real loss;
+        cuda_check(cudaMemcpy(&loss, acts.loss, sizeof loss, cudaMemcpyDeviceToHost));
+        loss_sum += double(loss) / o.grad_accum;
         memory_release(mark);
     }
     gradient_norm(norm, model.gradients, model.num_parameters);
@@ -397,6 +399,7 @@ static int train(int argc, char** argv) {
     printf("training: %ld steps of %d x %d sequences of %d tokens (%ld tokens per step); train %zu tokens, val %zu tokens\n", o.steps, o.grad_accum, B, T,
            tokens_per_step, train_loader.file.num_tokens, val_loader.file.num_tokens);
 
+    GPTActivations acts;
     int* device_batch = device_alloc<int>(2 * size_t(B) * T);
     real* norm = device_alloc<real>(1);
     bool on_terminal = isatty(fileno(stdout));
@@ -409,7 +412,7 @@ static int train(int argc, char** argv) {
     for (long step = state.step; step <= o.steps; step++) {
         bool evaluate_now = o.eval_interval > 0 && (step % o.eval_interval == 0 || step == o.steps);
         if (evaluate_now) {
-            double val_loss = evaluate(model, val_loader, device_batch, o.eval_steps);
+            double val_loss = evaluate(model, acts, val_loader, device_batch, o.eval_steps);
             if (on_terminal) printf("\r\033[K");
             printf("step %ld: val loss %.4f%s\n", step, val_loss, val_loss < state.best_val_loss ? " (best so far)" : "");
             if (!std::isfinite(val_loss)) fail("step %ld: validation loss is %g; stopping (last good checkpoint: %s)", step, val_loss, latest.c_str());
@@ -430,7 +433,7 @@ static int train(int argc, char** argv) {
         profiling = o.profile && step > first_step;  // the first step warms up; evaluations are not counted
         double step_start = seconds_now();
         real grad_norm;
-        double loss_sum = train_step(model, adam, train_loader, device_batch, norm, o, step, &grad_norm);
+        double loss_sum = train_step(model, acts, adam, train_loader, device_batch, norm, o, step, &grad_norm);
         float lr = learning_rate(step, o.warmup, o.steps, o.lr, o.min_lr);
         profiling = false;
 

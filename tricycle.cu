@@ -12,6 +12,7 @@
 #include <cstring>
 #include <functional>
 #include <queue>
+#include <unordered_set>
 #include <stdexcept>
 
 #include <fcntl.h>
@@ -426,6 +427,8 @@ int Tensor::dim(int i) const {
     return shape[d];
 }
 
+// with_grad: the result of an operation on tensors that require a gradient; backward zeroes its
+// gradient buffer before use.
 static Tensor make_tensor(int ndim, const int* shape, bool with_grad) {
     if (ndim > max_dims) fail("tensors have at most %d dims, got %d", max_dims, ndim);
     Tensor t;
@@ -435,10 +438,7 @@ static Tensor make_tensor(int ndim, const int* shape, bool with_grad) {
         t.shape[i] = shape[i];
     }
     t.data = device_alloc<floatX>(t.size());
-    if (with_grad) {
-        t.grad = device_alloc<floatX>(t.size());
-        fill(t.grad, t.size(), 0);
-    }
+    if (with_grad) t.grad = device_alloc<floatX>(t.size());
     return t;
 }
 
@@ -559,16 +559,36 @@ void print(Tensor t) { printf("%s\n", to_string(t).c_str()); }
 
 bool grad_enabled = true;
 
-void tape_append(TapeEntry entry) { tape.push_back(entry); }
+void tape_append(TapeEntry entry, std::initializer_list<Tensor> outputs, std::initializer_list<Tensor> inputs) {
+    if (outputs.size() > size_t(tape_max_outputs) || inputs.size() > size_t(tape_max_inputs)) fail("tape_append: too many tensors for one entry");
+    std::copy(outputs.begin(), outputs.end(), entry.outputs);
+    std::copy(inputs.begin(), inputs.end(), entry.inputs);
+    tape.push_back(entry);
+}
+
 size_t tape_length() { return tape.size(); }
 
 void backward(Tensor t) {
     if (!t.grad) fail("backward: the tensor %s does not require a gradient (no input of it does)", shape_string(t).c_str());
+    // Walking back from t: an entry is needed when t depends on one of its outputs; then t depends on
+    // its inputs too. (Tensors are told apart by their gradient buffers; a reshape shares its source's.)
+    std::vector<bool> needed(tape.size(), false);
+    std::unordered_set<const floatX*> depends = {t.grad};
+    for (size_t i = tape.size(); i-- > 0;) {
+        for (const Tensor& out : tape[i].outputs) needed[i] = needed[i] || (out.grad && depends.count(out.grad));
+        if (!needed[i]) continue;
+        for (const Tensor& in : tape[i].inputs)
+            if (in.grad) depends.insert(in.grad);
+    }
+    // Fresh gradients for the intermediate results: zero, then seed t with ones.
+    for (size_t i = 0; i < tape.size(); i++)
+        for (const Tensor& out : tape[i].outputs)
+            if (needed[i] && out.grad) fill(out.grad, out.size(), 0);
     fill(t.grad, t.size(), 1);
     in_backward = true;
-    for (size_t i = tape.size(); i-- > 0;) tape[i].run(tape[i].closure);
+    for (size_t i = tape.size(); i-- > 0;)
+        if (needed[i]) tape[i].run(tape[i].closure);
     in_backward = false;
-    tape.clear();
 }
 
 void zero_grad(Tensor t) {
@@ -663,7 +683,7 @@ template <typename F> static Tensor map(Tensor x, F f) {
     Tensor out = new_result(x, {x});
     long n = x.size();
     map_forward(out.data, x.data, n, f);
-    if (out.grad) record([=] { map_backward(x.grad, out.grad, x.data, n, f); });
+    if (out.grad) record({out}, {x}, [=] { map_backward(x.grad, out.grad, x.data, n, f); });
     return out;
 }
 
@@ -793,7 +813,7 @@ template <typename F> static Tensor broadcast(Tensor a, Tensor b, F f) {
     Tensor out = new_result(like, {a, b});
     long n = out.size();
     launch(broadcast_forward_kernel<F>, grid_size(n, 256), 256, 0, out.data, a.data, b.data, n, s, f);
-    if (out.grad) record([=] {
+    if (out.grad) record({out}, {a, b}, [=] {
         if (a.grad) launch(broadcast_backward_kernel<F, true>, grid_size(a.size(), 256), 256, 0, a.grad, out.grad, a.data, b.data, a.size(), s, f);
         if (b.grad) launch(broadcast_backward_kernel<F, false>, grid_size(b.size(), 256), 256, 0, b.grad, out.grad, a.data, b.data, b.size(), s, f);
     });
@@ -865,7 +885,7 @@ template <ReduceKind KIND> static Tensor reduce(Tensor x, int axis, bool is_mean
     int* winner = KIND == reduce_sum ? nullptr : device_alloc<int>(outer * inner);
     real scale = is_mean ? real(1) / n : real(1);
     launch(reduce_forward_kernel<KIND>, row_grid(outer * inner), row_block(), 0, out.data, winner, x.data, outer, n, inner, scale);
-    if (out.grad) record([=] {
+    if (out.grad) record({out}, {x}, [=] {
         long total = outer * n * inner;
         launch(reduce_backward_kernel, grid_size(total, 256), 256, 0, x.grad, out.grad, winner, outer, n, inner, scale);
     });
@@ -945,7 +965,7 @@ Tensor transpose(Tensor x, int dim0, int dim1) {
     long n = x.size();
     int d0 = dim0 + max_dims - x.ndim, d1 = dim1 + max_dims - x.ndim;
     launch(transpose_kernel, grid_size(n, 256), 256, 0, out.data, x.data, padded_dims(x), d0, d1, n, false);
-    if (out.grad) record([=] { launch(transpose_kernel, grid_size(n, 256), 256, 0, x.grad, out.grad, padded_dims(out), d0, d1, n, true); });
+    if (out.grad) record({out}, {x}, [=] { launch(transpose_kernel, grid_size(n, 256), 256, 0, x.grad, out.grad, padded_dims(out), d0, d1, n, true); });
     return out;
 }
 
@@ -977,7 +997,7 @@ Tensor softmax(Tensor x) {
     long rows = x.size() / n;
     Tensor out = new_result(x, {x});
     launch(softmax_forward_kernel, row_grid(rows), row_block(), 0, out.data, x.data, rows, n);
-    if (out.grad) record([=] { launch(softmax_backward_kernel, row_grid(rows), row_block(), 0, x.grad, out.grad, out.data, rows, n); });
+    if (out.grad) record({out}, {x}, [=] { launch(softmax_backward_kernel, row_grid(rows), row_block(), 0, x.grad, out.grad, out.data, rows, n); });
     return out;
 }
 
@@ -1102,7 +1122,7 @@ Tensor matmul(Tensor a, Tensor b) {
     GemmBatch batched{1, batch, 0, 0, 0, long(M) * K, long(K) * N, long(M) * N};
     if (shared_b) gemm(false, false, batch * M, N, K, 1, a.data, K, b.data, N, 0, out.data, N);
     else gemm(false, false, M, N, K, 1, a.data, K, b.data, N, 0, out.data, N, batched);
-    if (out.grad) record([=] {
+    if (out.grad) record({out}, {a, b}, [=] {
         if (shared_b) {
             if (a.grad) gemm(false, true, batch * M, K, N, 1, out.grad, N, b.data, N, 1, a.grad, K);
             if (b.grad) gemm(true, false, K, N, batch * M, 1, a.data, K, out.grad, N, 1, b.grad, N);
@@ -1239,7 +1259,7 @@ Tensor embedding(const int* tokens, int B, int T, Tensor wte, Tensor wpe) {
     Tensor out = new_result(like, {wte, wpe});
     embedding_forward(out.data, tokens, wte.data, wpe.data, B, T, C);
     int V = wte.dim(0);
-    if (out.grad) record([=] { embedding_backward(wte.grad, wpe.grad, out.grad, tokens, B, T, V, C); });
+    if (out.grad) record({out}, {wte, wpe}, [=] { embedding_backward(wte.grad, wpe.grad, out.grad, tokens, B, T, V, C); });
     return out;
 }
 
@@ -1262,8 +1282,8 @@ void linear_forward(floatX* out, const floatX* x, const floatX* weight, const fl
 }
 
 void linear_backward(floatX* dx, floatX* dweight, floatX* dbias, const floatX* dout, const floatX* x, const floatX* weight, long N, int in,
-                     int out_features) {
-    if (dx) gemm(false, false, int(N), in, out_features, 1, dout, out_features, weight, in, 1, dx, in);
+                     int out_features, InputGrad mode) {
+    if (dx) gemm(false, false, int(N), in, out_features, 1, dout, out_features, weight, in, mode == InputGrad::add ? 1 : 0, dx, in);
     if (dweight) gemm(true, false, out_features, in, int(N), 1, dout, out_features, x, in, 1, dweight, in);
     if (dbias) column_sums(dbias, nullptr, dout, nullptr, nullptr, nullptr, N, out_features);
 }
@@ -1277,14 +1297,16 @@ Tensor linear(Tensor x, Tensor weight, Tensor bias) {
     like.shape[x.ndim - 1] = out_features;
     Tensor out = new_result(like, {x, weight, bias});
     linear_forward(out.data, x.data, weight.data, bias.data, N, in, out_features);
-    if (out.grad) record([=] { linear_backward(x.grad, weight.grad, bias.grad, out.grad, x.data, weight.data, N, in, out_features); });
+    if (out.grad)
+        record({out}, {x, weight, bias},
+               [=] { linear_backward(x.grad, weight.grad, bias.grad, out.grad, x.data, weight.data, N, in, out_features, InputGrad::add); });
     return out;
 }
 
 // ----------------------------------------------------------------------------------------------------
 // LayerNorm and RMSNorm over the last dim C, per row. LayerNorm:  mean = sum(x)/C,
 // rstd = 1/sqrt(sum((x-mean)^2)/C + eps),  xhat = (x - mean) * rstd,  out = xhat * w + b.
-// RMSNorm is the same without centring or bias (mean = 0, b = 0); its kernels get null mean and bias.
+// RMSNorm is the same without centring or bias (mean = 0, b = 0; its mean and bias pointers are unused).
 // Forward saves mean and rstd per row.
 // Backward, with g = dout * w:  dx = rstd * (g - mean(g) - xhat * mean(g * xhat))  (RMSNorm: no mean(g)),
 // dw += sum over rows of dout * xhat,  db += sum over rows of dout.
@@ -1293,8 +1315,9 @@ Tensor linear(Tensor x, Tensor weight, Tensor bias) {
 
 constexpr real norm_eps = real(1e-5);
 
-__global__ void norm_forward_kernel(floatX* out, real* mean_out, real* rstd_out, floatX* sum_out, const floatX* x, const floatX* residual,
-                                    const floatX* weight, const floatX* bias, long rows, int C) {
+__global__ void norm_forward_kernel(Norm kind, floatX* out, real* mean_out, real* rstd_out, floatX* sum_out, const floatX* x,
+                                    const floatX* residual, const floatX* weight, const floatX* bias, long rows, int C) {
+    bool centred = kind == Norm::layernorm;
     bool active;
     long row = group_row(rows, &active);
     const floatX* xr = x + row * C;
@@ -1305,56 +1328,47 @@ __global__ void norm_forward_kernel(floatX* out, real* mean_out, real* rstd_out,
         xr = s;
     }
     floatX* o = out + row * C;
-    real mean = mean_out ? group_sum(row_sum(C, [&](int c) { return xr[c]; })) / C : 0;
+    real mean = centred ? group_sum(row_sum(C, [&](int c) { return xr[c]; })) / C : 0;
     real variance = group_sum(row_sum(C, [&](int c) { return (xr[c] - mean) * (xr[c] - mean); })) / C;
     real rstd = 1 / sqrt(variance + norm_eps);
     if (!active) return;
-    for_each_in_row(C, [&](int c) { o[c] = (xr[c] - mean) * rstd * weight[c] + (bias ? real(bias[c]) : 0); });
+    for_each_in_row(C, [&](int c) { o[c] = (xr[c] - mean) * rstd * weight[c] + (centred ? real(bias[c]) : 0); });
     if (threadIdx.x == 0) {
-        if (mean_out) mean_out[row] = mean;
+        if (centred) mean_out[row] = mean;
         rstd_out[row] = rstd;
     }
 }
 
-__global__ void norm_backward_kernel(floatX* dx, const floatX* dout, const floatX* x, const floatX* weight, const real* mean, const real* rstd, long rows,
-                                     int C) {
-    bool active;
+__global__ void norm_backward_kernel(Norm kind, floatX* dx, const floatX* dout, const floatX* x, const floatX* weight, const real* mean,
+                                     const real* rstd, long rows, int C, bool accumulate) {
+    bool active, centred = kind == Norm::layernorm;
     long row = group_row(rows, &active);
     const floatX *xr = x + row * C, *dr = dout + row * C;
     floatX* dxr = dx + row * C;
-    real row_mean = mean ? mean[row] : 0, row_rstd = rstd[row];
-    real g_mean = mean ? group_sum(row_sum(C, [&](int c) { return dr[c] * weight[c]; })) / C : 0;
+    real row_mean = centred ? mean[row] : 0, row_rstd = rstd[row];
+    real g_mean = centred ? group_sum(row_sum(C, [&](int c) { return dr[c] * weight[c]; })) / C : 0;
     real g_xhat_mean = group_sum(row_sum(C, [&](int c) { return dr[c] * weight[c] * (xr[c] - row_mean) * row_rstd; })) / C;
     if (!active) return;
-    for_each_in_row(C, [&](int c) { dxr[c] += row_rstd * (dr[c] * weight[c] - g_mean - (xr[c] - row_mean) * row_rstd * g_xhat_mean); });
+    for_each_in_row(C, [&](int c) {
+        real before = accumulate ? real(dxr[c]) : 0;
+        dxr[c] = before + row_rstd * (dr[c] * weight[c] - g_mean - (xr[c] - row_mean) * row_rstd * g_xhat_mean);
+    });
 }
 
-static void norm_forward(floatX* out, real* mean, real* rstd, floatX* sum_out, const floatX* x, const floatX* residual, const floatX* weight,
-                         const floatX* bias, long rows, int C) {
-    launch(norm_forward_kernel, row_grid(rows), row_block(), 0, out, mean, rstd, sum_out, x, residual, weight, bias, rows, C);
+void norm_forward(Norm kind, floatX* out, real* mean, real* rstd, const floatX* x, const floatX* weight, const floatX* bias, long rows, int C) {
+    launch(norm_forward_kernel, row_grid(rows), row_block(), 0, kind, out, mean, rstd, nullptr, x, nullptr, weight, bias, rows, C);
 }
 
-static void norm_backward(floatX* dx, floatX* dweight, floatX* dbias, const floatX* dout, const floatX* x, const floatX* weight, const real* mean,
-                          const real* rstd, long rows, int C) {
-    if (dx) launch(norm_backward_kernel, row_grid(rows), row_block(), 0, dx, dout, x, weight, mean, rstd, rows, C);
-    if (dweight || dbias) column_sums(dbias, dweight, dout, x, mean, rstd, rows, C);
+void residual_norm_forward(Norm kind, floatX* sum, floatX* out, real* mean, real* rstd, const floatX* a, const floatX* b, const floatX* weight,
+                           const floatX* bias, long rows, int C) {
+    launch(norm_forward_kernel, row_grid(rows), row_block(), 0, kind, out, mean, rstd, sum, a, b, weight, bias, rows, C);
 }
 
-void layernorm_forward(floatX* out, real* mean, real* rstd, const floatX* x, const floatX* weight, const floatX* bias, long rows, int C) {
-    norm_forward(out, mean, rstd, nullptr, x, nullptr, weight, bias, rows, C);
-}
-
-void layernorm_backward(floatX* dx, floatX* dweight, floatX* dbias, const floatX* dout, const floatX* x, const floatX* weight, const real* mean,
-                        const real* rstd, long rows, int C) {
-    norm_backward(dx, dweight, dbias, dout, x, weight, mean, rstd, rows, C);
-}
-
-void rmsnorm_forward(floatX* out, real* rstd, const floatX* x, const floatX* weight, long rows, int C) {
-    norm_forward(out, nullptr, rstd, nullptr, x, nullptr, weight, nullptr, rows, C);
-}
-
-void rmsnorm_backward(floatX* dx, floatX* dweight, const floatX* dout, const floatX* x, const floatX* weight, const real* rstd, long rows, int C) {
-    norm_backward(dx, dweight, nullptr, dout, x, weight, nullptr, rstd, rows, C);
+void norm_backward(Norm kind, floatX* dx, floatX* dweight, floatX* dbias, const floatX* dout, const floatX* x, const floatX* weight,
+                   const real* mean, const real* rstd, long rows, int C, InputGrad mode) {
+    bool centred = kind == Norm::layernorm;
+    if (dx) launch(norm_backward_kernel, row_grid(rows), row_block(), 0, kind, dx, dout, x, weight, mean, rstd, rows, C, mode == InputGrad::add);
+    if (dweight || (centred && dbias)) column_sums(centred ? dbias : nullptr, dweight, dout, x, centred ? mean : nullptr, rstd, rows, C);
 }
 
 // The tape versions. bias is empty for RMSNorm.
@@ -1364,8 +1378,10 @@ static Tensor normalization(Tensor x, Tensor weight, Tensor bias, Norm kind) {
     Tensor out = new_result(x, {x, weight, bias});
     real* mean = kind == Norm::layernorm ? device_alloc<real>(rows) : nullptr;
     real* rstd = device_alloc<real>(rows);
-    norm_forward(out.data, mean, rstd, nullptr, x.data, nullptr, weight.data, bias.data, rows, C);
-    if (out.grad) record([=] { norm_backward(x.grad, weight.grad, bias.grad, out.grad, x.data, weight.data, mean, rstd, rows, C); });
+    norm_forward(kind, out.data, mean, rstd, x.data, weight.data, bias.data, rows, C);
+    if (out.grad)
+        record({out}, {x, weight, bias},
+               [=] { norm_backward(kind, x.grad, weight.grad, bias.grad, out.grad, x.data, weight.data, mean, rstd, rows, C, InputGrad::add); });
     return out;
 }
 
@@ -1381,9 +1397,9 @@ ResidualNorm residual_norm(Tensor a, Tensor b, Tensor weight, Tensor bias, Norm 
     Tensor sum = new_result(a, {a, b}), out = new_result(a, {a, b, weight, bias});
     real* mean = kind == Norm::layernorm ? device_alloc<real>(rows) : nullptr;
     real* rstd = device_alloc<real>(rows);
-    norm_forward(out.data, mean, rstd, sum.data, a.data, b.data, weight.data, kind == Norm::layernorm ? bias.data : nullptr, rows, C);
-    if (out.grad) record([=] {
-        norm_backward(sum.grad, weight.grad, kind == Norm::layernorm ? bias.grad : nullptr, out.grad, sum.data, weight.data, mean, rstd, rows, C);
+    residual_norm_forward(kind, sum.data, out.data, mean, rstd, a.data, b.data, weight.data, bias.data, rows, C);
+    if (out.grad) record({sum, out}, {a, b, weight, bias}, [=] {
+        norm_backward(kind, sum.grad, weight.grad, bias.grad, out.grad, sum.data, weight.data, mean, rstd, rows, C, InputGrad::add);
         residual_backward(a.grad, b.grad, sum.grad, a.size());
     });
     return ResidualNorm{sum, out};
@@ -1415,12 +1431,6 @@ struct Silu {
     }
 };
 
-void gelu_forward(floatX* out, const floatX* x, long n) { map_forward(out, x, n, Gelu{}); }
-void gelu_backward(floatX* dx, const floatX* dout, const floatX* x, long n) { map_backward(dx, dout, x, n, Gelu{}); }
-void relu_forward(floatX* out, const floatX* x, long n) { map_forward(out, x, n, Relu{}); }
-void relu_backward(floatX* dx, const floatX* dout, const floatX* x, long n) { map_backward(dx, dout, x, n, Relu{}); }
-void silu_forward(floatX* out, const floatX* x, long n) { map_forward(out, x, n, Silu{}); }
-void silu_backward(floatX* dx, const floatX* dout, const floatX* x, long n) { map_backward(dx, dout, x, n, Silu{}); }
 Tensor gelu(Tensor x) { return map(x, Gelu{}); }
 Tensor silu(Tensor x) { return map(x, Silu{}); }
 
@@ -1450,11 +1460,11 @@ void linear_gelu_forward(floatX* out, floatX* pre, const floatX* x, const floatX
     launch(bias_gelu_forward_kernel, row_grid(N), row_block(), 0, out, pre, bias, N, out_features);
 }
 
-void linear_gelu_backward(floatX* dx, floatX* dweight, floatX* dbias, const floatX* dout, const floatX* pre, const floatX* x, const floatX* weight,
-                          long N, int in, int out_features) {
-    floatX* dpre = device_alloc<floatX>(N * out_features);
+// dpre (N, out_features) is scratch for the pre-activation's gradient.
+void linear_gelu_backward(floatX* dx, floatX* dweight, floatX* dbias, floatX* dpre, const floatX* dout, const floatX* pre, const floatX* x,
+                          const floatX* weight, long N, int in, int out_features, InputGrad mode) {
     launch(gelu_gradient_kernel, element_blocks(N * out_features), element_threads, 0, dpre, dout, pre, N * out_features);
-    linear_backward(dx, dweight, dbias, dpre, x, weight, N, in, out_features);
+    linear_backward(dx, dweight, dbias, dpre, x, weight, N, in, out_features, mode);
 }
 
 Tensor linear_gelu(Tensor x, Tensor weight, Tensor bias) {
@@ -1467,7 +1477,10 @@ Tensor linear_gelu(Tensor x, Tensor weight, Tensor bias) {
     Tensor out = new_result(like, {x, weight, bias});
     floatX* pre = device_alloc<floatX>(N * out_features);
     linear_gelu_forward(out.data, pre, x.data, weight.data, bias.data, N, in, out_features);
-    if (out.grad) record([=] { linear_gelu_backward(x.grad, weight.grad, bias.grad, out.grad, pre, x.data, weight.data, N, in, out_features); });
+    if (out.grad) record({out}, {x, weight, bias}, [=] {
+        floatX* dpre = device_alloc<floatX>(N * out_features);
+        linear_gelu_backward(x.grad, weight.grad, bias.grad, dpre, out.grad, pre, x.data, weight.data, N, in, out_features, InputGrad::add);
+    });
     return out;
 }
 
@@ -1483,21 +1496,22 @@ __global__ void swiglu_forward_kernel(floatX* out, const floatX* x, long N, int 
     for_each_in_row(H, [&](int h) { o[h] = Silu{}.forward(a[h]) * gate[h]; });
 }
 
-__global__ void swiglu_backward_kernel(floatX* dx, const floatX* dout, const floatX* x, long N, int H) {
+__global__ void swiglu_backward_kernel(floatX* dx, const floatX* dout, const floatX* x, long N, int H, bool accumulate) {
     bool active;
     long row = group_row(N, &active);
     if (!active) return;
     const floatX *a = x + row * 2 * H, *gate = a + H, *d = dout + row * H;
     floatX *da = dx + row * 2 * H, *dgate = da + H;
     for_each_in_row(H, [&](int h) {
-        da[h] += d[h] * gate[h] * Silu{}.derivative(a[h]);
-        dgate[h] += d[h] * Silu{}.forward(a[h]);
+        real before_a = accumulate ? real(da[h]) : 0, before_gate = accumulate ? real(dgate[h]) : 0;
+        da[h] = before_a + d[h] * gate[h] * Silu{}.derivative(a[h]);
+        dgate[h] = before_gate + d[h] * Silu{}.forward(a[h]);
     });
 }
 
 void swiglu_forward(floatX* out, const floatX* x, long N, int H) { launch(swiglu_forward_kernel, row_grid(N), row_block(), 0, out, x, N, H); }
-void swiglu_backward(floatX* dx, const floatX* dout, const floatX* x, long N, int H) {
-    launch(swiglu_backward_kernel, row_grid(N), row_block(), 0, dx, dout, x, N, H);
+void swiglu_backward(floatX* dx, const floatX* dout, const floatX* x, long N, int H, InputGrad mode) {
+    launch(swiglu_backward_kernel, row_grid(N), row_block(), 0, dx, dout, x, N, H, mode == InputGrad::add);
 }
 
 Tensor swiglu(Tensor x) {
@@ -1508,7 +1522,7 @@ Tensor swiglu(Tensor x) {
     like.shape[x.ndim - 1] = H;
     Tensor out = new_result(like, {x});
     swiglu_forward(out.data, x.data, N, H);
-    if (out.grad) record([=] { swiglu_backward(x.grad, out.grad, x.data, N, H); });
+    if (out.grad) record({out}, {x}, [=] { swiglu_backward(x.grad, out.grad, x.data, N, H, InputGrad::add); });
     return out;
 }
 
@@ -1529,8 +1543,8 @@ void dropout_forward(floatX* out, const floatX* x, long n, real p, uint64_t seed
     launch(dropout_kernel, element_blocks(n), element_threads, 0, out, x, n, p, seed, false);
 }
 
-void dropout_backward(floatX* dx, const floatX* dout, long n, real p, uint64_t seed) {
-    launch(dropout_kernel, element_blocks(n), element_threads, 0, dx, dout, n, p, seed, true);
+void dropout_backward(floatX* dx, const floatX* dout, long n, real p, uint64_t seed, InputGrad mode) {
+    launch(dropout_kernel, element_blocks(n), element_threads, 0, dx, dout, n, p, seed, mode == InputGrad::add);
 }
 
 Tensor dropout(Tensor x, real p, uint64_t seed) {
@@ -1539,7 +1553,7 @@ Tensor dropout(Tensor x, real p, uint64_t seed) {
     Tensor out = new_result(x, {x});
     long n = x.size();
     dropout_forward(out.data, x.data, n, p, seed);
-    if (out.grad) record([=] { dropout_backward(x.grad, out.grad, n, p, seed); });
+    if (out.grad) record({out}, {x}, [=] { dropout_backward(x.grad, out.grad, n, p, seed, InputGrad::add); });
     return out;
 }
 
@@ -1567,7 +1581,7 @@ Tensor residual(Tensor a, Tensor b) {
     Tensor out = new_result(a, {a, b});
     long n = a.size();
     residual_forward(out.data, a.data, b.data, n);
-    if (out.grad) record([=] { residual_backward(a.grad, b.grad, out.grad, n); });
+    if (out.grad) record({out}, {a, b}, [=] { residual_backward(a.grad, b.grad, out.grad, n); });
     return out;
 }
 
@@ -1602,8 +1616,8 @@ __global__ void rotary_kernel(floatX* out, int ld_out, const floatX* x, int ld_x
 void rotary_forward(floatX* out, int ld_out, const floatX* x, int ld_x, long rows, int T, int NH, int hs, int start) {
     launch(rotary_kernel, row_grid(rows * NH), row_block(), 0, out, ld_out, x, ld_x, rows, T, NH, hs, start, false, false);
 }
-void rotary_backward(floatX* dx, int ld_dx, const floatX* dout, int ld_dout, long rows, int T, int NH, int hs) {
-    launch(rotary_kernel, row_grid(rows * NH), row_block(), 0, dx, ld_dx, dout, ld_dout, rows, T, NH, hs, 0, true, true);
+void rotary_backward(floatX* dx, int ld_dx, const floatX* dout, int ld_dout, long rows, int T, int NH, int hs, InputGrad mode) {
+    launch(rotary_kernel, row_grid(rows * NH), row_block(), 0, dx, ld_dx, dout, ld_dout, rows, T, NH, hs, 0, true, mode == InputGrad::add);
 }
 
 // The tape version: x (B, T, NH, hs) -> a rotated copy.
@@ -1613,7 +1627,7 @@ Tensor rotary(Tensor x) {
     int T = x.shape[1], NH = x.shape[2], hs = x.shape[3];
     long rows = long(x.shape[0]) * T;
     rotary_forward(out.data, NH * hs, x.data, NH * hs, rows, T, NH, hs, 0);
-    if (out.grad) record([=] { rotary_backward(x.grad, NH * hs, out.grad, NH * hs, rows, T, NH, hs); });
+    if (out.grad) record({out}, {x}, [=] { rotary_backward(x.grad, NH * hs, out.grad, NH * hs, rows, T, NH, hs, InputGrad::add); });
     return out;
 }
 
@@ -1685,37 +1699,50 @@ void attention_forward(floatX* out, AttentionSaved saved, const floatX* qkv, int
     gemm(false, false, T, hs, T, 1, att, T, v, 3 * C, 0, out, C, per_head(B, NH, NH * att_size, att_size, long(T) * 3 * C, hs, long(T) * C, hs));
 }
 
-void attention_backward(floatX* dqkv, const floatX* dout, AttentionSaved saved, const floatX* qkv, int B, int T, int C, int NH, bool rotary,
-                        real dropout_p, uint64_t seed) {
+// Scratch buffers of the backward, (B, T, C) unless noted: datt (B, NH, T, T) and, with dropout,
+// datt_kept (plain); D (B, NH, T) of real (flash); the rotated dq and dk (rotary).
+AttentionScratch attention_scratch(int B, int T, int C, int NH, bool rotary, real dropout_p, bool flash) {
+    long att_size = long(B) * NH * T * T, n = long(B) * T * C;
+    AttentionScratch scratch{};
+    if (!flash) scratch.datt = device_alloc<floatX>(att_size);
+    if (!flash && dropout_p > 0) scratch.datt_kept = device_alloc<floatX>(att_size);
+    if (flash) scratch.D = device_alloc<real>(long(B) * NH * T);
+    if (rotary) scratch.dq = device_alloc<floatX>(n), scratch.dk = device_alloc<floatX>(n);
+    return scratch;
+}
+
+// With rotary positions dq and dk were computed for the rotated q and k: turn them back into dqkv.
+static void rotary_gradients_back(floatX* dqkv, AttentionScratch scratch, int B, int T, int C, int NH, InputGrad mode) {
+    rotary_backward(dqkv, 3 * C, scratch.dq, C, long(B) * T, T, NH, C / NH, mode);
+    rotary_backward(dqkv + C, 3 * C, scratch.dk, C, long(B) * T, T, NH, C / NH, mode);
+}
+
+void attention_backward(floatX* dqkv, const floatX* dout, AttentionSaved saved, AttentionScratch scratch, const floatX* qkv, int B, int T, int C,
+                        int NH, bool rotary, real dropout_p, uint64_t seed, InputGrad mode) {
     int hs = C / NH, ld = rotary ? C : 3 * C;
     long heads = long(B) * NH, att_size = long(T) * T;
     const floatX *q = rotary ? saved.q : qkv, *k = rotary ? saved.k : qkv + C, *v = qkv + 2 * C;
     const floatX* att = dropout_p > 0 ? saved.att_dropped : saved.att;
-    floatX* datt = device_alloc<floatX>(heads * att_size);
+    real beta = mode == InputGrad::add ? 1 : 0;
+    floatX* datt = scratch.datt;
     gemm(false, true, T, T, hs, 1, dout, C, v, 3 * C, 0, datt, T, per_head(B, NH, long(T) * C, hs, long(T) * 3 * C, hs, NH * att_size, att_size));
-    gemm(true, false, T, hs, T, 1, att, T, dout, C, 1, dqkv + 2 * C, 3 * C,
+    gemm(true, false, T, hs, T, 1, att, T, dout, C, beta, dqkv + 2 * C, 3 * C,
          per_head(B, NH, NH * att_size, att_size, long(T) * C, hs, long(T) * 3 * C, hs));
-    if (dropout_p > 0) {  // datt' -> datt: a dropout backward into a zeroed buffer
-        floatX* undropped = device_alloc<floatX>(heads * att_size);
-        fill(undropped, heads * att_size, 0);
-        dropout_backward(undropped, datt, heads * att_size, dropout_p, seed);
-        datt = undropped;
+    if (dropout_p > 0) {  // datt' -> datt: the dropout backward
+        dropout_backward(scratch.datt_kept, datt, heads * att_size, dropout_p, seed, InputGrad::write);
+        datt = scratch.datt_kept;
     }
     launch(causal_softmax_backward_kernel, row_grid(heads * T), row_block(), 0, datt, saved.att, heads * T, T);
     real scale = real(1 / std::sqrt(double(hs)));
-    // Without rotary, dq and dk are added straight into dqkv; with it, they go to scratch (B, T, C)
-    // buffers first, to be turned back.
-    floatX* dq = rotary ? device_alloc<floatX>(long(B) * T * C) : dqkv;
-    floatX* dk = rotary ? device_alloc<floatX>(long(B) * T * C) : dqkv + C;
+    // Without rotary, dq and dk go straight into dqkv; with it, to scratch first, to be turned back.
+    floatX* dq = rotary ? scratch.dq : dqkv;
+    floatX* dk = rotary ? scratch.dk : dqkv + C;
     int ld_grad = rotary ? C : 3 * C;
-    real beta = rotary ? 0 : 1;
+    real beta_qk = rotary ? 0 : beta;
     GemmBatch layout = per_head(B, NH, NH * att_size, att_size, long(T) * ld, hs, long(T) * ld_grad, hs);
-    gemm(false, false, T, hs, T, scale, datt, T, k, ld, beta, dq, ld_grad, layout);
-    gemm(true, false, T, hs, T, scale, datt, T, q, ld, beta, dk, ld_grad, layout);
-    if (rotary) {
-        rotary_backward(dqkv, 3 * C, dq, C, long(B) * T, T, NH, hs);
-        rotary_backward(dqkv + C, 3 * C, dk, C, long(B) * T, T, NH, hs);
-    }
+    gemm(false, false, T, hs, T, scale, datt, T, k, ld, beta_qk, dq, ld_grad, layout);
+    gemm(true, false, T, hs, T, scale, datt, T, q, ld, beta_qk, dk, ld_grad, layout);
+    if (rotary) rotary_gradients_back(dqkv, scratch, B, T, C, NH, mode);
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -1886,7 +1913,7 @@ __global__ void flash_attention_dq_kernel(floatX* dq, int ld_dq, bool accumulate
 // dk and dv for a tile of keys per block: a key per row group, looping over the queries t >= s, whose
 // q and dout rows (and lse and D) pass through shared memory.
 template <int PER_THREAD>
-__global__ void flash_attention_dkdv_kernel(floatX* dk, int ld_dk, bool accumulate, floatX* dv, const floatX* dout, const real* lse, const real* D,
+__global__ void flash_attention_dkdv_kernel(floatX* dk, int ld_dk, bool accumulate, floatX* dv, bool accumulate_v, const floatX* dout, const real* lse, const real* D,
                                             const floatX* q, const floatX* k, const floatX* v, FlashShape s) {
     int hs = s.C / s.NH, b = blockIdx.y / s.NH, h = blockIdx.y % s.NH;
     int first = blockIdx.x * blockDim.y, key = first + threadIdx.y;
@@ -1931,7 +1958,8 @@ __global__ void flash_attention_dkdv_kernel(floatX* dk, int ld_dk, bool accumula
         if (d >= hs) continue;
         floatX* target_k = dk + (long(b) * s.T + key) * ld_dk + h * hs + d;
         *target_k = (accumulate ? real(*target_k) : 0) + grad_k[i];
-        dv[(long(b) * s.T + key) * 3 * s.C + h * hs + d] += grad_v[i];
+        floatX* target_v = dv + (long(b) * s.T + key) * 3 * s.C + h * hs + d;
+        *target_v = (accumulate_v ? real(*target_v) : 0) + grad_v[i];
     }
 }
 
@@ -1974,29 +2002,26 @@ void flash_attention_forward(floatX* out, AttentionSaved saved, const floatX* qk
     });
 }
 
-void flash_attention_backward(floatX* dqkv, const floatX* dout, const floatX* out, AttentionSaved saved, const floatX* qkv, int B, int T, int C, int NH,
-                              bool rotary, real dropout_p, uint64_t seed) {
+void flash_attention_backward(floatX* dqkv, const floatX* dout, const floatX* out, AttentionSaved saved, AttentionScratch scratch,
+                              const floatX* qkv, int B, int T, int C, int NH, bool rotary, real dropout_p, uint64_t seed, InputGrad mode) {
     int hs = C / NH;
     const floatX *q = rotary ? saved.q : qkv, *k = rotary ? saved.k : qkv + C, *v = qkv + 2 * C;
     FlashShape s{B, T, C, NH, rotary ? C : 3 * C, real(1 / std::sqrt(double(hs))), dropout_p, seed};
-    real* D = device_alloc<real>(long(B) * NH * T);
-    launch(attention_row_dot_kernel, row_grid(long(B) * NH * T), row_block(), 0, D, dout, out, s);
-    // Without rotary, dq and dk are added straight into dqkv; with it they go to scratch buffers first,
-    // to be turned back.
-    floatX* dq = rotary ? device_alloc<floatX>(long(B) * T * C) : dqkv;
-    floatX* dk = rotary ? device_alloc<floatX>(long(B) * T * C) : dqkv + C;
+    launch(attention_row_dot_kernel, row_grid(long(B) * NH * T), row_block(), 0, scratch.D, dout, out, s);
+    // Without rotary, dq and dk go straight into dqkv; with it, to scratch first, to be turned back.
+    floatX* dq = rotary ? scratch.dq : dqkv;
+    floatX* dk = rotary ? scratch.dk : dqkv + C;
     int ld = rotary ? C : 3 * C;
+    bool accumulate = mode == InputGrad::add;
     dim3 grid(unsigned((T + rows_per_block() - 1) / rows_per_block()), unsigned(B * NH));
     with_values_per_thread(hs, [&](auto per_thread) {
         constexpr int n = decltype(per_thread)::value;
-        launch(flash_attention_dq_kernel<n>, grid, row_block(), 2 * flash_tile * hs * sizeof(real), dq, ld, !rotary, dout, saved.lse, D, q, k, v, s);
-        launch(flash_attention_dkdv_kernel<n>, grid, row_block(), (2 * flash_tile * hs + 2 * flash_tile) * sizeof(real), dk, ld, !rotary,
-               dqkv + 2 * C, dout, saved.lse, D, q, k, v, s);
+        launch(flash_attention_dq_kernel<n>, grid, row_block(), 2 * flash_tile * hs * sizeof(real), dq, ld, accumulate && !rotary, dout, saved.lse,
+               scratch.D, q, k, v, s);
+        launch(flash_attention_dkdv_kernel<n>, grid, row_block(), (2 * flash_tile * hs + 2 * flash_tile) * sizeof(real), dk, ld,
+               accumulate && !rotary, dqkv + 2 * C, accumulate, dout, saved.lse, scratch.D, q, k, v, s);
     });
-    if (rotary) {
-        rotary_backward(dqkv, 3 * C, dq, C, long(B) * T, T, NH, hs);
-        rotary_backward(dqkv + C, 3 * C, dk, C, long(B) * T, T, NH, hs);
-    }
+    if (rotary) rotary_gradients_back(dqkv, scratch, B, T, C, NH, mode);
 }
 
 Tensor attention(Tensor qkv, int heads, bool rotary, real dropout_p, uint64_t seed) {
@@ -2013,9 +2038,10 @@ Tensor attention(Tensor qkv, int heads, bool rotary, real dropout_p, uint64_t se
                          flash ? device_alloc<real>(long(B) * heads * T) : nullptr};
     if (flash) flash_attention_forward(out.data, saved, qkv.data, B, T, C, heads, rotary, dropout_p, seed);
     else attention_forward(out.data, saved, qkv.data, B, T, C, heads, rotary, dropout_p, seed);
-    if (out.grad) record([=] {
-        if (flash) flash_attention_backward(qkv.grad, out.grad, out.data, saved, qkv.data, B, T, C, heads, rotary, dropout_p, seed);
-        else attention_backward(qkv.grad, out.grad, saved, qkv.data, B, T, C, heads, rotary, dropout_p, seed);
+    if (out.grad) record({out}, {qkv}, [=] {
+        AttentionScratch scratch = attention_scratch(B, T, C, heads, rotary, dropout_p, flash);
+        if (flash) flash_attention_backward(qkv.grad, out.grad, out.data, saved, scratch, qkv.data, B, T, C, heads, rotary, dropout_p, seed, InputGrad::add);
+        else attention_backward(qkv.grad, out.grad, saved, scratch, qkv.data, B, T, C, heads, rotary, dropout_p, seed, InputGrad::add);
     });
     return out;
 }
@@ -2030,29 +2056,45 @@ Tensor multi_head_attention(Tensor x, Tensor qkv_weight, Tensor qkv_bias, Tensor
 // The forward saves logsumexp per row, not the (N, V) probabilities.
 // Backward: dlogits_n += (softmax(logits_n) - onehot(target_n)) * dloss / count, 0 for ignored rows.
 
-__global__ void cross_entropy_forward_kernel(real* losses, real* logsumexp, const floatX* logits, const int* targets, long N, int V) {
-    bool active;
-    long row = group_row(N, &active);
-    const floatX* l = logits + row * V;
-    real largest = group_max(row_max(V, [&](int v) { return l[v]; }));
-    real lse = largest + log(group_sum(row_sum(V, [&](int v) { return fast_exp(l[v] - largest); })));
-    if (!active || threadIdx.x != 0) return;
-    int target = targets[row];
-    logsumexp[row] = lse;
-    // A target outside the vocabulary makes the loss NaN, which training reports, rather than a wild read.
-    losses[row] = target == ignore_index ? 0 : target < 0 || target >= V ? NAN : lse - l[target];
+// The positions whose target counts (is not ignore_index), added up by one row group.
+__global__ void count_targets_kernel(real* count, const int* targets, long N) {
+    real total = 0;
+    for (long n = threadIdx.x; n < N; n += blockDim.x) total += targets[n] != ignore_index;
+    total = group_sum(total);
+    if (threadIdx.x == 0) count[0] = total;
 }
 
-// One group adds up the row losses in a fixed order: loss = sum / count; count is kept for backward.
-// The mean stays in `real` (float even when tensors are bfloat16: a loss rounded to 8 bits would log as
-// 5.5625 and blur the choice of the best checkpoint); `stored` gets a copy as a tensor when not null.
-__global__ void mean_loss_kernel(real* loss, floatX* stored, real* count_out, const real* losses, const int* targets, long N) {
-    real total = 0, count = 0;
-    for (long n = threadIdx.x; n < N; n += blockDim.x)
-        if (targets[n] != ignore_index) total += losses[n], count += 1;
-    total = group_sum(total), count = group_sum(count);
+// A row per position: loss_n, logsumexp_n when asked, and with write_gradient the gradient written over
+// the logits, (softmax - onehot(target)) * scale / count: the forward and backward fused (llm.c's
+// classifier), so no (N, V) gradient buffer is zeroed, written and read again. A target outside the
+// vocabulary makes the loss NaN, which training reports, rather than a wild read.
+__global__ void classifier_kernel(floatX* logits, real* losses, real* logsumexp, const int* targets, const real* count, real scale, long N, int V,
+                                  bool write_gradient) {
+    bool active;
+    long row = group_row(N, &active);
+    floatX* l = logits + row * V;
+    int target = targets[row];
+    bool counted = target != ignore_index, valid = target >= 0 && target < V;
+    real target_logit = valid ? real(l[target]) : 0;  // read before any thread of the group overwrites it
+    real largest = group_max(row_max(V, [&](int v) { return l[v]; }));
+    real lse = largest + log(group_sum(row_sum(V, [&](int v) { return fast_exp(l[v] - largest); })));
+    if (!active) return;
+    if (write_gradient) {
+        real factor = counted ? scale / count[0] : 0;
+        for_each_in_row(V, [&](int v) { l[v] = (fast_exp(l[v] - lse) - (v == target ? 1 : 0)) * factor; });
+    }
     if (threadIdx.x != 0) return;
-    loss[0] = count > 0 ? total / count : 0, count_out[0] = count;
+    if (logsumexp) logsumexp[row] = lse;
+    losses[row] = !counted ? 0 : valid ? lse - target_logit : NAN;
+}
+
+// The mean over the counted positions (ignored ones have loss 0), in a fixed order. It stays in `real`
+// (float even when tensors are bfloat16: a loss rounded to 8 bits would log as 5.5625 and blur the
+// choice of the best checkpoint); `stored` gets a copy as a tensor when not null.
+__global__ void mean_loss_kernel(real* loss, floatX* stored, const real* count, const real* losses, long N) {
+    real total = group_sum(sum_strided(0, N, threadIdx.x, blockDim.x, [&](long n) { return losses[n]; }));
+    if (threadIdx.x != 0) return;
+    loss[0] = count[0] > 0 ? total / count[0] : 0;
     if (stored) stored[0] = loss[0];
 }
 
@@ -2068,14 +2110,10 @@ __global__ void cross_entropy_backward_kernel(floatX* dlogits, const floatX* dlo
     for_each_in_row(V, [&](int v) { d[v] += (fast_exp(l[v] - lse) - (v == target ? 1 : 0)) * scale; });
 }
 
-void cross_entropy_forward(real* loss, real* count, real* losses, real* logsumexp, const floatX* logits, const int* targets, long N, int V) {
-    launch(cross_entropy_forward_kernel, row_grid(N), row_block(), 0, losses, logsumexp, logits, targets, N, V);
-    launch(mean_loss_kernel, 1, dim3(threads_per_row), 0, loss, nullptr, count, losses, targets, N);
-}
-
-void cross_entropy_backward(floatX* dlogits, const floatX* dloss, const real* count, const floatX* logits, const real* logsumexp, const int* targets,
-                            long N, int V) {
-    launch(cross_entropy_backward_kernel, row_grid(N), row_block(), 0, dlogits, dloss, count, logits, logsumexp, targets, N, V);
+void classifier(floatX* logits, real* losses, real* loss, real* count, const int* targets, long N, int V, real loss_scale, bool write_gradient) {
+    launch(count_targets_kernel, 1, dim3(threads_per_row), 0, count, targets, N);
+    launch(classifier_kernel, row_grid(N), row_block(), 0, logits, losses, nullptr, targets, count, loss_scale, N, V, write_gradient);
+    launch(mean_loss_kernel, 1, dim3(threads_per_row), 0, loss, nullptr, count, losses, N);
 }
 
 Tensor cross_entropy(Tensor logits, const int* targets) {
@@ -2083,11 +2121,14 @@ Tensor cross_entropy(Tensor logits, const int* targets) {
     long N = logits.size() / V;
     Tensor out = new_result(Tensor{}, {logits});
     real *loss = device_alloc<real>(1), *count = device_alloc<real>(1);
-    real* losses = device_alloc<real>(N);
-    real* logsumexp = device_alloc<real>(N);
-    launch(cross_entropy_forward_kernel, row_grid(N), row_block(), 0, losses, logsumexp, logits.data, targets, N, V);
-    launch(mean_loss_kernel, 1, dim3(threads_per_row), 0, loss, out.data, count, losses, targets, N);
-    if (out.grad) record([=] { cross_entropy_backward(logits.grad, out.grad, count, logits.data, logsumexp, targets, N, V); });
+    real *losses = device_alloc<real>(N), *logsumexp = device_alloc<real>(N);
+    launch(count_targets_kernel, 1, dim3(threads_per_row), 0, count, targets, N);
+    launch(classifier_kernel, row_grid(N), row_block(), 0, logits.data, losses, logsumexp, targets, count, real(0), N, V, false);
+    launch(mean_loss_kernel, 1, dim3(threads_per_row), 0, loss, out.data, count, losses, N);
+    if (out.grad)
+        record({out}, {logits}, [=] {
+            launch(cross_entropy_backward_kernel, row_grid(N), row_block(), 0, logits.grad, out.grad, count, logits.data, logsumexp, targets, N, V);
+        });
     return out;
 }
 
@@ -2118,7 +2159,7 @@ Tensor mse(Tensor a, Tensor b) {
     Tensor out = new_result(Tensor{}, {a, b});
     long n = a.size();
     mse_forward(out.data, a.data, b.data, n);
-    if (out.grad) record([=] { mse_backward(a.grad, b.grad, out.grad, a.data, b.data, n); });
+    if (out.grad) record({out}, {a, b}, [=] { mse_backward(a.grad, b.grad, out.grad, a.data, b.data, n); });
     return out;
 }
 
@@ -2255,9 +2296,9 @@ std::vector<std::pair<std::string, Tensor>> gpt_named_parameters(GPT& model) {
 // Each residual add is fused with the norm that follows it (residual_norm), so h, the normalized
 // stream, is always at hand for the next branch. Dropout only when `training`; each dropout call draws
 // from its own stream of `seed`.
-Tensor gpt_forward(GPT& model, const int* tokens, int B, int T, bool training, uint64_t seed) {
+Tensor gpt_forward_tape(GPT& model, const int* tokens, int B, int T, bool training, uint64_t seed) {
     const GPTConfig& c = model.config;
-    if (T > c.context) fail("gpt_forward: sequence length %d exceeds the context window %d", T, c.context);
+    if (T > c.context) fail("gpt_forward_tape: sequence length %d exceeds the context window %d", T, c.context);
     real p = training ? c.dropout : 0, p_attention = training ? c.attention_dropout : 0;
     uint64_t stream = 0;
     Tensor x = dropout(embedding(tokens, B, T, model.wte, model.wpe), p, random_bits(seed, stream++));
@@ -2276,6 +2317,182 @@ Tensor gpt_forward(GPT& model, const int* tokens, int B, int T, bool training, u
         x = r.sum, h = r.normalized;
     }
     return linear(h, c.tied_embeddings ? model.wte : model.lm_head, Tensor{});
+}
+
+// ----------------------------------------------------------------------------------------------------
+// The GPT written out, llm.c style: gpt_forward calls the layers' forward functions in order on
+// activation buffers planned once for a (B, T), and gpt_backward calls their backward functions in
+// reverse. The same maths as gpt_forward_tape (the tests check both give the same gradients), without
+// the tape: no closures, no tensors made per step, and every activation gradient with a single
+// producer is written rather than zeroed and then added to.
+//
+// Dropout sites draw from streams of the seed in a fixed order (embedding 0; layer l: attention
+// 3l + 1, attention projection 3l + 2, MLP 3l + 3), the same streams as the tape version.
+
+// Lays out every buffer of the activations in one allocation: run once with base = null to measure,
+// then with the memory.
+struct BufferCarver {
+    char* base;
+    size_t bytes = 0;
+    template <typename T> T* take(long count) {
+        size_t start = (bytes + 255) / 256 * 256;
+        bytes = start + size_t(count) * sizeof(T);
+        return base ? reinterpret_cast<T*>(base + start) : nullptr;
+    }
+};
+
+static void carve_activations(GPTActivations& a, const GPTConfig& c, BufferCarver& carve) {
+    long N = long(a.B) * a.T, C = c.dim, H = long(c.mlp_ratio) * C, F = c.activation == Activation::swiglu ? 2 * H : H;
+    long att_size = long(a.B) * c.heads * a.T * a.T;
+    bool rotary = c.rotary, dropout = c.dropout > 0, attention_dropout = c.attention_dropout > 0, flash = a.flash;
+    a.stream.resize(c.layers + 1), a.normalized.resize(c.layers + 1), a.mean.resize(c.layers + 1), a.rstd.resize(c.layers + 1);
+    a.layers.resize(c.layers);
+    for (int l = 0; l <= c.layers; l++) {
+        a.stream[l] = carve.take<floatX>(N * C), a.normalized[l] = carve.take<floatX>(N * C);
+        a.mean[l] = carve.take<real>(N), a.rstd[l] = carve.take<real>(N);
+    }
+    for (GPTLayerActivations& s : a.layers) {
+        s.qkv = carve.take<floatX>(N * 3 * C), s.attention = carve.take<floatX>(N * C);
+        s.saved.q = rotary ? carve.take<floatX>(N * C) : nullptr, s.saved.k = rotary ? carve.take<floatX>(N * C) : nullptr;
+        s.saved.att = flash ? nullptr : carve.take<floatX>(att_size);
+        s.saved.att_dropped = !flash && attention_dropout ? carve.take<floatX>(att_size) : nullptr;
+        s.saved.lse = flash ? carve.take<real>(long(a.B) * c.heads * a.T) : nullptr;
+        s.residual = carve.take<floatX>(N * C), s.normalized = carve.take<floatX>(N * C);
+        s.mean = carve.take<real>(N), s.rstd = carve.take<real>(N);
+        s.fc = carve.take<floatX>(N * F), s.activation = carve.take<floatX>(N * H);
+    }
+    a.logits = carve.take<floatX>(N * c.vocab_size);
+    a.losses = carve.take<real>(N), a.loss = carve.take<real>(1), a.count = carve.take<real>(1);
+    a.branch = carve.take<floatX>(N * C), a.dropped = dropout ? carve.take<floatX>(N * C) : nullptr;
+    a.dstream = carve.take<floatX>(N * C), a.dnormalized = carve.take<floatX>(N * C), a.dqkv = carve.take<floatX>(N * 3 * C);
+    a.dattention = carve.take<floatX>(N * C), a.dfc = carve.take<floatX>(N * F), a.dactivation = carve.take<floatX>(N * H);
+    a.dbranch = dropout ? carve.take<floatX>(N * C) : nullptr;
+    a.scratch.datt = flash ? nullptr : carve.take<floatX>(att_size);
+    a.scratch.datt_kept = !flash && attention_dropout ? carve.take<floatX>(att_size) : nullptr;
+    a.scratch.D = flash ? carve.take<real>(long(a.B) * c.heads * a.T) : nullptr;
+    a.scratch.dq = rotary ? carve.take<floatX>(N * C) : nullptr, a.scratch.dk = rotary ? carve.take<floatX>(N * C) : nullptr;
+}
+
+// (Re)plans the buffers when the shape or the attention kind changes; otherwise they are reused.
+static void plan_activations(GPTActivations& a, const GPTConfig& c, int B, int T) {
+    if (a.memory && a.B == B && a.T == T && a.flash == use_flash_attention) return;
+    cuda_check(cudaFree(a.memory));
+    a.memory = nullptr, a.B = B, a.T = T, a.flash = use_flash_attention;
+    BufferCarver measure{nullptr};
+    carve_activations(a, c, measure);
+    cuda_check(cudaMalloc(&a.memory, measure.bytes));
+    a.bytes = measure.bytes;
+    BufferCarver carve{static_cast<char*>(a.memory)};
+    carve_activations(a, c, carve);
+}
+
+GPTActivations::~GPTActivations() { (void)cudaFree(memory); }
+
+// x with dropout p into `dropped` (x itself when p is 0), and its backward.
+static const floatX* dropout_site(const floatX* x, floatX* dropped, long n, real p, uint64_t seed) {
+    if (p <= 0) return x;
+    dropout_forward(dropped, x, n, p, seed);
+    return dropped;
+}
+static const floatX* dropout_site_backward(const floatX* dout, floatX* dx, long n, real p, uint64_t seed) {
+    if (p <= 0) return dout;
+    dropout_backward(dx, dout, n, p, seed, InputGrad::write);
+    return dx;
+}
+
+void gpt_forward(GPT& model, GPTActivations& a, const int* tokens, int B, int T, bool training, uint64_t seed) {
+    const GPTConfig& c = model.config;
+    if (T > c.context) fail("gpt_forward: sequence length %d exceeds the context window %d", T, c.context);
+    plan_activations(a, c, B, T);
+    a.tokens = tokens, a.seed = seed, a.dropout = training ? c.dropout : 0, a.attention_dropout = training ? c.attention_dropout : 0;
+    int C = c.dim, NH = c.heads, L = c.layers, H = c.mlp_ratio * C, F = c.activation == Activation::swiglu ? 2 * H : H;
+    long N = long(B) * T;
+    const Tensor& head = c.tied_embeddings ? model.wte : model.lm_head;
+    floatX* embedded = a.dropout > 0 ? a.branch : a.stream[0];
+    embedding_forward(embedded, tokens, model.wte.data, model.wpe.data, B, T, C);                             // (B,T,C)
+    if (a.dropout > 0) dropout_forward(a.stream[0], embedded, N * C, a.dropout, random_bits(seed, 0));      // x = dropout(embed)
+    norm_forward(c.norm, a.normalized[0], a.mean[0], a.rstd[0], a.stream[0], model.layers[0].norm1_weight.data, model.layers[0].norm1_bias.data,
+                 N, C);                                                                                       // h = norm1(x)
+    for (int l = 0; l < L; l++) {
+        GPTLayer& w = model.layers[l];
+        GPTLayerActivations& s = a.layers[l];
+        linear_forward(s.qkv, a.normalized[l], w.qkv_weight.data, w.qkv_bias.data, N, C, 3 * C);             // (B,T,3C)
+        uint64_t attention_seed = random_bits(seed, 3 * l + 1);
+        if (a.flash) flash_attention_forward(s.attention, s.saved, s.qkv, B, T, C, NH, c.rotary, a.attention_dropout, attention_seed);
+        else attention_forward(s.attention, s.saved, s.qkv, B, T, C, NH, c.rotary, a.attention_dropout, attention_seed);  // (B,T,C)
+        linear_forward(a.branch, s.attention, w.attn_proj_weight.data, w.attn_proj_bias.data, N, C, C);      // (B,T,C)
+        const floatX* branch = dropout_site(a.branch, a.dropped, N * C, a.dropout, random_bits(seed, 3 * l + 2));
+        residual_norm_forward(c.norm, s.residual, s.normalized, s.mean, s.rstd, a.stream[l], branch, w.norm2_weight.data, w.norm2_bias.data,
+                              N, C);                                                                          // r = x + branch, h2 = norm2(r)
+        if (c.activation == Activation::gelu) {
+            linear_gelu_forward(s.activation, s.fc, s.normalized, w.fc_weight.data, w.fc_bias.data, N, C, F);  // (B,T,4C)
+        } else {
+            linear_forward(s.fc, s.normalized, w.fc_weight.data, w.fc_bias.data, N, C, F);                   // (B,T,2H)
+            swiglu_forward(s.activation, s.fc, N, H);                                                         // (B,T,H)
+        }
+        linear_forward(a.branch, s.activation, w.mlp_proj_weight.data, w.mlp_proj_bias.data, N, H, C);       // (B,T,C)
+        branch = dropout_site(a.branch, a.dropped, N * C, a.dropout, random_bits(seed, 3 * l + 3));
+        bool last = l + 1 == L;  // the next norm: the next layer's first, or the final one
+        const Tensor& norm_weight = last ? model.final_norm_weight : model.layers[l + 1].norm1_weight;
+        const Tensor& norm_bias = last ? model.final_norm_bias : model.layers[l + 1].norm1_bias;
+        residual_norm_forward(c.norm, a.stream[l + 1], a.normalized[l + 1], a.mean[l + 1], a.rstd[l + 1], s.residual, branch,
+                              norm_weight.data, norm_bias.data, N, C);                                        // x' = r + branch, h = norm(x')
+    }
+    linear_forward(a.logits, a.normalized[L], head.data, nullptr, N, C, c.vocab_size);                        // (B,T,V)
+}
+
+real gpt_loss(GPTActivations& a, const int* targets, int vocab_size) {
+    classifier(a.logits, a.losses, a.loss, a.count, targets, long(a.B) * a.T, vocab_size, 0, false);
+    real loss;
+    cuda_check(cudaMemcpy(&loss, a.loss, sizeof loss, cudaMemcpyDeviceToHost));
+    return loss;
+}
+
+void gpt_backward(GPT& model, GPTActivations& a, const int* targets, real loss_scale) {
+    const GPTConfig& c = model.config;
+    int B = a.B, T = a.T, C = c.dim, NH = c.heads, L = c.layers, H = c.mlp_ratio * C, F = c.activation == Activation::swiglu ? 2 * H : H;
+    long N = long(B) * T;
+    const Tensor& head = c.tied_embeddings ? model.wte : model.lm_head;
+    const InputGrad write = InputGrad::write, add = InputGrad::add;
+    // The loss, and dlogits = (softmax(logits) - onehot(targets)) * loss_scale / count over the logits  (B,T,V)
+    classifier(a.logits, a.losses, a.loss, a.count, targets, N, c.vocab_size, loss_scale, true);
+    floatX* dlogits = a.logits;
+    linear_backward(a.dnormalized, head.grad, nullptr, dlogits, a.normalized[L], head.data, N, C, c.vocab_size, write);  // dh (B,T,C)
+    norm_backward(c.norm, a.dstream, model.final_norm_weight.grad, model.final_norm_bias.grad, a.dnormalized, a.stream[L],
+                  model.final_norm_weight.data, a.mean[L], a.rstd[L], N, C, write);                          // dx (B,T,C)
+    for (int l = L - 1; l >= 0; l--) {
+        GPTLayer& w = model.layers[l];
+        GPTLayerActivations& s = a.layers[l];
+        // The MLP branch: its output's gradient is the stream's, through dropout.
+        const floatX* dbranch = dropout_site_backward(a.dstream, a.dbranch, N * C, a.dropout, random_bits(a.seed, 3 * l + 3));
+        linear_backward(a.dactivation, w.mlp_proj_weight.grad, w.mlp_proj_bias.grad, dbranch, s.activation, w.mlp_proj_weight.data, N, H, C,
+                        write);                                                                               // (B,T,H)
+        if (c.activation == Activation::gelu) {
+            linear_gelu_backward(a.dnormalized, w.fc_weight.grad, w.fc_bias.grad, a.dfc, a.dactivation, s.fc, s.normalized, w.fc_weight.data, N,
+                                 C, F, write);                                                                // dh2 (B,T,C)
+        } else {
+            swiglu_backward(a.dfc, a.dactivation, s.fc, N, H, write);                                          // (B,T,2H)
+            linear_backward(a.dnormalized, w.fc_weight.grad, w.fc_bias.grad, a.dfc, s.normalized, w.fc_weight.data, N, C, F, write);
+        }
+        norm_backward(c.norm, a.dstream, w.norm2_weight.grad, w.norm2_bias.grad, a.dnormalized, s.residual, w.norm2_weight.data, s.mean,
+                      s.rstd, N, C, add);                                                                     // dr = dx + norm2's
+        // The attention branch.
+        dbranch = dropout_site_backward(a.dstream, a.dbranch, N * C, a.dropout, random_bits(a.seed, 3 * l + 2));
+        linear_backward(a.dattention, w.attn_proj_weight.grad, w.attn_proj_bias.grad, dbranch, s.attention, w.attn_proj_weight.data, N, C, C,
+                        write);                                                                               // (B,T,C)
+        uint64_t attention_seed = random_bits(a.seed, 3 * l + 1);
+        if (a.flash)
+            flash_attention_backward(a.dqkv, a.dattention, s.attention, s.saved, a.scratch, s.qkv, B, T, C, NH, c.rotary, a.attention_dropout,
+                                     attention_seed, write);
+        else
+            attention_backward(a.dqkv, a.dattention, s.saved, a.scratch, s.qkv, B, T, C, NH, c.rotary, a.attention_dropout, attention_seed,
+                               write);                                                                        // (B,T,3C)
+        linear_backward(a.dnormalized, w.qkv_weight.grad, w.qkv_bias.grad, a.dqkv, a.normalized[l], w.qkv_weight.data, N, C, 3 * C, write);
+        norm_backward(c.norm, a.dstream, w.norm1_weight.grad, w.norm1_bias.grad, a.dnormalized, a.stream[l], w.norm1_weight.data, a.mean[l],
+                      a.rstd[l], N, C, add);                                                                  // dx (B,T,C)
+    }
+    const floatX* dembedded = dropout_site_backward(a.dstream, a.dbranch, N * C, a.dropout, random_bits(a.seed, 0));
+    embedding_backward(model.wte.grad, model.wpe.grad, dembedded, a.tokens, B, T, c.vocab_size, C);
 }
 
 // ====================================================================================================
@@ -2321,8 +2538,7 @@ floatX* gpt_forward_cached(GPT& model, KVCache& cache, const int* tokens, int n)
     floatX *fc = device_alloc<floatX>(long(n) * fc_out), *act = device_alloc<floatX>(long(n) * hidden);
     real *mean = device_alloc<real>(n), *rstd = device_alloc<real>(n);
     auto normalize_into = [&](floatX* out, const floatX* in, const Tensor& weight, const Tensor& bias) {
-        if (c.norm == Norm::rmsnorm) rmsnorm_forward(out, rstd, in, weight.data, n, C);
-        else layernorm_forward(out, mean, rstd, in, weight.data, bias.data, n, C);
+        norm_forward(c.norm, out, mean, rstd, in, weight.data, bias.data, n, C);
     };
     embedding_forward(x, tokens, model.wte.data, c.rotary ? nullptr : model.wpe.data + long(start) * C, 1, n, C);
     for (int l = 0; l < c.layers; l++) {
@@ -2417,7 +2633,7 @@ void generate(GPT& model, std::vector<int>& tokens, int count, Sampler& sampler,
             logits = gpt_forward_cached(model, cache, device_tokens, fresh);
         } else {
             cuda_check(cudaMemcpy(device_tokens, tokens.data() + window_start, n * sizeof(int), cudaMemcpyHostToDevice));
-            logits = gpt_forward(model, device_tokens, 1, n, false, 0).data + long(n - 1) * c.vocab_size;
+            logits = gpt_forward_tape(model, device_tokens, 1, n, false, 0).data + long(n - 1) * c.vocab_size;
         }
         std::vector<real> host = download(logits, c.vocab_size);
         memory_release(mark);
@@ -3499,11 +3715,6 @@ uint64_t dataloader_get_rng_state(const DataLoader* loader) { return loader->rng
 
 void dataloader_set_rng_state(DataLoader* loader, uint64_t state) { loader->rng_state = state; }
 
-void dataloader_close(DataLoader* loader) {
-    token_file_close(&loader->file);
-    loader->inputs.clear();
-    loader->targets.clear();
-}
 
 // ====================================================================================================
 // Command-line programs

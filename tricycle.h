@@ -214,28 +214,38 @@ void fill_normal(floatX* out, long n, uint64_t seed, real mean, real std);
 void fill_uniform(floatX* out, long n, uint64_t seed, real low, real high);
 
 // ----------------------------------------------------------------------------------------------------
-// The tape. While gradients are enabled, every operation whose inputs require a gradient appends a
-// closure that sends the gradient of its output back to its inputs. backward(t) seeds dt = 1 and runs
-// the closures in reverse. Closures live in a host arena that memory_release() also resets.
+// The tape. While gradients are enabled, every operation whose inputs require a gradient appends an
+// entry: its output tensors, its input tensors, and a closure that sends the outputs' gradients back
+// into the inputs' gradients (adding to them). Closures live in a host arena.
+//
+// backward(t) works like PyTorch's (with retain_graph): it runs, in reverse order, only the entries t
+// depends on; the gradients of their outputs are zeroed first and t's own set to ones, so each call
+// computes fresh gradients of t for the intermediate results, and leaf tensors (made with
+// requires_grad, e.g. parameters) accumulate: backward(y1); backward(y2) leaves grad(x) = dy1/dx +
+// dy2/dx. The tape keeps its entries, so a later backward can use them again, until memory_release()
+// drops them with the tensors they point to.
 
 extern bool grad_enabled;
 
+constexpr int tape_max_outputs = 2, tape_max_inputs = 4;
 struct TapeEntry {
     void (*run)(void* closure);
     void* closure;
+    Tensor outputs[tape_max_outputs];  // the gradients the closure reads (empty Tensors past the end)
+    Tensor inputs[tape_max_inputs];    // the gradients it adds into
 };
 
 void* tape_alloc(size_t bytes);
-void tape_append(TapeEntry entry);
+void tape_append(TapeEntry entry, std::initializer_list<Tensor> outputs, std::initializer_list<Tensor> inputs);
 
-template <typename F> void record(F backward) {
+template <typename F> void record(std::initializer_list<Tensor> outputs, std::initializer_list<Tensor> inputs, F backward) {
     static_assert(std::is_trivially_destructible<F>::value, "tape closures capture plain values only");
     void* memory = tape_alloc(sizeof(F));
     new (memory) F(backward);
-    tape_append(TapeEntry{[](void* closure) { (*static_cast<F*>(closure))(); }, memory});
+    tape_append(TapeEntry{[](void* closure) { (*static_cast<F*>(closure))(); }, memory, {}, {}}, outputs, inputs);
 }
 
-void backward(Tensor t);  // seeds t.grad with ones, runs the tape in reverse, then clears the tape
+void backward(Tensor t);
 void zero_grad(Tensor t);
 size_t tape_length();
 
@@ -318,50 +328,51 @@ void gemm(bool transpose_a, bool transpose_b, int M, int N, int K, real alpha, c
 
 // ====================================================================================================
 // Layers. Each is a pair of functions on raw device pointers, <layer>_forward and <layer>_backward,
-// launching its kernels (backward adds into gradients and skips null ones), and a tape version on
-// Tensors. Shapes: B batch, T time, C channels, N = B*T rows, NH heads, V vocabulary.
+// launching its kernels (backward skips null gradients), and a tape version on Tensors. Shapes: B
+// batch, T time, C channels, N = B*T rows, NH heads, V vocabulary.
+//
+// A backward always adds into parameter gradients (they gather over micro-batches); its input's
+// gradient it either adds to or writes. The tape adds (a tensor may feed several operations);
+// gpt_backward writes wherever a buffer has a single producer, so nothing needs zeroing first.
+enum class InputGrad { add, write };
 
 void embedding_forward(floatX* out, const int* tokens, const floatX* wte, const floatX* wpe, int B, int T, int C);
 void embedding_backward(floatX* dwte, floatX* dwpe, const floatX* dout, const int* tokens, int B, int T, int V, int C);
 Tensor embedding(const int* tokens, int B, int T, Tensor wte, Tensor wpe);  // wpe may be empty (rotary)
 
 void linear_forward(floatX* out, const floatX* x, const floatX* weight, const floatX* bias, long N, int in, int out_features);
-void linear_backward(floatX* dx, floatX* dweight, floatX* dbias, const floatX* dout, const floatX* x, const floatX* weight, long N, int in, int out_features);
+void linear_backward(floatX* dx, floatX* dweight, floatX* dbias, const floatX* dout, const floatX* x, const floatX* weight, long N, int in, int out_features,
+                     InputGrad mode);
 Tensor linear(Tensor x, Tensor weight, Tensor bias);  // x @ weight^T + bias; weight (out, in); bias may be empty
 
-void layernorm_forward(floatX* out, real* mean, real* rstd, const floatX* x, const floatX* weight, const floatX* bias, long rows, int C);
-void layernorm_backward(floatX* dx, floatX* dweight, floatX* dbias, const floatX* dout, const floatX* x, const floatX* weight, const real* mean,
-                        const real* rstd, long rows, int C);
-Tensor layernorm(Tensor x, Tensor weight, Tensor bias);
-void rmsnorm_forward(floatX* out, real* rstd, const floatX* x, const floatX* weight, long rows, int C);
-void rmsnorm_backward(floatX* dx, floatX* dweight, const floatX* dout, const floatX* x, const floatX* weight, const real* rstd, long rows, int C);
-Tensor rmsnorm(Tensor x, Tensor weight);
+// LayerNorm or RMSNorm (no centring and no bias: mean, bias and dbias are then unused and may be null).
 enum class Norm { layernorm, rmsnorm };
-// sum = a + b and normalized = norm(sum) (bias unused for RMSNorm), in one fused pass.
+void norm_forward(Norm kind, floatX* out, real* mean, real* rstd, const floatX* x, const floatX* weight, const floatX* bias, long rows, int C);
+void norm_backward(Norm kind, floatX* dx, floatX* dweight, floatX* dbias, const floatX* dout, const floatX* x, const floatX* weight,
+                   const real* mean, const real* rstd, long rows, int C, InputGrad mode);
+// sum = a + b and out = norm(sum), in one fused pass (its backward: norm_backward into dsum).
+void residual_norm_forward(Norm kind, floatX* sum, floatX* out, real* mean, real* rstd, const floatX* a, const floatX* b, const floatX* weight,
+                           const floatX* bias, long rows, int C);
+Tensor layernorm(Tensor x, Tensor weight, Tensor bias);
+Tensor rmsnorm(Tensor x, Tensor weight);
 struct ResidualNorm {
     Tensor sum, normalized;
 };
 ResidualNorm residual_norm(Tensor a, Tensor b, Tensor weight, Tensor bias, Norm kind);
 
-void gelu_forward(floatX* out, const floatX* x, long n);
-void gelu_backward(floatX* dx, const floatX* dout, const floatX* x, long n);
-void relu_forward(floatX* out, const floatX* x, long n);
-void relu_backward(floatX* dx, const floatX* dout, const floatX* x, long n);
-void silu_forward(floatX* out, const floatX* x, long n);
-void silu_backward(floatX* dx, const floatX* dout, const floatX* x, long n);
 Tensor gelu(Tensor x);
 Tensor silu(Tensor x);
 // Linear then GELU in one layer: out = gelu(x @ W^T + b); `pre` (N, out_features) keeps x @ W^T + b.
 void linear_gelu_forward(floatX* out, floatX* pre, const floatX* x, const floatX* weight, const floatX* bias, long N, int in, int out_features);
-void linear_gelu_backward(floatX* dx, floatX* dweight, floatX* dbias, const floatX* dout, const floatX* pre, const floatX* x, const floatX* weight,
-                          long N, int in, int out_features);
+void linear_gelu_backward(floatX* dx, floatX* dweight, floatX* dbias, floatX* dpre, const floatX* dout, const floatX* pre, const floatX* x,
+                          const floatX* weight, long N, int in, int out_features, InputGrad mode);  // dpre: scratch (N, out_features)
 Tensor linear_gelu(Tensor x, Tensor weight, Tensor bias);
 void swiglu_forward(floatX* out, const floatX* x, long N, int H);
-void swiglu_backward(floatX* dx, const floatX* dout, const floatX* x, long N, int H);
+void swiglu_backward(floatX* dx, const floatX* dout, const floatX* x, long N, int H, InputGrad mode);
 Tensor swiglu(Tensor x);  // (..., 2H) -> (..., H): silu(first half) * second half
 
 void dropout_forward(floatX* out, const floatX* x, long n, real p, uint64_t seed);
-void dropout_backward(floatX* dx, const floatX* dout, long n, real p, uint64_t seed);
+void dropout_backward(floatX* dx, const floatX* dout, long n, real p, uint64_t seed, InputGrad mode);
 Tensor dropout(Tensor x, real p, uint64_t seed);  // p = 0 returns x itself
 
 void residual_forward(floatX* out, const floatX* a, const floatX* b, long n);
@@ -370,7 +381,7 @@ Tensor residual(Tensor a, Tensor b);
 
 // On `rows` positions (sequences of T) of NH head vectors of hs values, rows ld apart; may work in place.
 void rotary_forward(floatX* out, int ld_out, const floatX* x, int ld_x, long rows, int T, int NH, int hs, int start);
-void rotary_backward(floatX* dx, int ld_dx, const floatX* dout, int ld_dout, long rows, int T, int NH, int hs);  // dx += turned back
+void rotary_backward(floatX* dx, int ld_dx, const floatX* dout, int ld_dout, long rows, int T, int NH, int hs, InputGrad mode);
 Tensor rotary(Tensor x);  // x (B, T, NH, hs)
 
 // Causal self-attention on qkv (B, T, 3C) -> (B, T, C), two ways with the same results:
@@ -384,25 +395,29 @@ struct AttentionSaved {
     floatX *q, *k, *att, *att_dropped;
     real* lse;
 };
+struct AttentionScratch {
+    floatX *datt, *datt_kept, *dq, *dk;
+    real* D;
+};
+AttentionScratch attention_scratch(int B, int T, int C, int NH, bool rotary, real dropout_p, bool flash);  // from the arena
 extern bool use_flash_attention;
 void attention_forward(floatX* out, AttentionSaved saved, const floatX* qkv, int B, int T, int C, int NH, bool rotary, real dropout_p, uint64_t seed);
-void attention_backward(floatX* dqkv, const floatX* dout, AttentionSaved saved, const floatX* qkv, int B, int T, int C, int NH, bool rotary,
-                        real dropout_p, uint64_t seed);
+void attention_backward(floatX* dqkv, const floatX* dout, AttentionSaved saved, AttentionScratch scratch, const floatX* qkv, int B, int T, int C,
+                        int NH, bool rotary, real dropout_p, uint64_t seed, InputGrad mode);
 void flash_attention_forward(floatX* out, AttentionSaved saved, const floatX* qkv, int B, int T, int C, int NH, bool rotary, real dropout_p,
                              uint64_t seed);
-void flash_attention_backward(floatX* dqkv, const floatX* dout, const floatX* out, AttentionSaved saved, const floatX* qkv, int B, int T, int C, int NH,
-                              bool rotary, real dropout_p, uint64_t seed);
+void flash_attention_backward(floatX* dqkv, const floatX* dout, const floatX* out, AttentionSaved saved, AttentionScratch scratch,
+                              const floatX* qkv, int B, int T, int C, int NH, bool rotary, real dropout_p, uint64_t seed, InputGrad mode);
 Tensor attention(Tensor qkv, int heads, bool rotary, real dropout_p, uint64_t seed);
 // The whole layer: linear to qkv, attention, linear out.
 Tensor multi_head_attention(Tensor x, Tensor qkv_weight, Tensor qkv_bias, Tensor proj_weight, Tensor proj_bias, int heads);
 
 // Softmax + cross-entropy over logits (N, V): the mean over rows whose target is not ignore_index.
-// The forward writes the mean loss as `real` (float in the bfloat16 build) and the count of rows that
-// count; the tape version also stores the loss as its output tensor.
+// classifier: the losses per row, their mean into loss[0] and the rows counted into count[0], all in
+// `real` (float even in the bfloat16 build); with write_gradient it also overwrites the logits with
+// d(loss_scale * loss)/dlogits (forward and backward fused). The tape version keeps the logits.
 constexpr int ignore_index = -1;
-void cross_entropy_forward(real* loss, real* count, real* losses, real* logsumexp, const floatX* logits, const int* targets, long N, int V);
-void cross_entropy_backward(floatX* dlogits, const floatX* dloss, const real* count, const floatX* logits, const real* logsumexp, const int* targets,
-                            long N, int V);
+void classifier(floatX* logits, real* losses, real* loss, real* count, const int* targets, long N, int V, real loss_scale, bool write_gradient);
 Tensor cross_entropy(Tensor logits, const int* targets);  // targets: N ints on the device
 void mse_forward(floatX* loss, const floatX* a, const floatX* b, long n);
 void mse_backward(floatX* da, floatX* db, const floatX* dloss, const floatX* a, const floatX* b, long n);
@@ -456,7 +471,55 @@ void gpt_create(GPT* model, const GPTConfig& config);  // allocates and lays out
 void gpt_init(GPT* model, uint64_t seed);              // GPT-2 initialisation
 void gpt_zero_grad(GPT& model);
 std::vector<std::pair<std::string, Tensor>> gpt_named_parameters(GPT& model);
-Tensor gpt_forward(GPT& model, const int* tokens, int B, int T, bool training, uint64_t seed);  // logits (B, T, V)
+// The GPT as a tape expression: logits (B, T, V); train with backward(cross_entropy(logits, targets)).
+Tensor gpt_forward_tape(GPT& model, const int* tokens, int B, int T, bool training, uint64_t seed);
+
+// The GPT written out (llm.c style): the activations of one (B, T) forward pass, planned on first use
+// and reused while B, T and the attention kind stay the same. Shapes (B, T, ...) as noted; C = dim,
+// H = the MLP's hidden size, F = its first product's width (H, or 2H for SwiGLU).
+struct GPTLayerActivations {
+    floatX* qkv;           // (B, T, 3C)
+    floatX* attention;     // (B, T, C)  the heads' outputs, before the projection
+    AttentionSaved saved;  // what the attention backward needs
+    floatX* residual;      // (B, T, C)  the stream between the attention and MLP blocks
+    floatX* normalized;    // (B, T, C)  norm2 of it
+    real *mean, *rstd;     // (B, T)     norm2's statistics
+    floatX* fc;            // (B, T, F)  the first MLP product, before the activation
+    floatX* activation;    // (B, T, H)
+};
+struct GPTActivations {
+    int B = 0, T = 0;
+    bool flash = false;
+    // Set by the last gpt_forward, for gpt_backward:
+    const int* tokens = nullptr;
+    uint64_t seed = 0;
+    real dropout = 0, attention_dropout = 0;
+    // stream[l] (B, T, C) is layer l's input and stream[layers] the last layer's output;
+    // normalized[l] = norm1 of layer l (normalized[layers]: the final norm), with mean[l] and rstd[l].
+    std::vector<floatX*> stream, normalized;
+    std::vector<real*> mean, rstd;
+    std::vector<GPTLayerActivations> layers;
+    floatX* logits = nullptr;  // (B, T, V); gpt_backward overwrites them with their gradient
+    real *losses = nullptr, *loss = nullptr, *count = nullptr;  // (B, T), the mean, the positions counted
+    // Scratch shared by the layers: a branch before and after dropout, and the backward's gradients.
+    floatX *branch = nullptr, *dropped = nullptr;
+    floatX *dstream = nullptr, *dnormalized = nullptr, *dqkv = nullptr, *dattention = nullptr, *dfc = nullptr, *dactivation = nullptr, *dbranch = nullptr;
+    AttentionScratch scratch{};
+    void* memory = nullptr;  // all of the above, one allocation of `bytes`
+    size_t bytes = 0;
+
+    GPTActivations() = default;
+    GPTActivations(const GPTActivations&) = delete;
+    GPTActivations& operator=(const GPTActivations&) = delete;
+    ~GPTActivations();
+};
+// tokens (B, T) on the device -> acts.logits. Dropout only when training, drawn from `seed`.
+void gpt_forward(GPT& model, GPTActivations& acts, const int* tokens, int B, int T, bool training, uint64_t seed);
+// The mean loss of the last forward against targets (B, T) (host value; no gradient).
+real gpt_loss(GPTActivations& acts, const int* targets, int vocab_size);
+// The loss (into acts.loss, on the device) and the gradients of loss_scale * loss, added into
+// model.gradients (loss_scale = 1 / micro-batches when accumulating).
+void gpt_backward(GPT& model, GPTActivations& acts, const int* targets, real loss_scale);
 
 // ====================================================================================================
 // Generation
@@ -743,7 +806,6 @@ void dataloader_reset(DataLoader* loader);
 // Save / restore the random-window stream, to resume a training run exactly.
 uint64_t dataloader_get_rng_state(const DataLoader* loader);
 void dataloader_set_rng_state(DataLoader* loader, uint64_t state);
-void dataloader_close(DataLoader* loader);
 
 // ====================================================================================================
 // Command-line programs: flag parsing shared by train_gpt, inference and tokenizer, so every bad flag

@@ -21,8 +21,9 @@
 
 static const char* help_text =
     "usage: bench/bench_gpt [--layers N --heads N --dim N --vocab N --context N] [--batch B --seq T] [--steps N]\n"
-    "                       [--profile] [--flash | --plain] [--peak-tflops X]\n"
-    "Defaults: the GPT-2 124M shape (12 layers, 12 heads, 768 dim, vocab 50257, context 1024), B=4, T=64, 5 steps.\n";
+    "                       [--profile] [--flash | --plain] [--tape] [--peak-tflops X]\n"
+    "Defaults: the GPT-2 124M shape (12 layers, 12 heads, 768 dim, vocab 50257, context 1024), B=4, T=64, 5 steps.\n"
+    "--tape trains through the tape (gpt_forward_tape and backward) instead of gpt_forward and gpt_backward.\n";
 
 // The bf16 dense peak of the GPU in TFLOPS, from its name; 0 when unknown (and on the CPU build).
 static double known_peak_tflops() {
@@ -39,7 +40,7 @@ static double known_peak_tflops() {
 static int bench(int argc, char** argv) {
     GPTConfig config = gpt_preset("smol");
     int B = 4, T = 64, steps = 5;
-    bool profile = false;
+    bool profile = false, tape = false;
     double peak_tflops = 0;
     for (int i = 1; i < argc; i++) {
         std::string flag = argv[i];
@@ -55,6 +56,7 @@ static int bench(int argc, char** argv) {
         else if (flag == "--profile") profile = true;
         else if (flag == "--flash") use_flash_attention = true;
         else if (flag == "--plain") use_flash_attention = false;
+        else if (flag == "--tape") tape = true;
         else if (flag == "--peak-tflops") peak_tflops = parse_number(flag.c_str(), flag_value(argc, argv, &i), 1e-3, 1e6);
         else unknown_flag(argv[i]);
     }
@@ -68,24 +70,32 @@ static int bench(int argc, char** argv) {
     int* tokens = device_alloc<int>(host.size());
     cuda_check(cudaMemcpy(tokens, host.data(), host.size() * sizeof(int), cudaMemcpyHostToDevice));
     real* norm = device_alloc<real>(1);
-    printf("bench_gpt: %d layers, %d heads, dim %d, vocab %d (%.1fM parameters), B=%d T=%d\n", config.layers, config.heads, config.dim,
-           config.vocab_size, model.num_parameters / 1e6, B, T);
+    printf("bench_gpt: %d layers, %d heads, dim %d, vocab %d (%.1fM parameters), B=%d T=%d, %s\n", config.layers, config.heads, config.dim,
+           config.vocab_size, model.num_parameters / 1e6, B, T, tape ? "through the tape" : "gpt_forward and gpt_backward");
+    GPTActivations acts;
     std::vector<double> times;
     for (int step = 0; step <= steps; step++) {  // step 0 warms up and is not counted
         profiling = profile && step > 0;
         double start = seconds_now();
         gpt_zero_grad(model);
         MemoryMark mark = memory_mark();
-        Tensor loss = cross_entropy(gpt_forward(model, tokens, B, T, true, uint64_t(step)), tokens + B * T);
-        backward(loss);
+        real value;
+        if (tape) {
+            Tensor loss = cross_entropy(gpt_forward_tape(model, tokens, B, T, true, uint64_t(step)), tokens + B * T);
+            backward(loss);
+            value = to_host(loss)[0];
+        } else {
+            gpt_forward(model, acts, tokens, B, T, true, uint64_t(step));
+            gpt_backward(model, acts, tokens + B * T, 1);
+            cuda_check(cudaMemcpy(&value, acts.loss, sizeof value, cudaMemcpyDeviceToHost));
+        }
         gradient_norm(norm, model.gradients, model.num_parameters);
         adamw_update(&adam, model.parameters, model.master, model.gradients, model.num_decayed, real(1e-4), norm, 1);
-        float value = float(to_host(loss)[0]);
         memory_release(mark);
         profiling = false;
         double seconds = seconds_now() - start;
         if (step > 0) times.push_back(seconds);
-        printf("step %d: loss %.4f, %.1f ms\n", step, value, seconds * 1e3);
+        printf("step %d: loss %.4f, %.1f ms\n", step, double(value), seconds * 1e3);
     }
     std::sort(times.begin(), times.end());
     double median = times[times.size() / 2], tokens_per_second = B * T / median;

@@ -54,7 +54,7 @@ static int write_parity_files(int argc, char** argv) {
     file = fopen((dir + "/tricycle.bin").c_str(), "wb");
     if (!file) fail("cannot write %s/tricycle.bin", dir.c_str());
     MemoryMark mark = memory_mark();
-    Tensor logits = gpt_forward(model, tokens, B, T, true, 0);
+    Tensor logits = gpt_forward_tape(model, tokens, B, T, true, 0);
     Tensor loss = cross_entropy(logits, targets);
     backward(loss);
     write_floats(file, logits.data, logits.size());
@@ -69,7 +69,7 @@ static int write_parity_files(int argc, char** argv) {
     for (int step = 0; step < 10; step++) {
         gpt_zero_grad(model);
         mark = memory_mark();
-        loss = cross_entropy(gpt_forward(model, tokens, B, T, true, 0), targets);
+        loss = cross_entropy(gpt_forward_tape(model, tokens, B, T, true, 0), targets);
         backward(loss);
         write_floats(file, loss.data, 1);
         gradient_norm(norm, model.gradients, model.num_parameters);
