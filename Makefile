@@ -29,18 +29,18 @@ NVCC ?= $(shell command -v nvcc || echo /usr/local/cuda/bin/nvcc)
 CXX ?= g++
 
 ifneq ($(filter gpu%,$(BUILD)),)
-  COMPILE := $(NVCC) -std=c++17 -O3 -x cu $(foreach a,$(CUDA_ARCH),-gencode arch=compute_$(a),code=sm_$(a)) \
+  COMPILE := $(NVCC) -std=c++20 -O3 -x cu $(foreach a,$(CUDA_ARCH),-gencode arch=compute_$(a),code=sm_$(a)) \
              -Xcompiler -Wall,-Wextra -Werror all-warnings
   LINKER := $(NVCC)
   LIBS := -lcublas
 else
-  OPT := -O3 -march=native -fno-math-errno
+  OPT := -O3 -march=native -fno-math-errno -fno-trapping-math
   ifeq ($(BUILD),cpu-sanitize)
     OPT := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
   endif
-  COMPILE := $(CXX) -std=c++17 $(OPT) -fopenmp -Wall -Wextra -x c++
+  COMPILE := $(CXX) -std=c++20 $(OPT) -fopenmp -Wall -Wextra -x c++
   LINKER := $(CXX) $(OPT) -fopenmp -rdynamic
-  LIBS := -lopenblas -lboost_context
+  LIBS := -ldnnl -lopenblas -lboost_context
 endif
 
 OBJ := build/$(BUILD)
@@ -56,17 +56,17 @@ STAMP := build/.selected-$(BUILD)
 $(STAMP):
 	@mkdir -p build && rm -f build/.selected-* && touch $@
 
-$(OBJ)/%.o: %.cu $(HEADERS) tests/check.h
+$(OBJ)/%.o: %.cu $(HEADERS) tests/check.h Makefile
 	@mkdir -p $(dir $@)
 	$(COMPILE) $(PRECISION) -I. -c $< -o $@
 
 # The gradient-check build: everything in double precision.
-$(OBJ)/double/%.o: %.cu $(HEADERS) tests/check.h
+$(OBJ)/double/%.o: %.cu $(HEADERS) tests/check.h Makefile
 	@mkdir -p $(dir $@)
 	$(COMPILE) -DTRICYCLE_DOUBLE -I. -c $< -o $@
 
 # The mixed-precision test's bfloat16 half.
-$(OBJ)/bf16/%.o: %.cu $(HEADERS) tests/check.h
+$(OBJ)/bf16/%.o: %.cu $(HEADERS) tests/check.h Makefile
 	@mkdir -p $(dir $@)
 	$(COMPILE) -DTRICYCLE_BF16 -I. -c $< -o $@
 

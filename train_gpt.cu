@@ -394,6 +394,7 @@ static int train(int argc, char** argv) {
     if (!metrics) fail("cannot append to '%s': %s", metrics_path.c_str(), strerror(errno));
 
     long tokens_per_step = long(B) * T * o.grad_accum;
+    printf("matrix products: %s\n", gemm_engine().c_str());
     printf("model: %d layers, %d heads, dim %d, context %d, vocab %d: %.2fM parameters\n", c.layers, c.heads, c.dim, c.context, c.vocab_size,
            model.num_parameters / 1e6);
     printf("training: %ld steps of %d x %d sequences of %d tokens (%ld tokens per step); train %zu tokens, val %zu tokens\n", o.steps, o.grad_accum, B, T,

@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <queue>
 #include <unordered_set>
 #include <stdexcept>
@@ -22,6 +23,7 @@
 
 #ifndef __CUDACC__
 #include <cblas.h>
+#include <oneapi/dnnl/dnnl.hpp>
 #endif
 
 // ----------------------------------------------------------------------------------------------------
@@ -34,6 +36,19 @@ void fail(const char* format, ...) {
     vsnprintf(message, sizeof message, format, args);
     va_end(args);
     throw std::runtime_error(message);
+}
+
+// A float's bits as an int32 and back (model files store floats in their int32 header this way).
+static int32_t float_bits(float f) {
+    int32_t bits;
+    memcpy(&bits, &f, 4);
+    return bits;
+}
+
+static float bits_float(int32_t bits) {
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
 }
 
 void cuda_check(cudaError_t error, const char* file, int line) {
@@ -70,11 +85,17 @@ static cublasHandle_t cublas_handle() {
 // profile_report, so timing never stalls the stream.
 
 bool profiling = false;
-static bool in_backward = false;
+// What the launches belong to: "forward", "backward" or "optimizer" (set for a while by PhaseScope).
+static const char* profile_phase = "forward";
+struct PhaseScope {
+    const char* saved;
+    PhaseScope(const char* phase) : saved(profile_phase) { profile_phase = phase; }
+    ~PhaseScope() { profile_phase = saved; }
+};
 
 struct ProfileTotal {
     std::string name;
-    bool backward;
+    const char* phase;
     long calls = 0;
     double seconds = 0;
 };
@@ -97,8 +118,8 @@ static cudaEvent_t profile_event() {
 
 static int profile_slot(const std::string& name) {
     for (size_t i = 0; i < profile_totals.size(); i++)
-        if (profile_totals[i].name == name && profile_totals[i].backward == in_backward) return int(i);
-    profile_totals.push_back(ProfileTotal{name, in_backward});
+        if (profile_totals[i].name == name && !strcmp(profile_totals[i].phase, profile_phase)) return int(i);
+    profile_totals.push_back(ProfileTotal{name, profile_phase});
     return int(profile_totals.size()) - 1;
 }
 
@@ -155,11 +176,11 @@ void profile_report(FILE* out, long steps) {
     std::sort(rows.begin(), rows.end(), [](const ProfileTotal& a, const ProfileTotal& b) { return a.seconds > b.seconds; });
     double total = 0;
     for (const ProfileTotal& r : rows) total += r.seconds;
-    fprintf(out, "%-44s %-8s %9s %11s %7s\n", "kernel or matrix product", "pass", "calls", "ms/step", "share");
+    fprintf(out, "%-44s %-9s %9s %11s %7s\n", "kernel or matrix product", "pass", "calls", "ms/step", "share");
     for (const ProfileTotal& r : rows)
-        fprintf(out, "%-44s %-8s %9.1f %11.3f %6.1f%%\n", r.name.c_str(), r.backward ? "backward" : "forward", double(r.calls) / steps,
+        fprintf(out, "%-44s %-9s %9.1f %11.3f %6.1f%%\n", r.name.c_str(), r.phase, double(r.calls) / steps,
                 r.seconds / steps * 1e3, 100 * r.seconds / std::max(total, 1e-30));
-    fprintf(out, "%-44s %-8s %9s %11.3f\n", "total", "", "", total / steps * 1e3);
+    fprintf(out, "%-44s %-9s %9s %11.3f\n", "total", "", "", total / steps * 1e3);
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -585,10 +606,9 @@ void backward(Tensor t) {
         for (const Tensor& out : tape[i].outputs)
             if (needed[i] && out.grad) fill(out.grad, out.size(), 0);
     fill(t.grad, t.size(), 1);
-    in_backward = true;
+    PhaseScope phase("backward");
     for (size_t i = tape.size(); i-- > 0;)
         if (needed[i]) tape[i].run(tape[i].closure);
-    in_backward = false;
 }
 
 void zero_grad(Tensor t) {
@@ -1003,104 +1023,213 @@ Tensor softmax(Tensor x) {
 
 // ----------------------------------------------------------------------------------------------------
 // Matrix products
+//
+// The GPU build calls cuBLAS. The CPU build calls oneDNN's matmul primitive (the library PyTorch uses
+// on CPUs), which picks its kernels for the machine at run time: AMX or AVX512-BF16 for bfloat16 where
+// the CPU has them. A primitive is made once per layout and kept, so a training step after the first
+// makes none. The double build (the gradient checks) uses OpenBLAS: oneDNN has no double products.
 
 #ifdef __CUDACC__
-inline cublasStatus_t cublas_gemm(cublasOperation_t op_a, cublasOperation_t op_b, int m, int n, int k, const float* alpha, const float* A,
-                                  int lda, long stride_a, const float* B, int ldb, long stride_b, const float* beta, float* C, int ldc,
-                                  long stride_c, int batch) {
-    return cublasSgemmStridedBatched(cublas_handle(), op_a, op_b, m, n, k, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc, stride_c, batch);
-}
-inline cublasStatus_t cublas_gemm(cublasOperation_t op_a, cublasOperation_t op_b, int m, int n, int k, const double* alpha, const double* A,
-                                  int lda, long stride_a, const double* B, int ldb, long stride_b, const double* beta, double* C, int ldc,
-                                  long stride_c, int batch) {
-    return cublasDgemmStridedBatched(cublas_handle(), op_a, op_b, m, n, k, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc, stride_c, batch);
-}
-#ifdef TRICYCLE_BF16
-// bfloat16 inputs and output, float accumulation (the tensor cores' bf16 path).
-inline cublasStatus_t cublas_gemm(cublasOperation_t op_a, cublasOperation_t op_b, int m, int n, int k, const float* alpha, const bf16* A, int lda,
-                                  long stride_a, const bf16* B, int ldb, long stride_b, const float* beta, bf16* C, int ldc, long stride_c,
-                                  int batch) {
-    return cublasGemmStridedBatchedEx(cublas_handle(), op_a, op_b, m, n, k, alpha, A, CUDA_R_16BF, lda, stride_a, B, CUDA_R_16BF, ldb, stride_b,
-                                      beta, C, CUDA_R_16BF, ldc, stride_c, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-}
-#endif
-#else
-inline void cblas_gemm(CBLAS_TRANSPOSE op_a, CBLAS_TRANSPOSE op_b, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
-                       int ldb, float beta, float* C, int ldc) {
-    cblas_sgemm(CblasRowMajor, op_a, op_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-}
-inline void cblas_gemm(CBLAS_TRANSPOSE op_a, CBLAS_TRANSPOSE op_b, int M, int N, int K, double alpha, const double* A, int lda, const double* B,
-                       int ldb, double beta, double* C, int ldc) {
-    cblas_dgemm(CblasRowMajor, op_a, op_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+// Every row of out (rows, columns) becomes a copy of `row` (a row kernel).
+__global__ void broadcast_rows_kernel(floatX* out, const floatX* row, long rows, int columns) {
+    bool active;
+    long r = group_row(rows, &active);
+    if (!active) return;
+    floatX* o = out + r * columns;
+    for_each_in_row(columns, [&](int c) { o[c] = row[c]; });
 }
 
+// cuBLAS is column-major: it computes C^T = op(B)^T op(A)^T, which is C in row-major. A bias is copied
+// into every row of C first, and the product added to it.
+static void cublas_gemm(const GemmShape& s, real alpha, GemmInput A, GemmInput B, real beta, GemmOutput C) {
+    if (C.bias) {
+        launch(broadcast_rows_kernel, row_grid(s.M), row_block(), 0, C.data, C.bias, long(s.M), s.N);
+        beta = 1;
+    }
+    cublasOperation_t op_a = A.transpose ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = B.transpose ? CUBLAS_OP_T : CUBLAS_OP_N;
+    for (int o = 0; o < s.outer; o++) {
+        const floatX *a = A.data + o * A.outer, *b = B.data + o * B.outer;
+        floatX* c = C.data + o * C.outer;
+#if defined(TRICYCLE_DOUBLE)
+        cublas_check(cublasDgemmStridedBatched(cublas_handle(), op_b, op_a, s.N, s.M, s.K, &alpha, b, int(B.ld), B.inner, a, int(A.ld), A.inner,
+                                               &beta, c, int(C.ld), C.inner, s.inner));
+#else
+        cudaDataType type = std::is_same<floatX, float>::value ? CUDA_R_32F : CUDA_R_16BF;  // bfloat16: float accumulation
+        cublas_check(cublasGemmStridedBatchedEx(cublas_handle(), op_b, op_a, s.N, s.M, s.K, &alpha, b, type, int(B.ld), B.inner, a, type,
+                                                int(A.ld), A.inner, &beta, c, type, int(C.ld), C.inner, s.inner, CUBLAS_COMPUTE_32F,
+                                                CUBLAS_GEMM_DEFAULT));
+#endif
+    }
+}
+#else
+static long cpu_matmuls_made = 0;
+
+#ifndef TRICYCLE_DOUBLE
+// One operand of oneDNN's matmul as a 4-D (outer, inner, rows, cols) view, rows x cols after the
+// transpose. A batch dimension of size 1 gets a dense stride (oneDNN checks every stride).
+static dnnl::memory::desc onednn_view(dnnl::memory::data_type type, const GemmShape& s, int rows, int cols, long ld, bool transpose, long outer,
+                                    long inner) {
+    long matrix = transpose ? ld * cols : ld * rows;
+    dnnl::memory::dims strides = {s.outer > 1 ? outer : s.inner * matrix, s.inner > 1 ? inner : matrix, transpose ? 1 : ld, transpose ? ld : 1};
+    return dnnl::memory::desc({s.outer, s.inner, rows, cols}, type, strides);
+}
+
+struct CpuMatmul {
+    dnnl::matmul primitive;
+    dnnl::memory a, b, c, bias;
+};
+
+// C = alpha op(A) op(B) + beta C on oneDNN, with a primitive made on first use of the layout.
+static void onednn_gemm(dnnl::memory::data_type type, const GemmShape& s, real alpha, const void* A, long lda, bool ta, long a_outer, long a_inner,
+                      const void* B, long ldb, bool tb, long b_outer, long b_inner, real beta, void* C, long ldc, long c_outer, long c_inner,
+                      const void* bias) {
+    static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+    static dnnl::stream stream(engine);
+    static std::map<std::vector<long>, CpuMatmul> made;
+    std::vector<long> key = {long(type), s.M, s.N, s.K, s.outer, s.inner, lda, ta, a_outer, a_inner, ldb, tb, b_outer, b_inner,
+                             ldc, c_outer, c_inner, long(float_bits(alpha)), long(float_bits(beta)), bias != nullptr};
+    auto found = made.find(key);
+    if (found == made.end()) {
+        if (made.size() >= 4096) made.clear();  // generation makes a layout per length; keep the cache bounded
+        dnnl::memory::desc a = onednn_view(type, s, s.M, s.K, lda, ta, a_outer, a_inner), b = onednn_view(type, s, s.K, s.N, ldb, tb, b_outer, b_inner);
+        dnnl::memory::desc c = onednn_view(type, s, s.M, s.N, ldc, false, c_outer, c_inner);
+        dnnl::memory::desc row = bias ? dnnl::memory::desc({1, 1, 1, s.N}, type, dnnl::memory::format_tag::abcd) : dnnl::memory::desc();
+        dnnl::primitive_attr attributes;
+        if (alpha != 1) attributes.set_output_scales(0, {float(alpha)});
+        if (beta != 0) {
+            dnnl::post_ops accumulate;
+            accumulate.append_sum(float(beta));
+            attributes.set_post_ops(accumulate);
+        }
+        dnnl::matmul::primitive_desc description(bias ? dnnl::matmul::desc(a, b, row, c) : dnnl::matmul::desc(a, b, c), attributes, engine);
+        CpuMatmul product{dnnl::matmul(description), dnnl::memory(a, engine, DNNL_MEMORY_NONE), dnnl::memory(b, engine, DNNL_MEMORY_NONE),
+                          dnnl::memory(c, engine, DNNL_MEMORY_NONE), dnnl::memory(row, engine, DNNL_MEMORY_NONE)};
+        found = made.emplace(key, product).first;
+        cpu_matmuls_made++;
+    }
+    CpuMatmul& product = found->second;
+    product.a.set_data_handle(const_cast<void*>(A));
+    product.b.set_data_handle(const_cast<void*>(B));
+    product.c.set_data_handle(C);
+    std::unordered_map<int, dnnl::memory> arguments = {{DNNL_ARG_SRC, product.a}, {DNNL_ARG_WEIGHTS, product.b}, {DNNL_ARG_DST, product.c}};
+    if (bias) {
+        product.bias.set_data_handle(const_cast<void*>(bias));
+        arguments[DNNL_ARG_BIAS] = product.bias;
+    }
+    product.primitive.execute(stream, arguments);
+    stream.wait();
+}
+#endif
+
 #ifdef TRICYCLE_BF16
-// bfloat16 on the CPU: widen the rows used to float, multiply in float, round the result back. (A
-// matrix may sit inside a wider buffer, so only `columns` of each row are touched.)
-static std::vector<float> widen(const bf16* x, int rows, int columns, int ld) {
-    std::vector<float> wide(size_t(rows) * columns);
-    for (int r = 0; r < rows; r++)
-        for (int c = 0; c < columns; c++) wide[size_t(r) * columns + c] = x[long(r) * ld + c];
+// Whether this CPU multiplies bfloat16 matrices natively (oneDNN refuses the primitive otherwise).
+static bool cpu_has_bfloat16_products() {
+    static int known = -1;
+    if (known < 0) {
+        try {
+            dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+            dnnl::memory::desc m({16, 16}, dnnl::memory::data_type::bf16, dnnl::memory::format_tag::ab);
+            dnnl::matmul::primitive_desc(dnnl::matmul::desc(m, m, m), engine);
+            known = 1;
+        } catch (const dnnl::error&) {
+            known = 0;
+        }
+    }
+    return known == 1;
+}
+
+// Without it, the bfloat16 operands are widened to dense float copies, multiplied, and rounded back.
+static std::vector<float> widen(const GemmShape& s, const bf16* x, int rows, int cols, long ld, bool transpose, long outer, long inner) {
+    int stored_rows = transpose ? cols : rows, stored_cols = transpose ? rows : cols;
+    std::vector<float> wide(size_t(s.outer) * s.inner * stored_rows * stored_cols);
+    float* w = wide.data();
+    for (int o = 0; o < s.outer; o++)
+        for (int j = 0; j < s.inner; j++)
+            for (int r = 0; r < stored_rows; r++)
+                for (int c = 0; c < stored_cols; c++) *w++ = x[o * outer + j * inner + r * ld + c];
     return wide;
 }
+#endif
 
-inline void cblas_gemm(CBLAS_TRANSPOSE op_a, CBLAS_TRANSPOSE op_b, int M, int N, int K, float alpha, const bf16* A, int lda, const bf16* B,
-                       int ldb, float beta, bf16* C, int ldc) {
-    bool ta = op_a == CblasTrans, tb = op_b == CblasTrans;
-    std::vector<float> a = widen(A, ta ? K : M, ta ? M : K, lda), b = widen(B, tb ? N : K, tb ? K : N, ldb);
-    std::vector<float> c = beta != 0 ? widen(C, M, N, ldc) : std::vector<float>(size_t(M) * N);
-    cblas_sgemm(CblasRowMajor, op_a, op_b, M, N, K, alpha, a.data(), ta ? M : K, b.data(), tb ? K : N, beta, c.data(), N);
-    for (int r = 0; r < M; r++)
-        for (int col = 0; col < N; col++) C[long(r) * ldc + col] = c[size_t(r) * N + col];
+static void cpu_gemm(const GemmShape& s, real alpha, GemmInput A, GemmInput B, real beta, GemmOutput C) {
+#if defined(TRICYCLE_DOUBLE)
+    static bool blas_single_threaded = (openblas_set_num_threads(1), true);  // the split below runs the cores
+    (void)blas_single_threaded;
+    if (C.bias) {  // the bias into every row, the product added to it (a bias comes with one matrix)
+        for (int r = 0; r < s.M; r++) memcpy(C.data + r * C.ld, C.bias, s.N * sizeof(double));
+        beta = 1;
+    }
+    int count = s.outer * s.inner;
+#pragma omp parallel for schedule(static) if (count > 1)
+    for (int i = 0; i < count; i++) {
+        long o = i / s.inner, j = i % s.inner;
+        cblas_dgemm(CblasRowMajor, A.transpose ? CblasTrans : CblasNoTrans, B.transpose ? CblasTrans : CblasNoTrans, s.M, s.N, s.K, alpha,
+                    A.data + o * A.outer + j * A.inner, int(A.ld), B.data + o * B.outer + j * B.inner, int(B.ld), beta,
+                    C.data + o * C.outer + j * C.inner, int(C.ld));
+    }
+#elif defined(TRICYCLE_BF16)
+    using dt = dnnl::memory::data_type;
+    if (cpu_has_bfloat16_products()) {
+        onednn_gemm(dt::bf16, s, alpha, A.data, A.ld, A.transpose, A.outer, A.inner, B.data, B.ld, B.transpose, B.outer, B.inner, beta, C.data, C.ld,
+                    C.outer, C.inner, C.bias);
+        return;
+    }
+    std::vector<float> a = widen(s, A.data, s.M, s.K, A.ld, A.transpose, A.outer, A.inner), b = widen(s, B.data, s.K, s.N, B.ld, B.transpose, B.outer, B.inner);
+    std::vector<float> c = beta != 0 ? widen(s, C.data, s.M, s.N, C.ld, false, C.outer, C.inner) : std::vector<float>(size_t(s.outer) * s.inner * s.M * s.N);
+    long a_ld = A.transpose ? s.M : s.K, b_ld = B.transpose ? s.K : s.N, a_size = long(s.M) * s.K, b_size = long(s.K) * s.N, c_size = long(s.M) * s.N;
+    GemmShape row{.M = 1, .N = s.N, .K = 1};
+    std::vector<float> bias = C.bias ? widen(row, C.bias, 1, s.N, s.N, false, 0, 0) : std::vector<float>();
+    onednn_gemm(dt::f32, s, alpha, a.data(), a_ld, A.transpose, s.inner * a_size, a_size, b.data(), b_ld, B.transpose, s.inner * b_size, b_size, beta,
+                c.data(), s.N, s.inner * c_size, c_size, C.bias ? bias.data() : nullptr);
+    const float* wide = c.data();
+    for (int o = 0; o < s.outer; o++)
+        for (int j = 0; j < s.inner; j++)
+            for (int r = 0; r < s.M; r++)
+                for (int col = 0; col < s.N; col++) C.data[o * C.outer + j * C.inner + r * C.ld + col] = *wide++;
+#else
+    onednn_gemm(dnnl::memory::data_type::f32, s, alpha, A.data, A.ld, A.transpose, A.outer, A.inner, B.data, B.ld, B.transpose, B.outer, B.inner,
+                beta, C.data, C.ld, C.outer, C.inner, C.bias);
+#endif
 }
 #endif
-#endif
 
-void gemm(bool transpose_a, bool transpose_b, int M, int N, int K, real alpha, const floatX* A, int lda, const floatX* B, int ldb, real beta,
-          floatX* C, int ldc, const GemmBatch& batch) {
-    int count = batch.outer * batch.inner;
+std::string gemm_engine() {
+#if defined(__CUDACC__)
+    return std::is_same<floatX, bf16>::value ? "cuBLAS, bfloat16 with float accumulation" : "cuBLAS";
+#elif defined(TRICYCLE_DOUBLE)
+    return "OpenBLAS, double";
+#elif defined(TRICYCLE_BF16)
+    return cpu_has_bfloat16_products() ? "oneDNN, bfloat16 with float accumulation"
+                                       : "oneDNN, float (bfloat16 operands widened: this CPU has no bfloat16 matrix instructions)";
+#else
+    return "oneDNN, float";
+#endif
+}
+
+long gemm_layouts_made() {
+#ifdef __CUDACC__
+    return 0;
+#else
+    return cpu_matmuls_made;
+#endif
+}
+
+void gemm(GemmShape shape, real alpha, GemmInput A, GemmInput B, real beta, GemmOutput C) {
     if (profiling) {
         char name[96];
-        snprintf(name, sizeof name, "gemm %s%s %dx%dx%d%s", transpose_a ? "T" : "N", transpose_b ? "T" : "N", M, N, K,
+        int count = shape.outer * shape.inner;
+        snprintf(name, sizeof name, "gemm %s%s %dx%dx%d%s", A.transpose ? "T" : "N", B.transpose ? "T" : "N", shape.M, shape.N, shape.K,
                  count > 1 ? (" x" + std::to_string(count)).c_str() : "");
         ProfileRegion region(name);
         profiling = false;
-        gemm(transpose_a, transpose_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, batch);
+        gemm(shape, alpha, A, B, beta, C);
         profiling = true;
         return;
     }
 #ifdef __CUDACC__
-    // cuBLAS is column-major: compute C^T = op(B)^T op(A)^T, which is C in row-major.
-    for (int o = 0; o < batch.outer; o++)
-        cublas_check(cublas_gemm(transpose_b ? CUBLAS_OP_T : CUBLAS_OP_N, transpose_a ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha,
-                                 B + o * batch.outer_b, ldb, batch.inner_b, A + o * batch.outer_a, lda, batch.inner_a, &beta,
-                                 C + o * batch.outer_c, ldc, batch.inner_c, batch.inner));
+    cublas_gemm(shape, alpha, A, B, beta, C);
 #else
-    // OpenBLAS runs single-threaded and we split the work over the cores ourselves: by matrix when
-    // there are several, by rows of C otherwise. (On two cores OpenBLAS's own threading does not speed
-    // up matrices of a GPT's size, and its threads would compete with the emulator's.)
-    static bool blas_single_threaded = (openblas_set_num_threads(1), true);
-    (void)blas_single_threaded;
-    CBLAS_TRANSPOSE op_a = transpose_a ? CblasTrans : CblasNoTrans, op_b = transpose_b ? CblasTrans : CblasNoTrans;
-    int workers = omp_get_max_threads();
-    bool big = 2.0 * M * N * K * count > 4e6;  // below this, splitting costs more than it saves
-    int parts = !big ? 1 : count > 1 ? count : (M >= 8 * workers ? workers : 1);
-    auto product = [&](int i, int m0, int m1) {  // rows m0..m1 of matrix i
-        long o = i / batch.inner, j = i % batch.inner;
-        const floatX* a = A + o * batch.outer_a + j * batch.inner_a + (transpose_a ? m0 : long(m0) * lda);
-        const floatX* b = B + o * batch.outer_b + j * batch.inner_b;
-        floatX* c = C + o * batch.outer_c + j * batch.inner_c + long(m0) * ldc;
-        cblas_gemm(op_a, op_b, m1 - m0, N, K, alpha, a, lda, b, ldb, beta, c, ldc);
-    };
-    if (parts == 1) {
-        for (int i = 0; i < count; i++) product(i, 0, M);
-        return;
-    }
-#pragma omp parallel for schedule(static)
-    for (int part = 0; part < parts; part++) {
-        if (count > 1) product(part, 0, M);
-        else product(0, int(long(M) * part / parts), int(long(M) * (part + 1) / parts));
-    }
+    cpu_gemm(shape, alpha, A, B, beta, C);
 #endif
 }
 
@@ -1119,18 +1248,27 @@ Tensor matmul(Tensor a, Tensor b) {
     Tensor like = a;
     like.shape[a.ndim - 1] = N;
     Tensor out = new_result(like, {a, b});
-    GemmBatch batched{1, batch, 0, 0, 0, long(M) * K, long(K) * N, long(M) * N};
-    if (shared_b) gemm(false, false, batch * M, N, K, 1, a.data, K, b.data, N, 0, out.data, N);
-    else gemm(false, false, M, N, K, 1, a.data, K, b.data, N, 0, out.data, N, batched);
+    long a_size = long(M) * K, b_size = shared_b ? 0 : long(K) * N, c_size = long(M) * N;
+    if (shared_b) gemm({.M = batch * M, .N = N, .K = K}, 1, {.data = a.data, .ld = K}, {.data = b.data, .ld = N}, 0, {.data = out.data, .ld = N});
+    else
+        gemm({.M = M, .N = N, .K = K, .inner = batch}, 1, {.data = a.data, .ld = K, .inner = a_size}, {.data = b.data, .ld = N, .inner = b_size}, 0,
+             {.data = out.data, .ld = N, .inner = c_size});
     if (out.grad) record({out}, {a, b}, [=] {
         if (shared_b) {
-            if (a.grad) gemm(false, true, batch * M, K, N, 1, out.grad, N, b.data, N, 1, a.grad, K);
-            if (b.grad) gemm(true, false, K, N, batch * M, 1, a.data, K, out.grad, N, 1, b.grad, N);
-        } else {
-            GemmBatch for_da{1, batch, 0, 0, 0, long(M) * N, long(K) * N, long(M) * K}, for_db{1, batch, 0, 0, 0, long(M) * K, long(M) * N, long(K) * N};
-            if (a.grad) gemm(false, true, M, K, N, 1, out.grad, N, b.data, N, 1, a.grad, K, for_da);
-            if (b.grad) gemm(true, false, K, N, M, 1, a.data, K, out.grad, N, 1, b.grad, N, for_db);
+            if (a.grad)
+                gemm({.M = batch * M, .N = K, .K = N}, 1, {.data = out.grad, .ld = N}, {.data = b.data, .ld = N, .transpose = true}, 1,
+                     {.data = a.grad, .ld = K});
+            if (b.grad)
+                gemm({.M = K, .N = N, .K = batch * M}, 1, {.data = a.data, .ld = K, .transpose = true}, {.data = out.grad, .ld = N}, 1,
+                     {.data = b.grad, .ld = N});
+            return;
         }
+        if (a.grad)  // da (M, K) = dout (M, N) @ b^T, per matrix
+            gemm({.M = M, .N = K, .K = N, .inner = batch}, 1, {.data = out.grad, .ld = N, .inner = c_size},
+                 {.data = b.data, .ld = N, .transpose = true, .inner = b_size}, 1, {.data = a.grad, .ld = K, .inner = a_size});
+        if (b.grad)  // db (K, N) = a^T @ dout
+            gemm({.M = K, .N = N, .K = M, .inner = batch}, 1, {.data = a.data, .ld = K, .transpose = true, .inner = a_size},
+                 {.data = out.grad, .ld = N, .inner = c_size}, 1, {.data = b.grad, .ld = N, .inner = b_size});
     });
     return out;
 }
@@ -1202,11 +1340,11 @@ static void column_sums(floatX* dsum, floatX* dweighted, const floatX* dout, con
 
 // ----------------------------------------------------------------------------------------------------
 // Embedding: tokens (B,T) -> out (B,T,C),  out[b,t,:] = wte[tokens[b,t], :] + wpe[t, :]
-// (no wpe in rotary models). Backward: dwte[tokens[b,t], :] += dout[b,t,:], dwpe[t,:] += dout[b,t,:].
-// Many positions hold the same token, so the backward gives each thread one channel c and walks the
-// positions in order: no two threads touch the same element, and the sum order is fixed. A token's
-// gradient gathers many small terms, so when tensors are stored in bfloat16 they are summed in a float
-// scratch (V, C) first and added to dwte once.
+// (no wpe in rotary models). Backward: dwte[v, :] += the sum of dout[b,t,:] over the positions
+// holding token v, dwpe[t, :] += the sum of dout[b,t,:] over b.
+// Deterministic and parallel without atomics: the positions are grouped by token first (a sort of the
+// B*T token ids on the host, done during the forward pass), then a block per (group, channel tile) adds
+// its group's rows in position order, in a float register, and adds the total to dwte once.
 
 // A row kernel: one row per position.
 __global__ void embedding_forward_kernel(floatX* out, const int* tokens, const floatX* wte, const floatX* wpe, int B, int T, int C) {
@@ -1219,37 +1357,57 @@ __global__ void embedding_forward_kernel(floatX* out, const int* tokens, const f
     for_each_in_row(C, [&](int c) { o[c] = token_row[c] + (position_row ? real(position_row[c]) : 0); });
 }
 
-template <typename Accumulator>
-__global__ void embedding_backward_kernel(Accumulator* dwte, floatX* dwpe, const floatX* dout, const int* tokens, int B, int T, int C) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    if (dwte)
-        for (long position = 0; position < long(B) * T; position++) dwte[long(tokens[position]) * C + c] += dout[position * C + c];
-    if (dwpe)
-        for (int t = 0; t < T; t++) {
-            real total = 0;
-            for (int b = 0; b < B; b++) total += dout[(long(b) * T + t) * C + c];
-            dwpe[long(t) * C + c] += total;
-        }
+// Group g: token group_token[g], positions[group_start[g] .. group_start[g + 1]).
+__global__ void embedding_token_backward_kernel(floatX* dwte, const floatX* dout, const int* group_token, const int* group_start,
+                                                const int* positions, int C) {
+    int g = blockIdx.x, first = group_start[g], end = group_start[g + 1];
+    long tile = (C + gridDim.y - 1) / gridDim.y, c0 = blockIdx.y * tile, c1 = c0 + tile < C ? c0 + tile : C;
+    floatX* row = dwte + long(group_token[g]) * C;
+    for_each_strided(c0, c1, threadIdx.x, blockDim.x, [&](long c) {
+        real total = 0;
+        for (int i = first; i < end; i++) total += dout[long(positions[i]) * C + c];
+        row[c] += total;
+    });
 }
 
-__global__ void add_kernel(floatX* out, const real* x, long n) {
-    for_each_element(n, [&](long i) { out[i] += x[i]; });
+// dwpe (T, C): element (t, c) sums the B sequences.
+__global__ void embedding_position_backward_kernel(floatX* dwpe, const floatX* dout, int B, int T, int C) {
+    long n = long(T) * C;
+    for_each_element(n, [&](long i) {
+        real total = 0;
+        for (int b = 0; b < B; b++) total += dout[b * n + i];
+        dwpe[i] += total;
+    });
 }
 
 void embedding_forward(floatX* out, const int* tokens, const floatX* wte, const floatX* wpe, int B, int T, int C) {
     launch(embedding_forward_kernel, row_grid(long(B) * T), row_block(), 0, out, tokens, wte, wpe, B, T, C);
 }
 
-void embedding_backward(floatX* dwte, floatX* dwpe, const floatX* dout, const int* tokens, int B, int T, int V, int C) {
-    if (std::is_same<floatX, real>::value || !dwte) {
-        launch(embedding_backward_kernel<floatX>, (C + 255) / 256, 256, 0, dwte, dwpe, dout, tokens, B, T, C);
-        return;
+// Sorts the n positions by token (then position) and writes the groups into buffers of the caller's:
+// group_token (n), group_start (n + 1), positions (n). Returns the number of groups.
+int group_tokens(TokenGroups* groups, const int* tokens, long n) {
+    std::vector<int> host(n), order(n);
+    cuda_check(cudaMemcpy(host.data(), tokens, n * sizeof(int), cudaMemcpyDeviceToHost));
+    for (long i = 0; i < n; i++) order[i] = int(i);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return host[a] < host[b]; });
+    std::vector<int> token, start;
+    for (long i = 0; i < n; i++)
+        if (i == 0 || host[order[i]] != host[order[i - 1]]) token.push_back(host[order[i]]), start.push_back(int(i));
+    start.push_back(int(n));
+    cuda_check(cudaMemcpy(groups->token, token.data(), token.size() * sizeof(int), cudaMemcpyHostToDevice));
+    cuda_check(cudaMemcpy(groups->start, start.data(), start.size() * sizeof(int), cudaMemcpyHostToDevice));
+    cuda_check(cudaMemcpy(groups->positions, order.data(), n * sizeof(int), cudaMemcpyHostToDevice));
+    return groups->count = int(token.size());
+}
+
+void embedding_backward(floatX* dwte, floatX* dwpe, const floatX* dout, const TokenGroups& groups, int B, int T, int C) {
+    if (dwte) {
+        unsigned channel_tiles = element_threads > 1 ? (C + element_threads - 1) / element_threads : 1;
+        launch(embedding_token_backward_kernel, dim3(groups.count, channel_tiles), element_threads, 0, dwte, dout, groups.token, groups.start,
+               groups.positions, C);
     }
-    real* wide = device_alloc<real>(long(V) * C);
-    cuda_check(cudaMemset(wide, 0, long(V) * C * sizeof(real)));
-    launch(embedding_backward_kernel<real>, (C + 255) / 256, 256, 0, wide, dwpe, dout, tokens, B, T, C);
-    launch(add_kernel, element_blocks(long(V) * C), element_threads, 0, dwte, wide, long(V) * C);
+    if (dwpe) launch(embedding_position_backward_kernel, element_blocks(long(T) * C), element_threads, 0, dwpe, dout, B, T, C);
 }
 
 Tensor embedding(const int* tokens, int B, int T, Tensor wte, Tensor wpe) {
@@ -1258,8 +1416,12 @@ Tensor embedding(const int* tokens, int B, int T, Tensor wte, Tensor wpe) {
     like.ndim = 3, like.shape[0] = B, like.shape[1] = T, like.shape[2] = C;
     Tensor out = new_result(like, {wte, wpe});
     embedding_forward(out.data, tokens, wte.data, wpe.data, B, T, C);
-    int V = wte.dim(0);
-    if (out.grad) record({out}, {wte, wpe}, [=] { embedding_backward(wte.grad, wpe.grad, out.grad, tokens, B, T, V, C); });
+    if (out.grad) {
+        long n = long(B) * T;
+        TokenGroups groups{device_alloc<int>(n), device_alloc<int>(n + 1), device_alloc<int>(n), 0};
+        group_tokens(&groups, tokens, n);
+        record({out}, {wte, wpe}, [=] { embedding_backward(wte.grad, wpe.grad, out.grad, groups, B, T, C); });
+    }
     return out;
 }
 
@@ -1267,24 +1429,19 @@ Tensor embedding(const int* tokens, int B, int T, Tensor wte, Tensor wpe) {
 // Linear: x (N, in) -> out (N, out_features),  out = x @ W^T + b,  W (out_features, in), b optional.
 // Backward: dx += dout @ W,  dW += dout^T @ x,  db += column sums of dout.
 
-// Every row of out (rows, columns) becomes a copy of `row` (a row kernel).
-__global__ void broadcast_rows_kernel(floatX* out, const floatX* row, long rows, int columns) {
-    bool active;
-    long r = group_row(rows, &active);
-    if (!active) return;
-    floatX* o = out + r * columns;
-    for_each_in_row(columns, [&](int c) { o[c] = row[c]; });
-}
-
 void linear_forward(floatX* out, const floatX* x, const floatX* weight, const floatX* bias, long N, int in, int out_features) {
-    if (bias) launch(broadcast_rows_kernel, row_grid(N), row_block(), 0, out, bias, N, out_features);
-    gemm(false, true, int(N), out_features, in, 1, x, in, weight, in, bias ? 1 : 0, out, out_features);
+    gemm({.M = int(N), .N = out_features, .K = in}, 1, {.data = x, .ld = in}, {.data = weight, .ld = in, .transpose = true}, 0,
+         {.data = out, .ld = out_features, .bias = bias});
 }
 
 void linear_backward(floatX* dx, floatX* dweight, floatX* dbias, const floatX* dout, const floatX* x, const floatX* weight, long N, int in,
                      int out_features, InputGrad mode) {
-    if (dx) gemm(false, false, int(N), in, out_features, 1, dout, out_features, weight, in, mode == InputGrad::add ? 1 : 0, dx, in);
-    if (dweight) gemm(true, false, out_features, in, int(N), 1, dout, out_features, x, in, 1, dweight, in);
+    if (dx)  // dx (N, in) = dout (N, out) @ W (out, in)
+        gemm({.M = int(N), .N = in, .K = out_features}, 1, {.data = dout, .ld = out_features}, {.data = weight, .ld = in},
+             mode == InputGrad::add ? 1 : 0, {.data = dx, .ld = in});
+    if (dweight)  // dW (out, in) += dout^T (out, N) @ x (N, in)
+        gemm({.M = out_features, .N = in, .K = int(N)}, 1, {.data = dout, .ld = out_features, .transpose = true}, {.data = x, .ld = in}, 1,
+             {.data = dweight, .ld = in});
     if (dbias) column_sums(dbias, nullptr, dout, nullptr, nullptr, nullptr, N, out_features);
 }
 
@@ -1456,7 +1613,8 @@ __global__ void gelu_gradient_kernel(floatX* dpre, const floatX* dout, const flo
 }
 
 void linear_gelu_forward(floatX* out, floatX* pre, const floatX* x, const floatX* weight, const floatX* bias, long N, int in, int out_features) {
-    gemm(false, true, int(N), out_features, in, 1, x, in, weight, in, 0, pre, out_features);
+    gemm({.M = int(N), .N = out_features, .K = in}, 1, {.data = x, .ld = in}, {.data = weight, .ld = in, .transpose = true}, 0,
+         {.data = pre, .ld = out_features});
     launch(bias_gelu_forward_kernel, row_grid(N), row_block(), 0, out, pre, bias, N, out_features);
 }
 
@@ -1674,10 +1832,9 @@ __global__ void causal_softmax_backward_kernel(floatX* datt, const floatX* att, 
     for_each_in_row(T, [&](int s) { d[s] = s <= t ? a[s] * (d[s] - dot) : 0; });
 }
 
-// The batch of a per-head product: `outer` over the B sequences, `inner` over the NH heads.
-static GemmBatch per_head(int B, int NH, long outer_a, long inner_a, long outer_b, long inner_b, long outer_c, long inner_c) {
-    return GemmBatch{B, NH, outer_a, outer_b, outer_c, inner_a, inner_b, inner_c};
-}
+// The products run per head: a batch over the B sequences (outer) and the NH heads (inner). A head's
+// q, k, v or output is a (T, hs) matrix inside a (B, T, width) buffer: rows `width` apart, sequences
+// T * width apart, heads hs apart. Its attention matrix is (T, T), heads T * T apart.
 
 void attention_forward(floatX* out, AttentionSaved saved, const floatX* qkv, int B, int T, int C, int NH, bool rotary, real dropout_p, uint64_t seed) {
     int hs = C / NH, ld = rotary ? C : 3 * C;  // the row stride of q and k
@@ -1689,14 +1846,19 @@ void attention_forward(floatX* out, AttentionSaved saved, const floatX* qkv, int
         q = saved.q, k = saved.k;
     }
     real scale = real(1 / std::sqrt(double(hs)));
-    gemm(false, true, T, T, hs, scale, q, ld, k, ld, 0, saved.att, T, per_head(B, NH, long(T) * ld, hs, long(T) * ld, hs, NH * att_size, att_size));
+    GemmShape scores{.M = T, .N = T, .K = hs, .outer = B, .inner = NH}, mix{.M = T, .N = hs, .K = T, .outer = B, .inner = NH};
+    // att = q @ k^T * scale                                                 (T, T) per head
+    gemm(scores, scale, {.data = q, .ld = ld, .outer = T * ld, .inner = hs}, {.data = k, .ld = ld, .transpose = true, .outer = T * ld, .inner = hs},
+         0, {.data = saved.att, .ld = T, .outer = NH * att_size, .inner = att_size});
     launch(causal_softmax_forward_kernel, row_grid(heads * T), row_block(), 0, saved.att, heads * T, T, T, 0);
     const floatX* att = saved.att;
     if (dropout_p > 0) {
         dropout_forward(saved.att_dropped, saved.att, heads * att_size, dropout_p, seed);
         att = saved.att_dropped;
     }
-    gemm(false, false, T, hs, T, 1, att, T, v, 3 * C, 0, out, C, per_head(B, NH, NH * att_size, att_size, long(T) * 3 * C, hs, long(T) * C, hs));
+    // out = att @ v                                                         (T, hs) per head
+    gemm(mix, 1, {.data = att, .ld = T, .outer = NH * att_size, .inner = att_size}, {.data = v, .ld = 3 * C, .outer = T * 3 * C, .inner = hs}, 0,
+         {.data = out, .ld = C, .outer = T * C, .inner = hs});
 }
 
 // Scratch buffers of the backward, (B, T, C) unless noted: datt (B, NH, T, T) and, with dropout,
@@ -1725,9 +1887,14 @@ void attention_backward(floatX* dqkv, const floatX* dout, AttentionSaved saved, 
     const floatX* att = dropout_p > 0 ? saved.att_dropped : saved.att;
     real beta = mode == InputGrad::add ? 1 : 0;
     floatX* datt = scratch.datt;
-    gemm(false, true, T, T, hs, 1, dout, C, v, 3 * C, 0, datt, T, per_head(B, NH, long(T) * C, hs, long(T) * 3 * C, hs, NH * att_size, att_size));
-    gemm(true, false, T, hs, T, 1, att, T, dout, C, beta, dqkv + 2 * C, 3 * C,
-         per_head(B, NH, NH * att_size, att_size, long(T) * C, hs, long(T) * 3 * C, hs));
+    GemmShape scores{.M = T, .N = T, .K = hs, .outer = B, .inner = NH}, mix{.M = T, .N = hs, .K = T, .outer = B, .inner = NH};
+    GemmInput dy{.data = dout, .ld = C, .outer = T * C, .inner = hs};
+    // datt' = dy @ v^T                                                      (T, T) per head
+    gemm(scores, 1, dy, {.data = v, .ld = 3 * C, .transpose = true, .outer = T * 3 * C, .inner = hs}, 0,
+         {.data = datt, .ld = T, .outer = NH * att_size, .inner = att_size});
+    // dv = att'^T @ dy                                                      (T, hs) per head
+    gemm(mix, 1, {.data = att, .ld = T, .transpose = true, .outer = NH * att_size, .inner = att_size}, dy, beta,
+         {.data = dqkv + 2 * C, .ld = 3 * C, .outer = T * 3 * C, .inner = hs});
     if (dropout_p > 0) {  // datt' -> datt: the dropout backward
         dropout_backward(scratch.datt_kept, datt, heads * att_size, dropout_p, seed, InputGrad::write);
         datt = scratch.datt_kept;
@@ -1739,9 +1906,11 @@ void attention_backward(floatX* dqkv, const floatX* dout, AttentionSaved saved, 
     floatX* dk = rotary ? scratch.dk : dqkv + C;
     int ld_grad = rotary ? C : 3 * C;
     real beta_qk = rotary ? 0 : beta;
-    GemmBatch layout = per_head(B, NH, NH * att_size, att_size, long(T) * ld, hs, long(T) * ld_grad, hs);
-    gemm(false, false, T, hs, T, scale, datt, T, k, ld, beta_qk, dq, ld_grad, layout);
-    gemm(true, false, T, hs, T, scale, datt, T, q, ld, beta_qk, dk, ld_grad, layout);
+    // dq = dpre @ k * scale,  dk = dpre^T @ q * scale                        (T, hs) per head
+    gemm(mix, scale, {.data = datt, .ld = T, .outer = NH * att_size, .inner = att_size}, {.data = k, .ld = ld, .outer = T * ld, .inner = hs}, beta_qk,
+         {.data = dq, .ld = ld_grad, .outer = T * ld_grad, .inner = hs});
+    gemm(mix, scale, {.data = datt, .ld = T, .transpose = true, .outer = NH * att_size, .inner = att_size},
+         {.data = q, .ld = ld, .outer = T * ld, .inner = hs}, beta_qk, {.data = dk, .ld = ld_grad, .outer = T * ld_grad, .inner = hs});
     if (rotary) rotary_gradients_back(dqkv, scratch, B, T, C, NH, mode);
 }
 
@@ -2362,6 +2531,7 @@ static void carve_activations(GPTActivations& a, const GPTConfig& c, BufferCarve
         s.fc = carve.take<floatX>(N * F), s.activation = carve.take<floatX>(N * H);
     }
     a.logits = carve.take<floatX>(N * c.vocab_size);
+    a.token_groups.token = carve.take<int>(N), a.token_groups.start = carve.take<int>(N + 1), a.token_groups.positions = carve.take<int>(N);
     a.losses = carve.take<real>(N), a.loss = carve.take<real>(1), a.count = carve.take<real>(1);
     a.branch = carve.take<floatX>(N * C), a.dropped = dropout ? carve.take<floatX>(N * C) : nullptr;
     a.dstream = carve.take<floatX>(N * C), a.dnormalized = carve.take<floatX>(N * C), a.dqkv = carve.take<floatX>(N * 3 * C);
@@ -2404,9 +2574,10 @@ void gpt_forward(GPT& model, GPTActivations& a, const int* tokens, int B, int T,
     const GPTConfig& c = model.config;
     if (T > c.context) fail("gpt_forward: sequence length %d exceeds the context window %d", T, c.context);
     plan_activations(a, c, B, T);
-    a.tokens = tokens, a.seed = seed, a.dropout = training ? c.dropout : 0, a.attention_dropout = training ? c.attention_dropout : 0;
     int C = c.dim, NH = c.heads, L = c.layers, H = c.mlp_ratio * C, F = c.activation == Activation::swiglu ? 2 * H : H;
     long N = long(B) * T;
+    group_tokens(&a.token_groups, tokens, N);  // for the embedding's backward
+    a.seed = seed, a.dropout = training ? c.dropout : 0, a.attention_dropout = training ? c.attention_dropout : 0;
     const Tensor& head = c.tied_embeddings ? model.wte : model.lm_head;
     floatX* embedded = a.dropout > 0 ? a.branch : a.stream[0];
     embedding_forward(embedded, tokens, model.wte.data, model.wpe.data, B, T, C);                             // (B,T,C)
@@ -2449,6 +2620,7 @@ real gpt_loss(GPTActivations& a, const int* targets, int vocab_size) {
 }
 
 void gpt_backward(GPT& model, GPTActivations& a, const int* targets, real loss_scale) {
+    PhaseScope phase("backward");
     const GPTConfig& c = model.config;
     int B = a.B, T = a.T, C = c.dim, NH = c.heads, L = c.layers, H = c.mlp_ratio * C, F = c.activation == Activation::swiglu ? 2 * H : H;
     long N = long(B) * T;
@@ -2492,7 +2664,7 @@ void gpt_backward(GPT& model, GPTActivations& a, const int* targets, real loss_s
                       a.rstd[l], N, C, add);                                                                  // dx (B,T,C)
     }
     const floatX* dembedded = dropout_site_backward(a.dstream, a.dbranch, N * C, a.dropout, random_bits(a.seed, 0));
-    embedding_backward(model.wte.grad, model.wpe.grad, dembedded, a.tokens, B, T, c.vocab_size, C);
+    embedding_backward(model.wte.grad, model.wpe.grad, dembedded, a.token_groups, B, T, C);
 }
 
 // ====================================================================================================
@@ -2557,10 +2729,11 @@ floatX* gpt_forward_cached(GPT& model, KVCache& cache, const int* tokens, int n)
         launch(kv_cache_append_kernel, row_grid(long(n) * NH), row_block(), 0, cache_keys, cache_values, k, ld, qkv + 2 * C, 3 * C, n, NH, hs,
                c.context, start);
         // Each new query against every cached key up to its own position, head by head.
-        gemm(false, true, n, L, hs, real(1 / std::sqrt(double(hs))), q, ld, cache_keys, hs, 0, att, L,
-             GemmBatch{1, NH, 0, 0, 0, hs, long(c.context) * hs, long(n) * L});
+        gemm({.M = n, .N = L, .K = hs, .inner = NH}, real(1 / std::sqrt(double(hs))), {.data = q, .ld = ld, .inner = hs},
+             {.data = cache_keys, .ld = hs, .transpose = true, .inner = long(c.context) * hs}, 0, {.data = att, .ld = L, .inner = long(n) * L});
         launch(causal_softmax_forward_kernel, row_grid(long(NH) * n), row_block(), 0, att, long(NH) * n, n, L, start);
-        gemm(false, false, n, hs, L, 1, att, L, cache_values, hs, 0, y, C, GemmBatch{1, NH, 0, 0, 0, long(n) * L, long(c.context) * hs, hs});
+        gemm({.M = n, .N = hs, .K = L, .inner = NH}, 1, {.data = att, .ld = L, .inner = long(n) * L},
+             {.data = cache_values, .ld = hs, .inner = long(c.context) * hs}, 0, {.data = y, .ld = C, .inner = hs});
         linear_forward(branch, y, layer.attn_proj_weight.data, layer.attn_proj_bias.data, n, C, C);
         residual_forward(x, x, branch, long(n) * C);
         normalize_into(h, x, layer.norm2_weight, layer.norm2_bias);
@@ -2668,6 +2841,7 @@ __global__ void square_root_of_sum_kernel(real* out, const real* values, int n) 
 }
 
 void gradient_norm(real* norm, const floatX* gradients, long n) {
+    PhaseScope phase("optimizer");
     unsigned blocks = element_blocks(n);
     real* block_sums = device_alloc<real>(blocks);
     launch(sum_of_squares_kernel, blocks, element_threads, element_threads * sizeof(real), block_sums, gradients, n);
@@ -2771,6 +2945,7 @@ AdamW::~AdamW() {
 }
 
 void adamw_update(AdamW* opt, floatX* params, real* master, const floatX* grads, long num_decayed, real lr, const real* norm, real max_norm) {
+    PhaseScope phase("optimizer");
     opt->step++;
     AdamWStep s{lr, real(opt->beta1), real(opt->beta2), real(opt->eps), real(opt->weight_decay),
                 real(1 - std::pow(double(opt->beta1), double(opt->step))), real(1 - std::pow(double(opt->beta2), double(opt->step))),
@@ -2800,6 +2975,7 @@ void sgd_create(SGD* opt, long n) {
 SGD::~SGD() { (void)cudaFree(velocity); }
 
 void sgd_update(SGD* opt, floatX* params, real* master, const floatX* grads, real lr, const real* norm, real max_norm) {
+    PhaseScope phase("optimizer");
     opt->step++;
     launch(sgd_kernel, element_blocks(opt->n), element_threads, 0, params, master, grads, opt->velocity, opt->n, lr, real(opt->momentum),
            random_bits(0x5eed, uint64_t(opt->step)), norm, max_norm);
@@ -2820,18 +2996,6 @@ float learning_rate(long step, long warmup, long total_steps, float max_lr, floa
 constexpr int32_t model_file_magic = 0x59435254;  // the bytes "TRCY"
 constexpr int32_t model_file_version = 1;
 constexpr int directory_name_bytes = 48;
-
-static int32_t float_bits(float f) {
-    int32_t bits;
-    memcpy(&bits, &f, 4);
-    return bits;
-}
-
-static float bits_float(int32_t bits) {
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 
 // Tensors in buffer order (decayed first), as the file lists them.
 static std::vector<Parameter> parameters_in_buffer_order(GPT& model) {

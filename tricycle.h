@@ -313,18 +313,32 @@ inline Tensor operator*(Tensor x, real c) { return mul_scalar(x, c); }
 inline Tensor operator*(real c, Tensor x) { return mul_scalar(x, c); }
 inline Tensor operator/(Tensor x, real c) { return mul_scalar(x, 1 / c); }
 
-// Matrix products on row-major matrices in device buffers, cuBLAS on the GPU and OpenBLAS on the CPU:
-//   C = alpha * op(A) @ op(B) + beta * C,  op(A) is (M, K), op(B) is (K, N), C is (M, N).
-// lda, ldb, ldc are the distances between rows, so a matrix can sit inside a wider buffer (one head's
-// queries inside the (B, T, 3C) qkv buffer are rows of hs values, 3C apart). A batch runs the product
-// for every (o, j), o < outer, j < inner, on the matrices at A + o * outer_a + j * inner_a (same for B, C).
-struct GemmBatch {
+// Matrix products on row-major matrices in device buffers (cuBLAS on the GPU, oneDNN on the CPU):
+//   C = alpha * op(A) @ op(B) + beta * C,   op(A) is (M, K), op(B) is (K, N), C is (M, N),
+// op(X) = X or, with `transpose`, X^T. `ld` is the distance between a matrix's rows, so a matrix can
+// sit inside a wider buffer (one head's queries inside the (B, T, 3C) qkv buffer are rows of hs values,
+// 3C apart). A batch runs the product for every (o, j), o < outer, j < inner, on the matrices at
+// data + o * outer + j * inner. Calls name their fields:
+//   gemm({.M = N, .N = out, .K = in}, 1, {.data = x, .ld = in}, {.data = w, .ld = in, .transpose = true}, 0, {.data = y, .ld = out});
+struct GemmShape {
+    int M, N, K;
     int outer = 1, inner = 1;
-    long outer_a = 0, outer_b = 0, outer_c = 0;
-    long inner_a = 0, inner_b = 0, inner_c = 0;
 };
-void gemm(bool transpose_a, bool transpose_b, int M, int N, int K, real alpha, const floatX* A, int lda, const floatX* B, int ldb, real beta,
-          floatX* C, int ldc, const GemmBatch& batch = GemmBatch());
+struct GemmInput {
+    const floatX* data;
+    long ld;
+    bool transpose = false;
+    long outer = 0, inner = 0;
+};
+struct GemmOutput {
+    floatX* data;
+    long ld;
+    long outer = 0, inner = 0;
+    const floatX* bias = nullptr;  // (N) added to every row (with beta = 0, alpha = 1, no batch)
+};
+void gemm(GemmShape shape, real alpha, GemmInput A, GemmInput B, real beta, GemmOutput C);
+long gemm_layouts_made();  // CPU build: oneDNN primitives made so far (one per product layout)
+std::string gemm_engine();  // what runs the products, e.g. "oneDNN, bfloat16 with float accumulation"
 
 // ====================================================================================================
 // Layers. Each is a pair of functions on raw device pointers, <layer>_forward and <layer>_backward,
@@ -337,7 +351,14 @@ void gemm(bool transpose_a, bool transpose_b, int M, int N, int K, real alpha, c
 enum class InputGrad { add, write };
 
 void embedding_forward(floatX* out, const int* tokens, const floatX* wte, const floatX* wpe, int B, int T, int C);
-void embedding_backward(floatX* dwte, floatX* dwpe, const floatX* dout, const int* tokens, int B, int T, int V, int C);
+// The backward reads the positions grouped by token, made from the tokens by group_tokens (device
+// buffers of n, n + 1 and n ints).
+struct TokenGroups {
+    int *token, *start, *positions;
+    int count;
+};
+int group_tokens(TokenGroups* groups, const int* tokens, long n);
+void embedding_backward(floatX* dwte, floatX* dwpe, const floatX* dout, const TokenGroups& groups, int B, int T, int C);
 Tensor embedding(const int* tokens, int B, int T, Tensor wte, Tensor wpe);  // wpe may be empty (rotary)
 
 void linear_forward(floatX* out, const floatX* x, const floatX* weight, const floatX* bias, long N, int in, int out_features);
@@ -491,7 +512,7 @@ struct GPTActivations {
     int B = 0, T = 0;
     bool flash = false;
     // Set by the last gpt_forward, for gpt_backward:
-    const int* tokens = nullptr;
+    TokenGroups token_groups{};
     uint64_t seed = 0;
     real dropout = 0, attention_dropout = 0;
     // stream[l] (B, T, C) is layer l's input and stream[layers] the last layer's output;

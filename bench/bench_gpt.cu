@@ -72,6 +72,7 @@ static int bench(int argc, char** argv) {
     real* norm = device_alloc<real>(1);
     printf("bench_gpt: %d layers, %d heads, dim %d, vocab %d (%.1fM parameters), B=%d T=%d, %s\n", config.layers, config.heads, config.dim,
            config.vocab_size, model.num_parameters / 1e6, B, T, tape ? "through the tape" : "gpt_forward and gpt_backward");
+    printf("matrix products: %s\n", gemm_engine().c_str());
     GPTActivations acts;
     std::vector<double> times;
     for (int step = 0; step <= steps; step++) {  // step 0 warms up and is not counted

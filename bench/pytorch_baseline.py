@@ -7,16 +7,19 @@ compared side by side.
 
 Progress is printed at every evaluation; the last line is machine-readable:
 
-    RESULT name=pytorch threads=1 steps=2000 wall_s=... ms_per_step=... tokens_per_s=... val_loss=...
+    RESULT name=pytorch threads=1 precision=fp32 steps=2000 wall_s=... ms_per_step=... tokens_per_s=... val_loss=...
 
 wall_s       the whole training loop, evaluations included (the threads probe is not)
 ms_per_step  median time of one training step, evaluations excluded
 tokens_per_s batch * context / mean step time
 val_loss     the last evaluation (after the final step)
 
-With --threads auto (the default) a short probe first times training steps with 1 and with 2
-PyTorch threads on a throw-away model and keeps the faster. --probe only prints those two
-timings as `PROBE threads=N ms_per_step=X` lines and exits. The OpenBLAS that Debian's PyTorch
+--precision bf16 runs the forward pass and the loss under torch.autocast("cpu", dtype=torch.bfloat16)
+(matrix products in bfloat16, the master weights and optimizer in float), as a PyTorch user would
+turn it on; fp32 is plain float. With --threads auto (the default) a short probe first times
+training steps with 1 and with 2 PyTorch threads on a throw-away model and keeps the faster.
+--probe only prints the timings of 1 and 2 threads in both precisions as
+`PROBE threads=N precision=P ms_per_step=X` lines and exits. The OpenBLAS that Debian's PyTorch
 calls has threads of its own, set only by OPENBLAS_NUM_THREADS at start-up and left to the caller
 (bench/run_bench.sh probes each setting; unset, OpenBLAS's idle threads spin and cost system time).
 """
@@ -195,13 +198,19 @@ def build(args):
     return model, optimizer
 
 
+def autocast(precision):
+    """bfloat16 autocast around the forward pass, or nothing for fp32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def train_step(model, optimizer, train, generator, step, args):
     """One optimizer step; returns (loss, lr)."""
     lr = learning_rate(step, args)
     for group in optimizer.param_groups:
         group["lr"] = lr
     x, y = random_batch(train, generator, args)
-    loss = model(x, y)
+    with autocast(args.precision):
+        loss = model(x, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -217,15 +226,17 @@ def evaluate(model, val, args):
     total = 0.0
     for i in range(args.eval_steps):
         x, y = windows(val, starts[i * args.batch:(i + 1) * args.batch], args.context)
-        total += model(x, y).item()
+        with autocast(args.precision):
+            total += model(x, y).item()
     model.train()
     return total / args.eval_steps
 
 
 def probe(threads, train, args, best_ms=None):
-    """Median ms per training step with `threads` PyTorch threads, on a throw-away model and a
-    throw-away batch stream (the real run starts afresh). Gives up early when, after a few steps,
-    it is already more than 3x slower than best_ms (oversubscribed threads can be 30x slower)."""
+    """Median ms per training step with `threads` PyTorch threads (in args.precision), on a
+    throw-away model and a throw-away batch stream (the real run starts afresh). Gives up early when,
+    after a few steps, it is already more than 3x slower than best_ms (oversubscribed threads or
+    bfloat16 without hardware support can be 30x slower)."""
     torch.set_num_threads(threads)
     model, optimizer = build(args)
     generator = torch.Generator().manual_seed(args.seed + 1)
@@ -273,8 +284,10 @@ def parse_args():
     option("--seed", int, 1337, "seed of the initialisation and of the training batches")
     p.add_argument("--threads", default="auto", metavar="N|auto",
                    help="PyTorch threads; auto times 1 and 2 threads first and keeps the faster (default auto)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="fp32, or bf16 autocast around the forward pass (default fp32)")
     p.add_argument("--probe", action="store_true",
-                   help="only time training steps with 1 and with 2 threads (PROBE lines), then exit")
+                   help="only time training steps with 1 and 2 threads in fp32 and bf16 (PROBE lines), then exit")
     args = p.parse_args()
 
     for name in ("vocab_size", "layers", "heads", "dim", "context", "batch", "eval_interval", "eval_steps"):
@@ -302,13 +315,18 @@ def main():
             fail(f"token file '{path}': {len(tokens)} tokens, fewer than context + 1 = {args.context + 1}")
     torch.set_num_interop_threads(1)  # must happen before any parallel work
 
-    if args.probe or args.threads == "auto":
+    if args.probe:
+        best = None
+        for precision in ("fp32", "bf16"):
+            args.precision = precision
+            for n in (1, 2):
+                ms = probe(n, train, args, best_ms=best)
+                best = ms if best is None else min(best, ms)
+                print(f"PROBE threads={n} precision={precision} ms_per_step={ms:.2f}", flush=True)
+        return
+    if args.threads == "auto":
         timings = {1: probe(1, train, args)}
         timings[2] = probe(2, train, args, best_ms=timings[1])
-        for n, ms in timings.items():
-            print(f"PROBE threads={n} ms_per_step={ms:.2f}", flush=True)
-        if args.probe:
-            return
         threads = min(timings, key=timings.get)
         print(f"threads: {threads} ({timings[1]:.2f} ms/step with 1 thread, {timings[2]:.2f} with 2)", flush=True)
     else:
@@ -320,7 +338,7 @@ def main():
     n_params = sum(p.numel() for p in model.parameters())
     print(f"pytorch {torch.__version__}: {args.layers} layers, {args.heads} heads, dim {args.dim}, context {args.context}, "
           f"vocab {args.vocab_size}: {n_params / 1e6:.2f}M parameters; {args.steps} steps of batch {args.batch}, "
-          f"{threads} thread(s) (OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}); "
+          f"{threads} thread(s) (OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}), {args.precision}; "
           f"train {len(train)} tokens, val {len(val)} tokens", flush=True)
 
     step_times = []            # seconds per training step, evaluations excluded
@@ -357,7 +375,7 @@ def main():
         tokens_per_s = args.batch * args.context / statistics.mean(step_times)
     else:
         ms_per_step = tokens_per_s = 0.0
-    print(f"RESULT name=pytorch threads={threads} steps={args.steps} wall_s={wall:.1f} ms_per_step={ms_per_step:.2f} "
+    print(f"RESULT name=pytorch threads={threads} precision={args.precision} steps={args.steps} wall_s={wall:.1f} ms_per_step={ms_per_step:.2f} "
           f"tokens_per_s={tokens_per_s:.0f} val_loss={val_loss:.4f}", flush=True)
 
 

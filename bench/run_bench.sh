@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ "${BUILD:-cpu}" = gpu ]; then
+if [[ "${BUILD:-cpu}" == gpu* ]]; then
     nvidia-smi -L
     echo "== GPT-2 124M shape (12 layers, 768 dim, 12 heads, vocab 50257), B=8, T=1024"
     ./bench/bench_gpt --batch 8 --seq 1024 --steps 10 --profile | grep -v '^step'
@@ -38,35 +38,41 @@ median_ms() {  # median step time of a metrics.csv (from its tokens/s column), i
         awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
 }
 
+echo "== this CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(nproc) cores;" \
+     "matrix features: $(grep -m1 -owE 'amx_bf16|avx512_bf16|avx512f|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 echo "== nanoGPT CPU recipe, $steps steps"
 calc() { awk "BEGIN { print $1 }"; }
 start=$(date +%s.%N)
 ./train_gpt --train data/char_train.bin --val data/char_val.bin --tokenizer data/bytes.tok --out "$out" "${recipe[@]}" > "$out/train.log"
 ours_wall=$(calc "$(date +%s.%N) - $start")
+ours_build="${BUILD:-cpu} build, $(grep -m1 '^matrix products:' "$out/train.log" | sed 's/^matrix products: //')"
 ours_ms=$(median_ms "$out/metrics.csv")
 ours_loss=$(grep "val loss" "$out/train.log" | tail -n 1 | sed 's/.*val loss \([0-9.]*\).*/\1/')
-printf "tricycle: wall %.1f s, median %.2f ms/step, val loss %s\n" "$ours_wall" "$ours_ms" "$ours_loss"
+printf "tricycle (%s): wall %.1f s, median %.2f ms/step, val loss %s\n" "$ours_build" "$ours_wall" "$ours_ms" "$ours_loss"
 
 if [ "${BENCH_SKIP_PYTORCH:-0}" != 1 ]; then
-    # PyTorch at its fastest here: try 1 and 2 threads of its own, each with 1 and 2 OpenBLAS threads.
+    # PyTorch at its fastest here: 1 and 2 threads of its own, each with 1 and 2 OpenBLAS threads, in
+    # fp32 and with bfloat16 autocast; every setting is printed and the fastest runs the recipe.
     best_ms=1e9
+    echo "pytorch probes (ms per training step; a probe more than 3x slower than the best so far stops early):"
     for blas in 1 2; do
-        while read -r _ threads ms; do
-            threads=${threads#threads=} ms=${ms#ms_per_step=}
-            echo "pytorch probe: $threads PyTorch thread(s), $blas OpenBLAS thread(s): $ms ms/step"
-            if awk "BEGIN { exit !($ms < $best_ms) }"; then best_ms=$ms best_threads=$threads best_blas=$blas; fi
+        while read -r _ threads precision ms; do
+            threads=${threads#threads=} precision=${precision#precision=} ms=${ms#ms_per_step=}
+            printf "  %-6s %d PyTorch thread(s), %d OpenBLAS thread(s): %8.2f ms/step\n" "$precision" "$threads" "$blas" "$ms"
+            if awk "BEGIN { exit !($ms < $best_ms) }"; then best_ms=$ms best_threads=$threads best_blas=$blas best_precision=$precision; fi
         done < <(OPENBLAS_NUM_THREADS=$blas /usr/bin/python3 bench/pytorch_baseline.py --train data/char_train.bin --val data/char_val.bin \
                      --vocab-size 257 --probe | grep '^PROBE')
     done
     OPENBLAS_NUM_THREADS=$best_blas /usr/bin/python3 bench/pytorch_baseline.py --train data/char_train.bin --val data/char_val.bin \
-        --vocab-size 257 --steps "$steps" --threads "$best_threads" | tee "$out/pytorch.log"
+        --vocab-size 257 --steps "$steps" --threads "$best_threads" --precision "$best_precision" | tee "$out/pytorch.log"
     result=$(grep '^RESULT' "$out/pytorch.log")
     field() { sed "s/.* $1=\([^ ]*\).*/\1/" <<< "$result"; }
     torch_wall=$(field wall_s) torch_ms=$(field ms_per_step) torch_loss=$(field val_loss)
     echo
-    printf "%-36s %10s %12s %10s %10s\n" "" "wall (s)" "ms/step" "tokens/s" "val loss"
-    printf "%-36s %10.1f %12.2f %10.0f %10s\n" "tricycle (CPU build, 2 cores)" "$ours_wall" "$ours_ms" "$(calc "768000 / $ours_ms")" "$ours_loss"
-    printf "%-36s %10.1f %12.2f %10.0f %10s\n" "pytorch ($best_threads thread, OpenBLAS $best_blas)" "$torch_wall" "$torch_ms" "$(calc "768000 / $torch_ms")" "$torch_loss"
+    printf "%-44s %10s %12s %10s %10s\n" "" "wall (s)" "ms/step" "tokens/s" "val loss"
+    printf "%-44s %10.1f %12.2f %10.0f %10s\n" "tricycle ($ours_build)" "$ours_wall" "$ours_ms" "$(calc "768000 / $ours_ms")" "$ours_loss"
+    printf "%-44s %10.1f %12.2f %10.0f %10s\n" "pytorch ($best_precision, $best_threads thread, OpenBLAS $best_blas)" "$torch_wall" "$torch_ms" \
+        "$(calc "768000 / $torch_ms")" "$torch_loss"
     printf "tricycle / pytorch: wall %.2fx, ms/step %.2fx\n" "$(calc "$ours_wall / $torch_wall")" "$(calc "$ours_ms / $torch_ms")"
 fi
 

@@ -3,6 +3,8 @@
 //
 //   tests/mixed_precision_fp32 write FILE     computes the reference and writes it to FILE
 //   tests/mixed_precision_bf16 compare FILE   computes the same in bfloat16 and checks it against FILE
+// Both also check the loss, the gradient norm and clipping against plain loops, and that training
+// steps after the first make no new matrix-product primitive.
 //
 // The same things both times, from the same seeds: the outputs of single layers (linear, layernorm,
 // GELU, both attention kernels, cross-entropy), greedy generation and the losses of 20 AdamW steps of
@@ -22,6 +24,8 @@
 typedef std::map<std::string, std::vector<real>> Results;
 
 static Tensor random(Shape shape, uint64_t seed, real std = 1) { return randn(shape, seed, 0, std); }
+
+static const char* precision_name() { return std::is_same<floatX, real>::value ? "float" : "bfloat16"; }
 
 static void upload_values(floatX* device, const std::vector<real>& values) {
     std::vector<floatX> stored(values.begin(), values.end());
@@ -81,7 +85,9 @@ static void generate_and_train(Results& results) {
     real* norm = device_alloc<real>(1);
     std::vector<real>& losses = results["training losses"];
     GPTActivations acts;
+    long layouts_after_first = 0;
     for (int step = 0; step < 20; step++) {
+        if (step == 1) layouts_after_first = gemm_layouts_made();
         gpt_zero_grad(model);
         MemoryMark mark = memory_mark();
         gpt_forward(model, acts, tokens, B, T, true, 0);
@@ -91,11 +97,14 @@ static void generate_and_train(Results& results) {
         adamw_update(&adam, model.parameters, model.master, model.gradients, model.num_decayed, real(1e-3), norm, 1);
         memory_release(mark);
     }
+    check(gemm_layouts_made() == layouts_after_first, "%s: training steps 2-20 make no new matrix-product primitive (%ld made by step 1; %s)",
+          precision_name(), layouts_after_first, gemm_engine().c_str());
 }
 
 // The training maths the build keeps in float, against plain loops over the stored values: the
 // gradient norm, clipping inside AdamW (its first moments are clip * g exactly), and the loss.
-static void check_float_statistics(const char* precision) {
+static void check_float_statistics() {
+    const char* precision = precision_name();
     const int n = 10007;
     std::vector<real> gradient = to_host(randn({n}, 21, 0, real(0.01)));  // the values as stored
     floatX* grads = device_alloc<floatX>(n);
@@ -186,13 +195,13 @@ static int run(int argc, char** argv) {
     if (argc != 3 || (strcmp(argv[1], "write") && strcmp(argv[1], "compare"))) fail("usage: mixed_precision write|compare FILE");
     Results results = compute();
     generate_and_train(results);
+    check_float_statistics();
     if (!strcmp(argv[1], "write")) {
         write(results, argv[2]);
-        return 0;
+        return finish();
     }
     Results reference = read(argv[2]);
-    const char* precision = std::is_same<floatX, real>::value ? "float" : "bfloat16";
-    check_float_statistics(precision);
+    const char* precision = precision_name();
     for (const auto& [name, expected] : reference) {
         const std::vector<real>& got = results[name];
         bool same_size = got.size() == expected.size();

@@ -25,11 +25,11 @@ expect() {  # expect NAME COMPILER-COMMAND FILE MESSAGE: MESSAGE empty means it 
     fi
 }
 
-gxx="${CXX:-g++} -std=c++17 -fsyntax-only -DTRICYCLE_BF16 -I. -x c++"
+gxx="${CXX:-g++} -std=c++20 -fsyntax-only -DTRICYCLE_BF16 -I. -x c++"
 nvcc_path=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
 compilers=("g++ (emulator)|$gxx")
 if [ -x "$nvcc_path" ]; then
-    compilers+=("nvcc (GPU)|$nvcc_path -std=c++17 -DTRICYCLE_BF16 -I. -x cu -c -o /dev/null")
+    compilers+=("nvcc (GPU)|$nvcc_path -std=c++20 -DTRICYCLE_BF16 -I. -x cu -c -o /dev/null")
 else
     echo "skip nvcc is not installed: the GPU build's launch checks were not compiled"; skipped=$((skipped + 3))
 fi

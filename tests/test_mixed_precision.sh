@@ -1,8 +1,23 @@
 #!/usr/bin/env bash
 # The bfloat16 build against the float build: the float binary writes its layer outputs and training
-# losses, the bfloat16 binary computes the same and compares (see tests/mixed_precision.cu).
-set -eu
+# losses, the bfloat16 binary computes the same and compares (see tests/mixed_precision.cu). Each runs
+# checks of its own too; the last line adds both summaries up.
+set -u
 reference=$(mktemp)
 trap 'rm -f "$reference"' EXIT
-./tests/mixed_precision_fp32 write "$reference"
-./tests/mixed_precision_bf16 compare "$reference"
+passed=0 failed=0
+for run in "./tests/mixed_precision_fp32 write" "./tests/mixed_precision_bf16 compare"; do
+    output=$($run "$reference" 2>&1)
+    status=$?
+    echo "$output" | grep -vE '^[0-9]+ passed, [0-9]+ failed'
+    summary=$(grep -E '^[0-9]+ passed, [0-9]+ failed' <<< "$output" | tail -n 1)
+    if [ -z "$summary" ]; then
+        echo "FAIL $run ended (exit status $status) before printing its summary"
+        failed=$((failed + 1))
+        continue
+    fi
+    read -r n_passed _ n_failed _ <<< "${summary//,/}"
+    passed=$((passed + n_passed)) failed=$((failed + n_failed))
+done
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]

@@ -81,7 +81,7 @@ static void train(Tokenizer* tok, const std::string& text, int vocab_size) {
 
 static std::string merges_to_string(const std::vector<TokenPair>& merges) {
     std::string s;
-    for (const TokenPair& m : merges) s += "(" + std::to_string(m.left) + "," + std::to_string(m.right) + ")";
+    for (const TokenPair& m : merges) s.append("(").append(std::to_string(m.left)).append(",").append(std::to_string(m.right)).append(")");
     return s;
 }
 
