@@ -1,41 +1,48 @@
 # Tricycle — build with `make`, test with `make test`, train with `make train`.
 #
 # The GPU build (nvcc + cuBLAS) is chosen when `nvidia-smi -L` finds a GPU, the CPU build (g++ +
-# the kernel emulator + OpenBLAS) otherwise. Force one with `make GPU=1` or `make CPU=1`.
+# the kernel emulator + oneDNN) otherwise. Force one with `make GPU=1` or `make CPU=1`.
 # `make test SANITIZE=1` builds the CPU tests with AddressSanitizer and UBSan.
+#
+# Precision of the programs: BF16=1 stores every tensor in bfloat16 (mixed precision, see tricycle.h),
+# BF16=0 in float. The CPU build picks bfloat16 by itself where the CPU multiplies bfloat16 matrices
+# natively (AMX or AVX512-BF16 in /proc/cpuinfo: there its products are several times faster), float
+# elsewhere; the GPU build picks float. The tests build the precisions they test whatever is picked.
 
 ifeq ($(GPU),1)
-  BUILD := gpu
+  BACKEND := gpu
 else ifeq ($(CPU),1)
-  BUILD := cpu
+  BACKEND := cpu
 else
-  BUILD := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+  BACKEND := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 endif
 ifeq ($(SANITIZE),1)
-  ifeq ($(BUILD),gpu)
+  ifeq ($(BACKEND),gpu)
     $(error SANITIZE=1 is for the CPU build)
   endif
-  BUILD := cpu-sanitize
+  BACKEND := cpu-sanitize
 endif
-# BF16=1: mixed precision, every tensor stored in bfloat16 (see tricycle.h).
-ifeq ($(BF16),1)
-  BUILD := $(BUILD)-bf16
-  PRECISION := -DTRICYCLE_BF16
+ifeq ($(BACKEND),gpu)
+  BF16 ?= 0
+else
+  BF16 ?= $(shell grep -qwE 'amx_bf16|avx512_bf16' /proc/cpuinfo 2>/dev/null && echo 1 || echo 0)
 endif
+PRECISION := $(if $(filter 1,$(BF16)),bf16,float)
+BUILD := $(BACKEND)$(if $(filter bf16,$(PRECISION)),-bf16)
 
 # sm_80 (A100) and sm_90 (H100) by default.
 CUDA_ARCH ?= 80 90
 NVCC ?= $(shell command -v nvcc || echo /usr/local/cuda/bin/nvcc)
 CXX ?= g++
 
-ifneq ($(filter gpu%,$(BUILD)),)
+ifeq ($(BACKEND),gpu)
   COMPILE := $(NVCC) -std=c++20 -O3 -x cu $(foreach a,$(CUDA_ARCH),-gencode arch=compute_$(a),code=sm_$(a)) \
              -Xcompiler -Wall,-Wextra -Werror all-warnings
   LINKER := $(NVCC)
   LIBS := -lcublas
 else
   OPT := -O3 -march=native -fno-math-errno -fno-trapping-math
-  ifeq ($(BUILD),cpu-sanitize)
+  ifeq ($(BACKEND),cpu-sanitize)
     OPT := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
   endif
   COMPILE := $(CXX) -std=c++20 $(OPT) -fopenmp -Wall -Wextra -x c++
@@ -43,10 +50,15 @@ else
   LIBS := -ldnnl -lopenblas -lboost_context
 endif
 
-OBJ := build/$(BUILD)
-HEADERS := tricycle.h cuda_cpu.h
+# Objects by backend and precision: build/cpu/float/..., build/cpu/bf16/..., build/cpu/double/...
+OBJ := build/$(BACKEND)
+FLAGS_float :=
+FLAGS_bf16 := -DTRICYCLE_BF16
+FLAGS_double := -DTRICYCLE_DOUBLE
+HEADERS := tricycle.h tricycle_io.h cuda_cpu.h tests/check.h
+LIBRARY = $(OBJ)/$(1)/tricycle.o $(OBJ)/$(1)/tricycle_io.o
 PROGRAMS := train_gpt inference tokenizer
-TESTS := test_gradients tests/test_tokenizer
+TESTS := test_gradients tests/test_emulator tests/test_tokenizer tests/gpt_parity tests/mixed_precision_fp32 tests/mixed_precision_bf16
 
 .PHONY: all test test-bf16 clean train bench kernel-report bench-emulator bench-tokenizer
 all: $(PROGRAMS) $(TESTS)
@@ -56,37 +68,32 @@ STAMP := build/.selected-$(BUILD)
 $(STAMP):
 	@mkdir -p build && rm -f build/.selected-* && touch $@
 
-$(OBJ)/%.o: %.cu $(HEADERS) tests/check.h Makefile
-	@mkdir -p $(dir $@)
-	$(COMPILE) $(PRECISION) -I. -c $< -o $@
+define precision_rule
+$(OBJ)/$(1)/%.o: %.cu $(HEADERS) Makefile
+	@mkdir -p $$(dir $$@)
+	$(COMPILE) $(FLAGS_$(1)) -I. -c $$< -o $$@
+endef
+$(foreach p,float bf16 double,$(eval $(call precision_rule,$(p))))
 
-# The gradient-check build: everything in double precision.
-$(OBJ)/double/%.o: %.cu $(HEADERS) tests/check.h Makefile
-	@mkdir -p $(dir $@)
-	$(COMPILE) -DTRICYCLE_DOUBLE -I. -c $< -o $@
-
-# The mixed-precision test's bfloat16 half.
-$(OBJ)/bf16/%.o: %.cu $(HEADERS) tests/check.h Makefile
-	@mkdir -p $(dir $@)
-	$(COMPILE) -DTRICYCLE_BF16 -I. -c $< -o $@
-
-$(PROGRAMS): %: $(OBJ)/%.o $(OBJ)/tricycle.o $(STAMP)
-	$(LINKER) $(OBJ)/$*.o $(OBJ)/tricycle.o -o $@ $(LIBS)
-
-test_gradients: $(OBJ)/double/test_gradients.o $(OBJ)/double/tricycle.o $(STAMP)
+$(PROGRAMS) bench/emulator bench/bench_gpt: %: $(OBJ)/$(PRECISION)/%.o $(call LIBRARY,$(PRECISION)) $(STAMP)
 	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
 
-tests/test_tokenizer tests/gpt_parity: %: $(OBJ)/%.o $(OBJ)/tricycle.o $(STAMP)
+# The tests build the precision they check: gradients in double, parity in float, mixed precision both.
+test_gradients tests/test_emulator: %: $(OBJ)/double/%.o $(call LIBRARY,double) $(STAMP)
 	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
 
-tests/mixed_precision_fp32: $(OBJ)/tests/mixed_precision.o $(OBJ)/tricycle.o $(STAMP)
+tests/test_tokenizer tests/gpt_parity: %: $(OBJ)/float/%.o $(call LIBRARY,float) $(STAMP)
 	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
 
-tests/mixed_precision_bf16: $(OBJ)/bf16/tests/mixed_precision.o $(OBJ)/bf16/tricycle.o $(STAMP)
+tests/mixed_precision_fp32: $(OBJ)/float/tests/mixed_precision.o $(call LIBRARY,float) $(STAMP)
 	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
 
-test: $(TESTS) tests/gpt_parity tests/mixed_precision_fp32 tests/mixed_precision_bf16 $(PROGRAMS)
-	@bash tests/run_tests.sh $(TESTS) tests/test_launch_types.sh tests/test_parity.sh tests/test_mixed_precision.sh tests/test_programs.sh
+tests/mixed_precision_bf16: $(OBJ)/bf16/tests/mixed_precision.o $(call LIBRARY,bf16) $(STAMP)
+	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
+
+test: $(TESTS) $(PROGRAMS)
+	@bash tests/run_tests.sh test_gradients tests/test_emulator tests/test_tokenizer tests/test_launch_types.sh tests/test_parity.sh \
+	    tests/test_mixed_precision.sh tests/test_programs.sh tests/check_style.py
 
 # The programs' end-to-end tests again, with the programs built in mixed precision.
 test-bf16:
@@ -94,7 +101,7 @@ test-bf16:
 	@bash tests/run_tests.sh tests/test_programs.sh
 
 clean:
-	rm -rf build $(PROGRAMS) $(TESTS) tests/gpt_parity tests/mixed_precision_fp32 tests/mixed_precision_bf16 bench/emulator bench/bench_gpt
+	rm -rf build $(PROGRAMS) $(TESTS) bench/emulator bench/bench_gpt
 
 # ----------------------------------------------------------------------------------------------------
 # Data. The corpus is downloaded, never committed. DATA=path uses a copy you already have.
@@ -146,9 +153,6 @@ train: train_gpt inference data/$(DATASET)_train.bin
 
 # ----------------------------------------------------------------------------------------------------
 # Benchmarks (not tests): each prints its figures.
-
-bench/emulator bench/bench_gpt: %: $(OBJ)/%.o $(OBJ)/tricycle.o $(STAMP)
-	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
 
 # Tricycle against PyTorch on nanoGPT's CPU recipe, a per-kernel profile, the GPT-2 124M shape, and
 # the GPU kernels' registers and spills. BENCH_STEPS=N shortens the recipe. On a GPU build: tokens/s,

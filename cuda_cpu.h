@@ -1,14 +1,14 @@
 // cuda_cpu.h — run CUDA kernels on a CPU, with the CUDA execution model intact.
 //
 // Included by tricycle.h only when nvcc is not compiling (no __CUDACC__). The same kernel source is
-// then plain C++: every CUDA thread becomes a fiber (Boost.Context), the threads of a block share one
-// OS thread and take turns, and the blocks of a grid are spread over the cores with OpenMP.
+// then plain C++: every CUDA thread becomes a fiber (Boost.Context), the threads of a block share
+// one OS thread and take turns, and the blocks of a grid are spread over the cores with OpenMP.
 //
-// How a block runs. One fiber starts thread 0 and simply calls the kernel; when that thread returns,
-// the same fiber goes on to thread 1, and so on. A thread that never waits therefore costs one
-// function call. When a thread must wait (__syncthreads, a warp shuffle), its fiber is parked with it
-// and a fresh fiber carries on with the next unstarted thread. Parked threads go back on a ready queue
-// as soon as the barrier or warp operation they wait for is complete.
+// How a block runs. One fiber starts thread 0 and simply calls the kernel; when that thread
+// returns, the same fiber goes on to thread 1, and so on. A thread that never waits therefore costs
+// one function call. When a thread must wait (__syncthreads, a warp shuffle), its fiber is parked
+// with it and a fresh fiber carries on with the next unstarted thread. Parked threads go back on a
+// ready queue as soon as the barrier or warp operation they wait for is complete.
 //
 // What a GPU silently gets wrong and this emulator reports (naming kernel, block and thread):
 //   - barrier divergence: a thread exits, or waits at a different __syncthreads, while others wait;
@@ -49,14 +49,18 @@
 #define __forceinline__ inline __attribute__((always_inline))
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
-// A block-scope thread_local is static: one copy per OS thread, and a block owns its OS thread while it
-// runs. (Static shared memory is not checked for uninitialised reads; use shared_memory<T>() for that.)
+// A block-scope thread_local is static: one copy per OS thread, and a block owns its OS thread
+// while it runs. (Static shared memory is not checked for uninitialised reads; use
+// shared_memory<T>() for that.)
 #define __shared__ thread_local
 
-struct uint3 { unsigned int x, y, z; };
+struct uint3 {
+    unsigned int x, y, z;
+};
 struct dim3 {
     unsigned int x, y, z;
-    constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
+    constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1)
+        : x(x_), y(y_), z(z_) {}
 };
 
 // bfloat16 (for the mixed-precision build): the top 16 bits of a float, rounded to nearest even.
@@ -66,7 +70,8 @@ struct __nv_bfloat16 {
 inline __nv_bfloat16 __float2bfloat16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return __nv_bfloat16{uint16_t((u >> 16) | 0x40)};  // NaN stays a (quiet) NaN
+    if ((u & 0x7fffffff) > 0x7f800000)
+        return __nv_bfloat16{uint16_t((u >> 16) | 0x40)};  // NaN stays a (quiet) NaN
     return __nv_bfloat16{uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16)};
 }
 inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short bits) { return __nv_bfloat16{bits}; }
@@ -98,13 +103,19 @@ inline unsigned int __float_as_uint(float f) {
 }
 
 // Blocks run on several OS threads at once, so atomics must be real atomics.
-inline int atomicAdd(int* address, int value) { return __atomic_fetch_add(address, value, __ATOMIC_RELAXED); }
+inline int atomicAdd(int* address, int value) {
+    return __atomic_fetch_add(address, value, __ATOMIC_RELAXED);
+}
 inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
     return __atomic_fetch_add(address, value, __ATOMIC_RELAXED);
 }
-template <typename T> inline T atomic_add_float(T* address, T value) {
+template <typename T>
+inline T atomic_add_float(T* address, T value) {
     T old = *address, updated;
-    do { updated = old + value; } while (!__atomic_compare_exchange(address, &old, &updated, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    do {
+        updated = old + value;
+    } while (!__atomic_compare_exchange(address, &old, &updated, true, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED));
     return old;
 }
 inline float atomicAdd(float* address, float value) { return atomic_add_float(address, value); }
@@ -113,8 +124,19 @@ inline double atomicAdd(double* address, double value) { return atomic_add_float
 // ----------------------------------------------------------------------------------------------------
 // The runtime API on host memory. Kernels run synchronously, so synchronising is a no-op.
 
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2, cudaErrorLaunchFailure = 719 };
-enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice, cudaMemcpyDefault };
+enum cudaError_t {
+    cudaSuccess = 0,
+    cudaErrorInvalidValue = 1,
+    cudaErrorMemoryAllocation = 2,
+    cudaErrorLaunchFailure = 719
+};
+enum cudaMemcpyKind {
+    cudaMemcpyHostToHost,
+    cudaMemcpyHostToDevice,
+    cudaMemcpyDeviceToHost,
+    cudaMemcpyDeviceToDevice,
+    cudaMemcpyDefault
+};
 
 namespace emu {
 inline cudaError_t pending_error = cudaSuccess;  // what the next cudaGetLastError() returns
@@ -123,12 +145,19 @@ inline const std::string& last_error_message() { return error_message; }
 }  // namespace emu
 
 inline cudaError_t cudaMalloc(void** pointer, size_t bytes) {
-    // 64-byte alignment, like cudaMalloc's 256, keeps vector loads legal; never return nullptr for 0.
+    // 64-byte alignment, like cudaMalloc's 256, keeps vector loads legal; never return nullptr for
+    // 0.
     *pointer = aligned_alloc(64, (bytes + 63) / 64 * 64 + 64);
     return *pointer ? cudaSuccess : cudaErrorMemoryAllocation;
 }
-template <typename T> inline cudaError_t cudaMalloc(T** pointer, size_t bytes) { return cudaMalloc(reinterpret_cast<void**>(pointer), bytes); }
-inline cudaError_t cudaFree(void* pointer) { free(pointer); return cudaSuccess; }
+template <typename T>
+inline cudaError_t cudaMalloc(T** pointer, size_t bytes) {
+    return cudaMalloc(reinterpret_cast<void**>(pointer), bytes);
+}
+inline cudaError_t cudaFree(void* pointer) {
+    free(pointer);
+    return cudaSuccess;
+}
 inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind) {
     if (bytes) memmove(dst, src, bytes);
     return cudaSuccess;
@@ -145,10 +174,14 @@ inline cudaError_t cudaGetLastError() {
 }
 inline const char* cudaGetErrorString(cudaError_t error) {
     switch (error) {
-        case cudaSuccess: return "no error";
-        case cudaErrorInvalidValue: return "invalid argument";
-        case cudaErrorMemoryAllocation: return "out of memory";
-        case cudaErrorLaunchFailure: return "kernel failed under the CPU emulator";
+        case cudaSuccess:
+            return "no error";
+        case cudaErrorInvalidValue:
+            return "invalid argument";
+        case cudaErrorMemoryAllocation:
+            return "out of memory";
+        case cudaErrorLaunchFailure:
+            return "kernel failed under the CPU emulator";
     }
     return "unknown error";
 }
@@ -196,7 +229,7 @@ struct alignas(16) SharedWord {
 struct Block {
     void (*body)(void*);  // runs the kernel for the current thread
     void* body_arg;
-    const void* kernel;   // for error messages
+    const void* kernel;  // for error messages
     int n_threads, next_unstarted, exited_count, current;
     dim3 block_dim;
 
@@ -209,7 +242,7 @@ struct Block {
     int barrier_waiting;  // threads parked at __syncthreads
     const char* barrier_file;
     int barrier_line;
-    int first_exited;     // -1 until a thread exits
+    int first_exited;  // -1 until a thread exits
 
     WarpOp warp[max_warps_per_block];
 
@@ -219,8 +252,9 @@ struct Block {
     size_t shared_bytes;
 
     // Fibers
-    ctx::fcontext_t scheduler;  // the scheduler's context, updated every time it switches to a fiber
-    int running_stack;          // stack of the fiber now running
+    ctx::fcontext_t
+        scheduler;      // the scheduler's context, updated every time it switches to a fiber
+    int running_stack;  // stack of the fiber now running
     std::vector<Stack> stacks;
     std::vector<int> free_stacks;
     bool failed;
@@ -232,7 +266,8 @@ struct Block {
 
 inline thread_local Block block_state;
 inline std::mutex report_mutex;
-inline std::atomic<bool> grid_failed{false};  // set by the first error; the remaining blocks are skipped
+inline std::atomic<bool> grid_failed{
+    false};  // set by the first error; the remaining blocks are skipped
 
 // Signals a fiber sends when it hands control back to the scheduler.
 inline char fiber_finished_tag, fiber_failed_tag;
@@ -252,7 +287,8 @@ inline std::string kernel_name(const void* kernel) {
 }
 
 inline uint3 thread_index(const Block& b, int linear) {
-    return uint3{linear % b.block_dim.x, linear / b.block_dim.x % b.block_dim.y, linear / (b.block_dim.x * b.block_dim.y)};
+    return uint3{linear % b.block_dim.x, linear / b.block_dim.x % b.block_dim.y,
+                 linear / (b.block_dim.x * b.block_dim.y)};
 }
 
 inline std::string describe_thread(const Block& b, int linear) {
@@ -263,7 +299,8 @@ inline std::string describe_thread(const Block& b, int linear) {
 }
 
 // Fiber switches, annotated for AddressSanitizer so it knows which stack is live.
-inline ctx::transfer_t switch_to(ctx::fcontext_t to, void* data, const void* to_bottom, size_t to_size, bool never_back) {
+inline ctx::transfer_t switch_to(ctx::fcontext_t to, void* data, const void* to_bottom,
+                                 size_t to_size, bool never_back) {
 #if defined(__SANITIZE_ADDRESS__)
     void* fake_stack = nullptr;
     __sanitizer_start_switch_fiber(never_back ? nullptr : &fake_stack, to_bottom, to_size);
@@ -278,14 +315,15 @@ inline ctx::transfer_t switch_to(ctx::fcontext_t to, void* data, const void* to_
 
 inline ctx::transfer_t switch_to_scheduler(Block& b, void* data) {
 #if defined(__SANITIZE_ADDRESS__)
-    return switch_to(b.scheduler, data, b.scheduler_stack_bottom, b.scheduler_stack_size, data != nullptr);
+    return switch_to(b.scheduler, data, b.scheduler_stack_bottom, b.scheduler_stack_size,
+                     data != nullptr);
 #else
     return switch_to(b.scheduler, data, nullptr, 0, data != nullptr);
 #endif
 }
 
-// Reports a bug in the running kernel and abandons the block: the fiber goes back to the scheduler and
-// is never resumed.
+// Reports a bug in the running kernel and abandons the block: the fiber goes back to the scheduler
+// and is never resumed.
 [[noreturn]] inline void kernel_bug(Block& b, const char* format, ...) {
     char what[512];
     va_list args;
@@ -293,14 +331,14 @@ inline ctx::transfer_t switch_to_scheduler(Block& b, void* data) {
     vsnprintf(what, sizeof what, format, args);
     va_end(args);
     char message[1024];
-    snprintf(message, sizeof message, "CPU emulator: kernel %s, block (%u,%u,%u), thread %s: %s", kernel_name(b.kernel).c_str(),
-             blockIdx.x, blockIdx.y, blockIdx.z, describe_thread(b, b.current).c_str(), what);
+    snprintf(message, sizeof message, "CPU emulator: kernel %s, block (%u,%u,%u), thread %s: %s",
+             kernel_name(b.kernel).c_str(), blockIdx.x, blockIdx.y, blockIdx.z,
+             describe_thread(b, b.current).c_str(), what);
     {
         std::lock_guard<std::mutex> lock(report_mutex);
         if (!grid_failed) {
             grid_failed = true;
             error_message = message;
-            fprintf(stderr, "%s\n", message);
         }
     }
     b.failed = true;
@@ -328,12 +366,16 @@ inline void set_current(Block& b, int linear) {
 // A thread returned from the kernel. Nobody may still be waiting for it.
 inline void thread_exit(Block& b, int linear) {
     if (b.barrier_waiting > 0)
-        kernel_bug(b, "barrier divergence: thread exited while %d thread(s) wait at __syncthreads (%s:%d)", b.barrier_waiting,
-             b.barrier_file, b.barrier_line);
+        kernel_bug(
+            b, "barrier divergence: thread exited while %d thread(s) wait at __syncthreads (%s:%d)",
+            b.barrier_waiting, b.barrier_file, b.barrier_line);
     WarpOp& w = b.warp[linear / 32];
     unsigned lane_bit = 1u << (linear % 32);
     if (w.arrived && (w.mask & lane_bit))
-        kernel_bug(b, "thread exited while lanes of its warp wait for it in a warp operation (mask 0x%08x)", w.mask);
+        kernel_bug(
+            b,
+            "thread exited while lanes of its warp wait for it in a warp operation (mask 0x%08x)",
+            w.mask);
     w.exited |= lane_bit;
     b.state[linear] = exited;
     b.exited_count++;
@@ -362,7 +404,9 @@ inline void fiber_main(ctx::transfer_t t) {
 inline int take_stack(Block& b) {
     if (b.free_stacks.empty()) {
         size_t page = 4096;
-        char* memory = static_cast<char*>(mmap(nullptr, fiber_stack_bytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+        char* memory =
+            static_cast<char*>(mmap(nullptr, fiber_stack_bytes + page, PROT_READ | PROT_WRITE,
+                                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
         if (memory == MAP_FAILED) {
             fprintf(stderr, "CPU emulator: cannot allocate a fiber stack\n");
             abort();
@@ -376,12 +420,11 @@ inline int take_stack(Block& b) {
     return s;
 }
 
-// Back in the scheduler after running a fiber: the fiber either parked a thread, finished, or failed.
+// Back in the scheduler after running a fiber: the fiber either parked a thread, finished, or
+// failed.
 inline void fiber_returned(Block& b, ctx::transfer_t t) {
-    if (t.data == &fiber_finished_tag)
-        b.free_stacks.push_back(b.running_stack);
-    else if (t.data == nullptr)
-        b.context[b.current] = t.fctx;
+    if (t.data == &fiber_finished_tag) b.free_stacks.push_back(b.running_stack);
+    else if (t.data == nullptr) b.context[b.current] = t.fctx;
 }
 
 inline void start_fiber(Block& b) {
@@ -409,11 +452,13 @@ inline void report_deadlock(Block& b) {
             grid_failed = true;
             char message[1024];
             snprintf(message, sizeof message,
-                     "CPU emulator: kernel %s, block (%u,%u,%u), thread %s: deadlock: it waits at %s forever (%d of %d threads exited)",
-                     kernel_name(b.kernel).c_str(), blockIdx.x, blockIdx.y, blockIdx.z, describe_thread(b, i).c_str(),
-                     b.state[i] == at_barrier ? "__syncthreads" : "a warp operation", b.exited_count, b.n_threads);
+                     "CPU emulator: kernel %s, block (%u,%u,%u), thread %s: deadlock: it waits at "
+                     "%s forever (%d of %d threads exited)",
+                     kernel_name(b.kernel).c_str(), blockIdx.x, blockIdx.y, blockIdx.z,
+                     describe_thread(b, i).c_str(),
+                     b.state[i] == at_barrier ? "__syncthreads" : "a warp operation",
+                     b.exited_count, b.n_threads);
             error_message = message;
-            fprintf(stderr, "%s\n", message);
             return;
         }
     }
@@ -453,11 +498,13 @@ inline void run_block(Block& b) {
 }
 
 // Runs a whole grid. body(arg) runs the kernel for the thread in threadIdx/blockIdx.
-inline void run_grid(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes, void (*body)(void*), void* arg) {
+inline void run_grid(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes,
+                     void (*body)(void*), void* arg) {
     int n_threads = int(block.x * block.y * block.z);
     if (n_threads < 1 || n_threads > max_threads_per_block || grid.x * grid.y * grid.z == 0) {
         std::lock_guard<std::mutex> lock(report_mutex);
-        error_message = "CPU emulator: kernel " + kernel_name(kernel) + ": invalid launch configuration";
+        error_message =
+            "CPU emulator: kernel " + kernel_name(kernel) + ": invalid launch configuration";
         pending_error = cudaErrorInvalidValue;
         return;
     }
@@ -476,26 +523,31 @@ inline void run_grid(const void* kernel, dim3 grid, dim3 block, size_t shared_by
             b.shadow.resize(b.shared_storage.size() * sizeof(SharedWord));
         }
         blockDim = block, gridDim = grid;
-        blockIdx = uint3{unsigned(i % grid.x), unsigned(i / grid.x % grid.y), unsigned(i / (long(grid.x) * grid.y))};
+        blockIdx = uint3{unsigned(i % grid.x), unsigned(i / grid.x % grid.y),
+                         unsigned(i / (long(grid.x) * grid.y))};
         run_block(b);
     }
     if (grid_failed) pending_error = cudaErrorLaunchFailure;
 }
 
-template <typename F> void call_body(void* f) { (*static_cast<F*>(f))(); }
+template <typename F>
+void call_body(void* f) {
+    (*static_cast<F*>(f))();
+}
 
 // --- __syncthreads ---
 
 inline void syncthreads(const char* file, int line) {
     Block& b = block_state;
     if (b.first_exited >= 0)
-        kernel_bug(b, "barrier divergence: __syncthreads (%s:%d) reached after thread %s exited", file, line,
-             describe_thread(b, b.first_exited).c_str());
+        kernel_bug(b, "barrier divergence: __syncthreads (%s:%d) reached after thread %s exited",
+                   file, line, describe_thread(b, b.first_exited).c_str());
     if (b.barrier_waiting == 0) {
         b.barrier_file = file, b.barrier_line = line;
     } else if (b.barrier_line != line || strcmp(b.barrier_file, file) != 0) {
-        kernel_bug(b, "barrier divergence: waits at __syncthreads %s:%d while other threads wait at %s:%d", file, line, b.barrier_file,
-             b.barrier_line);
+        kernel_bug(
+            b, "barrier divergence: waits at __syncthreads %s:%d while other threads wait at %s:%d",
+            file, line, b.barrier_file, b.barrier_line);
     }
     if (++b.barrier_waiting == b.n_threads) {  // last to arrive: release everyone, carry on
         b.barrier_waiting = 0;
@@ -513,15 +565,24 @@ inline uint64_t warp_collective(WarpOpKind kind, unsigned mask, uint64_t value, 
     Block& b = block_state;
     int lane = b.current % 32;
     WarpOp& w = b.warp[b.current / 32];
-    if (!(mask & (1u << lane))) kernel_bug(b, "warp operation with mask 0x%08x that does not include the calling lane %d", mask, lane);
+    if (!(mask & (1u << lane)))
+        kernel_bug(b, "warp operation with mask 0x%08x that does not include the calling lane %d",
+                   mask, lane);
     if (mask & w.exited)
-        kernel_bug(b, "warp operation with mask 0x%08x names lanes that have exited or do not exist (0x%08x)", mask, mask & w.exited);
+        kernel_bug(
+            b,
+            "warp operation with mask 0x%08x names lanes that have exited or do not exist (0x%08x)",
+            mask, mask & w.exited);
     if (w.arrived == 0) {
         w.mask = mask, w.kind = kind;
     } else if (w.mask != mask || w.kind != kind) {
-        kernel_bug(b, "warp divergence: lanes of one warp are in different warp operations (masks 0x%08x and 0x%08x)", w.mask, mask);
+        kernel_bug(b,
+                   "warp divergence: lanes of one warp are in different warp operations (masks "
+                   "0x%08x and 0x%08x)",
+                   w.mask, mask);
     }
-    if (!(mask & (1u << source_lane))) kernel_bug(b, "shuffle reads lane %d, which is not in the mask 0x%08x", source_lane, mask);
+    if (!(mask & (1u << source_lane)))
+        kernel_bug(b, "shuffle reads lane %d, which is not in the mask 0x%08x", source_lane, mask);
     w.value[lane] = value;
     w.source[lane] = source_lane;
     w.arrived |= 1u << lane;
@@ -543,7 +604,8 @@ inline uint64_t warp_collective(WarpOpKind kind, unsigned mask, uint64_t value, 
     return w.result[lane];
 }
 
-template <typename T> inline T shuffle(unsigned mask, T var, int source_lane) {
+template <typename T>
+inline T shuffle(unsigned mask, T var, int source_lane) {
     static_assert(sizeof(T) <= sizeof(uint64_t), "warp shuffles move at most 8 bytes");
     uint64_t bits = 0;
     memcpy(&bits, &var, sizeof(T));
@@ -559,15 +621,18 @@ inline int lane_id() { return block_state.current % 32; }
 
 [[noreturn]] inline void shared_out_of_bounds(size_t offset, size_t bytes) {
     Block& b = block_state;
-    kernel_bug(b, "shared memory access at byte %zu is out of bounds (the launch gave %zu bytes)", offset, bytes);
+    kernel_bug(b, "shared memory access at byte %zu is out of bounds (the launch gave %zu bytes)",
+               offset, bytes);
 }
 
 [[noreturn]] inline void shared_uninitialised(size_t offset) {
-    kernel_bug(block_state, "read of shared memory at byte %zu that no thread of the block has written", offset);
+    kernel_bug(block_state,
+               "read of shared memory at byte %zu that no thread of the block has written", offset);
 }
 
 // A reference to one element of shared memory: reading checks the shadow, writing sets it.
-template <typename T> struct SharedRef {
+template <typename T>
+struct SharedRef {
     T* pointer;
     unsigned char* shadow;
     operator T() const {
@@ -588,36 +653,47 @@ template <typename T> struct SharedRef {
 };
 
 // What shared_memory<T>() returns on the CPU: indexes like a T*, checks every access.
-template <typename T> struct SharedArray {
+template <typename T>
+struct SharedArray {
     size_t byte_offset;
     SharedRef<T> operator[](size_t i) const {
         Block& b = block_state;
         size_t offset = byte_offset + i * sizeof(T);
         if (offset + sizeof(T) > b.shared_bytes) shared_out_of_bounds(offset, b.shared_bytes);
-        return SharedRef<T>{reinterpret_cast<T*>(reinterpret_cast<char*>(b.shared_storage.data()) + offset), b.shadow.data() + offset};
+        return SharedRef<T>{
+            reinterpret_cast<T*>(reinterpret_cast<char*>(b.shared_storage.data()) + offset),
+            b.shadow.data() + offset};
     }
     SharedArray operator+(size_t i) const { return SharedArray{byte_offset + i * sizeof(T)}; }
 };
 
 }  // namespace emu
 
-inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) { emu::syncthreads(file, line); }
-inline void __syncwarp(unsigned mask = 0xffffffffu) { emu::warp_collective(emu::warp_sync, mask, 0, emu::lane_id()); }
+inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+    emu::syncthreads(file, line);
+}
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+    emu::warp_collective(emu::warp_sync, mask, 0, emu::lane_id());
+}
 
 // Lanes whose source falls outside their group of `width` lanes read their own value, as on a GPU.
-template <typename T> inline T __shfl_sync(unsigned mask, T var, int source_lane, int width = 32) {
+template <typename T>
+inline T __shfl_sync(unsigned mask, T var, int source_lane, int width = 32) {
     int lane = emu::lane_id();
     return emu::shuffle(mask, var, (lane & ~(width - 1)) + (source_lane & (width - 1)));
 }
-template <typename T> inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32) {
+template <typename T>
+inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32) {
     int lane = emu::lane_id();
     return emu::shuffle(mask, var, (lane % width) + int(delta) < width ? lane + int(delta) : lane);
 }
-template <typename T> inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32) {
+template <typename T>
+inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32) {
     int lane = emu::lane_id();
     return emu::shuffle(mask, var, (lane % width) >= int(delta) ? lane - int(delta) : lane);
 }
-template <typename T> inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32) {
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32) {
     int lane = emu::lane_id();
     int source = lane ^ lane_mask;
     return emu::shuffle(mask, var, source / width == lane / width ? source : lane);
@@ -626,14 +702,22 @@ inline unsigned __ballot_sync(unsigned mask, int predicate) {
     return unsigned(emu::warp_collective(emu::warp_ballot, mask, predicate != 0, emu::lane_id()));
 }
 inline int __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) != 0; }
-inline int __all_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) == mask; }
+inline int __all_sync(unsigned mask, int predicate) {
+    return __ballot_sync(mask, predicate) == mask;
+}
 
-// Dynamic shared memory (the CUDA `extern __shared__` array), `byte_offset` bytes into the block's buffer.
-template <typename T> inline emu::SharedArray<T> shared_memory(size_t byte_offset = 0) { return emu::SharedArray<T>{byte_offset}; }
+// Dynamic shared memory (the CUDA `extern __shared__` array), `byte_offset` bytes into the block's
+// buffer.
+template <typename T>
+inline emu::SharedArray<T> shared_memory(size_t byte_offset = 0) {
+    return emu::SharedArray<T>{byte_offset};
+}
 
 // The launch: kernel<<<grid, block, shared_bytes>>>(args...) on a GPU.
 template <typename... Params, typename... Args>
-void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, Args... args) {
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
+                   Args... args) {
     auto body = [&]() { kernel(args...); };
-    emu::run_grid(reinterpret_cast<const void*>(kernel), grid, block, shared_bytes, emu::call_body<decltype(body)>, &body);
+    emu::run_grid(reinterpret_cast<const void*>(kernel), grid, block, shared_bytes,
+                  emu::call_body<decltype(body)>, &body);
 }

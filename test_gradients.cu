@@ -1,5 +1,5 @@
 // test_gradients.cu — checks every operation's gradient against central finite differences, kernel
-// results against plain CPU loops, the tape and memory, and the CPU emulator's bug detectors.
+// results against plain CPU loops, the tape and memory, the GPT, the optimizers and model files.
 // Built in double precision (-DTRICYCLE_DOUBLE) so finite differences are accurate to ~1e-10.
 #include "tricycle.h"
 #include "tests/check.h"
@@ -23,7 +23,8 @@ static double scalar_value(Tensor t) { return to_host(t)[0]; }
 
 // Relative error ||analytic - numeric|| / max(||analytic||, ||numeric||) over every input element
 // (or an evenly spaced sample of at most max_entries per input).
-static double gradient_error(const std::function<Tensor()>& f, const std::vector<Tensor>& inputs, long max_entries = 200) {
+static double gradient_error(const std::function<Tensor()>& f, const std::vector<Tensor>& inputs,
+                             long max_entries = 200) {
     for (const Tensor& t : inputs) zero_grad(t);
     MemoryMark mark = memory_mark();
     backward(project(f()));
@@ -55,13 +56,16 @@ static double gradient_error(const std::function<Tensor()>& f, const std::vector
     return scale > 0 ? std::sqrt(diff2) / scale : std::sqrt(diff2);
 }
 
-static void check_gradient(const std::string& what, const std::function<Tensor()>& f, const std::vector<Tensor>& inputs) {
+static void check_gradient(const std::string& what, const std::function<Tensor()>& f,
+                           const std::vector<Tensor>& inputs) {
     double error = gradient_error(f, inputs);
     check(error < 1e-6, "gradient of %s: relative error %.2e", what.c_str(), error);
 }
 
 static Tensor input(Shape shape, uint64_t seed) { return requires_grad(randn(shape, seed)); }
-static Tensor positive_input(Shape shape, uint64_t seed) { return requires_grad(rand_uniform(shape, seed, 0.5, 2.0)); }
+static Tensor positive_input(Shape shape, uint64_t seed) {
+    return requires_grad(rand_uniform(shape, seed, 0.5, 2.0));
+}
 
 static std::string describe(const std::vector<Tensor>& inputs) {
     std::string s;
@@ -75,23 +79,30 @@ static std::string describe(const std::vector<Tensor>& inputs) {
 static void test_seed_examples() {
     Tensor x = requires_grad(tensor(2.0));
     Tensor y = x * x + 3 * x + 4;
-    check(scalar_value(y) == 14, "seed example: y = x*x + 3*x + 4 at x = 2 is %s", to_string(y).c_str());
+    check(scalar_value(y) == 14, "seed example: y = x*x + 3*x + 4 at x = 2 is %s",
+          to_string(y).c_str());
     backward(y);
-    check(scalar_value(grad(x)) == 7, "seed example: dy/dx at x = 2 is %s", to_string(grad(x)).c_str());
+    check(scalar_value(grad(x)) == 7, "seed example: dy/dx at x = 2 is %s",
+          to_string(grad(x)).c_str());
 
-    Tensor a = requires_grad(randn({6, 5, 4, 3, 2}, 1)), b = requires_grad(randn({6, 5, 4, 3, 2}, 2));
+    Tensor a = requires_grad(randn({6, 5, 4, 3, 2}, 1)),
+           b = requires_grad(randn({6, 5, 4, 3, 2}, 2));
     backward(a * b);
-    check(to_host(grad(a)) == to_host(b), "seed example: c = a*b on (6,5,4,3,2) gives a.grad == b exactly");
-    check(to_host(grad(b)) == to_host(a), "seed example: c = a*b on (6,5,4,3,2) gives b.grad == a exactly");
+    check(to_host(grad(a)) == to_host(b),
+          "seed example: c = a*b on (6,5,4,3,2) gives a.grad == b exactly");
+    check(to_host(grad(b)) == to_host(a),
+          "seed example: c = a*b on (6,5,4,3,2) gives b.grad == a exactly");
 }
 
 // ----------------------------------------------------------------------------------------------------
 // Gradients of every operation, on several shapes including sizes that divide nothing
 
-static void test_operation_gradients() {
-    // Broadcasting pairs: same shape, scalar, trailing dims, leading dims with 1s, both sides stretched.
+static void test_elementwise_gradients() {
+    // Broadcasting pairs: same shape, scalar, trailing dims, leading dims with 1s, both sides
+    // stretched.
     std::vector<std::pair<std::vector<int>, std::vector<int>>> pairs = {
-        {{3, 37}, {3, 37}}, {{2, 3, 5}, {}}, {{2, 3, 5}, {5}}, {{4, 3, 7}, {4, 1, 1}}, {{5, 1}, {1, 33}}, {{}, {2, 3}}};
+        {{3, 37}, {3, 37}},     {{2, 3, 5}, {}},   {{2, 3, 5}, {5}},
+        {{4, 3, 7}, {4, 1, 1}}, {{5, 1}, {1, 33}}, {{}, {2, 3}}};
     auto make = [](const std::vector<int>& dims, uint64_t seed, bool positive) {
         Tensor t;
         t.ndim = int(dims.size());
@@ -101,66 +112,107 @@ static void test_operation_gradients() {
         else fill_normal(t.data, t.size(), seed, 0, 1);
         return requires_grad(t);
     };
-    struct Binary { const char* name; Tensor (*f)(Tensor, Tensor); bool positive_b; };
-    Binary binaries[] = {{"add", add, false}, {"sub", sub, false}, {"mul", mul, false}, {"div", div, true},
+    struct Binary {
+        const char* name;
+        Tensor (*f)(Tensor, Tensor);
+        bool positive_b;
+    };
+    Binary binaries[] = {{"add", add, false},         {"sub", sub, false},
+                         {"mul", mul, false},         {"div", div, true},
                          {"maximum", maximum, false}, {"minimum", minimum, false}};
     for (const Binary& op : binaries) {
         for (auto& [da, db] : pairs) {
             Tensor a = make(da, 10, false), b = make(db, 11, op.positive_b);
-            check_gradient(std::string(op.name) + " " + describe({a, b}), [=] { return op.f(a, b); }, {a, b});
+            check_gradient(std::string(op.name) + " " + describe({a, b}),
+                           [=] { return op.f(a, b); }, {a, b});
         }
     }
 
-    struct Unary { const char* name; std::function<Tensor(Tensor)> f; bool positive; };
-    Unary unaries[] = {{"neg", neg, false}, {"exp", [](Tensor x) { return exp(x); }, false}, {"log", [](Tensor x) { return log(x); }, true},
-                       {"sqrt", [](Tensor x) { return sqrt(x); }, true}, {"sin", [](Tensor x) { return sin(x); }, false},
-                       {"cos", [](Tensor x) { return cos(x); }, false}, {"tanh", [](Tensor x) { return tanh(x); }, false},
-                       {"sigmoid", sigmoid, false}, {"relu", relu, false}, {"pow 3", [](Tensor x) { return pow_scalar(x, 3); }, false},
-                       {"pow -0.5", [](Tensor x) { return pow_scalar(x, -0.5); }, true}, {"x * 2.5", [](Tensor x) { return x * 2.5; }, false},
-                       {"x + 7", [](Tensor x) { return x + 7; }, false}, {"3 - x", [](Tensor x) { return 3 - x; }, false},
+    struct Unary {
+        const char* name;
+        std::function<Tensor(Tensor)> f;
+        bool positive;
+    };
+    Unary unaries[] = {{"neg", neg, false},
+                       {"exp", [](Tensor x) { return exp(x); }, false},
+                       {"log", [](Tensor x) { return log(x); }, true},
+                       {"sqrt", [](Tensor x) { return sqrt(x); }, true},
+                       {"sin", [](Tensor x) { return sin(x); }, false},
+                       {"cos", [](Tensor x) { return cos(x); }, false},
+                       {"tanh", [](Tensor x) { return tanh(x); }, false},
+                       {"sigmoid", sigmoid, false},
+                       {"relu", relu, false},
+                       {"pow 3", [](Tensor x) { return pow_scalar(x, 3); }, false},
+                       {"pow -0.5", [](Tensor x) { return pow_scalar(x, -0.5); }, true},
+                       {"x * 2.5", [](Tensor x) { return x * 2.5; }, false},
+                       {"x + 7", [](Tensor x) { return x + 7; }, false},
+                       {"3 - x", [](Tensor x) { return 3 - x; }, false},
                        {"x / 4", [](Tensor x) { return x / 4; }, false}};
     for (const Unary& op : unaries) {
         Tensor x = op.positive ? positive_input({3, 41}, 20) : input({3, 41}, 20);
         check_gradient(std::string(op.name) + " " + describe({x}), [=] { return op.f(x); }, {x});
     }
+}
 
-    struct Reduction { const char* name; Tensor (*axis_f)(Tensor, int); Tensor (*all_f)(Tensor); };
-    Reduction reductions[] = {{"sum", sum, sum}, {"mean", mean, mean}, {"max", max, max}, {"min", min, min}};
+static void test_reduction_gradients() {
+    struct Reduction {
+        const char* name;
+        Tensor (*axis_f)(Tensor, int);
+        Tensor (*all_f)(Tensor);
+    };
+    Reduction reductions[] = {
+        {"sum", sum, sum}, {"mean", mean, mean}, {"max", max, max}, {"min", min, min}};
     for (int lanes : {1, 32, 8}) {
         threads_per_row = lanes;
         for (const Reduction& op : reductions) {
             Tensor x = input({3, 37, 5}, 30 + lanes);
             for (int axis : {0, 1, 2})
-                check_gradient(std::string(op.name) + " over axis " + std::to_string(axis) + " of " + describe({x}) + ", " +
-                                   std::to_string(lanes) + " threads per row", [=] { return op.axis_f(x, axis); }, {x});
-            check_gradient(std::string(op.name) + " of all " + describe({x}) + ", " + std::to_string(lanes) + " threads per row",
+                check_gradient(std::string(op.name) + " over axis " + std::to_string(axis) +
+                                   " of " + describe({x}) + ", " + std::to_string(lanes) +
+                                   " threads per row",
+                               [=] { return op.axis_f(x, axis); }, {x});
+            check_gradient(std::string(op.name) + " of all " + describe({x}) + ", " +
+                               std::to_string(lanes) + " threads per row",
                            [=] { return op.all_f(x); }, {x});
         }
         Tensor x = input({4, 3, 37}, 40);
-        check_gradient("softmax over the last axis of " + describe({x}) + ", " + std::to_string(lanes) + " threads per row",
+        check_gradient("softmax over the last axis of " + describe({x}) + ", " +
+                           std::to_string(lanes) + " threads per row",
                        [=] { return softmax(x); }, {x});
         Tensor single = input({1, 1}, 41);
-        check_gradient("softmax of a row of one " + describe({single}) + ", " + std::to_string(lanes) + " threads per row",
+        check_gradient("softmax of a row of one " + describe({single}) + ", " +
+                           std::to_string(lanes) + " threads per row",
                        [=] { return softmax(single); }, {single});
     }
     threads_per_row = 1;
+}
 
+static void test_shape_and_product_gradients() {
     Tensor r = input({2, 3, 5}, 50);
-    check_gradient("reshape (2,3,5) -> (5,-1) then a product", [=] { return reshape(r, {5, -1}) * reshape(r, {5, 6}); }, {r});
+    check_gradient("reshape (2,3,5) -> (5,-1) then a product",
+                   [=] {
+                       return reshape(r, {5, -1}) * reshape(r, {5, 6});
+                   },
+                   {r});
     Tensor t = input({2, 3, 5, 7}, 51);
-    for (std::pair<int, int> dims : std::vector<std::pair<int, int>>{{0, 1}, {1, 3}, {-1, -2}, {0, 3}})
-        check_gradient("transpose dims " + std::to_string(dims.first) + "," + std::to_string(dims.second) + " of " + describe({t}),
+    for (std::pair<int, int> dims :
+         std::vector<std::pair<int, int>>{{0, 1}, {1, 3}, {-1, -2}, {0, 3}})
+        check_gradient("transpose dims " + std::to_string(dims.first) + "," +
+                           std::to_string(dims.second) + " of " + describe({t}),
                        [=] { return transpose(t, dims.first, dims.second); }, {t});
 
     Tensor a = input({5, 7}, 60), b = input({7, 3}, 61);
     check_gradient("matmul " + describe({a, b}), [=] { return matmul(a, b); }, {a, b});
     Tensor ba = input({2, 3, 5, 7}, 62), shared = input({7, 9}, 63), bb = input({2, 3, 7, 4}, 64);
-    check_gradient("matmul with shared right side " + describe({ba, shared}), [=] { return matmul(ba, shared); }, {ba, shared});
-    check_gradient("batched matmul " + describe({ba, bb}), [=] { return matmul(ba, bb); }, {ba, bb});
+    check_gradient("matmul with shared right side " + describe({ba, shared}),
+                   [=] { return matmul(ba, shared); }, {ba, shared});
+    check_gradient("batched matmul " + describe({ba, bb}), [=] { return matmul(ba, bb); },
+                   {ba, bb});
 
     // A composite: the expression graph reuses x, so gradients must accumulate from several uses.
     Tensor x = input({4, 6}, 70), w = input({6, 6}, 71);
-    check_gradient("composite softmax(tanh(x @ w) * x) / (1 + exp(x))", [=] { return softmax(tanh(matmul(x, w)) * x) / (1 + exp(x)); }, {x, w});
+    check_gradient("composite softmax(tanh(x @ w) * x) / (1 + exp(x))",
+                   [=] { return softmax(tanh(matmul(x, w)) * x) / (1 + exp(x)); }, {x, w});
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -169,7 +221,8 @@ static void test_operation_gradients() {
 static double max_difference(const std::vector<real>& a, const std::vector<real>& b) {
     if (a.size() != b.size()) return INFINITY;
     double worst = 0;
-    for (size_t i = 0; i < a.size(); i++) worst = std::max(worst, std::fabs(double(a[i]) - double(b[i])));
+    for (size_t i = 0; i < a.size(); i++)
+        worst = std::max(worst, std::fabs(double(a[i]) - double(b[i])));
     return worst;
 }
 
@@ -179,16 +232,21 @@ static void test_forward_against_loops() {
     std::vector<real> ha = to_host(a), hb = to_host(b), expected(ha.size());
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < 3; j++)
-            for (int k = 0; k < 7; k++) expected[(i * 3 + j) * 7 + k] = ha[(i * 3 + j) * 7 + k] * hb[j];
-    check(max_difference(to_host(a * b), expected) == 0, "broadcast mul (4,3,7) * (3,1) equals the CPU loop exactly");
+            for (int k = 0; k < 7; k++)
+                expected[(i * 3 + j) * 7 + k] = ha[(i * 3 + j) * 7 + k] * hb[j];
+    check(max_difference(to_host(a * b), expected) == 0,
+          "broadcast mul (4,3,7) * (3,1) equals the CPU loop exactly");
 
     Tensor m = randn({2, 5, 7}, 3), n = randn({2, 7, 3}, 4);
     std::vector<real> hm = to_host(m), hn = to_host(n), product(2 * 5 * 3, 0);
     for (int p = 0; p < 2; p++)
         for (int i = 0; i < 5; i++)
             for (int j = 0; j < 3; j++)
-                for (int k = 0; k < 7; k++) product[(p * 5 + i) * 3 + j] += hm[(p * 5 + i) * 7 + k] * hn[(p * 7 + k) * 3 + j];
-    check(max_difference(to_host(matmul(m, n)), product) < 1e-12, "batched matmul (2,5,7) @ (2,7,3) matches the triple loop");
+                for (int k = 0; k < 7; k++)
+                    product[(p * 5 + i) * 3 + j] +=
+                        hm[(p * 5 + i) * 7 + k] * hn[(p * 7 + k) * 3 + j];
+    check(max_difference(to_host(matmul(m, n)), product) < 1e-12,
+          "batched matmul (2,5,7) @ (2,7,3) matches the triple loop");
 
     for (int lanes : {1, 32}) {
         threads_per_row = lanes;
@@ -198,12 +256,17 @@ static void test_forward_against_loops() {
             double top = -INFINITY, total = 0;
             for (int c = 0; c < 45; c++) top = std::max(top, double(hx[r * 45 + c]));
             for (int c = 0; c < 45; c++) total += std::exp(hx[r * 45 + c] - top);
-            for (int c = 0; c < 45; c++) soft[r * 45 + c] = real(std::exp(hx[r * 45 + c] - top) / total);
-            for (int c = 0; c < 45; c++) row_sums[r] += hx[r * 45 + c], col_max[c] = std::max(col_max[c], hx[r * 45 + c]);
+            for (int c = 0; c < 45; c++)
+                soft[r * 45 + c] = real(std::exp(hx[r * 45 + c] - top) / total);
+            for (int c = 0; c < 45; c++)
+                row_sums[r] += hx[r * 45 + c], col_max[c] = std::max(col_max[c], hx[r * 45 + c]);
         }
-        check(max_difference(to_host(softmax(x)), soft) < 1e-14, "softmax (6,45) matches the CPU loop, %d threads per row", lanes);
-        check(max_difference(to_host(sum(x, 1)), row_sums) < 1e-12, "sum over axis 1 of (6,45) matches the CPU loop, %d threads per row", lanes);
-        check(max_difference(to_host(max(x, 0)), col_max) == 0, "max over axis 0 of (6,45) matches the CPU loop, %d threads per row", lanes);
+        check(max_difference(to_host(softmax(x)), soft) < 1e-14,
+              "softmax (6,45) matches the CPU loop, %d threads per row", lanes);
+        check(max_difference(to_host(sum(x, 1)), row_sums) < 1e-12,
+              "sum over axis 1 of (6,45) matches the CPU loop, %d threads per row", lanes);
+        check(max_difference(to_host(max(x, 0)), col_max) == 0,
+              "max over axis 0 of (6,45) matches the CPU loop, %d threads per row", lanes);
     }
     threads_per_row = 1;
 
@@ -212,43 +275,54 @@ static void test_forward_against_loops() {
     for (int i = 0; i < 2; i++)
         for (int j = 0; j < 3; j++)
             for (int k = 0; k < 4; k++) transposed[(k * 3 + j) * 2 + i] = ht[(i * 3 + j) * 4 + k];
-    check(max_difference(to_host(transpose(t, 0, 2)), transposed) == 0, "transpose of dims 0 and 2 of (2,3,4) matches the CPU loop");
+    check(max_difference(to_host(transpose(t, 0, 2)), transposed) == 0,
+          "transpose of dims 0 and 2 of (2,3,4) matches the CPU loop");
 
     Tensor u = rand_uniform({100000}, 7, -1, 3);
     std::vector<real> hu = to_host(u);
     double total = 0, lowest = INFINITY, highest = -INFINITY;
-    for (real v : hu) total += v, lowest = std::min(lowest, double(v)), highest = std::max(highest, double(v));
-    check(std::fabs(total / hu.size() - 1) < 0.02 && lowest >= -1 && highest < 3, "uniform [-1, 3): mean %.4f, min %.4f, max %.4f", total / hu.size(), lowest, highest);
+    for (real v : hu)
+        total += v, lowest = std::min(lowest, double(v)), highest = std::max(highest, double(v));
+    check(std::fabs(total / hu.size() - 1) < 0.02 && lowest >= -1 && highest < 3,
+          "uniform [-1, 3): mean %.4f, min %.4f, max %.4f", total / hu.size(), lowest, highest);
     Tensor g = randn({100000}, 8, 2, 3);
     std::vector<real> hg = to_host(g);
     double m1 = 0, m2 = 0;
     for (real v : hg) m1 += v, m2 += v * v;
     m1 /= hg.size(), m2 = m2 / hg.size() - m1 * m1;
-    check(std::fabs(m1 - 2) < 0.05 && std::fabs(std::sqrt(m2) - 3) < 0.05, "normal(2, 3): mean %.4f, std %.4f", m1, std::sqrt(m2));
-    check(to_host(randn({1000}, 9)) == to_host(randn({1000}, 9)) && to_host(randn({1000}, 9)) != to_host(randn({1000}, 10)),
+    check(std::fabs(m1 - 2) < 0.05 && std::fabs(std::sqrt(m2) - 3) < 0.05,
+          "normal(2, 3): mean %.4f, std %.4f", m1, std::sqrt(m2));
+    check(to_host(randn({1000}, 9)) == to_host(randn({1000}, 9)) &&
+              to_host(randn({1000}, 9)) != to_host(randn({1000}, 10)),
           "random draws repeat with the same seed and differ with another");
 }
 
 // ----------------------------------------------------------------------------------------------------
 // The tape, memory and printing
 
-static void test_tape_and_memory() {
+static void test_tape_recording() {
     Tensor x = requires_grad(tensor(3.0));
     size_t before = tape_length();
     {
         NoGrad no_grad;
         Tensor y = x * x;
-        check(!y.requires_grad() && tape_length() == before, "no-grad scope: nothing recorded and the result has no gradient");
+        check(!y.requires_grad() && tape_length() == before,
+              "no-grad scope: nothing recorded and the result has no gradient");
     }
     Tensor y = x * x;
-    check(y.requires_grad() && tape_length() == before + 1, "with gradients on, x*x is recorded on the tape");
+    check(y.requires_grad() && tape_length() == before + 1,
+          "with gradients on, x*x is recorded on the tape");
     backward(y);
     check(tape_length() == before + 1, "backward keeps the tape (memory_release drops it)");
     backward(x * x);
-    check(scalar_value(grad(x)) == 12, "gradients accumulate across two backward passes (6 + 6 = %s)", to_string(grad(x)).c_str());
+    check(scalar_value(grad(x)) == 12,
+          "gradients accumulate across two backward passes (6 + 6 = %s)",
+          to_string(grad(x)).c_str());
     zero_grad(x);
     check(scalar_value(grad(x)) == 0, "zero_grad clears the gradient");
+}
 
+static void test_tape_semantics() {
     // Like PyTorch (and unlike a tape that is run whole and cleared): backward runs only what its
     // tensor depends on, and leaf gradients add up across calls.
     {
@@ -257,7 +331,8 @@ static void test_tape_and_memory() {
         backward(y1);
         double after_first = scalar_value(grad(x));
         backward(y2);
-        check(after_first == 2 && scalar_value(grad(x)) == 5, "y1 = 2x, y2 = 3x: backward(y1) gives grad(x) = %g, then backward(y2) %g (2, then 5)",
+        check(after_first == 2 && scalar_value(grad(x)) == 5,
+              "y1 = 2x, y2 = 3x: backward(y1) gives grad(x) = %g, then backward(y2) %g (2, then 5)",
               after_first, scalar_value(grad(x)));
     }
     {  // a shared subexpression: z = x^2, a = z + 1, b = 2z; da/dx + db/dx = 2x + 4x
@@ -266,14 +341,22 @@ static void test_tape_and_memory() {
         backward(a);
         backward(b);
         double got = scalar_value(grad(x));
-        check(std::fabs(got - 9.0) < 1e-12, "shared subexpression z = x^2 in a = z + 1 and b = 2z: backward(a), backward(b) give %g (6x = 9)", got);
+        check(std::fabs(got - 9.0) < 1e-12,
+              "shared subexpression z = x^2 in a = z + 1 and b = 2z: backward(a), backward(b) give "
+              "%g (6x = 9)",
+              got);
         backward(b);
         check(std::fabs(scalar_value(grad(x)) - 15.0) < 1e-12 && scalar_value(grad(z)) == 2,
-              "backward(b) again adds 4x more (%g), and z's own gradient is b's alone (%g)", scalar_value(grad(x)), scalar_value(grad(z)));
+              "backward(b) again adds 4x more (%g), and z's own gradient is b's alone (%g)",
+              scalar_value(grad(x)), scalar_value(grad(z)));
     }
-    check_fails("backward of a tensor without a gradient", "does not require a gradient", [] { backward(tensor(1.0) * 2); });
+    check_fails("backward of a tensor without a gradient", "does not require a gradient",
+                [] { backward(tensor(1.0) * 2); });
+}
 
-    // A "training step" run repeatedly: after the first, the arena takes nothing more from the system.
+static void test_arena_and_printing() {
+    // A "training step" run repeatedly: after the first, the arena takes nothing more from the
+    // system.
     Tensor w = requires_grad(randn({64, 64}, 1));
     auto step = [&] {
         MemoryMark mark = memory_mark();
@@ -288,20 +371,33 @@ static void test_tape_and_memory() {
     for (int i = 0; i < 5; i++) step();
     size_t tape_before = tape_length();
     step();
-    check(memory_reserved() == reserved && memory_in_use() == in_use && tape_length() == tape_before,
-          "memory_release returns the arena and the tape to the mark; later steps reserve nothing more (%zu bytes)", reserved);
+    check(
+        memory_reserved() == reserved && memory_in_use() == in_use && tape_length() == tape_before,
+        "memory_release returns the arena and the tape to the mark; later steps reserve nothing "
+        "more (%zu bytes)",
+        reserved);
 
-    check(to_string(tensor(14.0)) == "Tensor(14.0)", "printing a scalar: %s", to_string(tensor(14.0)).c_str());
-    check(to_string(tensor({1, 2.5, -3}, {3})) == "Tensor([1.0, 2.5, -3.0])", "printing a vector: %s", to_string(tensor({1, 2.5, -3}, {3})).c_str());
-    check(to_string(tensor({1, 2, 3, 4}, {2, 2})) == "Tensor([[1.0, 2.0], [3.0, 4.0]], shape=(2, 2))", "printing a matrix: %s",
-          to_string(tensor({1, 2, 3, 4}, {2, 2})).c_str());
+    check(to_string(tensor(14.0)) == "Tensor(14.0)", "printing a scalar: %s",
+          to_string(tensor(14.0)).c_str());
+    check(to_string(tensor({1, 2.5, -3}, {3})) == "Tensor([1.0, 2.5, -3.0])",
+          "printing a vector: %s", to_string(tensor({1, 2.5, -3}, {3})).c_str());
+    check(
+        to_string(tensor({1, 2, 3, 4}, {2, 2})) == "Tensor([[1.0, 2.0], [3.0, 4.0]], shape=(2, 2))",
+        "printing a matrix: %s", to_string(tensor({1, 2, 3, 4}, {2, 2})).c_str());
     std::string big = to_string(zeros({100, 100}));
-    check(big.size() < 400 && big.find("...") != std::string::npos && big.find("shape=(100, 100)") != std::string::npos,
+    check(big.size() < 400 && big.find("...") != std::string::npos &&
+              big.find("shape=(100, 100)") != std::string::npos,
           "printing a 100x100 tensor is shortened (%zu characters)", big.size());
 
-    check_fails("broadcasting (2,3) with (4,)", "cannot broadcast", [] { add(zeros({2, 3}), zeros({4})); });
-    check_fails("reshaping 6 elements to (4, -1)", "cannot view", [] { reshape(zeros({2, 3}), {4, -1}); });
-    check_fails("matmul (2,3) @ (4,5)", "do not match", [] { matmul(zeros({2, 3}), zeros({4, 5})); });
+    check_fails("broadcasting (2,3) with (4,)", "cannot broadcast", [] {
+        add(zeros({2, 3}), zeros({4}));
+    });
+    check_fails("reshaping 6 elements to (4, -1)", "cannot view", [] {
+        reshape(zeros({2, 3}), {4, -1});
+    });
+    check_fails("matmul (2,3) @ (4,5)", "do not match", [] {
+        matmul(zeros({2, 3}), zeros({4, 5}));
+    });
     check_fails("a 7-dim tensor", "at most 6 dims", [] { zeros({1, 1, 1, 1, 1, 1, 1}); });
     check(reshape(zeros({2, 3, 4}), {-1, 4}).dim(0) == 6, "reshape infers a -1 dim");
 }
@@ -315,35 +411,45 @@ static int* device_ints(const std::vector<int>& values) {
     return d;
 }
 
-static std::string lanes_note() { return ", " + std::to_string(threads_per_row) + " threads per row"; }
+static std::string lanes_note() {
+    return ", " + std::to_string(threads_per_row) + " threads per row";
+}
 
 static void test_layer_gradients() {
     Tensor wte = input({11, 7}, 1), wpe = input({5, 7}, 2);
     int* tokens = device_ints({3, 1, 3, 10, 0, 3, 3, 7, 1, 2});  // (2, 5) with repeats
-    check_gradient("embedding, tokens (2,5) with repeats, wte (11,7), wpe (5,7)", [=] { return embedding(tokens, 2, 5, wte, wpe); }, {wte, wpe});
-    check_gradient("embedding without positions (rotary models)", [=] { return embedding(tokens, 2, 5, wte, Tensor{}); }, {wte});
+    check_gradient("embedding, tokens (2,5) with repeats, wte (11,7), wpe (5,7)",
+                   [=] { return embedding(tokens, 2, 5, wte, wpe); }, {wte, wpe});
+    check_gradient("embedding without positions (rotary models)",
+                   [=] { return embedding(tokens, 2, 5, wte, Tensor{}); }, {wte});
 
     Tensor x = input({3, 5, 7}, 3), w = input({9, 7}, 4), b = input({9}, 5);
     check_gradient("linear (3,5,7) -> 9 with bias", [=] { return linear(x, w, b); }, {x, w, b});
-    check_gradient("linear (3,5,7) -> 9 without bias", [=] { return linear(x, w, Tensor{}); }, {x, w});
+    check_gradient("linear (3,5,7) -> 9 without bias", [=] { return linear(x, w, Tensor{}); },
+                   {x, w});
     for (int lanes : {1, 32}) {
         threads_per_row = lanes;
-        check_gradient("fused linear + gelu (3,5,7) -> 9" + lanes_note(), [=] { return linear_gelu(x, w, b); }, {x, w, b});
+        check_gradient("fused linear + gelu (3,5,7) -> 9" + lanes_note(),
+                       [=] { return linear_gelu(x, w, b); }, {x, w, b});
     }
     threads_per_row = 1;
 
     for (int lanes : {1, 32, 8}) {
         threads_per_row = lanes;
         Tensor h = input({2, 3, 37}, 6), g = input({37}, 7), beta = input({37}, 8);
-        check_gradient("layernorm (2,3,37)" + lanes_note(), [=] { return layernorm(h, g, beta); }, {h, g, beta});
+        check_gradient("layernorm (2,3,37)" + lanes_note(), [=] { return layernorm(h, g, beta); },
+                       {h, g, beta});
         check_gradient("rmsnorm (2,3,37)" + lanes_note(), [=] { return rmsnorm(h, g); }, {h, g});
         Tensor branch = input({2, 3, 37}, 9);
         for (Norm kind : {Norm::layernorm, Norm::rmsnorm}) {
             std::string name = kind == Norm::layernorm ? "layernorm" : "rmsnorm";
-            check_gradient("fused residual + " + name + " (2,3,37), both outputs used" + lanes_note(), [=] {
-                ResidualNorm r = residual_norm(h, branch, g, beta, kind);
-                return r.sum * 0.5 + r.normalized;
-            }, {h, branch, g, beta});
+            check_gradient(
+                "fused residual + " + name + " (2,3,37), both outputs used" + lanes_note(),
+                [=] {
+                    ResidualNorm r = residual_norm(h, branch, g, beta, kind);
+                    return r.sum * 0.5 + r.normalized;
+                },
+                {h, branch, g, beta});
         }
     }
     threads_per_row = 1;
@@ -351,10 +457,17 @@ static void test_layer_gradients() {
     Tensor a = input({3, 41}, 9);
     check_gradient("gelu (tanh approximation) (3,41)", [=] { return gelu(a); }, {a});
     check_gradient("silu (3,41)", [=] { return silu(a); }, {a});
-    check_gradient("swiglu (3,41,2*5) -> (3,41,5)", [=] { return swiglu(reshape(a, {3, 41, 1}) * input({10}, 10)); }, {a});
+    check_gradient("swiglu (3,41,2*5) -> (3,41,5)",
+                   [=] {
+                       return swiglu(reshape(a, {3, 41, 1}) * input({10}, 10));
+                   },
+                   {a});
     Tensor sw = input({4, 6}, 11);
     check_gradient("swiglu (4,6) -> (4,3)", [=] { return swiglu(sw); }, {sw});
     check_gradient("dropout p=0.3 with a fixed seed", [=] { return dropout(a, 0.3, 77); }, {a});
+}
+
+static void test_attention_and_small_layer_gradients() {
     Tensor r1 = input({2, 9}, 12), r2 = input({2, 9}, 13);
     check_gradient("residual (2,9) + (2,9)", [=] { return residual(r1, r2); }, {r1, r2});
     Tensor q = input({2, 3, 5, 8}, 14);
@@ -368,23 +481,30 @@ static void test_layer_gradients() {
             use_flash_attention = flash;
             std::string kind = std::string(flash ? "flash" : "plain") + " attention";
             Tensor qkv = input({2, 5, 36}, 17);  // C = 12, 3 heads of 4
-            check_gradient(kind + " (2,5,3*12), 3 heads" + lanes_note(), [=] { return attention(qkv, 3, false, 0, 0); }, {qkv});
-            check_gradient(kind + " with rotary positions" + lanes_note(), [=] { return attention(qkv, 3, true, 0, 0); }, {qkv});
-            check_gradient(kind + " with dropout 0.25 on the probabilities" + lanes_note(), [=] { return attention(qkv, 3, false, 0.25, 5); }, {qkv});
+            check_gradient(kind + " (2,5,3*12), 3 heads" + lanes_note(),
+                           [=] { return attention(qkv, 3, false, 0, 0); }, {qkv});
+            check_gradient(kind + " with rotary positions" + lanes_note(),
+                           [=] { return attention(qkv, 3, true, 0, 0); }, {qkv});
+            check_gradient(kind + " with dropout 0.25 on the probabilities" + lanes_note(),
+                           [=] { return attention(qkv, 3, false, 0.25, 5); }, {qkv});
             Tensor single = input({3, 1, 18}, 18);
-            check_gradient(kind + " with T=1, 2 heads of 3" + lanes_note(), [=] { return attention(single, 2, false, 0, 0); }, {single});
+            check_gradient(kind + " with T=1, 2 heads of 3" + lanes_note(),
+                           [=] { return attention(single, 2, false, 0, 0); }, {single});
             Tensor longer = input({1, 37, 36}, 19);  // T past one 32-key tile
-            check_gradient(kind + " with T=37, 2 heads of 6, rotary, dropout 0.1" + lanes_note(), [=] { return attention(longer, 2, true, 0.1, 6); },
-                           {longer});
+            check_gradient(kind + " with T=37, 2 heads of 6, rotary, dropout 0.1" + lanes_note(),
+                           [=] { return attention(longer, 2, true, 0.1, 6); }, {longer});
         }
         use_flash_attention = false;
 
         Tensor logits = input({7, 37}, 19);
         int* targets = device_ints({3, 36, ignore_index, 0, 5, 5, 20});
-        check_gradient("cross-entropy (7,37) with an ignored row" + lanes_note(), [=] { return cross_entropy(logits, targets); }, {logits});
+        check_gradient("cross-entropy (7,37) with an ignored row" + lanes_note(),
+                       [=] { return cross_entropy(logits, targets); }, {logits});
     }
     threads_per_row = 1;
+}
 
+static void test_layer_values() {
     // Cross-entropy value against a plain loop.
     Tensor logits = randn({4, 9}, 20);
     std::vector<int> host_targets = {2, ignore_index, 8, 0};
@@ -399,16 +519,21 @@ static void test_layer_gradients() {
     }
     expected /= 3;
     double got = scalar_value(cross_entropy(logits, device_ints(host_targets)));
-    check(std::fabs(got - expected) < 1e-12, "cross-entropy equals the mean over non-ignored rows of logsumexp - logit[target] (%.12f)", got);
+    check(
+        std::fabs(got - expected) < 1e-12,
+        "cross-entropy equals the mean over non-ignored rows of logsumexp - logit[target] (%.12f)",
+        got);
 
     // Dropout masks: same seed, same mask; another seed, another mask; about p dropped.
     Tensor big = ones({10000});
-    std::vector<real> m_a = to_host(dropout(big, 0.2, 1)), m_b = to_host(dropout(big, 0.2, 1)), m_c = to_host(dropout(big, 0.2, 2));
+    std::vector<real> m_a = to_host(dropout(big, 0.2, 1)), m_b = to_host(dropout(big, 0.2, 1)),
+                      m_c = to_host(dropout(big, 0.2, 2));
     long dropped = 0;
     for (real v : m_a) dropped += v == 0;
     check(m_a == m_b, "dropout: the same seed gives the same mask");
     check(m_a != m_c, "dropout: another seed gives another mask");
-    check(dropped > 1800 && dropped < 2200 && (m_a[0] == 0 || std::fabs(m_a[0] - 1.25) < 1e-12), "dropout p=0.2: %ld of 10000 dropped, kept ones scaled to 1.25", dropped);
+    check(dropped > 1800 && dropped < 2200 && (m_a[0] == 0 || std::fabs(m_a[0] - 1.25) < 1e-12),
+          "dropout p=0.2: %ld of 10000 dropped, kept ones scaled to 1.25", dropped);
 
     // Flash and plain attention compute the same thing: outputs and input gradients agree.
     for (int lanes : {1, 32}) {
@@ -424,9 +549,12 @@ static void test_layer_gradients() {
             grads[flash] = to_host(grad(qkv));
         }
         use_flash_attention = false;
-        check(max_difference(outputs[0], outputs[1]) < 1e-12 && max_difference(grads[0], grads[1]) < 1e-12,
-              "flash and plain attention agree on (2,70,3*16), 4 heads, dropout 0.2: output diff %.1e, gradient diff %.1e%s",
-              max_difference(outputs[0], outputs[1]), max_difference(grads[0], grads[1]), lanes_note().c_str());
+        check(max_difference(outputs[0], outputs[1]) < 1e-12 &&
+                  max_difference(grads[0], grads[1]) < 1e-12,
+              "flash and plain attention agree on (2,70,3*16), 4 heads, dropout 0.2: output diff "
+              "%.1e, gradient diff %.1e%s",
+              max_difference(outputs[0], outputs[1]), max_difference(grads[0], grads[1]),
+              lanes_note().c_str());
     }
     threads_per_row = 1;
 
@@ -437,7 +565,8 @@ static void test_layer_gradients() {
     Tensor attended = multi_head_attention(ones_in, w_qkv, b_qkv, w_out, b_out, 2);
     backward(sum(attended));
     check(shape_string(attended) == "(4, 32, 32)" && shape_string(grad(ones_in)) == "(4, 32, 32)",
-          "seed attention example: output %s and input gradient %s", shape_string(attended).c_str(), shape_string(grad(ones_in)).c_str());
+          "seed attention example: output %s and input gradient %s", shape_string(attended).c_str(),
+          shape_string(grad(ones_in)).c_str());
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -455,13 +584,18 @@ static void check_gpt_gradients(const std::string& what, GPTConfig config) {
     gpt_init(&model, 7);
     int B = 2, T = 5;
     std::vector<int> host_tokens(B * T), host_targets(B * T);
-    for (int i = 0; i < B * T; i++) host_tokens[i] = int(random_bits(1, i) % 37), host_targets[i] = int(random_bits(2, i) % 37);
+    for (int i = 0; i < B * T; i++)
+        host_tokens[i] = int(random_bits(1, i) % 37), host_targets[i] = int(random_bits(2, i) % 37);
     int *tokens = device_ints(host_tokens), *targets = device_ints(host_targets);
     std::vector<Tensor> params;
     for (auto& named : gpt_named_parameters(model)) params.push_back(named.second);
-    double error = gradient_error([&] { return cross_entropy(gpt_forward_tape(model, tokens, B, T, true, 3), targets); }, params, 12);
-    check(error < 1e-6, "gradient of a whole GPT (%s), %ld parameters, sampled from every tensor: relative error %.2e", what.c_str(),
-          model.num_parameters, error);
+    double error = gradient_error(
+        [&] { return cross_entropy(gpt_forward_tape(model, tokens, B, T, true, 3), targets); },
+        params, 12);
+    check(error < 1e-6,
+          "gradient of a whole GPT (%s), %ld parameters, sampled from every tensor: relative error "
+          "%.2e",
+          what.c_str(), model.num_parameters, error);
 }
 
 // gpt_forward + gpt_backward (the GPT written out) against the tape: same loss, same gradients.
@@ -478,25 +612,30 @@ static void check_explicit_backward(const std::string& what, GPTConfig config, i
     Tensor loss = cross_entropy(gpt_forward_tape(model, tokens, B, T, true, 21), targets) * scale;
     backward(loss);
     std::vector<real> tape_grads(model.num_parameters), explicit_grads(model.num_parameters);
-    cuda_check(cudaMemcpy(tape_grads.data(), model.gradients, tape_grads.size() * sizeof(real), cudaMemcpyDeviceToHost));
+    cuda_check(cudaMemcpy(tape_grads.data(), model.gradients, tape_grads.size() * sizeof(real),
+                          cudaMemcpyDeviceToHost));
     gpt_zero_grad(model);
     GPTActivations acts;
     gpt_forward(model, acts, tokens, B, T, true, 21);
     gpt_backward(model, acts, targets, scale);
-    cuda_check(cudaMemcpy(explicit_grads.data(), model.gradients, explicit_grads.size() * sizeof(real), cudaMemcpyDeviceToHost));
+    cuda_check(cudaMemcpy(explicit_grads.data(), model.gradients,
+                          explicit_grads.size() * sizeof(real), cudaMemcpyDeviceToHost));
     double largest = 0, loss_explicit;
     for (real g : tape_grads) largest = std::max(largest, std::fabs(double(g)));
     cuda_check(cudaMemcpy(&loss_explicit, acts.loss, sizeof loss_explicit, cudaMemcpyDeviceToHost));
-    double relative = max_difference(tape_grads, explicit_grads) / largest, loss_tape = scalar_value(loss) / scale;
+    double relative = max_difference(tape_grads, explicit_grads) / largest,
+           loss_tape = scalar_value(loss) / scale;
     check(relative <= 1e-12 && std::fabs(loss_explicit - loss_tape) <= 1e-12 * loss_tape,
-          "gpt_backward equals the tape (%s): every gradient within %.1e of the largest, loss %.12f vs %.12f", what.c_str(), relative,
-          loss_explicit, loss_tape);
+          "gpt_backward equals the tape (%s): every gradient within %.1e of the largest, loss "
+          "%.12f vs %.12f",
+          what.c_str(), relative, loss_explicit, loss_tape);
 }
 
-static void test_gpt() {
+static void test_gpt_backward_equals_tape() {
     {
         GPTConfig modern = tiny_config(), dropped = tiny_config();
-        modern.norm = Norm::rmsnorm, modern.activation = Activation::swiglu, modern.rotary = true, modern.tied_embeddings = false;
+        modern.norm = Norm::rmsnorm, modern.activation = Activation::swiglu, modern.rotary = true,
+        modern.tied_embeddings = false;
         dropped.dropout = 0.2f, dropped.attention_dropout = 0.1f;
         for (bool flash : {false, true}) {
             use_flash_attention = flash;
@@ -504,14 +643,19 @@ static void test_gpt() {
             check_explicit_backward("layernorm, gelu, tied; " + kind, tiny_config(), 3, 7);
             check_explicit_backward("rmsnorm, swiglu, rotary, untied; " + kind, modern, 2, 8);
             threads_per_row = 32;
-            check_explicit_backward("dropout 0.2, attention dropout 0.1, 32 threads per row; " + kind, dropped, 2, 5);
+            check_explicit_backward(
+                "dropout 0.2, attention dropout 0.1, 32 threads per row; " + kind, dropped, 2, 5);
             threads_per_row = 1;
         }
         use_flash_attention = false;
     }
+}
+
+static void test_gpt_gradients() {
     check_gpt_gradients("layernorm, gelu, tied, learned positions", tiny_config());
     GPTConfig modern = tiny_config();
-    modern.norm = Norm::rmsnorm, modern.activation = Activation::swiglu, modern.rotary = true, modern.tied_embeddings = false;
+    modern.norm = Norm::rmsnorm, modern.activation = Activation::swiglu, modern.rotary = true,
+    modern.tied_embeddings = false;
     check_gpt_gradients("rmsnorm, swiglu, rotary, untied", modern);
     GPTConfig dropped = tiny_config();
     dropped.dropout = 0.2f, dropped.attention_dropout = 0.1f;
@@ -522,50 +666,86 @@ static void test_gpt() {
     threads_per_row = 1;
     check_gpt_gradients("flash attention, rmsnorm, swiglu, rotary, untied", modern);
     use_flash_attention = false;
+}
 
+static void test_accumulation_and_optimizers() {
     // Gradient accumulation: two micro-batches at half weight give the gradient of the full batch.
     GPT model;
     gpt_create(&model, tiny_config());
     gpt_init(&model, 8);
     std::vector<int> host_tokens(4 * 6), host_targets(4 * 6);
-    for (int i = 0; i < 24; i++) host_tokens[i] = int(random_bits(3, i) % 37), host_targets[i] = int(random_bits(4, i) % 37);
+    for (int i = 0; i < 24; i++)
+        host_tokens[i] = int(random_bits(3, i) % 37), host_targets[i] = int(random_bits(4, i) % 37);
     int *tokens = device_ints(host_tokens), *targets = device_ints(host_targets);
     backward(cross_entropy(gpt_forward_tape(model, tokens, 4, 6, false, 0), targets));
     std::vector<real> full(model.num_parameters), accumulated(model.num_parameters);
-    cuda_check(cudaMemcpy(full.data(), model.gradients, full.size() * sizeof(real), cudaMemcpyDeviceToHost));
+    cuda_check(cudaMemcpy(full.data(), model.gradients, full.size() * sizeof(real),
+                          cudaMemcpyDeviceToHost));
     gpt_zero_grad(model);
-    for (int half = 0; half < 2; half++) backward(cross_entropy(gpt_forward_tape(model, tokens + 12 * half, 2, 6, false, 0), targets + 12 * half) * 0.5);
-    cuda_check(cudaMemcpy(accumulated.data(), model.gradients, accumulated.size() * sizeof(real), cudaMemcpyDeviceToHost));
-    check(max_difference(full, accumulated) < 1e-12, "gradient accumulation over 2 micro-batches equals the full batch (max diff %.1e)", max_difference(full, accumulated));
+    for (int half = 0; half < 2; half++)
+        backward(cross_entropy(gpt_forward_tape(model, tokens + 12 * half, 2, 6, false, 0),
+                               targets + 12 * half) *
+                 0.5);
+    cuda_check(cudaMemcpy(accumulated.data(), model.gradients, accumulated.size() * sizeof(real),
+                          cudaMemcpyDeviceToHost));
+    check(max_difference(full, accumulated) < 1e-12,
+          "gradient accumulation over 2 micro-batches equals the full batch (max diff %.1e)",
+          max_difference(full, accumulated));
 
     // Gradient norm and AdamW against plain loops, with clipping active.
     std::vector<real> p0(model.num_parameters), g(full);
-    cuda_check(cudaMemcpy(p0.data(), model.parameters, p0.size() * sizeof(real), cudaMemcpyDeviceToHost));
-    cuda_check(cudaMemcpy(model.gradients, g.data(), g.size() * sizeof(real), cudaMemcpyHostToDevice));
+    cuda_check(
+        cudaMemcpy(p0.data(), model.parameters, p0.size() * sizeof(real), cudaMemcpyDeviceToHost));
+    cuda_check(
+        cudaMemcpy(model.gradients, g.data(), g.size() * sizeof(real), cudaMemcpyHostToDevice));
     real* norm = device_alloc<real>(1);
     gradient_norm(norm, model.gradients, model.num_parameters);
     double expected_norm = 0;
     for (real v : g) expected_norm += double(v) * v;
     expected_norm = std::sqrt(expected_norm);
-    check(std::fabs(scalar_value(Tensor{0, {}, norm, nullptr}) - expected_norm) < 1e-10, "gradient norm on the device equals the loop (%.6f)", expected_norm);
+    check(std::fabs(scalar_value(Tensor{0, {}, norm, nullptr}) - expected_norm) < 1e-10,
+          "gradient norm on the device equals the loop (%.6f)", expected_norm);
     AdamW adam;
     adamw_create(&adam, model.num_parameters);
     real max_norm = real(expected_norm / 2), lr = real(0.01);
-    adamw_update(&adam, model.parameters, model.master, model.gradients, model.num_decayed, lr, norm, max_norm);
-    adamw_update(&adam, model.parameters, model.master, model.gradients, model.num_decayed, lr, norm, max_norm);
+    adamw_update(&adam, model.parameters, model.master, model.gradients, model.num_decayed, lr,
+                 norm, max_norm);
+    adamw_update(&adam, model.parameters, model.master, model.gradients, model.num_decayed, lr,
+                 norm, max_norm);
     std::vector<real> p2(model.num_parameters);
-    cuda_check(cudaMemcpy(p2.data(), model.parameters, p2.size() * sizeof(real), cudaMemcpyDeviceToHost));
+    cuda_check(
+        cudaMemcpy(p2.data(), model.parameters, p2.size() * sizeof(real), cudaMemcpyDeviceToHost));
     double worst = 0, scale = max_norm / (expected_norm + 1e-6);
     for (long i = 0; i < model.num_parameters; i++) {
         double p = p0[i], m = 0, v = 0, gi = g[i] * scale;
         for (int t = 1; t <= 2; t++) {
             m = 0.9 * m + 0.1 * gi, v = 0.95 * v + 0.05 * gi * gi;
-            double update = m / (1 - std::pow(0.9, t)) / (std::sqrt(v / (1 - std::pow(0.95, t))) + double(1e-8f));
+            double update = m / (1 - std::pow(0.9, t)) /
+                            (std::sqrt(v / (1 - std::pow(0.95, t))) + double(1e-8f));
             p -= lr * (update + (i < model.num_decayed ? 0.1 * p : 0));
         }
         worst = std::max(worst, std::fabs(p - p2[i]));
     }
-    check(worst < 1e-10, "AdamW, 2 steps with clipping and decay on the %ld weight-matrix entries only, equals the loop (max diff %.1e)", model.num_decayed, worst);
+    check(worst < 1e-10,
+          "AdamW, 2 steps with clipping and decay on the %ld weight-matrix entries only, equals "
+          "the loop (max diff %.1e)",
+          model.num_decayed, worst);
+    SGD sgd;
+    sgd.momentum = 0.5f;
+    sgd_create(&sgd, model.num_parameters);
+    sgd_update(&sgd, model.parameters, model.master, model.gradients, lr, nullptr, 0);
+    sgd_update(&sgd, model.parameters, model.master, model.gradients, lr, nullptr, 0);
+    std::vector<real> p3(model.num_parameters);
+    cuda_check(
+        cudaMemcpy(p3.data(), model.parameters, p3.size() * sizeof(real), cudaMemcpyDeviceToHost));
+    worst = 0;
+    for (long i = 0; i < model.num_parameters; i++)
+        worst = std::max(worst, std::fabs((p2[i] - lr * (g[i] + (0.5 * g[i] + g[i]))) - p3[i]));
+    check(worst < 1e-12, "SGD with momentum 0.5, 2 steps, equals the loop (max diff %.1e)", worst);
+}
+
+static void test_adamw_tail_and_schedule() {
+    real lr = real(0.01);
     {  // a size that is not a multiple of the 4-wide packs: the tail must be updated too
         const long n = 1027, decayed = 500;
         Tensor p = randn({int(n)}, 30), g = randn({int(n)}, 31);
@@ -575,42 +755,51 @@ static void test_gpt() {
         adamw_update(&odd, p.data, nullptr, g.data, decayed, lr, nullptr, 0);
         std::vector<real> after = to_host(p);
         double worst_odd = 0;
-        double b1 = double(0.9f), b2 = double(0.95f), wd = double(0.1f);  // AdamW keeps its settings as float
+        double b1 = double(0.9f), b2 = double(0.95f),
+               wd = double(0.1f);  // AdamW keeps its settings as float
         for (long i = 0; i < n; i++) {
             double m = (1 - b1) * hg[i], v = (1 - b2) * hg[i] * hg[i];
-            double expected = hp[i] - lr * (m / (1 - b1) / (std::sqrt(v / (1 - b2)) + double(1e-8f)) + (i < decayed ? wd * hp[i] : 0));
+            double expected =
+                hp[i] - lr * (m / (1 - b1) / (std::sqrt(v / (1 - b2)) + double(1e-8f)) +
+                              (i < decayed ? wd * hp[i] : 0));
             worst_odd = std::max(worst_odd, std::fabs(expected - after[i]));
         }
-        check(worst_odd < 1e-12, "AdamW on 1027 parameters (a tail past the 4-wide packs) equals the loop (max diff %.1e)", worst_odd);
+        check(worst_odd < 1e-12,
+              "AdamW on 1027 parameters (a tail past the 4-wide packs) equals the loop (max diff "
+              "%.1e)",
+              worst_odd);
     }
-    SGD sgd;
-    sgd.momentum = 0.5f;
-    sgd_create(&sgd, model.num_parameters);
-    sgd_update(&sgd, model.parameters, model.master, model.gradients, lr, nullptr, 0);
-    sgd_update(&sgd, model.parameters, model.master, model.gradients, lr, nullptr, 0);
-    std::vector<real> p3(model.num_parameters);
-    cuda_check(cudaMemcpy(p3.data(), model.parameters, p3.size() * sizeof(real), cudaMemcpyDeviceToHost));
-    worst = 0;
-    for (long i = 0; i < model.num_parameters; i++) worst = std::max(worst, std::fabs((p2[i] - lr * (g[i] + (0.5 * g[i] + g[i]))) - p3[i]));
-    check(worst < 1e-12, "SGD with momentum 0.5, 2 steps, equals the loop (max diff %.1e)", worst);
 
-    float warm = learning_rate(0, 10, 100, 1e-3f, 1e-4f), peak = learning_rate(9, 10, 100, 1e-3f, 1e-4f);
-    float middle = learning_rate(54, 10, 100, 1e-3f, 1e-4f), last = learning_rate(99, 10, 100, 1e-3f, 1e-4f);
-    check(std::fabs(warm - 1e-4f) < 1e-9f && std::fabs(peak - 1e-3f) < 1e-9f && std::fabs(middle - 5.5e-4f) < 1e-5f && last == 1e-4f,
-          "learning rate: warmup 1e-4 -> 1e-3, cosine through %.2e at the middle to 1e-4 at the end", middle);
+    float warm = learning_rate(0, 10, 100, 1e-3f, 1e-4f),
+          peak = learning_rate(9, 10, 100, 1e-3f, 1e-4f);
+    float middle = learning_rate(54, 10, 100, 1e-3f, 1e-4f),
+          last = learning_rate(99, 10, 100, 1e-3f, 1e-4f);
+    check(
+        std::fabs(warm - 1e-4f) < 1e-9f && std::fabs(peak - 1e-3f) < 1e-9f &&
+            std::fabs(middle - 5.5e-4f) < 1e-5f && last == 1e-4f,
+        "learning rate: warmup 1e-4 -> 1e-3, cosine through %.2e at the middle to 1e-4 at the end",
+        middle);
+}
 
+static void test_model_files() {
     // Model files: a round trip, then corrupt files rejected.
+    GPT model;
+    gpt_create(&model, tiny_config());
+    gpt_init(&model, 8);
     std::string path = "/tmp/tricycle_test_model.bin";
     gpt_save(model, path.c_str(), {FileSection{{'N', 'O', 'T', 'E'}, "hello"}});
     GPT loaded;
     std::vector<FileSection> sections;
     gpt_load(&loaded, path.c_str(), &sections);
     std::vector<real> original(model.num_parameters), reloaded(model.num_parameters);
-    cuda_check(cudaMemcpy(original.data(), model.parameters, original.size() * sizeof(real), cudaMemcpyDeviceToHost));
-    cuda_check(cudaMemcpy(reloaded.data(), loaded.parameters, reloaded.size() * sizeof(real), cudaMemcpyDeviceToHost));
+    cuda_check(cudaMemcpy(original.data(), model.parameters, original.size() * sizeof(real),
+                          cudaMemcpyDeviceToHost));
+    cuda_check(cudaMemcpy(reloaded.data(), loaded.parameters, reloaded.size() * sizeof(real),
+                          cudaMemcpyDeviceToHost));
     bool same = sections.size() == 1 && sections[0].bytes == "hello";
     for (long i = 0; i < model.num_parameters; i++) same &= reloaded[i] == real(float(original[i]));
-    check(same && loaded.config.layers == 2 && loaded.config.heads == 3, "model file round trip: config, every parameter (as float32) and a section");
+    check(same && loaded.config.layers == 2 && loaded.config.heads == 3,
+          "model file round trip: config, every parameter (as float32) and a section");
     std::string image = read_whole_file(path.c_str(), "model file");
     auto corrupt = [&](const char* what, const char* expected, std::string bytes) {
         write_file_atomic(path.c_str(), bytes.data(), bytes.size(), "test file");
@@ -623,168 +812,29 @@ static void test_gpt() {
     bad_magic[0] = 'X', bad_version[4] = 9;
     corrupt("model file with a bad magic", "bad magic", bad_magic);
     corrupt("model file with a future version", "version 9", bad_version);
-    corrupt("model file cut short in the parameters", "truncated", image.substr(0, image.size() / 2));
+    corrupt("model file cut short in the parameters", "truncated",
+            image.substr(0, image.size() / 2));
     corrupt("model file with bytes after the last section", "unexpected bytes", image + "junk");
     corrupt("an empty model file", "truncated", "");
     std::remove(path.c_str());
 }
 
-// ----------------------------------------------------------------------------------------------------
-// The CPU emulator: kernels that must work, and deliberately broken kernels it must catch.
-// (On a GPU build these run on the GPU; the broken ones are only run under the emulator.)
-
-__global__ void warp_operations_kernel(int* out) {
-    int lane = threadIdx.x % 32, base = 8 * threadIdx.x;
-    out[base + 0] = __shfl_down_sync(0xffffffff, lane * 10, 3);
-    out[base + 1] = __shfl_up_sync(0xffffffff, lane * 10, 2);
-    out[base + 2] = __shfl_xor_sync(0xffffffff, lane * 10, 5);
-    out[base + 3] = __shfl_sync(0xffffffff, lane * 10, 7);
-    out[base + 4] = __shfl_down_sync(0xffffffff, lane * 10, 1, 8);  // groups of 8 lanes
-    out[base + 5] = int(__ballot_sync(0xffffffff, lane % 3 == 0));
-    out[base + 6] = __any_sync(0xffffffff, lane == 17) + 2 * __all_sync(0xffffffff, lane < 32) + 4 * __all_sync(0xffffffff, lane < 31);
-    __syncwarp();
-    out[base + 7] = int(__shfl_xor_sync(0xffffffff, double(lane) + 0.5, 1) * 2);
-}
-
-// A tree reduction in dynamic shared memory: log2(256) rounds, each ended by a barrier.
-__global__ void block_sum_kernel(real* out, const real* x, int n) {
-    auto partial = shared_memory<real>();
-    real v = 0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) v += x[long(blockIdx.x) * n + i];
-    partial[threadIdx.x] = v;
-    __syncthreads();
-    for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
-        if (int(threadIdx.x) < stride) partial[threadIdx.x] = partial[threadIdx.x] + partial[threadIdx.x + stride];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[blockIdx.x] = partial[0];
-}
-
-__global__ void static_shared_kernel(int* out) {
-    __shared__ int tile[64];
-    tile[threadIdx.x] = threadIdx.x * 3;
-    __syncthreads();
-    out[blockIdx.x * 64 + threadIdx.x] = tile[63 - threadIdx.x];
-}
-
-__global__ void atomics_kernel(float* f, double* d, int* i) {
-    atomicAdd(f, 0.5f);
-    atomicAdd(d, 0.25);
-    atomicAdd(i, 1);
-}
-
-__global__ void thread_exits_before_barrier_kernel(int* out) {
-    if (threadIdx.x == 5) return;
-    __syncthreads();
-    out[threadIdx.x] = 1;
-}
-
-__global__ void two_barriers_kernel(int* out) {
-    if (threadIdx.x < 16) {
-        __syncthreads();
-    } else {
-        __syncthreads();
-    }
-    out[threadIdx.x] = 1;
-}
-
-__global__ void shuffle_with_exited_lanes_kernel(int* out) {
-    if (threadIdx.x >= 20) return;
-    out[threadIdx.x] = __shfl_down_sync(0xffffffff, int(threadIdx.x), 1);
-}
-
-__global__ void uninitialised_shared_kernel(real* out) {
-    auto values = shared_memory<real>();
-    if (threadIdx.x < 16) values[threadIdx.x] = 1;
-    __syncthreads();
-    out[threadIdx.x] = values[threadIdx.x];
-}
-
-__global__ void shared_out_of_bounds_kernel(real* out) {
-    auto values = shared_memory<real>();
-    values[threadIdx.x + 1] = 1;
-    __syncthreads();
-    out[threadIdx.x] = values[threadIdx.x];
-}
-
-__global__ void deadlock_kernel(int* out) {
-    if (threadIdx.x == 0) out[0] = __shfl_sync(0xffffffff, 1, 0);
-    else __syncthreads();
-}
-
-static void test_emulator() {
-    int* ints = device_alloc<int>(64 * 8);
-    launch(warp_operations_kernel, 1, 64, 0, ints);
-    std::vector<int> got(64 * 8);
-    cuda_check(cudaMemcpy(got.data(), ints, got.size() * sizeof(int), cudaMemcpyDeviceToHost));
-    bool shuffles_right = true;
-    unsigned ballot = 0;
-    for (int l = 0; l < 32; l++) ballot |= (l % 3 == 0 ? 1u : 0u) << l;
-    for (int t = 0; t < 64; t++) {
-        int lane = t % 32;
-        const int* o = &got[8 * t];
-        int expected[8] = {(lane + 3 < 32 ? lane + 3 : lane) * 10, (lane >= 2 ? lane - 2 : lane) * 10, (lane ^ 5) * 10, 70,
-                           (lane % 8 + 1 < 8 ? lane + 1 : lane) * 10, int(ballot), 1 + 2, 2 * (lane ^ 1) + 1};
-        for (int k = 0; k < 8; k++) shuffles_right &= o[k] == expected[k];
-    }
-    check(shuffles_right, "warp shuffles (down, up, xor, indexed, width 8, double), ballot, any, all and syncwarp give CUDA's results");
-
-    Tensor x = randn({37, 1000}, 3);
-    real* sums = device_alloc<real>(37);
-    launch(block_sum_kernel, 37, 256, 256 * sizeof(real), sums, x.data, 1000);
-    std::vector<real> hx = to_host(x), hs(37), expected(37, 0);
-    cuda_check(cudaMemcpy(hs.data(), sums, 37 * sizeof(real), cudaMemcpyDeviceToHost));
-    for (int r = 0; r < 37; r++)
-        for (int c = 0; c < 1000; c++) expected[r] += hx[r * 1000 + c];
-    check(max_difference(hs, expected) < 1e-10, "shared-memory tree reduction with 9 barriers per thread, 37 blocks of 256");
-
-    launch(static_shared_kernel, 3, 64, 0, ints);
-    cuda_check(cudaMemcpy(got.data(), ints, 3 * 64 * sizeof(int), cudaMemcpyDeviceToHost));
-    bool static_right = true;
-    for (int i = 0; i < 3 * 64; i++) static_right &= got[i] == (63 - i % 64) * 3;
-    check(static_right, "static __shared__ memory is per block");
-
-    float* f = device_alloc<float>(1);
-    double* d = device_alloc<double>(1);
-    cuda_check(cudaMemset(f, 0, sizeof(float)));
-    cuda_check(cudaMemset(d, 0, sizeof(double)));
-    cuda_check(cudaMemset(ints, 0, sizeof(int)));
-    launch(atomics_kernel, 500, 128, 0, f, d, ints);
-    float hf;
-    double hd;
-    int hi;
-    cuda_check(cudaMemcpy(&hf, f, sizeof hf, cudaMemcpyDeviceToHost));
-    cuda_check(cudaMemcpy(&hd, d, sizeof hd, cudaMemcpyDeviceToHost));
-    cuda_check(cudaMemcpy(&hi, ints, sizeof hi, cudaMemcpyDeviceToHost));
-    check(hf == 32000 && hd == 16000 && hi == 64000, "atomicAdd on float, double and int from 64000 threads in 500 blocks: %g %g %d", hf, hd, hi);
-
-#ifndef __CUDACC__
-    real* out = device_alloc<real>(64);
-    check_fails("emulator: a thread exits while the others wait at __syncthreads", "barrier divergence",
-                [=] { launch(thread_exits_before_barrier_kernel, 2, 64, 0, ints); });
-    check(emu::last_error_message().find("thread_exits_before_barrier_kernel") != std::string::npos &&
-              emu::last_error_message().find("block (") != std::string::npos && emu::last_error_message().find("thread (") != std::string::npos,
-          "emulator: the report names the kernel, the block and the thread");
-    check_fails("emulator: threads wait at two different __syncthreads", "barrier divergence", [=] { launch(two_barriers_kernel, 1, 32, 0, ints); });
-    check_fails("emulator: a shuffle whose mask names exited lanes", "exited", [=] { launch(shuffle_with_exited_lanes_kernel, 1, 32, 0, ints); });
-    check_fails("emulator: a full-mask shuffle in a warp of 16 lanes", "do not exist", [=] { launch(warp_operations_kernel, 1, 48, 0, ints); });
-    check_fails("emulator: a read of shared memory nobody wrote", "no thread of the block has written",
-                [=] { launch(uninitialised_shared_kernel, 1, 32, 32 * sizeof(real), out); });
-    check_fails("emulator: shared memory indexed past its end", "out of bounds",
-                [=] { launch(shared_out_of_bounds_kernel, 1, 32, 32 * sizeof(real), out); });
-    check_fails("emulator: a lane waits at a shuffle while the rest wait at a barrier", "deadlock", [=] { launch(deadlock_kernel, 1, 32, 0, ints); });
-    launch(block_sum_kernel, 37, 256, 256 * sizeof(real), sums, x.data, 1000);
-    check(true, "emulator: a correct kernel runs cleanly right after the failures");
-#endif
-}
-
 int main() {
     test_seed_examples();
-    test_operation_gradients();
+    test_elementwise_gradients();
+    test_reduction_gradients();
+    test_shape_and_product_gradients();
     test_forward_against_loops();
-    test_tape_and_memory();
+    test_tape_recording();
+    test_tape_semantics();
+    test_arena_and_printing();
     test_layer_gradients();
-    test_gpt();
-    test_emulator();
+    test_attention_and_small_layer_gradients();
+    test_layer_values();
+    test_gpt_backward_equals_tape();
+    test_gpt_gradients();
+    test_accumulation_and_optimizers();
+    test_adamw_tail_and_schedule();
+    test_model_files();
     return finish();
 }

@@ -94,14 +94,16 @@ static const char* DECODE_HELP =
 // Flag parsing helpers. Each command walks its own arguments.
 
 static void require(const char* command, const char* value, const char* flag) {
-    if (!value) fail("%s: missing required flag %s (see 'tokenizer %s --help')", command, flag, command);
+    if (!value)
+        fail("%s: missing required flag %s (see 'tokenizer %s --help')", command, flag, command);
 }
 
 // ----------------------------------------------------------------------------
 // tokenizer corpus
 
 static bool ends_with(const std::string& text, const std::string& suffix) {
-    return text.size() >= suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
+    return text.size() >= suffix.size() &&
+           text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 static int command_corpus(int argc, char** argv) {
@@ -137,10 +139,12 @@ static int command_corpus(int argc, char** argv) {
         if (error) fail("corpus: cannot list '%s': %s", dir, error.message().c_str());
         std::string name = it->path().filename().string();
         if (it->is_directory(error)) {
-            if (std::find(skip_dirs.begin(), skip_dirs.end(), name) != skip_dirs.end()) it.disable_recursion_pending();
+            if (std::find(skip_dirs.begin(), skip_dirs.end(), name) != skip_dirs.end())
+                it.disable_recursion_pending();
             continue;
         }
-        if (it->is_regular_file(error) && ends_with(name, ext)) paths.push_back(it->path().string());
+        if (it->is_regular_file(error) && ends_with(name, ext))
+            paths.push_back(it->path().string());
     }
     if (error) fail("corpus: cannot list '%s': %s", dir, error.message().c_str());
     std::sort(paths.begin(), paths.end());
@@ -151,8 +155,8 @@ static int command_corpus(int argc, char** argv) {
     for (const std::string& path : paths) {
         std::string text = read_whole_file(path.c_str(), "corpus input");
         if (text.find(end_of_text_name) != std::string::npos) {
-            fprintf(stderr, "corpus: warning: skipping '%s': it contains the separator %s\n", path.c_str(),
-                    end_of_text_name);
+            fprintf(stderr, "corpus: warning: skipping '%s': it contains the separator %s\n",
+                    path.c_str(), end_of_text_name);
             skipped++;
             continue;
         }
@@ -162,7 +166,8 @@ static int command_corpus(int argc, char** argv) {
     }
     if (files == 0) fail("corpus: no files ending in '%s' under '%s'", ext.c_str(), dir);
     write_file_atomic(output, corpus.data(), corpus.size(), "corpus file");
-    fprintf(stderr, "corpus: %d files (%d skipped), %.1f MB -> %s\n", files, skipped, corpus.size() / 1e6, output);
+    fprintf(stderr, "corpus: %d files (%d skipped), %.1f MB -> %s\n", files, skipped,
+            corpus.size() / 1e6, output);
     return 0;
 }
 
@@ -189,7 +194,8 @@ static int command_train(int argc, char** argv) {
         else unknown_flag(arg);
     }
     require(command, output, "--output");
-    if (bytes_only && vocab_size != 0) fail("train: --bytes and --vocab-size cannot be used together");
+    if (bytes_only && vocab_size != 0)
+        fail("train: --bytes and --vocab-size cannot be used together");
     if (!bytes_only) {
         require(command, input, "--input");
         if (vocab_size == 0) fail("train: missing required flag --vocab-size (or --bytes)");
@@ -204,10 +210,11 @@ static int command_train(int argc, char** argv) {
 
     size_t merges = tok.merges.size();
     fprintf(stderr, "train: %.2f MB, %zu merges in %.2f s (%.0f merges/s), vocab size %d -> %s\n",
-            text.size() / 1e6, merges, seconds, merges / (seconds > 0 ? seconds : 1e-9), tok.vocab_size, output);
+            text.size() / 1e6, merges, seconds, merges / (seconds > 0 ? seconds : 1e-9),
+            tok.vocab_size, output);
     if (!bytes_only && tok.vocab_size < vocab_size)
-        fprintf(stderr, "train: note: the text ran out of pairs; vocab size is %d, not %d\n", tok.vocab_size,
-                vocab_size);
+        fprintf(stderr, "train: note: the text ran out of pairs; vocab size is %d, not %d\n",
+                tok.vocab_size, vocab_size);
     return 0;
 }
 
@@ -256,9 +263,12 @@ static int command_encode(int argc, char** argv) {
         double seconds = seconds_now() - start;
         std::string path = std::string(prefix) + "_" + names[part] + ".bin";
         write_token_file(path.c_str(), tokens.data(), tokens.size(), tok.vocab_size);
-        fprintf(stderr, "encode: %-5s %.2f MB -> %zu tokens (%.2f bytes/token) in %.2f s (%.1f MB/s) -> %s\n",
-                names[part], bytes / 1e6, tokens.size(), tokens.empty() ? 0.0 : (double)bytes / tokens.size(),
-                seconds, bytes / 1e6 / (seconds > 0 ? seconds : 1e-9), path.c_str());
+        fprintf(
+            stderr,
+            "encode: %-5s %.2f MB -> %zu tokens (%.2f bytes/token) in %.2f s (%.1f MB/s) -> %s\n",
+            names[part], bytes / 1e6, tokens.size(),
+            tokens.empty() ? 0.0 : (double)bytes / tokens.size(), seconds,
+            bytes / 1e6 / (seconds > 0 ? seconds : 1e-9), path.c_str());
     }
     return 0;
 }
@@ -296,7 +306,8 @@ static int command_decode(int argc, char** argv) {
 // ----------------------------------------------------------------------------
 
 int main(int argc, char** argv) {
-    if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
+    if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
+        strcmp(argv[1], "help") == 0) {
         fputs(MAIN_HELP, argc < 2 ? stderr : stdout);
         return argc < 2 ? 1 : 0;
     }
@@ -309,7 +320,10 @@ int main(int argc, char** argv) {
         if (strcmp(command, "train") == 0) return command_train(rest_count, rest);
         if (strcmp(command, "encode") == 0) return command_encode(rest_count, rest);
         if (strcmp(command, "decode") == 0) return command_decode(rest_count, rest);
-        fail("unknown command '%s' (commands: corpus, train, encode, decode; see 'tokenizer --help')", command);
+        fail(
+            "unknown command '%s' (commands: corpus, train, encode, decode; see 'tokenizer "
+            "--help')",
+            command);
     } catch (const std::exception& error) {
         fprintf(stderr, "tokenizer: error: %s\n", error.what());
         return 1;

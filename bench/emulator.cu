@@ -5,7 +5,9 @@
 #include <chrono>
 #include <cstdio>
 
-__global__ void store_index_kernel(float* out) { out[blockIdx.x * blockDim.x + threadIdx.x] = float(threadIdx.x); }
+__global__ void store_index_kernel(float* out) {
+    out[blockIdx.x * blockDim.x + threadIdx.x] = float(threadIdx.x);
+}
 
 __global__ void barriers_kernel(float* out, int rounds) {
     float v = 0;
@@ -22,10 +24,14 @@ __global__ void shuffles_kernel(float* out, int rounds) {
     out[blockIdx.x * blockDim.x + threadIdx.x] = v;
 }
 
-static double seconds() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+static double seconds() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+}
 
 // The best of 5 runs of `run`, in nanoseconds per unit of work.
-template <typename F> static double best_ns(double units, F run) {
+template <typename F>
+static double best_ns(double units, F run) {
     double best = 1e30;
     for (int i = 0; i < 5; i++) {
         double start = seconds();
@@ -40,11 +46,18 @@ int main() {
     float* out = device_alloc<float>(threads);
     for (int workers : {omp_get_max_threads(), 1}) {
         omp_set_num_threads(workers);
-        double launch_ns = best_ns(threads, [&] { launch(store_index_kernel, threads / 256, 256, 0, out); });
-        double barrier_ns = best_ns(double(threads / 8) * rounds, [&] { launch(barriers_kernel, threads / 8 / 256, 256, 0, out, rounds); });
-        double shuffle_ns = best_ns(double(threads / 8) * rounds, [&] { launch(shuffles_kernel, threads / 8 / 256, 256, 0, out, rounds); });
-        printf("%d core(s): thread that never waits %.1f ns, __syncthreads %.1f ns per thread, warp shuffle %.1f ns per thread\n",
-               workers, launch_ns, barrier_ns, shuffle_ns);
+        double launch_ns =
+            best_ns(threads, [&] { launch(store_index_kernel, threads / 256, 256, 0, out); });
+        double barrier_ns = best_ns(double(threads / 8) * rounds, [&] {
+            launch(barriers_kernel, threads / 8 / 256, 256, 0, out, rounds);
+        });
+        double shuffle_ns = best_ns(double(threads / 8) * rounds, [&] {
+            launch(shuffles_kernel, threads / 8 / 256, 256, 0, out, rounds);
+        });
+        printf(
+            "%d core(s): thread that never waits %.1f ns, __syncthreads %.1f ns per thread, warp "
+            "shuffle %.1f ns per thread\n",
+            workers, launch_ns, barrier_ns, shuffle_ns);
     }
     return 0;
 }

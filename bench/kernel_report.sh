@@ -12,7 +12,7 @@ for precision in float bfloat16; do
 for arch in "${archs[@]}"; do
     log=$(mktemp)
     flag=$([ $precision = bfloat16 ] && echo -DTRICYCLE_BF16 || true)
-    "$nvcc" -std=c++17 -O3 -ftz=true -x cu -gencode "arch=compute_$arch,code=sm_$arch" -Xptxas -v $flag -I. -c tricycle.cu -o /dev/null 2> "$log"
+    "$nvcc" -std=c++20 -O3 -ftz=true -x cu -gencode "arch=compute_$arch,code=sm_$arch" -Xptxas -v $flag -I. -c tricycle.cu -o /dev/null 2> "$log"
     echo "== sm_$arch, $precision: registers, shared memory (static bytes; dynamic is set at launch) and spills per kernel"
     printf "%-52s %5s %7s %12s\n" "kernel" "regs" "smem" "spill bytes"
     # ptxas prints, per kernel: "Compiling entry function 'NAME'", "... N bytes spill stores, M bytes

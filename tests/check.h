@@ -24,12 +24,14 @@ __attribute__((format(printf, 2, 3))) static bool check(bool ok, const char* for
 }
 
 // Runs `body`, which must throw std::runtime_error whose message contains `expected`.
-template <typename F> static bool check_fails(const char* what, const char* expected, F body) {
+template <typename F>
+static bool check_fails(const char* what, const char* expected, F body) {
     try {
         body();
     } catch (const std::runtime_error& error) {
         bool ok = strstr(error.what(), expected) != nullptr;
-        return check(ok, "%s: rejected with \"%s\"%s", what, error.what(), ok ? "" : " (expected it to mention that)");
+        return check(ok, "%s: rejected with \"%s\"%s", what, error.what(),
+                     ok ? "" : " (expected it to mention that)");
     }
     return check(false, "%s: was accepted, expected an error mentioning \"%s\"", what, expected);
 }

@@ -1,7 +1,8 @@
 // tests/gpt_parity.cu — the Tricycle half of the PyTorch parity check (tests/pytorch_parity.py is
-// the other half), the way llm.c's test_gpt2 works: build a small GPT, write its weights and a batch,
-// and write what Tricycle computes for them — logits, loss, every parameter gradient, and the losses
-// of 10 AdamW steps. The Python script rebuilds the model in PyTorch from the same files and compares.
+// the other half), the way llm.c's test_gpt2 works: build a small GPT, write its weights and a
+// batch, and write what Tricycle computes for them — logits, loss, every parameter gradient, and
+// the losses of 10 AdamW steps. The Python script rebuilds the model in PyTorch from the same files
+// and compares.
 //
 //   tests/gpt_parity DIR [--rmsnorm] [--swiglu] [--rotary] [--untied] [--flash]
 #include "tricycle.h"
@@ -20,7 +21,8 @@ static int write_parity_files(int argc, char** argv) {
     if (argc < 2) fail("no output folder given (usage: tests/gpt_parity DIR [flags])");
     std::string dir = argv[1];
     GPTConfig config;
-    config.vocab_size = 61, config.context = 16, config.dim = 48, config.layers = 2, config.heads = 4;
+    config.vocab_size = 61, config.context = 16, config.dim = 48, config.layers = 2,
+    config.heads = 4;
     for (int i = 2; i < argc; i++) {
         if (!strcmp(argv[i], "--rmsnorm")) config.norm = Norm::rmsnorm;
         else if (!strcmp(argv[i], "--swiglu")) config.activation = Activation::swiglu;
@@ -47,7 +49,8 @@ static int write_parity_files(int argc, char** argv) {
     fwrite(batch.data(), sizeof(int), batch.size(), file);
     fclose(file);
     int* tokens = device_alloc<int>(2 * B * T);
-    cuda_check(cudaMemcpy(tokens, batch.data() + 2, 2 * B * T * sizeof(int), cudaMemcpyHostToDevice));
+    cuda_check(
+        cudaMemcpy(tokens, batch.data() + 2, 2 * B * T * sizeof(int), cudaMemcpyHostToDevice));
     int* targets = tokens + B * T;
 
     // One forward and backward: logits, loss, gradients.
@@ -73,7 +76,8 @@ static int write_parity_files(int argc, char** argv) {
         backward(loss);
         write_floats(file, loss.data, 1);
         gradient_norm(norm, model.gradients, model.num_parameters);
-        adamw_update(&adam, model.parameters, model.master, model.gradients, model.num_decayed, real(1e-3), norm, 1);
+        adamw_update(&adam, model.parameters, model.master, model.gradients, model.num_decayed,
+                     real(1e-3), norm, 1);
         memory_release(mark);
     }
     fclose(file);
@@ -81,5 +85,8 @@ static int write_parity_files(int argc, char** argv) {
 }
 
 int main(int argc, char** argv) {
-    return run_program("gpt_parity", "usage: tests/gpt_parity DIR [--rmsnorm] [--swiglu] [--rotary] [--untied] [--flash]\n", argc, argv, write_parity_files);
+    return run_program(
+        "gpt_parity",
+        "usage: tests/gpt_parity DIR [--rmsnorm] [--swiglu] [--rotary] [--untied] [--flash]\n",
+        argc, argv, write_parity_files);
 }

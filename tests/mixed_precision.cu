@@ -2,15 +2,16 @@
 // tests/mixed_precision_fp32 (default types) and tests/mixed_precision_bf16 (-DTRICYCLE_BF16).
 //
 //   tests/mixed_precision_fp32 write FILE     computes the reference and writes it to FILE
-//   tests/mixed_precision_bf16 compare FILE   computes the same in bfloat16 and checks it against FILE
+//   tests/mixed_precision_bf16 compare FILE   computes the same in bfloat16 and checks it against
+//   FILE
 // Both also check the loss, the gradient norm and clipping against plain loops, and that training
 // steps after the first make no new matrix-product primitive.
 //
 // The same things both times, from the same seeds: the outputs of single layers (linear, layernorm,
-// GELU, both attention kernels, cross-entropy), greedy generation and the losses of 20 AdamW steps of
-// a small GPT (trained the way train_gpt trains, with gpt_forward and gpt_backward).
-// Outputs must agree to within bfloat16's precision (8 bits of mantissa: 2^-8 relative per rounding,
-// a few roundings deep), losses to within 2%.
+// GELU, both attention kernels, cross-entropy), greedy generation and the losses of 20 AdamW steps
+// of a small GPT (trained the way train_gpt trains, with gpt_forward and gpt_backward). Outputs
+// must agree to within bfloat16's precision (8 bits of mantissa: 2^-8 relative per rounding, a few
+// roundings deep), losses to within 2%.
 #include "tricycle.h"
 #include "tests/check.h"
 
@@ -23,13 +24,18 @@
 
 typedef std::map<std::string, std::vector<real>> Results;
 
-static Tensor random(Shape shape, uint64_t seed, real std = 1) { return randn(shape, seed, 0, std); }
+static Tensor random(Shape shape, uint64_t seed, real std = 1) {
+    return randn(shape, seed, 0, std);
+}
 
-static const char* precision_name() { return std::is_same<floatX, real>::value ? "float" : "bfloat16"; }
+static const char* precision_name() {
+    return std::is_same<floatX, real>::value ? "float" : "bfloat16";
+}
 
 static void upload_values(floatX* device, const std::vector<real>& values) {
     std::vector<floatX> stored(values.begin(), values.end());
-    cuda_check(cudaMemcpy(device, stored.data(), stored.size() * sizeof(floatX), cudaMemcpyHostToDevice));
+    cuda_check(
+        cudaMemcpy(device, stored.data(), stored.size() * sizeof(floatX), cudaMemcpyHostToDevice));
 }
 
 static double download_value(const real* device) {
@@ -48,7 +54,8 @@ static Results compute() {
     Tensor qkv = random({2, 40, 3 * 32}, 6);
     for (bool flash : {false, true}) {
         use_flash_attention = flash;
-        results[flash ? "flash attention" : "plain attention"] = to_host(attention(qkv, 4, false, 0, 0));
+        results[flash ? "flash attention" : "plain attention"] =
+            to_host(attention(qkv, 4, false, 0, 0));
     }
     use_flash_attention = false;
     Tensor logits = random({64, 70}, 7, 2);
@@ -65,7 +72,8 @@ static Results compute() {
 // AdamW steps of it on one fixed batch: the loss before each step.
 static void generate_and_train(Results& results) {
     GPTConfig config;
-    config.vocab_size = 97, config.context = 32, config.dim = 64, config.layers = 2, config.heads = 4;
+    config.vocab_size = 97, config.context = 32, config.dim = 64, config.layers = 2,
+    config.heads = 4;
     GPT model;
     gpt_create(&model, config);
     gpt_init(&model, 11);
@@ -78,7 +86,8 @@ static void generate_and_train(Results& results) {
     adamw_create(&adam, model.num_parameters);
     const int B = 4, T = 32;
     std::vector<int> host(2 * B * T);
-    for (int i = 0; i < B * T + 1; i++) host[i] = int(random_bits(12, i / 3) % 97);  // repeats: something to learn
+    for (int i = 0; i < B * T + 1; i++)
+        host[i] = int(random_bits(12, i / 3) % 97);  // repeats: something to learn
     for (int i = 0; i < B * T; i++) host[B * T + i] = host[i + 1];
     int* tokens = device_alloc<int>(host.size());
     cuda_check(cudaMemcpy(tokens, host.data(), host.size() * sizeof(int), cudaMemcpyHostToDevice));
@@ -94,10 +103,12 @@ static void generate_and_train(Results& results) {
         gpt_backward(model, acts, tokens + B * T, 1);
         losses.push_back(download_value(acts.loss));
         gradient_norm(norm, model.gradients, model.num_parameters);
-        adamw_update(&adam, model.parameters, model.master, model.gradients, model.num_decayed, real(1e-3), norm, 1);
+        adamw_update(&adam, model.parameters, model.master, model.gradients, model.num_decayed,
+                     real(1e-3), norm, 1);
         memory_release(mark);
     }
-    check(gemm_layouts_made() == layouts_after_first, "%s: training steps 2-20 make no new matrix-product primitive (%ld made by step 1; %s)",
+    check(gemm_layouts_made() == layouts_after_first,
+          "%s: training steps 2-20 make no new matrix-product primitive (%ld made by step 1; %s)",
           precision_name(), layouts_after_first, gemm_engine().c_str());
 }
 
@@ -115,7 +126,8 @@ static void check_float_statistics() {
     real* norm = device_alloc<real>(1);
     gradient_norm(norm, grads, n);
     double got = download_value(norm);
-    check(std::fabs(got - expected) <= 1e-5 * expected, "%s: gradient norm %.7g, a plain loop %.7g (relative 1e-5)", precision, got, expected);
+    check(std::fabs(got - expected) <= 1e-5 * expected,
+          "%s: gradient norm %.7g, a plain loop %.7g (relative 1e-5)", precision, got, expected);
 
     // Clipping to a quarter of the norm: AdamW's first step leaves m = (1 - beta1) * g * scale.
     AdamW adam;
@@ -126,18 +138,25 @@ static void check_float_statistics() {
     upload_values(params, weights);
     cuda_check(cudaMemcpy(master, weights.data(), n * sizeof(real), cudaMemcpyHostToDevice));
     real max_norm = real(expected / 4);
-    adamw_update(&adam, params, std::is_same<floatX, real>::value ? nullptr : master, grads, n / 2, real(1e-3), norm, max_norm);
+    adamw_update(&adam, params, std::is_same<floatX, real>::value ? nullptr : master, grads, n / 2,
+                 real(1e-3), norm, max_norm);
     double scale = max_norm / (got + 1e-6), worst = 0;
     std::vector<real> m(n);
     cuda_check(cudaMemcpy(m.data(), adam.m, n * sizeof(real), cudaMemcpyDeviceToHost));
-    for (int i = 0; i < n; i++) worst = std::max(worst, std::fabs(m[i] - (1 - 0.9) * gradient[i] * scale) / (0.1 * 0.01 * scale));
-    check(worst <= 1e-5, "%s: AdamW clips to max_norm = norm / 4: first moments within %.1e of a plain loop's (<= 1e-5)", precision, worst);
+    for (int i = 0; i < n; i++)
+        worst = std::max(worst,
+                         std::fabs(m[i] - (1 - 0.9) * gradient[i] * scale) / (0.1 * 0.01 * scale));
+    check(worst <= 1e-5,
+          "%s: AdamW clips to max_norm = norm / 4: first moments within %.1e of a plain loop's (<= "
+          "1e-5)",
+          precision, worst);
 
     // A non-finite gradient gives a non-finite norm, which train_gpt stops on.
     real infinity = INFINITY;
     upload_values(grads + 17, std::vector<real>{infinity});
     gradient_norm(norm, grads, n);
-    check(!std::isfinite(download_value(norm)), "%s: an infinite gradient makes the norm non-finite", precision);
+    check(!std::isfinite(download_value(norm)),
+          "%s: an infinite gradient makes the norm non-finite", precision);
 
     // The loss: float, not rounded to the storage type.
     const int N = 64, V = 70;
@@ -150,7 +169,8 @@ static void check_float_statistics() {
     cuda_check(cudaMemcpy(targets, host_targets.data(), N * sizeof(int), cudaMemcpyHostToDevice));
     double plain = 0;
     for (int r = 0; r < N; r++) {
-        double largest = *std::max_element(logits.begin() + r * V, logits.begin() + (r + 1) * V), total = 0;
+        double largest = *std::max_element(logits.begin() + r * V, logits.begin() + (r + 1) * V),
+               total = 0;
         for (int v = 0; v < V; v++) total += std::exp(logits[r * V + v] - largest);
         plain += largest + std::log(total) - logits[r * V + host_targets[r]];
     }
@@ -158,7 +178,9 @@ static void check_float_statistics() {
     real *loss = device_alloc<real>(1), *count = device_alloc<real>(1);
     classifier(device_logits, device_alloc<real>(N), loss, count, targets, N, V, 0, false);
     double loss_value = download_value(loss);
-    check(std::fabs(loss_value - plain) <= 1e-5 * plain, "%s: cross-entropy loss %.7f in float, a plain loop %.7f (relative 1e-5; bfloat16 would be 4e-3)",
+    check(std::fabs(loss_value - plain) <= 1e-5 * plain,
+          "%s: cross-entropy loss %.7f in float, a plain loop %.7f (relative 1e-5; bfloat16 would "
+          "be 4e-3)",
           precision, loss_value, plain);
 }
 
@@ -192,7 +214,8 @@ static Results read(const char* path) {
 }
 
 static int run(int argc, char** argv) {
-    if (argc != 3 || (strcmp(argv[1], "write") && strcmp(argv[1], "compare"))) fail("usage: mixed_precision write|compare FILE");
+    if (argc != 3 || (strcmp(argv[1], "write") && strcmp(argv[1], "compare")))
+        fail("usage: mixed_precision write|compare FILE");
     Results results = compute();
     generate_and_train(results);
     check_float_statistics();
@@ -214,13 +237,19 @@ static int run(int argc, char** argv) {
         if (name == "generated tokens") {
             long same = 0;
             for (size_t i = 0; same_size && i < got.size(); i++) same += got[i] == expected[i];
-            check(same_size && same >= 24, "%s: greedy generation with the key/value cache: %ld of 30 tokens as float's (>= 24)", precision, same);
+            check(same_size && same >= 24,
+                  "%s: greedy generation with the key/value cache: %ld of 30 tokens as float's (>= "
+                  "24)",
+                  precision, same);
         } else if (name == "training losses") {
-            check(same_size && worst <= 0.02, "%s: 20 training steps, losses %.4f -> %.4f, within %.2f%% of float's (<= 2%%)", precision,
-                  double(got.front()), double(got.back()), 100 * worst);
+            check(same_size && worst <= 0.02,
+                  "%s: 20 training steps, losses %.4f -> %.4f, within %.2f%% of float's (<= 2%%)",
+                  precision, double(got.front()), double(got.back()), 100 * worst);
         } else {
             double relative = worst / std::max(largest, 1e-30);
-            check(same_size && relative <= 0.02, "%s: %s output within %.2e of float's largest value %.2f (<= 2e-2, bfloat16 rounds at 4e-3)",
+            check(same_size && relative <= 0.02,
+                  "%s: %s output within %.2e of float's largest value %.2f (<= 2e-2, bfloat16 "
+                  "rounds at 4e-3)",
                   precision, name.c_str(), relative, largest);
         }
     }
@@ -228,5 +257,7 @@ static int run(int argc, char** argv) {
 }
 
 int main(int argc, char** argv) {
-    return run_program("mixed_precision", "usage: tests/mixed_precision_{fp32,bf16} write|compare FILE\n", argc, argv, run);
+    return run_program("mixed_precision",
+                       "usage: tests/mixed_precision_{fp32,bf16} write|compare FILE\n", argc, argv,
+                       run);
 }

@@ -30,14 +30,16 @@ static void check_that(bool ok, const std::string& what, const std::string& deta
 // Expects `action` to throw, with a message that contains every string in `needles`
 // (typically the file's path and what is wrong with it).
 template <typename Action>
-static void check_rejects(const std::string& what, const std::vector<std::string>& needles, Action action) {
+static void check_rejects(const std::string& what, const std::vector<std::string>& needles,
+                          Action action) {
     try {
         action();
     } catch (const std::exception& error) {
         std::string message = error.what();
         for (const std::string& needle : needles) {
             if (message.find(needle) == std::string::npos) {
-                check_that(false, what, "message \"" + message + "\" does not mention \"" + needle + "\"");
+                check_that(false, what,
+                           "message \"" + message + "\" does not mention \"" + needle + "\"");
                 return;
             }
         }
@@ -81,17 +83,24 @@ static void train(Tokenizer* tok, const std::string& text, int vocab_size) {
 
 static std::string merges_to_string(const std::vector<TokenPair>& merges) {
     std::string s;
-    for (const TokenPair& m : merges) s.append("(").append(std::to_string(m.left)).append(",").append(std::to_string(m.right)).append(")");
+    for (const TokenPair& m : merges)
+        s.append("(")
+            .append(std::to_string(m.left))
+            .append(",")
+            .append(std::to_string(m.right))
+            .append(")");
     return s;
 }
 
 // "" if equal, else where the two merge lists first differ.
-static std::string merge_difference(const std::vector<TokenPair>& x, const std::vector<TokenPair>& y) {
+static std::string merge_difference(const std::vector<TokenPair>& x,
+                                    const std::vector<TokenPair>& y) {
     for (size_t i = 0; i < x.size() && i < y.size(); i++)
         if (x[i].left != y[i].left || x[i].right != y[i].right)
-            return "merge " + std::to_string(i) + " is " + merges_to_string({x[i]}) + ", expected " +
-                   merges_to_string({y[i]});
-    if (x.size() != y.size()) return std::to_string(x.size()) + " merges, expected " + std::to_string(y.size());
+            return "merge " + std::to_string(i) + " is " + merges_to_string({x[i]}) +
+                   ", expected " + merges_to_string({y[i]});
+    if (x.size() != y.size())
+        return std::to_string(x.size()) + " merges, expected " + std::to_string(y.size());
     return "";
 }
 
@@ -112,19 +121,18 @@ static std::string random_bytes(uint64_t* rng, size_t n) {
 // numbers, punctuation, indentation, some UTF-8, now and then a document
 // separator. Deterministic.
 static std::string generated_text(uint64_t seed, size_t target_bytes) {
-    const char* words[] = {"the",  "of",    "and",   "self",   "return", "def", "value", "x",     "thee",  "thou",
-                           "café", "naïve", "print", "import", "data",   "for", "in",    "range", "Hello", "aaaa"};
-    const char* separators[] = {" ", " ", " ", ", ", ".\n", "\n    ", "(", ") ", " = ", "  ", "\t", ": "};
+    const char* words[] = {"the",  "of",   "and",  "self",  "return", "def",   "value",
+                           "x",    "thee", "thou", "café",  "naïve",  "print", "import",
+                           "data", "for",  "in",   "range", "Hello",  "aaaa"};
+    const char* separators[] = {" ", " ",  " ",   ", ", ".\n", "\n    ",
+                                "(", ") ", " = ", "  ", "\t",  ": "};
     uint64_t rng = seed;
     std::string text;
     while (text.size() < target_bytes) {
         uint64_t r = splitmix64_next(&rng);
-        if (r % 101 == 0)
-            text += end_of_text_name;
-        else if (r % 10 == 0)
-            text += std::to_string(r % 2000);
-        else
-            text += words[(r >> 8) % 20];
+        if (r % 101 == 0) text += end_of_text_name;
+        else if (r % 10 == 0) text += std::to_string(r % 2000);
+        else text += words[(r >> 8) % 20];
         text += separators[(r >> 16) % 12];
     }
     return text;
@@ -176,7 +184,8 @@ static std::vector<TokenPair> naive_train(const std::string& text, int vocab_siz
     while (256 + (int)merges.size() + 1 < vocab_size) {
         std::map<std::pair<int, int>, long long> pair_counts;
         for (size_t w = 0; w < words.size(); w++)
-            for (size_t i = 0; i + 1 < words[w].size(); i++) pair_counts[{words[w][i], words[w][i + 1]}] += counts[w];
+            for (size_t i = 0; i + 1 < words[w].size(); i++)
+                pair_counts[{words[w][i], words[w][i + 1]}] += counts[w];
         if (pair_counts.empty()) break;
         // std::map iterates in (left, right) order, so the first maximum is the tie winner.
         std::pair<int, int> best = pair_counts.begin()->first;
@@ -208,7 +217,8 @@ static std::vector<TokenPair> naive_train(const std::string& text, int vocab_siz
 // lowest merge rank and merge all its occurrences, left to right.
 static std::vector<int32_t> naive_encode(const Tokenizer* tok, const std::string& text) {
     std::map<std::pair<int, int>, int> rank;
-    for (size_t r = 0; r < tok->merges.size(); r++) rank[{tok->merges[r].left, tok->merges[r].right}] = (int)r;
+    for (size_t r = 0; r < tok->merges.size(); r++)
+        rank[{tok->merges[r].left, tok->merges[r].right}] = (int)r;
     std::vector<int32_t> out;
     std::vector<std::string> pieces = split_at_separators(text);
     for (size_t p = 0; p < pieces.size(); p++) {
@@ -246,12 +256,14 @@ static std::vector<int32_t> naive_encode(const Tokenizer* tok, const std::string
 
 static void test_chunking() {
     std::string text = "Hello world  foo\n\n    return x1 = 42;\t\tend na\xc3\xafve";
-    std::vector<std::string> expected = {"Hello", " world", " ",   " foo", "\n\n   ", " return", " x",
-                                         "1",     " =",     " 42", ";",    "\t\t",    "end", " na\xc3\xafve"};
+    std::vector<std::string> expected = {"Hello",   " world", " ",   " foo",         "\n\n   ",
+                                         " return", " x",     "1",   " =",           " 42",
+                                         ";",       "\t\t",   "end", " na\xc3\xafve"};
     std::vector<std::string> got = chunks_of(text);
     std::string shown;
     for (const std::string& c : got) shown += "[" + c + "]";
-    check_that(got == expected, "chunker splits words, spaces, digits, punctuation as documented", shown);
+    check_that(got == expected, "chunker splits words, spaces, digits, punctuation as documented",
+               shown);
 
     uint64_t rng = 7;
     std::string bytes = random_bytes(&rng, 5000);
@@ -261,7 +273,8 @@ static void test_chunking() {
         all_nonempty = all_nonempty && !c.empty();
         joined += c;
     }
-    check_that(all_nonempty && joined == bytes, "chunks of random bytes are non-empty and partition the input");
+    check_that(all_nonempty && joined == bytes,
+               "chunks of random bytes are non-empty and partition the input");
 }
 
 static void test_hand_checked_merges() {
@@ -277,7 +290,8 @@ static void test_hand_checked_merges() {
     //   one symbol left: training stops, vocab = 256 + 7 + 1 = 264.
     Tokenizer tok;
     train(&tok, "aaabdaaabac", 300);
-    std::vector<TokenPair> expected = {{97, 97}, {97, 98}, {256, 257}, {97, 99}, {100, 258}, {258, 260}, {261, 259}};
+    std::vector<TokenPair> expected = {{97, 97},   {97, 98},   {256, 257}, {97, 99},
+                                       {100, 258}, {258, 260}, {261, 259}};
     check_that(same_merges(tok.merges, expected) && tok.vocab_size == 264 && tok.eot_token == 263,
                "hand-checked merges of 'aaabdaaabac' (ties, overlaps, early stop)",
                merges_to_string(tok.merges) + " vocab " + std::to_string(tok.vocab_size));
@@ -288,7 +302,8 @@ static void test_hand_checked_merges() {
     Tokenizer tok2;
     train(&tok2, "ab ab ab", 1000);
     check_that(same_merges(tok2.merges, {{97, 98}, {32, 256}}),
-               "hand-checked merges of 'ab ab ab' respect chunk boundaries", merges_to_string(tok2.merges));
+               "hand-checked merges of 'ab ab ab' respect chunk boundaries",
+               merges_to_string(tok2.merges));
 
     // The separator is not text: only the two "ab" chunks around it count.
     Tokenizer tok3;
@@ -301,13 +316,15 @@ static void test_training(const std::string& sample) {
     Tokenizer a, b;
     train(&a, sample, 600);
     train(&b, sample, 600);
-    check_that(same_merges(a.merges, b.merges), "training is deterministic (two runs, identical merges)");
+    check_that(same_merges(a.merges, b.merges),
+               "training is deterministic (two runs, identical merges)");
     check_that(a.vocab_size == 600 && a.eot_token == 599 && a.merges.size() == 600 - 257,
                "trained vocab size is as requested, end-of-text is the last id",
                "vocab " + std::to_string(a.vocab_size) + " eot " + std::to_string(a.eot_token));
 
     std::vector<TokenPair> reference = naive_train(sample, 600);
-    check_that(same_merges(a.merges, reference), "incremental training matches full-recount training",
+    check_that(same_merges(a.merges, reference),
+               "incremental training matches full-recount training",
                merge_difference(a.merges, reference));
 
     Tokenizer bytes_tok;
@@ -326,17 +343,20 @@ static void test_encoding(const std::string& sample) {
     std::vector<int32_t> fast = encode(&tok, sample);
     std::vector<int32_t> again = encode(&tok, sample);  // now from the chunk cache
     std::vector<int32_t> reference = naive_encode(&tok, sample);
-    check_that(fast == reference, "encode applies merges by rank like the reference encoder (sample text)",
+    check_that(fast == reference,
+               "encode applies merges by rank like the reference encoder (sample text)",
                std::to_string(fast.size()) + " vs " + std::to_string(reference.size()) + " tokens");
     check_that(again == fast, "encoding twice (chunk cache) gives the same tokens");
 
     // Text unlike the training text: long runs, odd bytes, many cache misses.
     uint64_t rng = 99;
-    std::string mixed = random_bytes(&rng, 3000) + std::string(500, 'a') + " aaaa aaaaa" + sample.substr(0, 2000);
+    std::string mixed =
+        random_bytes(&rng, 3000) + std::string(500, 'a') + " aaaa aaaaa" + sample.substr(0, 2000);
     check_that(encode(&tok, mixed) == naive_encode(&tok, mixed),
                "encode matches the reference encoder on random bytes and long runs");
-    check_that(fast.size() < sample.size() / 2, "merges compress the sample text",
-               std::to_string(sample.size()) + " bytes -> " + std::to_string(fast.size()) + " tokens");
+    check_that(
+        fast.size() < sample.size() / 2, "merges compress the sample text",
+        std::to_string(sample.size()) + " bytes -> " + std::to_string(fast.size()) + " tokens");
 }
 
 static void test_round_trips(const std::string& sample) {
@@ -356,14 +376,17 @@ static void test_round_trips(const std::string& sample) {
     check_that(all_ok, "round trip of random bytes (50 strings, all 256 byte values)", failure);
 
     std::vector<int32_t> empty_tokens = encode(&tok, "");
-    check_that(empty_tokens.empty() && decode(&tok, empty_tokens).empty(), "empty input encodes to no tokens and back");
+    check_that(empty_tokens.empty() && decode(&tok, empty_tokens).empty(),
+               "empty input encodes to no tokens and back");
 
     std::string invalid_utf8 = "\xff\xfe caf\xc3 \xc3\x28 \x80\x80\x80 \xed\xa0\x80 end\xf0\x9f";
-    check_that(decode(&tok, encode(&tok, invalid_utf8)) == invalid_utf8, "round trip of invalid UTF-8");
+    check_that(decode(&tok, encode(&tok, invalid_utf8)) == invalid_utf8,
+               "round trip of invalid UTF-8");
 
     const char nul_text[] = "\0the\0\0 value\0 \0";
     std::string with_nuls(nul_text, sizeof(nul_text) - 1);  // 15 bytes, 5 of them NUL
-    check_that(decode(&tok, encode(&tok, with_nuls)) == with_nuls, "round trip of text with NUL bytes");
+    check_that(decode(&tok, encode(&tok, with_nuls)) == with_nuls,
+               "round trip of text with NUL bytes");
 
     std::string eot = end_of_text_name;
     std::string with_separator = "first doc" + eot + "second" + eot + eot + "<|endoftext| almost";
@@ -374,20 +397,25 @@ static void test_round_trips(const std::string& sample) {
                "each separator becomes one end-of-text token, decodes back to its text",
                std::to_string(eot_count) + " end-of-text tokens");
 
-    check_rejects("decode of an id outside the vocabulary", {"600", "index 1"}, [&] { decode(&tok, {5, 600}); });
+    check_rejects("decode of an id outside the vocabulary", {"600", "index 1"}, [&] {
+        decode(&tok, {5, 600});
+    });
 }
 
 static void test_corpus(const char* path) {
     if (access(path, R_OK) != 0) {
-        printf("skip corpus checks: cannot read '%s' (build it, or pass a text file as argv[1])\n", path);
+        printf("skip corpus checks: cannot read '%s' (build it, or pass a text file as argv[1])\n",
+               path);
         return;
     }
     std::string corpus = read_whole_file(path, "corpus");
     Tokenizer tok;
     train(&tok, corpus, 2048);
     std::vector<int32_t> tokens = encode(&tok, corpus);
-    check_that(decode(&tok, tokens) == corpus, "round trip of the whole corpus '" + std::string(path) + "'",
-               std::to_string(corpus.size()) + " bytes, " + std::to_string(tokens.size()) + " tokens");
+    check_that(
+        decode(&tok, tokens) == corpus,
+        "round trip of the whole corpus '" + std::string(path) + "'",
+        std::to_string(corpus.size()) + " bytes, " + std::to_string(tokens.size()) + " tokens");
 
     std::string excerpt = corpus.substr(0, 300000);
     Tokenizer small;
@@ -412,7 +440,8 @@ static void test_tokenizer_files(const std::string& sample) {
     Tokenizer loaded;
     tokenizer_load(&loaded, path.c_str());
     check_that(same_merges(tok.merges, loaded.merges) && loaded.vocab_size == tok.vocab_size &&
-                   loaded.eot_name == end_of_text_name && encode(&loaded, sample) == encode(&tok, sample),
+                   loaded.eot_name == end_of_text_name &&
+                   encode(&loaded, sample) == encode(&tok, sample),
                "tokenizer save/load round trip (same merges, same encoding)");
 
     std::string good = read_whole_file(path.c_str(), "test");
@@ -422,11 +451,13 @@ static void test_tokenizer_files(const std::string& sample) {
                std::to_string(good.size()) + " bytes");
 
     // Each corrupt variant is written to its own file so the error must name it.
-    auto rejects = [&](const std::string& name, const std::string& data, const std::string& needle) {
+    auto rejects = [&](const std::string& name, const std::string& data,
+                       const std::string& needle) {
         std::string bad_path = temp_path(name);
         write_bytes(bad_path, data);
         Tokenizer t;
-        check_rejects("tokenizer file " + name, {bad_path, needle}, [&] { tokenizer_load(&t, bad_path.c_str()); });
+        check_rejects("tokenizer file " + name, {bad_path, needle},
+                      [&] { tokenizer_load(&t, bad_path.c_str()); });
     };
     std::string bad = good;
     bad[0] = 'X';
@@ -452,7 +483,8 @@ static void test_tokenizer_files(const std::string& sample) {
     rejects("wrong-vocab.tok", bad, "vocab size 5000");
     Tokenizer t;
     std::string missing = temp_path("missing.tok");
-    check_rejects("missing tokenizer file", {missing, "cannot open"}, [&] { tokenizer_load(&t, missing.c_str()); });
+    check_rejects("missing tokenizer file", {missing, "cannot open"},
+                  [&] { tokenizer_load(&t, missing.c_str()); });
 }
 
 // ----------------------------------------------------------------------------
@@ -469,25 +501,29 @@ static void test_token_files() {
     for (int i = 3; i < 256; i++) rest_zero = rest_zero && header[i] == 0;
     uint16_t third;
     memcpy(&third, raw.data() + 1024 + 2 * 3, 2);
-    check_that(header[0] == 20240520 && header[1] == 1 && header[2] == 6 && rest_zero && raw.size() == 1024 + 2 * 6 &&
-                   third == 65535,
-               "uint16 token file: header magic 20240520, version 1, count, zeros, then uint16 tokens");
+    check_that(
+        header[0] == 20240520 && header[1] == 1 && header[2] == 6 && rest_zero &&
+            raw.size() == 1024 + 2 * 6 && third == 65535,
+        "uint16 token file: header magic 20240520, version 1, count, zeros, then uint16 tokens");
     check_that(read_token_file(path.c_str(), 65536) == tokens, "uint16 token file reads back");
-    check_that(access((path + ".tmp").c_str(), F_OK) != 0, "writer leaves no temporary file behind");
+    check_that(access((path + ".tmp").c_str(), F_OK) != 0,
+               "writer leaves no temporary file behind");
 
     std::vector<int32_t> wide = {69999, 65536, 3};
     std::string wide_path = temp_path("wide.bin");
     write_token_file(wide_path.c_str(), wide.data(), wide.size(), 70000);
     std::string wide_raw = read_whole_file(wide_path.c_str(), "test");
     memcpy(header, wide_raw.data(), sizeof(header));
-    check_that(header[0] == 20240520 && header[1] == 2 && header[2] == 3 && wide_raw.size() == 1024 + 4 * 3 &&
+    check_that(header[0] == 20240520 && header[1] == 2 && header[2] == 3 &&
+                   wide_raw.size() == 1024 + 4 * 3 &&
                    read_token_file(wide_path.c_str(), 70000) == wide,
                "uint32 token file (vocab > 65536): version 2, reads back");
 
     std::vector<int32_t> too_big = {1, 2, 1024};
     std::string reject_path = temp_path("never-written.bin");
-    check_rejects("writing a token >= vocab size", {reject_path, "1024", "index 2"},
-                  [&] { write_token_file(reject_path.c_str(), too_big.data(), too_big.size(), 1024); });
+    check_rejects("writing a token >= vocab size", {reject_path, "1024", "index 2"}, [&] {
+        write_token_file(reject_path.c_str(), too_big.data(), too_big.size(), 1024);
+    });
 
     auto rejects = [&](const std::string& name, const std::string& data, int vocab_size,
                        const std::vector<std::string>& needles) {
@@ -495,7 +531,8 @@ static void test_token_files() {
         write_bytes(bad_path, data);
         std::vector<std::string> all = needles;
         all.push_back(bad_path);
-        check_rejects("token file " + name, all, [&] { read_token_file(bad_path.c_str(), vocab_size); });
+        check_rejects("token file " + name, all,
+                      [&] { read_token_file(bad_path.c_str(), vocab_size); });
     };
     std::string bad = raw;
     bad[0] = 1;
@@ -544,9 +581,10 @@ static void test_dataloader() {
             int start = loader.inputs[b * T];
             in_range = in_range && start >= 0 && start + T + 1 <= N;
             for (int t = 0; t < T; t++) {
-                shifted =
-                    shifted && loader.inputs[b * T + t] == start + t && loader.targets[b * T + t] == start + t + 1;
-                if (t + 1 < T) shifted = shifted && loader.targets[b * T + t] == loader.inputs[b * T + t + 1];
+                shifted = shifted && loader.inputs[b * T + t] == start + t &&
+                          loader.targets[b * T + t] == start + t + 1;
+                if (t + 1 < T)
+                    shifted = shifted && loader.targets[b * T + t] == loader.inputs[b * T + t + 1];
             }
         }
     }
@@ -569,12 +607,17 @@ static void test_dataloader() {
     DataLoader resumed;
     dataloader_open(&resumed, path.c_str(), B, T, 65536, DataLoaderMode::random, 1);
     dataloader_set_rng_state(&resumed, state);
-    check_that(batches(&resumed, 2) == continued, "restoring the RNG state resumes the exact window stream");
+    check_that(batches(&resumed, 2) == continued,
+               "restoring the RNG state resumes the exact window stream");
 
     uint64_t rng = 0;
     check_that(splitmix64_next(&rng) == 0xE220A8397B1DCDAFull,
                "splitmix64 from state 0 gives its published first value");
+}
 
+static void test_dataloader_sweep_and_edges() {
+    const int N = 1000, B = 4, T = 8;
+    std::string path = counting_file("count.bin", N);
     // Sweep: (N - 1) / T = 124 windows at 0, 8, ..., 984, then back to 0.
     DataLoader sweep;
     dataloader_open(&sweep, path.c_str(), B, T, 65536, DataLoaderMode::sweep, 0);
@@ -583,15 +626,16 @@ static void test_dataloader() {
     for (int step = 0; step < 31; step++) {  // 31 batches x 4 rows = 124 windows
         dataloader_next_batch(&sweep);
         for (int b = 0; b < B; b++) {
-            in_order =
-                in_order && sweep.inputs[b * T] == expected_start && sweep.targets[b * T + T - 1] == expected_start + T;
+            in_order = in_order && sweep.inputs[b * T] == expected_start &&
+                       sweep.targets[b * T + T - 1] == expected_start + T;
             expected_start += T;
         }
     }
     dataloader_next_batch(&sweep);
     bool wrapped = sweep.inputs[0] == 0 && sweep.inputs[T] == T;
-    check_that(in_order && wrapped,
-               "validation sweep covers the file in order with non-overlapping windows, then wraps");
+    check_that(
+        in_order && wrapped,
+        "validation sweep covers the file in order with non-overlapping windows, then wraps");
     dataloader_reset(&sweep);
     std::vector<int32_t> sweep_first = batches(&sweep, 5);
     DataLoader sweep2;
@@ -601,8 +645,11 @@ static void test_dataloader() {
 
     std::string short_path = counting_file("short.bin", T);
     DataLoader short_loader;
-    check_rejects("loader given a file shorter than T+1 tokens", {short_path, "has 8 tokens", "T+1 = 9"},
-                  [&] { dataloader_open(&short_loader, short_path.c_str(), B, T, 65536, DataLoaderMode::random, 0); });
+    check_rejects("loader given a file shorter than T+1 tokens",
+                  {short_path, "has 8 tokens", "T+1 = 9"}, [&] {
+                      dataloader_open(&short_loader, short_path.c_str(), B, T, 65536,
+                                      DataLoaderMode::random, 0);
+                  });
     std::string exact_path = counting_file("exact.bin", T + 1);
     DataLoader exact;
     dataloader_open(&exact, exact_path.c_str(), 2, T, 65536, DataLoaderMode::random, 5);
@@ -611,9 +658,10 @@ static void test_dataloader() {
                "a file of exactly T+1 tokens gives the one possible window");
 
     DataLoader small_vocab;
-    check_rejects("loader checks every token against the vocab size at open",
-                  {path, "token 500 at index 500 >= vocab size 500"},
-                  [&] { dataloader_open(&small_vocab, path.c_str(), B, T, 500, DataLoaderMode::random, 0); });
+    check_rejects(
+        "loader checks every token against the vocab size at open",
+        {path, "token 500 at index 500 >= vocab size 500"},
+        [&] { dataloader_open(&small_vocab, path.c_str(), B, T, 500, DataLoaderMode::random, 0); });
 }
 
 // ----------------------------------------------------------------------------
@@ -637,6 +685,7 @@ int main(int argc, char** argv) {
         test_tokenizer_files(sample);
         test_token_files();
         test_dataloader();
+        test_dataloader_sweep_and_edges();
     } catch (const std::exception& error) {
         check_that(false, "unexpected error", error.what());
     }

@@ -1,0 +1,204 @@
+// tests/test_emulator.cu — the CPU emulator of the CUDA execution model (cuda_cpu.h): warp
+// operations, barriers, shared memory and atomics give CUDA's results, and each deliberately broken
+// kernel is caught with a message naming the kernel, block and thread. Built in double precision.
+#include "tricycle.h"
+#include "tests/check.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+static double max_difference(const std::vector<real>& a, const std::vector<real>& b) {
+    if (a.size() != b.size()) return INFINITY;
+    double worst = 0;
+    for (size_t i = 0; i < a.size(); i++)
+        worst = std::max(worst, std::fabs(double(a[i]) - double(b[i])));
+    return worst;
+}
+
+// Kernels that must work, and deliberately broken kernels the emulator must catch.
+// (On a GPU build these run on the GPU; the broken ones are only run under the emulator.)
+
+__global__ void warp_operations_kernel(int* out) {
+    int lane = threadIdx.x % 32, base = 8 * threadIdx.x;
+    out[base + 0] = __shfl_down_sync(0xffffffff, lane * 10, 3);
+    out[base + 1] = __shfl_up_sync(0xffffffff, lane * 10, 2);
+    out[base + 2] = __shfl_xor_sync(0xffffffff, lane * 10, 5);
+    out[base + 3] = __shfl_sync(0xffffffff, lane * 10, 7);
+    out[base + 4] = __shfl_down_sync(0xffffffff, lane * 10, 1, 8);  // groups of 8 lanes
+    out[base + 5] = int(__ballot_sync(0xffffffff, lane % 3 == 0));
+    out[base + 6] = __any_sync(0xffffffff, lane == 17) + 2 * __all_sync(0xffffffff, lane < 32) +
+                    4 * __all_sync(0xffffffff, lane < 31);
+    __syncwarp();
+    out[base + 7] = int(__shfl_xor_sync(0xffffffff, double(lane) + 0.5, 1) * 2);
+}
+
+// A tree reduction in dynamic shared memory: log2(256) rounds, each ended by a barrier.
+__global__ void block_sum_kernel(real* out, const real* x, int n) {
+    auto partial = shared_memory<real>();
+    real v = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) v += x[long(blockIdx.x) * n + i];
+    partial[threadIdx.x] = v;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+        if (int(threadIdx.x) < stride)
+            partial[threadIdx.x] = partial[threadIdx.x] + partial[threadIdx.x + stride];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[blockIdx.x] = partial[0];
+}
+
+__global__ void static_shared_kernel(int* out) {
+    __shared__ int tile[64];
+    tile[threadIdx.x] = threadIdx.x * 3;
+    __syncthreads();
+    out[blockIdx.x * 64 + threadIdx.x] = tile[63 - threadIdx.x];
+}
+
+__global__ void atomics_kernel(float* f, double* d, int* i) {
+    atomicAdd(f, 0.5f);
+    atomicAdd(d, 0.25);
+    atomicAdd(i, 1);
+}
+
+__global__ void thread_exits_before_barrier_kernel(int* out) {
+    if (threadIdx.x == 5) return;
+    __syncthreads();
+    out[threadIdx.x] = 1;
+}
+
+__global__ void two_barriers_kernel(int* out) {
+    if (threadIdx.x < 16) {
+        __syncthreads();
+    } else {
+        __syncthreads();
+    }
+    out[threadIdx.x] = 1;
+}
+
+__global__ void shuffle_with_exited_lanes_kernel(int* out) {
+    if (threadIdx.x >= 20) return;
+    out[threadIdx.x] = __shfl_down_sync(0xffffffff, int(threadIdx.x), 1);
+}
+
+__global__ void uninitialised_shared_kernel(real* out) {
+    auto values = shared_memory<real>();
+    if (threadIdx.x < 16) values[threadIdx.x] = 1;
+    __syncthreads();
+    out[threadIdx.x] = values[threadIdx.x];
+}
+
+__global__ void shared_out_of_bounds_kernel(real* out) {
+    auto values = shared_memory<real>();
+    values[threadIdx.x + 1] = 1;
+    __syncthreads();
+    out[threadIdx.x] = values[threadIdx.x];
+}
+
+__global__ void deadlock_kernel(int* out) {
+    if (threadIdx.x == 0) out[0] = __shfl_sync(0xffffffff, 1, 0);
+    else __syncthreads();
+}
+
+static void test_emulator() {
+    int* ints = device_alloc<int>(64 * 8);
+    launch(warp_operations_kernel, 1, 64, 0, ints);
+    std::vector<int> got(64 * 8);
+    cuda_check(cudaMemcpy(got.data(), ints, got.size() * sizeof(int), cudaMemcpyDeviceToHost));
+    bool shuffles_right = true;
+    unsigned ballot = 0;
+    for (int l = 0; l < 32; l++) ballot |= (l % 3 == 0 ? 1u : 0u) << l;
+    for (int t = 0; t < 64; t++) {
+        int lane = t % 32;
+        const int* o = &got[8 * t];
+        int expected[8] = {(lane + 3 < 32 ? lane + 3 : lane) * 10,
+                           (lane >= 2 ? lane - 2 : lane) * 10,
+                           (lane ^ 5) * 10,
+                           70,
+                           (lane % 8 + 1 < 8 ? lane + 1 : lane) * 10,
+                           int(ballot),
+                           1 + 2,
+                           2 * (lane ^ 1) + 1};
+        for (int k = 0; k < 8; k++) shuffles_right &= o[k] == expected[k];
+    }
+    check(shuffles_right,
+          "warp shuffles (down, up, xor, indexed, width 8, double), ballot, any, all and syncwarp "
+          "give CUDA's results");
+
+    Tensor x = randn({37, 1000}, 3);
+    real* sums = device_alloc<real>(37);
+    launch(block_sum_kernel, 37, 256, 256 * sizeof(real), sums, x.data, 1000);
+    std::vector<real> hx = to_host(x), hs(37), expected(37, 0);
+    cuda_check(cudaMemcpy(hs.data(), sums, 37 * sizeof(real), cudaMemcpyDeviceToHost));
+    for (int r = 0; r < 37; r++)
+        for (int c = 0; c < 1000; c++) expected[r] += hx[r * 1000 + c];
+    check(max_difference(hs, expected) < 1e-10,
+          "shared-memory tree reduction with 9 barriers per thread, 37 blocks of 256");
+
+    launch(static_shared_kernel, 3, 64, 0, ints);
+    cuda_check(cudaMemcpy(got.data(), ints, 3 * 64 * sizeof(int), cudaMemcpyDeviceToHost));
+    bool static_right = true;
+    for (int i = 0; i < 3 * 64; i++) static_right &= got[i] == (63 - i % 64) * 3;
+    check(static_right, "static __shared__ memory is per block");
+
+    float* f = device_alloc<float>(1);
+    double* d = device_alloc<double>(1);
+    cuda_check(cudaMemset(f, 0, sizeof(float)));
+    cuda_check(cudaMemset(d, 0, sizeof(double)));
+    cuda_check(cudaMemset(ints, 0, sizeof(int)));
+    launch(atomics_kernel, 500, 128, 0, f, d, ints);
+    float hf;
+    double hd;
+    int hi;
+    cuda_check(cudaMemcpy(&hf, f, sizeof hf, cudaMemcpyDeviceToHost));
+    cuda_check(cudaMemcpy(&hd, d, sizeof hd, cudaMemcpyDeviceToHost));
+    cuda_check(cudaMemcpy(&hi, ints, sizeof hi, cudaMemcpyDeviceToHost));
+    check(hf == 32000 && hd == 16000 && hi == 64000,
+          "atomicAdd on float, double and int from 64000 threads in 500 blocks: %g %g %d", hf, hd,
+          hi);
+}
+
+// The deliberately broken kernels: each launch must fail with the emulator's report.
+static void test_broken_kernels() {
+#ifndef __CUDACC__
+    int* ints = device_alloc<int>(64);
+    real* out = device_alloc<real>(64);
+    check_fails("emulator: a thread exits while the others wait at __syncthreads",
+                "barrier divergence",
+                [=] { launch(thread_exits_before_barrier_kernel, 2, 64, 0, ints); });
+    check(
+        emu::last_error_message().find("thread_exits_before_barrier_kernel") != std::string::npos &&
+            emu::last_error_message().find("block (") != std::string::npos &&
+            emu::last_error_message().find("thread (") != std::string::npos,
+        "emulator: the report names the kernel, the block and the thread");
+    check_fails("emulator: threads wait at two different __syncthreads", "barrier divergence",
+                [=] { launch(two_barriers_kernel, 1, 32, 0, ints); });
+    check_fails("emulator: a shuffle whose mask names exited lanes", "exited",
+                [=] { launch(shuffle_with_exited_lanes_kernel, 1, 32, 0, ints); });
+    check_fails("emulator: a full-mask shuffle in a warp of 16 lanes", "do not exist",
+                [=] { launch(warp_operations_kernel, 1, 48, 0, ints); });
+    check_fails("emulator: a read of shared memory nobody wrote",
+                "no thread of the block has written",
+                [=] { launch(uninitialised_shared_kernel, 1, 32, 32 * sizeof(real), out); });
+    check_fails("emulator: shared memory indexed past its end", "out of bounds",
+                [=] { launch(shared_out_of_bounds_kernel, 1, 32, 32 * sizeof(real), out); });
+    check_fails("emulator: a lane waits at a shuffle while the rest wait at a barrier", "deadlock",
+                [=] { launch(deadlock_kernel, 1, 32, 0, ints); });
+    Tensor x = randn({37, 1000}, 3);
+    real* sums = device_alloc<real>(37);
+    launch(block_sum_kernel, 37, 256, 256 * sizeof(real), sums, x.data, 1000);
+    std::vector<real> hx = to_host(x), hs(37), expected(37, 0);
+    cuda_check(cudaMemcpy(hs.data(), sums, 37 * sizeof(real), cudaMemcpyDeviceToHost));
+    for (int r = 0; r < 37; r++)
+        for (int c = 0; c < 1000; c++) expected[r] += hx[r * 1000 + c];
+    check(max_difference(hs, expected) < 1e-10,
+          "emulator: a correct kernel runs cleanly right after the failures");
+#endif
+}
+
+int main() {
+    test_emulator();
+    test_broken_kernels();
+    return finish();
+}

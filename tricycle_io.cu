@@ -1,0 +1,1121 @@
+// tricycle_io.cu — Part II of the library: what surrounds the core (tricycle.cu). The same order as
+// tricycle_io.h:
+//   1. Profiling        timing kernels and products, the report
+//   2. Files            whole-file reads, atomic writes
+//   3. Model files      gpt_save, gpt_load, checkpoint sections
+//   4. The tokenizer    chunking, training (BPE with incremental pair counts), saving, encoding
+//   5. Token files      writing, memory-mapped reading
+//   6. The data loader  random training windows, the validation sweep
+//   7. Programs         flags, errors, run_program
+#include "tricycle.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <climits>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <queue>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+// ====================================================================================================
+// 1. Profiling. Regions are recorded as they start and end; on a GPU their CUDA events are read
+// only in profile_report, so timing never stalls the stream.
+
+bool profiling = false;
+const char* profile_phase = "forward";
+
+struct ProfileTotal {
+    std::string name;
+    const char* phase;
+    long calls = 0;
+    double seconds = 0;
+};
+
+static std::vector<ProfileTotal> profile_totals;
+#ifdef __CUDACC__
+struct PendingRegion {
+    int slot;
+    cudaEvent_t start, stop;
+};
+static std::vector<PendingRegion> pending_regions;
+static std::vector<cudaEvent_t> spare_events;
+static cudaEvent_t profile_event() {
+    cudaEvent_t event;
+    if (spare_events.empty()) cuda_check(cudaEventCreate(&event));
+    else event = spare_events.back(), spare_events.pop_back();
+    return event;
+}
+#endif
+
+static int profile_slot(const std::string& name) {
+    for (size_t i = 0; i < profile_totals.size(); i++)
+        if (profile_totals[i].name == name && !strcmp(profile_totals[i].phase, profile_phase))
+            return int(i);
+    profile_totals.push_back(ProfileTotal{name, profile_phase});
+    return int(profile_totals.size()) - 1;
+}
+
+static std::string kernel_display_name(const void* kernel) {
+    static std::unordered_map<const void*, std::string> names;
+    auto known = names.find(kernel);
+    if (known != names.end()) return known->second;
+#ifdef __CUDACC__
+    const char* raw = "?";
+    cudaFuncGetName(&raw, kernel);
+    std::string name = raw;
+#else
+    std::string name = emu::kernel_name(kernel);
+#endif
+    std::string shortened = name.substr(0, name.find('('));  // drop the parameter list
+    return names[kernel] = shortened;
+}
+
+ProfileRegion::ProfileRegion(const void* kernel)
+    : ProfileRegion(kernel_display_name(kernel).c_str()) {}
+
+ProfileRegion::ProfileRegion(const char* name)
+    : slot(profile_slot(name)), pending(-1), start(seconds_now()) {
+#ifdef __CUDACC__
+    pending = int(pending_regions.size());
+    pending_regions.push_back({slot, profile_event(), profile_event()});
+    cuda_check(cudaEventRecord(pending_regions.back().start));
+#endif
+}
+
+ProfileRegion::~ProfileRegion() {
+    profile_totals[slot].calls++;
+#ifdef __CUDACC__
+    (void)cudaEventRecord(pending_regions[pending].stop);
+#else
+    profile_totals[slot].seconds += seconds_now() - start;
+#endif
+}
+
+void profile_reset() { profile_totals.clear(); }
+
+void profile_report(FILE* out, long steps) {
+#ifdef __CUDACC__
+    cuda_check(cudaDeviceSynchronize());
+    for (PendingRegion& r : pending_regions) {
+        float ms = 0;
+        cuda_check(cudaEventElapsedTime(&ms, r.start, r.stop));
+        profile_totals[r.slot].seconds += ms / 1e3;
+        spare_events.push_back(r.start), spare_events.push_back(r.stop);
+    }
+    pending_regions.clear();
+#endif
+    std::vector<ProfileTotal> rows = profile_totals;
+    std::sort(rows.begin(), rows.end(),
+              [](const ProfileTotal& a, const ProfileTotal& b) { return a.seconds > b.seconds; });
+    double total = 0;
+    for (const ProfileTotal& r : rows) total += r.seconds;
+    fprintf(out, "%-44s %-9s %9s %11s %7s\n", "kernel or matrix product", "pass", "calls",
+            "ms/step", "share");
+    for (const ProfileTotal& r : rows)
+        fprintf(out, "%-44s %-9s %9.1f %11.3f %6.1f%%\n", r.name.c_str(), r.phase,
+                double(r.calls) / steps, r.seconds / steps * 1e3,
+                100 * r.seconds / std::max(total, 1e-30));
+    fprintf(out, "%-44s %-9s %9s %11.3f\n", "total", "", "", total / steps * 1e3);
+}
+
+// ====================================================================================================
+// 2. Files: whole-file reads and atomic writes
+
+std::string read_whole_file(const char* path, const char* kind) {
+    FILE* f = fopen(path, "rb");
+    if (!f) fail("%s '%s': cannot open: %s", kind, path, strerror(errno));
+    std::string data;
+    char buffer[1 << 16];
+    size_t n;
+    while ((n = fread(buffer, 1, sizeof(buffer), f)) > 0) data.append(buffer, n);
+    bool read_error = ferror(f) != 0;
+    fclose(f);
+    if (read_error) fail("%s '%s': read error", kind, path);
+    return data;
+}
+
+// For the crash tests: TRICYCLE_CRASH_BEFORE_RENAME=SUFFIX:N kills the process on the N-th write of
+// a file whose path ends in SUFFIX, after the temporary file is complete and before the rename.
+static void crash_here_if_asked(const char* path) {
+    static int writes_seen = 0;
+    const char* spec = getenv("TRICYCLE_CRASH_BEFORE_RENAME");
+    const char* colon = spec ? strrchr(spec, ':') : nullptr;
+    if (!colon) return;
+    std::string suffix(spec, colon), name(path);
+    bool matches = name.size() >= suffix.size() &&
+                   name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+    if (matches && ++writes_seen == atoi(colon + 1)) {
+        fprintf(stderr, "TRICYCLE_CRASH_BEFORE_RENAME: aborting before renaming '%s'\n", path);
+        abort();
+    }
+}
+
+void write_file_atomic(const char* path, const void* data, size_t size, const char* kind) {
+    std::string temp_path = std::string(path) + ".tmp";
+    FILE* f = fopen(temp_path.c_str(), "wb");
+    if (!f) fail("%s '%s': cannot create '%s': %s", kind, path, temp_path.c_str(), strerror(errno));
+    bool ok = fwrite(data, 1, size, f) == size;
+    ok = fflush(f) == 0 && ok;
+    ok = fsync(fileno(f)) == 0 && ok;  // on disk before the rename makes it the file
+    if (fclose(f) != 0) ok = false;
+    if (!ok) {
+        int error = errno;
+        remove(temp_path.c_str());
+        fail("%s '%s': write failed: %s", kind, path, strerror(error));
+    }
+    crash_here_if_asked(path);
+    if (rename(temp_path.c_str(), path) != 0) {
+        int error = errno;
+        remove(temp_path.c_str());
+        fail("%s '%s': cannot rename '%s' into place: %s", kind, path, temp_path.c_str(),
+             strerror(error));
+    }
+}
+
+// ====================================================================================================
+// 3. Model and checkpoint files (the format is described in tricycle_io.h and the README)
+
+constexpr int32_t model_file_magic = 0x59435254;  // the bytes "TRCY"
+constexpr int32_t model_file_version = 1;
+constexpr int directory_name_bytes = 48;
+
+static void append(std::string& out, const void* data, size_t bytes) {
+    out.append(static_cast<const char*>(data), bytes);
+}
+
+// Device buffer of floatX or real -> float32 bytes.
+template <typename T>
+static void append_floats(std::string& out, const T* device, long n) {
+    std::vector<real> host = download(device, n);
+    std::vector<float> values(host.begin(), host.end());
+    append(out, values.data(), n * sizeof(float));
+}
+
+std::string floats_section(const real* device, long n) {
+    std::string bytes;
+    append_floats(bytes, device, n);
+    return bytes;
+}
+
+void gpt_save(GPT& model, const char* path, const std::vector<FileSection>& sections) {
+    const GPTConfig& c = model.config;
+    std::vector<std::pair<std::string, Tensor>> ordered = gpt_named_parameters(model);
+    int32_t header[256] = {model_file_magic,
+                           model_file_version,
+                           c.vocab_size,
+                           c.context,
+                           c.dim,
+                           c.layers,
+                           c.heads,
+                           c.mlp_ratio,
+                           c.norm == Norm::rmsnorm,
+                           c.activation == Activation::swiglu,
+                           c.rotary,
+                           c.tied_embeddings,
+                           float_bits(c.dropout),
+                           float_bits(c.attention_dropout),
+                           int32_t(ordered.size()),
+                           int32_t(sections.size())};
+    int64_t count = model.num_parameters;
+    memcpy(&header[16], &count, 8);
+    std::string out;
+    append(out, header, sizeof header);
+    for (const auto& [tensor_name, tensor] : ordered) {
+        char name[directory_name_bytes] = {};
+        snprintf(name, sizeof name, "%s", tensor_name.c_str());
+        int32_t dims[4] = {tensor.ndim, tensor.shape[0], tensor.ndim > 1 ? tensor.shape[1] : 0, 0};
+        append(out, name, sizeof name);
+        append(out, dims, sizeof dims);
+    }
+    append_floats(
+        // the model as it computes (a trainer saves its master copy apart)
+        out, model.parameters, model.num_parameters);
+    for (const FileSection& s : sections) {
+        int64_t length = int64_t(s.bytes.size());
+        append(out, s.tag, 4);
+        append(out, &length, 8);
+        out += s.bytes;
+    }
+    write_file_atomic(path, out.data(), out.size(), "model file");
+}
+
+// Reads bytes from a file image, failing cleanly at the end.
+struct FileReader {
+    const std::string& data;
+    size_t position;
+    const char* path;
+    void read(void* out, size_t bytes, const char* what) {
+        if (data.size() - position < bytes)
+            fail("model file '%s': truncated: %s needs %zu bytes at offset %zu, the file has %zu",
+                 path, what, bytes, position, data.size());
+        memcpy(out, data.data() + position, bytes);
+        position += bytes;
+    }
+};
+
+void gpt_load(GPT* model, const char* path, std::vector<FileSection>* sections) {
+    std::string data = read_whole_file(path, "model file");
+    FileReader reader{data, 0, path};
+    int32_t header[256];
+    reader.read(header, sizeof header, "the header");
+    if (header[0] != model_file_magic)
+        fail("model file '%s': bad magic 0x%08x, expected 0x%08x (not a Tricycle model)", path,
+             header[0], model_file_magic);
+    if (header[1] != model_file_version)
+        fail("model file '%s': version %d, this build reads version %d", path, header[1],
+             model_file_version);
+    GPTConfig c;
+    c.vocab_size = header[2], c.context = header[3], c.dim = header[4], c.layers = header[5],
+    c.heads = header[6], c.mlp_ratio = header[7];
+    c.norm = header[8] ? Norm::rmsnorm : Norm::layernorm;
+    c.activation = header[9] ? Activation::swiglu : Activation::gelu;
+    c.rotary = header[10] != 0, c.tied_embeddings = header[11] != 0;
+    c.dropout = bits_float(header[12]), c.attention_dropout = bits_float(header[13]);
+    try {
+        gpt_check_config(c);
+    } catch (const std::runtime_error& error) {
+        fail("model file '%s': %s", path, error.what());
+    }
+    int64_t count;
+    memcpy(&count, &header[16], 8);
+    if (count < 0 || uint64_t(count) > (data.size() - reader.position) /
+                                           sizeof(float))  // before allocating anything
+        fail(
+            "model file '%s': truncated: the header promises %lld parameters, the file has room "
+            "for fewer",
+            path, (long long)count);
+    gpt_create(model, c);
+    {
+        std::vector<std::pair<std::string, Tensor>> ordered = gpt_named_parameters(*model);
+        if (header[14] != int32_t(ordered.size()) || count != model->num_parameters)
+            fail(
+                "model file '%s': lists %d tensors and %lld parameters, its config needs %zu and "
+                "%ld",
+                path, header[14], (long long)count, ordered.size(), model->num_parameters);
+        for (const auto& [expected, tensor] : ordered) {
+            char name[directory_name_bytes];
+            int32_t dims[4];
+            reader.read(name, sizeof name, "the tensor directory");
+            reader.read(dims, sizeof dims, "the tensor directory");
+            name[directory_name_bytes - 1] = 0;
+            bool same = expected == name && dims[0] == tensor.ndim && dims[1] == tensor.shape[0] &&
+                        (tensor.ndim < 2 || dims[2] == tensor.shape[1]);
+            if (!same)
+                fail("model file '%s': tensor '%s' is not the '%s' its config expects here", path,
+                     name, expected.c_str());
+        }
+        std::vector<float> values(model->num_parameters);
+        reader.read(values.data(), values.size() * sizeof(float), "the parameters");
+        std::vector<real> host(values.begin(), values.end());
+        upload(model->parameters, host.data(), model->num_parameters);
+        if (model->master) upload(model->master, host.data(), model->num_parameters);
+        for (int32_t s = 0; s < header[15]; s++) {
+            FileSection section;
+            int64_t length;
+            reader.read(section.tag, 4, "a section header");
+            reader.read(&length, 8, "a section header");
+            if (length < 0)
+                fail("model file '%s': section '%.4s' has a negative length", path, section.tag);
+            section.bytes.resize(size_t(length));
+            reader.read(&section.bytes[0], size_t(length), "a section");
+            if (sections) sections->push_back(section);
+        }
+        if (reader.position != data.size())
+            fail("model file '%s': %zu unexpected bytes after the last section", path,
+                 data.size() - reader.position);
+    }
+}
+
+void floats_from_section(real* device, long n, const FileSection& section, const char* path) {
+    if (long(section.bytes.size()) != n * long(sizeof(float)))
+        fail("model file '%s': section '%.4s' holds %zu bytes, expected %ld", path, section.tag,
+             section.bytes.size(), n * long(sizeof(float)));
+    std::vector<float> values(n);
+    memcpy(values.data(), section.bytes.data(), n * sizeof(float));
+    std::vector<real> host(values.begin(), values.end());
+    upload(device, host.data(), n);
+}
+
+// ====================================================================================================
+// 4. The tokenizer
+
+// ----------------------------------------------------------------------------------------------------
+// Chunking: the hand-written scanner that cuts text into pieces before BPE.
+
+enum ByteClass { BYTE_LETTER, BYTE_DIGIT, BYTE_SPACE, BYTE_OTHER };
+
+static ByteClass byte_class(unsigned char c) {
+    // Bytes >= 0x80 are the parts of multi-byte UTF-8 characters; calling them
+    // letters keeps words like "café" or "naïve" in one chunk.
+    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c >= 0x80) return BYTE_LETTER;
+    if (c >= '0' && c <= '9') return BYTE_DIGIT;
+    if (c == ' ' || c == '\n' || c == '\t' || c == '\r' || c == '\v' || c == '\f')
+        return BYTE_SPACE;
+    return BYTE_OTHER;
+}
+
+size_t tokenizer_chunk_length(const char* text, size_t length) {
+    if (length == 0) return 0;
+    const unsigned char* s = (const unsigned char*)text;
+    // One leading space joins the run after it: " world" is a chunk, so the
+    // space-before-a-word (the most common pattern in text) can merge with it.
+    size_t begin = 0;
+    if (length >= 2 && s[0] == ' ' && byte_class(s[1]) != BYTE_SPACE) begin = 1;
+    ByteClass kind = byte_class(s[begin]);
+    size_t end = begin + 1;
+    while (end < length && byte_class(s[end]) == kind) end++;
+    // "\n    return": the indentation run gives up its last space to " return".
+    if (kind == BYTE_SPACE && end < length && end >= 2 && s[end - 1] == ' ') end--;
+    return end;
+}
+
+// Finds the next end-of-text separator in [text, end); returns end if none.
+static const char* find_separator(const char* text, const char* end, const std::string& separator) {
+    size_t n = separator.size();
+    if (n == 0) return end;
+    const char* p = text;
+    while ((size_t)(end - p) >= n) {
+        const char* hit = (const char*)memchr(p, separator[0], (size_t)(end - p) - n + 1);
+        if (!hit) break;
+        if (memcmp(hit, separator.data(), n) == 0) return hit;
+        p = hit + 1;
+    }
+    return end;
+}
+
+// A pair of token ids packed into one integer, for hash maps. Comparing keys
+// compares (left, right) lexicographically, which the tie-break relies on.
+static uint64_t pair_key(int32_t left, int32_t right) {
+    return ((uint64_t)(uint32_t)left << 32) | (uint32_t)right;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Tokenizer tables
+
+// Rebuilds what follows from the merges: each token's bytes, the pair -> rank
+// lookup, and an empty encoder cache.
+static void tokenizer_build_tables(Tokenizer* tok) {
+    int num_merges = (int)tok->merges.size();
+    tok->vocab_size = byte_tokens + num_merges + 1;
+    tok->eot_token = tok->vocab_size - 1;
+
+    // token_start[id] is where token id's bytes begin, and so where token id-1's end.
+    tok->token_bytes.clear();
+    tok->token_start.assign(tok->vocab_size + 1, 0);
+    for (int id = 0; id < byte_tokens; id++) {
+        tok->token_start[id] = tok->token_bytes.size();
+        tok->token_bytes.push_back((char)id);
+    }
+    for (int i = 0; i < num_merges; i++) {
+        // A merged token's bytes are its left part's bytes then its right part's.
+        // Both parts are older tokens, so their ends are already recorded. The
+        // piece is built in a copy because appending to token_bytes may move it.
+        int id = byte_tokens + i;
+        tok->token_start[id] = tok->token_bytes.size();
+        std::string piece = std::string(tokenizer_token_bytes(tok, tok->merges[i].left));
+        piece += tokenizer_token_bytes(tok, tok->merges[i].right);
+        tok->token_bytes += piece;
+    }
+    tok->token_start[tok->eot_token] = tok->token_bytes.size();
+    tok->token_bytes += tok->eot_name;
+    tok->token_start[tok->vocab_size] = tok->token_bytes.size();
+
+    tok->merge_rank.clear();
+    tok->merge_rank.reserve(num_merges);
+    for (int i = 0; i < num_merges; i++)
+        tok->merge_rank[pair_key(tok->merges[i].left, tok->merges[i].right)] = i;
+
+    tok->cache.clear();
+    tok->cache_keys.clear();
+    tok->cache_tokens.clear();
+}
+
+std::string_view tokenizer_token_bytes(const Tokenizer* tok, int token) {
+    if (token < 0 || token >= tok->vocab_size)
+        fail("token %d is outside the vocabulary [0, %d)", token, tok->vocab_size);
+    size_t start = tok->token_start[token];
+    return std::string_view(tok->token_bytes.data() + start, tok->token_start[token + 1] - start);
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Training
+//
+// The text is cut into chunks, and identical chunks are counted once: the
+// "words" below are the distinct chunks with their frequencies, each held as its
+// current sequence of symbols (token ids). A pair's count is the number of times
+// it occurs adjacently, summed over words weighted by word frequency.
+//
+// A full recount after every merge would cost O(text) per merge. Instead we
+// keep, for every pair, its count and the list of words it occurs in. Merging
+// (a, b) -> c only visits the words in the list of (a, b), and in each changes
+// the counts of the pairs around every occurrence: (x, a) and (b, y) lose an
+// occurrence, (x, c) and (c, y) gain one. The best pair comes from a max-heap
+// with lazy invalidation: entries are never removed when a count changes;
+// instead a popped entry whose count is out of date is re-pushed with the
+// current count. Counts of existing pairs only ever go down (only pairs that
+// contain the new token c go up, and those are pushed fresh), so a heap entry
+// never under-states its pair, and the first up-to-date entry popped is the
+// true best.
+
+struct TrainWord {
+    int64_t count;  // how often this chunk occurs in the text
+    size_t start;   // its symbols are symbols[start, start + length)
+    size_t length;  // shrinks as merges join symbols
+};
+
+struct PairInfo {
+    int64_t count = 0;
+    std::vector<int32_t> words;  // words that contain the pair (may hold stale entries)
+};
+
+struct HeapEntry {
+    int64_t count;
+    uint64_t key;
+};
+
+// std::priority_queue pops the "largest": the highest count, and among equal
+// counts the smallest (left, right).
+struct HeapOrder {
+    bool operator()(const HeapEntry& a, const HeapEntry& b) const {
+        if (a.count != b.count) return a.count < b.count;
+        return a.key > b.key;
+    }
+};
+
+struct BpeTrainer {
+    std::vector<TrainWord> words;
+    std::vector<int32_t> symbols;
+    std::unordered_map<uint64_t, PairInfo> pairs;
+    std::priority_queue<HeapEntry, std::vector<HeapEntry>, HeapOrder> heap;
+    std::vector<uint64_t> new_pairs;  // pairs that gained occurrences in the current merge
+    std::vector<int> word_visited;    // the merge that last visited each word
+};
+
+static void change_pair_count(BpeTrainer* tr, uint64_t key, int64_t delta, int32_t word) {
+    PairInfo& info = tr->pairs[key];
+    info.count += delta;
+    if (delta > 0) {
+        // Words are visited one at a time, so checking the last entry avoids duplicates.
+        if (info.words.empty() || info.words.back() != word) info.words.push_back(word);
+        tr->new_pairs.push_back(key);
+    } else if (info.count == 0) {
+        tr->pairs.erase(key);  // stale heap entries for it will find no pair and be dropped
+    }
+}
+
+// Replaces every (a, b) in word w by c, left to right, and updates the
+// neighbouring pair counts. Changes to (a, b) itself are skipped: every
+// occurrence disappears, so its count is simply dropped by the caller.
+static void merge_in_word(BpeTrainer* tr, int32_t w, int32_t a, int32_t b, int32_t c) {
+    uint64_t merged_key = pair_key(a, b);
+    TrainWord& word = tr->words[w];
+    int32_t* sym = &tr->symbols[word.start];
+    int64_t count = word.count;
+    size_t n = word.length;
+    size_t out = 0;  // symbols [0, out) are final; the rest still to be scanned
+    size_t i = 0;
+    while (i < n) {
+        if (i + 1 < n && sym[i] == a && sym[i + 1] == b) {
+            if (out > 0) {  // the left neighbour x (possibly a c made just before)
+                int32_t x = sym[out - 1];
+                if (pair_key(x, a) != merged_key) change_pair_count(tr, pair_key(x, a), -count, w);
+                change_pair_count(tr, pair_key(x, c), count, w);
+            }
+            if (i + 2 < n) {  // the right neighbour y (not yet scanned)
+                int32_t y = sym[i + 2];
+                if (pair_key(b, y) != merged_key) change_pair_count(tr, pair_key(b, y), -count, w);
+                change_pair_count(tr, pair_key(c, y), count, w);
+            }
+            sym[out++] = c;
+            i += 2;
+        } else {
+            sym[out++] = sym[i++];
+        }
+    }
+    word.length = out;
+}
+
+// 1. The distinct chunks of the text and how often each occurs. The separators between documents
+//    are not text: they are skipped, and chunks never span them.
+static std::unordered_map<std::string_view, int64_t> count_chunks(const char* text, size_t length,
+                                                                  const std::string& separator) {
+    std::unordered_map<std::string_view, int64_t> chunk_counts;
+    const char* end = text + length;
+    const char* p = text;
+    while (p < end) {
+        const char* piece_end = find_separator(p, end, separator);
+        while (p < piece_end) {
+            size_t n = tokenizer_chunk_length(p, (size_t)(piece_end - p));
+            if (n >= 2) chunk_counts[std::string_view(p, n)]++;  // 1-byte chunks can never merge
+            p += n;
+        }
+        if (piece_end < end) p = piece_end + separator.size();
+    }
+    return chunk_counts;
+}
+
+// 2. Each distinct chunk becomes a word of byte symbols, and its pairs are counted.
+static void start_training(BpeTrainer* tr,
+                           const std::unordered_map<std::string_view, int64_t>& chunk_counts) {
+    tr->words.reserve(chunk_counts.size());
+    for (const auto& [chunk, count] : chunk_counts) {
+        tr->words.push_back(TrainWord{count, tr->symbols.size(), chunk.size()});
+        for (char byte : chunk) tr->symbols.push_back((unsigned char)byte);
+    }
+    for (size_t w = 0; w < tr->words.size(); w++) {
+        const TrainWord& word = tr->words[w];
+        const int32_t* sym = &tr->symbols[word.start];
+        for (size_t i = 0; i + 1 < word.length; i++)
+            change_pair_count(tr, pair_key(sym[i], sym[i + 1]), word.count, (int32_t)w);
+    }
+    for (const auto& entry : tr->pairs) tr->heap.push(HeapEntry{entry.second.count, entry.first});
+    tr->new_pairs.clear();  // every pair is new here, and already in the heap
+    tr->word_visited.assign(tr->words.size(), -1);
+}
+
+// The most frequent pair (ties: the smallest) off the heap, skipping out-of-date entries (they
+// go back with their current count); false when no pair is left.
+static bool pop_best_pair(BpeTrainer* tr, uint64_t* key) {
+    while (!tr->heap.empty()) {
+        HeapEntry best = tr->heap.top();
+        tr->heap.pop();
+        auto it = tr->pairs.find(best.key);
+        int64_t current = (it == tr->pairs.end()) ? 0 : it->second.count;
+        if (current == best.count) {
+            *key = best.key;
+            return true;
+        }
+        if (current > 0) tr->heap.push(HeapEntry{current, best.key});
+    }
+    return false;
+}
+
+// 3. Merge number merge_index: the pair becomes token c in every word that holds it, and each pair
+//    that gained occurrences goes on the heap once, with its final count.
+static void apply_merge(BpeTrainer* tr, uint64_t key, int merge_index) {
+    int32_t a = (int32_t)(key >> 32), b = (int32_t)(key & 0xFFFFFFFFu),
+            c = byte_tokens + merge_index;
+    std::vector<int32_t> affected = std::move(tr->pairs[key].words);
+    tr->pairs.erase(key);
+    tr->new_pairs.clear();
+    for (int32_t w : affected) {
+        if (tr->word_visited[w] == merge_index) continue;
+        tr->word_visited[w] = merge_index;
+        merge_in_word(tr, w, a, b, c);
+    }
+    std::sort(tr->new_pairs.begin(), tr->new_pairs.end());
+    tr->new_pairs.erase(std::unique(tr->new_pairs.begin(), tr->new_pairs.end()),
+                        tr->new_pairs.end());
+    for (uint64_t k : tr->new_pairs) {
+        auto it = tr->pairs.find(k);
+        if (it != tr->pairs.end()) tr->heap.push(HeapEntry{it->second.count, k});
+    }
+}
+
+void tokenizer_train(Tokenizer* tok, const char* text, size_t length, int vocab_size) {
+    int min_vocab = byte_tokens + 1;
+    if (vocab_size < min_vocab)
+        fail("vocab size %d is too small: need at least %d (256 bytes + end-of-text)", vocab_size,
+             min_vocab);
+    std::string separator = end_of_text_name;
+    BpeTrainer tr;
+    start_training(&tr, count_chunks(text, length, separator));
+    // Merge the best pair until the vocabulary is full or no pair is left.
+    std::vector<TokenPair> merges;
+    uint64_t key;
+    while ((int)merges.size() < vocab_size - min_vocab && pop_best_pair(&tr, &key)) {
+        merges.push_back(TokenPair{int32_t(key >> 32), int32_t(key & 0xFFFFFFFFu)});
+        apply_merge(&tr, key, int(merges.size()) - 1);
+    }
+    tok->merges = merges;
+    tok->eot_name = separator;
+    tokenizer_build_tables(tok);
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Saving and loading
+
+std::string tokenizer_serialize(const Tokenizer* tok) {
+    std::vector<int32_t> ints;
+    ints.push_back((int32_t)tokenizer_magic);
+    ints.push_back(tokenizer_version);
+    ints.push_back(tok->vocab_size);
+    ints.push_back((int32_t)tok->merges.size());
+    ints.push_back(1);  // one special token: end-of-text
+    for (const TokenPair& merge : tok->merges) {
+        ints.push_back(merge.left);
+        ints.push_back(merge.right);
+    }
+    ints.push_back(tok->eot_token);
+    ints.push_back((int32_t)tok->eot_name.size());
+    std::string data((const char*)ints.data(), ints.size() * sizeof(int32_t));
+    return data + tok->eot_name;
+}
+
+void tokenizer_save(const Tokenizer* tok, const char* path) {
+    std::string data = tokenizer_serialize(tok);
+    write_file_atomic(path, data.data(), data.size(), "tokenizer file");
+}
+
+// Reads little-endian int32s from a file held in memory, failing on truncation.
+struct ByteReader {
+    const std::string* data;
+    size_t pos;
+    const char* path;
+};
+
+static int32_t read_int32(ByteReader* r, const char* what) {
+    if (r->data->size() - r->pos < 4)
+        fail("tokenizer file '%s': truncated: %zu bytes, ends while reading %s at byte %zu",
+             r->path, r->data->size(), what, r->pos);
+    int32_t value;
+    memcpy(&value, r->data->data() + r->pos, 4);
+    r->pos += 4;
+    return value;
+}
+
+void tokenizer_load(Tokenizer* tok, const char* path) {
+    tokenizer_parse(tok, read_whole_file(path, "tokenizer file"), path);
+}
+
+void tokenizer_parse(Tokenizer* tok, const std::string& data, const char* path) {
+    ByteReader r = {&data, 0, path};
+
+    uint32_t magic = (uint32_t)read_int32(&r, "the magic number");
+    if (magic != tokenizer_magic)
+        fail("tokenizer file '%s': bad magic 0x%08x, expected 0x%08x", path, magic,
+             tokenizer_magic);
+    int version = read_int32(&r, "the version");
+    if (version != tokenizer_version)
+        fail("tokenizer file '%s': unsupported version %d, expected %d", path, version,
+             tokenizer_version);
+    int vocab_size = read_int32(&r, "the vocab size");
+    int num_merges = read_int32(&r, "the merge count");
+    int num_special = read_int32(&r, "the special token count");
+    if (num_merges < 0) fail("tokenizer file '%s': negative merge count %d", path, num_merges);
+    if (num_special != 1)
+        fail("tokenizer file '%s': has %d special tokens, expected 1 (end-of-text)", path,
+             num_special);
+    int64_t expected_vocab = (int64_t)byte_tokens + num_merges + num_special;
+    if (vocab_size != expected_vocab)
+        fail("tokenizer file '%s': vocab size %d, but 256 bytes + %d merges + %d special = %lld",
+             path, vocab_size, num_merges, num_special, (long long)expected_vocab);
+    // Check the length before allocating, so a corrupt count cannot ask for gigabytes.
+    if ((data.size() - r.pos) / 8 < (size_t)num_merges)
+        fail("tokenizer file '%s': truncated: %zu bytes, too short for %d merges", path,
+             data.size(), num_merges);
+
+    std::vector<TokenPair> merges(num_merges);
+    std::unordered_map<uint64_t, int> seen;  // pair -> first merge index, to catch repeats
+    for (int i = 0; i < num_merges; i++) {
+        merges[i].left = read_int32(&r, "a merge");
+        merges[i].right = read_int32(&r, "a merge");
+        // Merge i may only combine tokens that already exist: bytes and earlier merges.
+        int defined = byte_tokens + i;
+        if (merges[i].left < 0 || merges[i].left >= defined || merges[i].right < 0 ||
+            merges[i].right >= defined)
+            fail(
+                "tokenizer file '%s': merge %d (%d, %d) uses a token not defined before it (ids "
+                "must be < %d)",
+                path, i, merges[i].left, merges[i].right, defined);
+        // A repeated pair would have two ranks; training never produces one.
+        auto inserted = seen.emplace(pair_key(merges[i].left, merges[i].right), i);
+        if (!inserted.second)
+            fail("tokenizer file '%s': merge %d (%d, %d) repeats merge %d", path, i, merges[i].left,
+                 merges[i].right, inserted.first->second);
+    }
+
+    int eot_id = read_int32(&r, "the end-of-text id");
+    if (eot_id != vocab_size - 1)
+        fail("tokenizer file '%s': end-of-text id %d, expected %d (the last id)", path, eot_id,
+             vocab_size - 1);
+    int name_length = read_int32(&r, "the end-of-text name length");
+    if (name_length < 1 || name_length > 256)
+        fail("tokenizer file '%s': end-of-text name length %d, expected 1..256", path, name_length);
+    if (data.size() - r.pos < (size_t)name_length)
+        fail("tokenizer file '%s': truncated: %zu bytes, ends inside the end-of-text name", path,
+             data.size());
+    std::string eot_name = data.substr(r.pos, name_length);
+    r.pos += name_length;
+    if (r.pos != data.size())
+        fail("tokenizer file '%s': %zu bytes of trailing data after the end-of-text name", path,
+             data.size() - r.pos);
+
+    tok->merges = merges;
+    tok->eot_name = eot_name;
+    tokenizer_build_tables(tok);
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Encoding
+//
+// Each chunk is encoded on its own: start from its bytes and apply merges in
+// the order they were learned (lowest rank first; among equal ranks, left to
+// right). A min-heap holds candidate merges (rank, position) over a linked list
+// of symbols. A merge of rank r only creates pairs containing the new token
+// 256 + r, and those have ranks > r (a merge can only use earlier tokens), so
+// ranks come off the heap in non-decreasing order: the same result as the
+// textbook loop "find the lowest-rank pair, merge all its occurrences, repeat",
+// in O(n log n) instead of O(n^2).
+
+// Limits on the chunk cache. Long chunks are rare and seldom repeat; the entry
+// cap bounds memory on inputs that never repeat (random bytes) - real text
+// needs far fewer (31 MB of Python source: about 95k distinct chunks).
+static const size_t max_cached_chunk = 64;
+static const size_t max_cache_entries = 1u << 20;
+
+static bool candidate_after(const MergeCandidate& x, const MergeCandidate& y) {
+    // "x comes after y": used as the heap's less-than, so the front is the lowest rank.
+    if (x.rank != y.rank) return x.rank > y.rank;
+    return x.position > y.position;
+}
+
+static void push_candidate(Tokenizer* tok, int32_t position, int32_t right_position) {
+    uint64_t key = pair_key(tok->work_ids[position], tok->work_ids[right_position]);
+    auto it = tok->merge_rank.find(key);
+    if (it == tok->merge_rank.end()) return;
+    tok->work_heap.push_back(MergeCandidate{it->second, position});
+    std::push_heap(tok->work_heap.begin(), tok->work_heap.end(), candidate_after);
+}
+
+static void encode_chunk(Tokenizer* tok, const char* chunk, size_t length,
+                         std::vector<int32_t>* out) {
+    if (length > (size_t)INT32_MAX) fail("encode: a single chunk of %zu bytes is too long", length);
+    int32_t n = (int32_t)length;
+    std::vector<int32_t>& ids = tok->work_ids;    // ids[i] == -1: merged into its left neighbour
+    std::vector<int32_t>& next = tok->work_next;  // linked list of live symbols; n means none
+    std::vector<int32_t>& prev = tok->work_prev;  // -1 means none
+    ids.resize(n);
+    next.resize(n);
+    prev.resize(n);
+    for (int32_t i = 0; i < n; i++) {
+        ids[i] = (unsigned char)chunk[i];
+        next[i] = i + 1;
+        prev[i] = i - 1;
+    }
+    tok->work_heap.clear();
+    for (int32_t i = 0; i + 1 < n; i++) push_candidate(tok, i, i + 1);
+
+    while (!tok->work_heap.empty()) {
+        std::pop_heap(tok->work_heap.begin(), tok->work_heap.end(), candidate_after);
+        MergeCandidate candidate = tok->work_heap.back();
+        tok->work_heap.pop_back();
+        int32_t i = candidate.position;
+        if (ids[i] < 0) continue;  // this symbol was merged away
+        int32_t j = next[i];
+        if (j >= n) continue;
+        const TokenPair& merge = tok->merges[candidate.rank];
+        if (ids[i] != merge.left || ids[j] != merge.right) continue;  // the pair has changed since
+        // Join i and j into the new token, unlink j, and look at the two new pairs.
+        ids[i] = byte_tokens + candidate.rank;
+        ids[j] = -1;
+        next[i] = next[j];
+        if (next[j] < n) prev[next[j]] = i;
+        if (prev[i] >= 0) push_candidate(tok, prev[i], i);
+        if (next[i] < n) push_candidate(tok, i, next[i]);
+    }
+    for (int32_t i = 0; i < n; i = next[i]) out->push_back(ids[i]);
+}
+
+// Encodes text that contains no separator, chunk by chunk, through the cache.
+static void encode_piece(Tokenizer* tok, const char* text, size_t length,
+                         std::vector<int32_t>* out) {
+    size_t pos = 0;
+    while (pos < length) {
+        const char* chunk = text + pos;
+        size_t n = tokenizer_chunk_length(chunk, length - pos);
+        pos += n;
+        if (n == 1) {
+            out->push_back((unsigned char)chunk[0]);
+            continue;
+        }
+        if (n > max_cached_chunk) {
+            encode_chunk(tok, chunk, n, out);
+            continue;
+        }
+        auto it = tok->cache.find(std::string_view(chunk, n));
+        if (it != tok->cache.end()) {
+            const int32_t* cached = tok->cache_tokens.data() + it->second.offset;
+            out->insert(out->end(), cached, cached + it->second.count);
+            continue;
+        }
+        size_t first = out->size();
+        encode_chunk(tok, chunk, n, out);
+        if (tok->cache.size() < max_cache_entries) {
+            CachedChunk entry = {(uint32_t)tok->cache_tokens.size(),
+                                 (uint32_t)(out->size() - first)};
+            tok->cache_tokens.insert(tok->cache_tokens.end(), out->begin() + first, out->end());
+            tok->cache_keys.emplace_back(chunk, n);
+            tok->cache.emplace(std::string_view(tok->cache_keys.back()), entry);
+        }
+    }
+}
+
+void tokenizer_encode(Tokenizer* tok, const char* text, size_t length,
+                      std::vector<int32_t>* tokens) {
+    if (tok->vocab_size == 0) fail("encode: the tokenizer has not been trained or loaded");
+    const char* end = text + length;
+    const char* p = text;
+    while (p < end) {
+        const char* piece_end = find_separator(p, end, tok->eot_name);
+        encode_piece(tok, p, (size_t)(piece_end - p), tokens);
+        if (piece_end == end) break;
+        tokens->push_back(tok->eot_token);
+        p = piece_end + tok->eot_name.size();
+    }
+}
+
+void tokenizer_decode(const Tokenizer* tok, const int32_t* tokens, size_t count,
+                      std::string* text) {
+    for (size_t i = 0; i < count; i++) {
+        int32_t id = tokens[i];
+        if (id < 0 || id >= tok->vocab_size)
+            fail("decode: token %d at index %zu is outside the vocabulary [0, %d)", id, i,
+                 tok->vocab_size);
+        size_t start = tok->token_start[id];
+        text->append(tok->token_bytes, start, tok->token_start[id + 1] - start);
+    }
+}
+
+// ====================================================================================================
+// 5. Token files
+
+void write_token_file(const char* path, const int32_t* tokens, size_t count, int vocab_size) {
+    if (vocab_size <= 0) fail("token file '%s': vocab size %d must be positive", path, vocab_size);
+    if (count > (size_t)INT32_MAX)
+        fail("token file '%s': %zu tokens, more than the header can count (%d)", path, count,
+             INT32_MAX);
+    bool wide = vocab_size > 65536;
+    size_t width = wide ? 4 : 2;
+    size_t header_bytes = token_file_header_ints * sizeof(int32_t);
+    std::vector<unsigned char> data(header_bytes + count * width, 0);
+
+    int32_t header[token_file_header_ints] = {0};
+    header[0] = token_file_magic;
+    header[1] = wide ? token_file_version_u32 : token_file_version_u16;
+    header[2] = (int32_t)count;
+    memcpy(data.data(), header, header_bytes);
+
+    unsigned char* body = data.data() + header_bytes;
+    for (size_t i = 0; i < count; i++) {
+        int32_t token = tokens[i];
+        if (token < 0 || token >= vocab_size)
+            fail("token file '%s': token %d at index %zu is outside the vocabulary [0, %d)", path,
+                 token, i, vocab_size);
+        if (wide) {
+            uint32_t value = (uint32_t)token;
+            memcpy(body + 4 * i, &value, 4);
+        } else {
+            uint16_t value = (uint16_t)token;
+            memcpy(body + 2 * i, &value, 2);
+        }
+    }
+    write_file_atomic(path, data.data(), data.size(), "token file");
+}
+
+TokenFile::~TokenFile() { token_file_close(this); }
+
+void token_file_close(TokenFile* file) {
+    if (file->map) munmap(file->map, file->map_size);
+    file->map = nullptr;
+    file->map_size = 0;
+    file->tokens16 = nullptr;
+    file->tokens32 = nullptr;
+    file->num_tokens = 0;
+    file->version = 0;
+}
+
+void token_file_open(TokenFile* file, const char* path, int vocab_size) {
+    if (vocab_size <= 0) fail("token file '%s': vocab size %d must be positive", path, vocab_size);
+    token_file_close(file);
+    file->path = path;
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) fail("token file '%s': cannot open: %s", path, strerror(errno));
+    struct stat info;
+    if (fstat(fd, &info) != 0) {
+        int error = errno;
+        close(fd);
+        fail("token file '%s': cannot stat: %s", path, strerror(error));
+    }
+    size_t size = (size_t)info.st_size;
+    size_t header_bytes = token_file_header_ints * sizeof(int32_t);
+    if (size < header_bytes) {
+        close(fd);
+        fail("token file '%s': truncated: %zu bytes, smaller than the %zu-byte header", path, size,
+             header_bytes);
+    }
+    void* map = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    int map_error = errno;
+    close(fd);  // the mapping stays valid without the descriptor
+    if (map == MAP_FAILED) fail("token file '%s': cannot mmap: %s", path, strerror(map_error));
+    // From here the mapping belongs to *file: a failure below leaves it to be
+    // unmapped by token_file_close or the destructor.
+    file->map = map;
+    file->map_size = size;
+
+    const int32_t* header = (const int32_t*)map;
+    if (header[0] != token_file_magic)
+        fail("token file '%s': bad magic %d, expected %d", path, header[0], token_file_magic);
+    int version = header[1];
+    if (version != token_file_version_u16 && version != token_file_version_u32)
+        fail(
+            "token file '%s': unsupported version %d, expected 1 (uint16 tokens) or 2 (uint32 "
+            "tokens)",
+            path, version);
+    if (header[2] < 0) fail("token file '%s': negative token count %d", path, header[2]);
+    size_t count = (size_t)header[2];
+    size_t width = version == token_file_version_u16 ? 2 : 4;
+    size_t expected = header_bytes + count * width;
+    if (size < expected)
+        fail("token file '%s': truncated: header says %zu tokens (%zu bytes), file has %zu bytes",
+             path, count, expected, size);
+    if (size > expected)
+        fail(
+            "token file '%s': %zu bytes of trailing data after the %zu tokens the header announces",
+            path, size - expected, count);
+
+    file->version = version;
+    file->num_tokens = count;
+    const char* body = (const char*)map + header_bytes;
+    if (width == 2) file->tokens16 = (const uint16_t*)body;
+    else file->tokens32 = (const uint32_t*)body;
+
+    // Validate every token once here, so nothing downstream (the embedding
+    // lookup on the GPU) ever sees an out-of-range id.
+    for (size_t i = 0; i < count; i++) {
+        int64_t token = width == 2 ? (int64_t)file->tokens16[i] : (int64_t)file->tokens32[i];
+        if (token >= vocab_size)
+            fail("token file '%s': token %lld at index %zu >= vocab size %d", path,
+                 (long long)token, i, vocab_size);
+    }
+}
+
+std::vector<int32_t> read_token_file(const char* path, int vocab_size) {
+    TokenFile file;
+    token_file_open(&file, path, vocab_size);
+    std::vector<int32_t> tokens(file.num_tokens);
+    for (size_t i = 0; i < file.num_tokens; i++) tokens[i] = token_file_at(&file, i);
+    return tokens;
+}
+
+// ====================================================================================================
+// 6. The data loader
+
+void dataloader_open(DataLoader* loader, const char* path, int B, int T, int vocab_size,
+                     DataLoaderMode mode, uint64_t seed) {
+    if (B < 1 || T < 1)
+        fail("data loader for '%s': B and T must be >= 1, got B = %d, T = %d", path, B, T);
+    token_file_open(&loader->file, path, vocab_size);
+    size_t count = loader->file.num_tokens;
+    // A window is T inputs plus one more token for the last target.
+    if (count < (size_t)T + 1)
+        fail("token file '%s': has %zu tokens, need at least T+1 = %d", path, count, T + 1);
+    loader->B = B;
+    loader->T = T;
+    loader->mode = mode;
+    loader->seed = seed;
+    loader->sweep_windows = (count - 1) / (size_t)T;
+    loader->inputs.assign((size_t)B * T, 0);
+    loader->targets.assign((size_t)B * T, 0);
+    dataloader_reset(loader);
+}
+
+void dataloader_reset(DataLoader* loader) {
+    loader->rng_state = loader->seed;
+    loader->sweep_next = 0;
+}
+
+void dataloader_next_batch(DataLoader* loader) {
+    size_t count = loader->file.num_tokens;
+    size_t T = (size_t)loader->T;
+    for (int b = 0; b < loader->B; b++) {
+        size_t start;
+        if (loader->mode == DataLoaderMode::random) {
+            start =
+                (size_t)splitmix64_below(&loader->rng_state, count - T);  // starts 0 .. count-T-1
+        } else {
+            if (loader->sweep_next + T + 1 > count) loader->sweep_next = 0;  // wrap around
+            start = loader->sweep_next;
+            loader->sweep_next += T;
+        }
+        int32_t* inputs = &loader->inputs[b * T];
+        int32_t* targets = &loader->targets[b * T];
+        for (size_t t = 0; t < T; t++) {
+            inputs[t] = token_file_at(&loader->file, start + t);
+            targets[t] = token_file_at(&loader->file, start + t + 1);
+        }
+    }
+}
+
+uint64_t dataloader_get_rng_state(const DataLoader* loader) { return loader->rng_state; }
+
+void dataloader_set_rng_state(DataLoader* loader, uint64_t state) { loader->rng_state = state; }
+
+// ====================================================================================================
+// 7. Command-line programs
+
+bool wants_help(int argc, char** argv) {
+    for (int i = 0; i < argc; i++)
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) return true;
+    return false;
+}
+
+const char* flag_value(int argc, char** argv, int* i) {
+    const char* flag = argv[*i];
+    if (*i + 1 >= argc) fail("flag %s needs a value", flag);
+    const char* value = argv[*i + 1];
+    if (strncmp(value, "--", 2) == 0) fail("flag %s needs a value, got '%s'", flag, value);
+    *i += 1;
+    return value;
+}
+
+long parse_int(const char* flag, const char* text, long min, long max) {
+    char* end = nullptr;
+    errno = 0;
+    long value = strtol(text, &end, 10);
+    if (end == text || *end != '\0' || errno == ERANGE || value < min || value > max)
+        fail("flag %s expects an integer from %ld to %ld, got '%s'", flag, min, max, text);
+    return value;
+}
+
+double parse_number(const char* flag, const char* text, double min, double max) {
+    char* end = nullptr;
+    double value = strtod(text, &end);
+    if (end == text || *end != '\0' || !(value >= min && value <= max))
+        fail("flag %s expects a number from %g to %g, got '%s'", flag, min, max, text);
+    return value;
+}
+
+void unknown_flag(const char* arg) {
+    if (arg[0] == '-') fail("unknown flag '%s' (see --help)", arg);
+    fail("unexpected argument '%s' (see --help)", arg);
+}
+
+double seconds_now() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+}
+
+int run_program(const char* name, const char* help, int argc, char** argv,
+                int (*body)(int argc, char** argv)) {
+    if (wants_help(argc, argv)) {
+        fputs(help, stdout);
+        return 0;
+    }
+    try {
+        return body(argc, argv);
+    } catch (const std::exception& error) {
+        fflush(stdout);
+        fprintf(stderr, "%s: error: %s\n", name, error.what());
+        return 1;
+    }
+}

@@ -1,0 +1,242 @@
+// tricycle_io.h — Part II of the library: what surrounds the core (tricycle.h) — profiling reports,
+// model and checkpoint files, the tokenizer, token files and the data loader, and helpers for the
+// programs. tricycle.h includes it, so a program includes tricycle.h alone.
+#pragma once
+
+#include "tricycle.h"
+
+// ====================================================================================================
+// 1. Profiling reports
+
+void profile_reset();
+void profile_report(FILE* out, long steps);  // a table of time per step by name, slowest first
+
+// ====================================================================================================
+// 2. Files. `kind` names the file in error messages, e.g. "token file".
+
+std::string read_whole_file(const char* path, const char* kind);
+// Writes to "<path>.tmp" and renames it over `path`: readers see the old file or the complete new
+// one, never a partial write.
+void write_file_atomic(const char* path, const void* data, size_t size, const char* kind);
+
+// ====================================================================================================
+// 3. Model files. Little-endian:
+//   header: 256 int32: magic 0x59435254 ("TRCY"), version 1, vocab_size, context, dim, layers,
+//   heads,
+//           mlp_ratio, norm (0 layernorm, 1 rmsnorm), activation (0 gelu, 1 swiglu), rotary, tied,
+//           dropout and attention_dropout (float32 bits), number of tensors, number of sections,
+//           [16..17] number of parameters (int64); the rest zero
+//   directory: per tensor, in buffer order: name (48 bytes, NUL-padded), ndim, dims[0], dims[1], 0
+//   (int32) parameters: float32, in buffer order sections: tag (4 bytes), length (int64), payload —
+//   e.g. optimizer state, training state, tokenizer
+// Written to a temporary file and renamed into place.
+
+struct FileSection {
+    char tag[4];
+    std::string bytes;
+};
+void gpt_save(GPT& model, const char* path, const std::vector<FileSection>& sections = {});
+// creates the model
+void gpt_load(GPT* model, const char* path, std::vector<FileSection>* sections = nullptr);
+std::string floats_section(const real* device, long n);  // device -> float32 bytes
+void floats_from_section(real* device, long n, const FileSection& section, const char* path);
+
+// ====================================================================================================
+// 4-6. The tokenizer, token files and the data loader (host code)
+//
+// Three pieces, used in this order by a training run:
+//
+//   1. Tokenizer  - turns bytes into token ids and back. The 256 byte values are
+//                   the base vocabulary, so every byte string can be encoded.
+//                   Training learns "merges": merge i says "the adjacent pair
+//                   (left, right) becomes the new token 256 + i". The last id is
+//                   the end-of-text token.
+//   2. Token file - an encoded text on disk (llm.c's shard layout), written once
+//                   by `tokenizer encode` and memory-mapped by the loader.
+//   3. DataLoader - cuts (B, T) windows of inputs and next-token targets out of
+//                   a token file: random windows for training, an in-order sweep
+//                   for validation.
+//
+// All files are little-endian (big-endian hosts are not supported).
+//
+// Tokenizer file (.tok), all integers int32:
+//   magic = tokenizer_magic, version = 1, vocab_size, num_merges, num_special
+//   num_merges x (left, right)            merge i defines token 256 + i
+//   num_special x (id, name_length, name bytes)
+// Version 1 has exactly one special token, the end-of-text token, with
+// id = vocab_size - 1 = 256 + num_merges. Nothing may follow the last name.
+//
+// Token file (.bin): 256 int32 header (magic 20240520, version, token count,
+// the rest zero), then the tokens: uint16 for version 1, uint32 for version 2
+// (used when the vocabulary has more than 65536 ids).
+
+// ----------------------------------------------------------------------------------------------------
+// 4. The tokenizer
+
+constexpr uint32_t tokenizer_magic = 0x4B544354;  // the bytes "TCTK" read as a little-endian int
+constexpr int tokenizer_version = 1;
+constexpr int byte_tokens = 256;  // ids 0..255 are the raw byte values
+// The end-of-text token's name. It is also its text: the corpus builder puts this
+// string between files, encoding turns each occurrence into the end-of-text token
+// and decoding turns the token back into the string, so decode(encode(x)) == x
+// for every byte string x.
+constexpr const char* end_of_text_name = "<|endoftext|>";
+
+struct TokenPair {
+    int32_t left;
+    int32_t right;
+};
+
+// Where a cached chunk encoding lives inside Tokenizer::cache_tokens.
+struct CachedChunk {
+    uint32_t offset;
+    uint32_t count;
+};
+
+// One entry of the encoder's priority queue: "the pair starting at `position`
+// has merge rank `rank`".
+struct MergeCandidate {
+    int32_t rank;
+    int32_t position;
+};
+
+struct Tokenizer {
+    int vocab_size = 0;             // 256 + merges.size() + 1
+    std::vector<TokenPair> merges;  // merges[i] creates token 256 + i
+    int eot_token = -1;             // end-of-text id, always vocab_size - 1
+    std::string eot_name;           // end_of_text_name
+
+    // Derived tables, rebuilt from the merges by train and load.
+    std::string token_bytes;          // all tokens' bytes, back to back
+    std::vector<size_t> token_start;  // token id's bytes begin here; vocab_size + 1 entries
+    std::unordered_map<uint64_t, int32_t> merge_rank;  // pair key -> merge index
+
+    // Encoder state. Real text repeats the same chunks ("the", " return", "    ")
+    // over and over, so each distinct chunk is encoded once and remembered.
+    std::unordered_map<std::string_view, CachedChunk> cache;  // views into cache_keys
+    std::deque<std::string> cache_keys;                       // deque: elements never move
+    std::vector<int32_t> cache_tokens;
+    // Scratch buffers of the chunk encoder, kept to avoid reallocating.
+    std::vector<int32_t> work_ids, work_next, work_prev;
+    std::vector<MergeCandidate> work_heap;
+
+    Tokenizer() = default;
+    Tokenizer(const Tokenizer&) = delete;  // the cache holds views into itself
+    Tokenizer& operator=(const Tokenizer&) = delete;
+};
+
+// Length of the chunk that starts at text[0] (length > 0). Text is cut into
+// chunks before BPE so that merges never cross a chunk boundary:
+//   - a run of letters (bytes >= 0x80 count as letters, so UTF-8 stays whole),
+//   - a run of digits,
+//   - a run of other bytes (punctuation, control bytes, NUL),
+//   each optionally with one leading ' ' (so " the" is one chunk),
+//   - a run of whitespace; if a run of two or more ends in ' ' right before a
+//     non-whitespace byte, that last ' ' is left to start the next chunk.
+size_t tokenizer_chunk_length(const char* text, size_t length);
+
+// Learn merges from `text` until the vocabulary (256 bytes + merges + end-of-text)
+// has `vocab_size` ids, or until no adjacent pair is left (then it is smaller).
+// Ties in pair frequency go to the smallest (left, right).
+// vocab_size == 257 gives the plain byte tokenizer (no merges).
+void tokenizer_train(Tokenizer* tok, const char* text, size_t length, int vocab_size);
+void tokenizer_save(const Tokenizer* tok, const char* path);
+void tokenizer_load(Tokenizer* tok, const char* path);  // validates everything
+// The file's bytes, and back (a checkpoint carries its tokenizer this way); `path` names it in
+// errors.
+std::string tokenizer_serialize(const Tokenizer* tok);
+void tokenizer_parse(Tokenizer* tok, const std::string& data, const char* path);
+
+// Appends the tokens of `text` to *tokens. Not thread-safe (uses the cache).
+void tokenizer_encode(Tokenizer* tok, const char* text, size_t length,
+                      std::vector<int32_t>* tokens);
+// Appends the bytes of `tokens` to *text. Fails on ids outside the vocabulary.
+void tokenizer_decode(const Tokenizer* tok, const int32_t* tokens, size_t count, std::string* text);
+// The bytes of one token (for streaming output while sampling).
+std::string_view tokenizer_token_bytes(const Tokenizer* tok, int token);
+
+// ====================================================================================================
+// 5. Token files
+
+constexpr int token_file_magic = 20240520;
+constexpr int token_file_version_u16 = 1;  // tokens stored as uint16
+constexpr int token_file_version_u32 = 2;  // tokens stored as uint32
+constexpr int token_file_header_ints = 256;
+
+// Writes `tokens` (each in [0, vocab_size)) to `path` via a temporary file and a
+// rename, so a reader never sees a half-written file. uint16 when vocab_size <= 65536.
+void write_token_file(const char* path, const int32_t* tokens, size_t count, int vocab_size);
+
+// A memory-mapped, validated token file.
+struct TokenFile {
+    std::string path;
+    int version = 0;
+    size_t num_tokens = 0;
+    void* map = nullptr;  // the whole file
+    size_t map_size = 0;
+    const uint16_t* tokens16 = nullptr;  // set for version 1
+    const uint32_t* tokens32 = nullptr;  // set for version 2
+
+    TokenFile() = default;
+    TokenFile(const TokenFile&) = delete;
+    TokenFile& operator=(const TokenFile&) = delete;
+    ~TokenFile();
+};
+
+// Maps `path` and checks the header, that the size matches the count, and that
+// every token is < vocab_size. On failure it throws; the destructor still unmaps.
+void token_file_open(TokenFile* file, const char* path, int vocab_size);
+void token_file_close(TokenFile* file);
+inline int32_t token_file_at(const TokenFile* file, size_t index) {
+    return file->tokens16 ? (int32_t)file->tokens16[index] : (int32_t)file->tokens32[index];
+}
+// Convenience: open, copy all tokens out, close.
+std::vector<int32_t> read_token_file(const char* path, int vocab_size);
+
+// ====================================================================================================
+// 6. The data loader
+
+enum class DataLoaderMode {
+    random,  // training: each row is a window at a random position
+    sweep,   // validation: consecutive non-overlapping windows, in order, wrapping
+};
+
+struct DataLoader {
+    TokenFile file;
+    int B = 0;  // rows per batch
+    int T = 0;  // tokens per row
+    DataLoaderMode mode = DataLoaderMode::random;
+    uint64_t seed = 0;
+    uint64_t rng_state = 0;        // random mode: splitmix64 state
+    size_t sweep_next = 0;         // sweep mode: where the next window starts
+    size_t sweep_windows = 0;      // windows in one full pass: (num_tokens - 1) / T
+    std::vector<int32_t> inputs;   // (B, T) row-major: the window's tokens 0..T-1
+    std::vector<int32_t> targets;  // (B, T): tokens 1..T, i.e. inputs shifted by one
+};
+
+// Opens and validates `path`; the file must hold at least T + 1 tokens.
+void dataloader_open(DataLoader* loader, const char* path, int B, int T, int vocab_size,
+                     DataLoaderMode mode, uint64_t seed);
+// Fills loader->inputs and loader->targets with the next batch.
+void dataloader_next_batch(DataLoader* loader);
+// Back to the state right after open: the sweep restarts at token 0, the RNG at the seed.
+void dataloader_reset(DataLoader* loader);
+// Save / restore the random-window stream, to resume a training run exactly.
+uint64_t dataloader_get_rng_state(const DataLoader* loader);
+void dataloader_set_rng_state(DataLoader* loader, uint64_t state);
+
+// ====================================================================================================
+// 7. Command-line programs: flag parsing shared by train_gpt, inference and tokenizer, so every bad
+// flag gets the same kind of one-line error (the program's main adds its name in front).
+
+bool wants_help(int argc, char** argv);                 // any --help or -h
+const char* flag_value(int argc, char** argv, int* i);  // the value after the flag argv[*i]
+long parse_int(const char* flag, const char* text, long min, long max);
+double parse_number(const char* flag, const char* text, double min, double max);
+[[noreturn]] void unknown_flag(const char* arg);
+double seconds_now();  // a steady clock
+
+// A program's main: --help prints `help`; otherwise it runs body(argc, argv), and an error becomes
+// one line "NAME: error: MESSAGE" on stderr and exit status 1.
+int run_program(const char* name, const char* help, int argc, char** argv,
+                int (*body)(int argc, char** argv));
