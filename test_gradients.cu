@@ -557,16 +557,56 @@ static void test_layer_values() {
               lanes_note().c_str());
     }
     threads_per_row = 1;
+}
 
-    // The seed's attention example: embedding_dim 32, 2 heads, context 32, input (4,32,32) of ones.
-    Tensor ones_in = requires_grad(ones({4, 32, 32}));
-    Tensor w_qkv = requires_grad(randn({96, 32}, 21, 0, 0.02)), b_qkv = requires_grad(zeros({96}));
-    Tensor w_out = requires_grad(randn({32, 32}, 22, 0, 0.02)), b_out = requires_grad(zeros({32}));
-    Tensor attended = multi_head_attention(ones_in, w_qkv, b_qkv, w_out, b_out, 2);
-    backward(sum(attended));
-    check(shape_string(attended) == "(4, 32, 32)" && shape_string(grad(ones_in)) == "(4, 32, 32)",
-          "seed attention example: output %s and input gradient %s", shape_string(attended).c_str(),
-          shape_string(grad(ones_in)).c_str());
+// ----------------------------------------------------------------------------------------------------
+// The seed's examples, built from layers (as in the README)
+
+// MultiHeadSelfAttention(embedding_dim=32, n_heads=2, context_window=32) on a (4, 32, 32) tensor of
+// ones, then backward: the input's gradient has the input's shape and matches finite differences.
+static void test_seed_attention_example() {
+    Parameters params;
+    parameters_create(&params, 4 * 32 * 32 + 4 * 32);
+    MultiHeadAttention attention = multi_head_attention_layer(&params, 32, 2, /*seed=*/1);
+    Tensor x = requires_grad(ones({4, 32, 32}));
+    Tensor y = multi_head_attention(x, attention);
+    backward(y);
+    check(shape_string(grad(x)) == "(4, 32, 32)" && shape_string(y) == "(4, 32, 32)",
+          "seed's attention example: output %s, input gradient %s", shape_string(y).c_str(),
+          shape_string(grad(x)).c_str());
+    zero_grad(x);
+    check_gradient("seed's attention example, the input's gradient",
+                   [=] { return multi_head_attention(x, attention); }, {x});
+}
+
+// A 2-layer MLP learns XOR with AdamW: tanh hidden layer of 8, mean squared error.
+static void test_xor_mlp() {
+    Parameters params;
+    parameters_create(&params, 64);
+    Linear hidden = linear_layer(&params, 2, 8, /*seed=*/1),
+           output = linear_layer(&params, 8, 1, 2);
+    AdamW adam;
+    adam.weight_decay = 0;
+    adamw_create(&adam, params.size);
+    Tensor x = tensor({0, 0, 0, 1, 1, 0, 1, 1}, {4, 2}), y = tensor({0, 1, 1, 0}, {4, 1});
+    std::vector<real> prediction;
+    double loss = 0;
+    for (int step = 0; step < 300; step++) {
+        MemoryMark mark = memory_mark();
+        Tensor out = linear(tanh(linear(x, hidden)), output);
+        Tensor error = mse(out, y);
+        parameters_zero_grad(params);
+        backward(error);
+        adamw_update(&adam, params, real(0.05));
+        loss = to_host(error)[0], prediction = to_host(out);
+        memory_release(mark);
+    }
+    bool right = prediction.size() == 4;
+    for (int i = 0; right && i < 4; i++)
+        right = std::fabs(prediction[i] - (i == 1 || i == 2)) < 0.1;
+    check(right && loss < 1e-3,
+          "an MLP learns XOR in 300 AdamW steps: loss %.2e, outputs %.3f %.3f %.3f %.3f", loss,
+          prediction[0], prediction[1], prediction[2], prediction[3]);
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -595,7 +635,7 @@ static void check_gpt_gradients(const std::string& what, GPTConfig config) {
     check(error < 1e-6,
           "gradient of a whole GPT (%s), %ld parameters, sampled from every tensor: relative error "
           "%.2e",
-          what.c_str(), model.num_parameters, error);
+          what.c_str(), model.params.size, error);
 }
 
 // gpt_forward + gpt_backward (the GPT written out) against the tape: same loss, same gradients.
@@ -611,14 +651,14 @@ static void check_explicit_backward(const std::string& what, GPTConfig config, i
     real scale = 0.5;  // as with two micro-batches
     Tensor loss = cross_entropy(gpt_forward_tape(model, tokens, B, T, true, 21), targets) * scale;
     backward(loss);
-    std::vector<real> tape_grads(model.num_parameters), explicit_grads(model.num_parameters);
-    cuda_check(cudaMemcpy(tape_grads.data(), model.gradients, tape_grads.size() * sizeof(real),
+    std::vector<real> tape_grads(model.params.size), explicit_grads(model.params.size);
+    cuda_check(cudaMemcpy(tape_grads.data(), model.params.grad, tape_grads.size() * sizeof(real),
                           cudaMemcpyDeviceToHost));
-    gpt_zero_grad(model);
+    parameters_zero_grad(model.params);
     GPTActivations acts;
     gpt_forward(model, acts, tokens, B, T, true, 21);
     gpt_backward(model, acts, targets, scale);
-    cuda_check(cudaMemcpy(explicit_grads.data(), model.gradients,
+    cuda_check(cudaMemcpy(explicit_grads.data(), model.params.grad,
                           explicit_grads.size() * sizeof(real), cudaMemcpyDeviceToHost));
     double largest = 0, loss_explicit;
     for (real g : tape_grads) largest = std::max(largest, std::fabs(double(g)));
@@ -678,68 +718,66 @@ static void test_accumulation_and_optimizers() {
         host_tokens[i] = int(random_bits(3, i) % 37), host_targets[i] = int(random_bits(4, i) % 37);
     int *tokens = device_ints(host_tokens), *targets = device_ints(host_targets);
     backward(cross_entropy(gpt_forward_tape(model, tokens, 4, 6, false, 0), targets));
-    std::vector<real> full(model.num_parameters), accumulated(model.num_parameters);
-    cuda_check(cudaMemcpy(full.data(), model.gradients, full.size() * sizeof(real),
+    std::vector<real> full(model.params.size), accumulated(model.params.size);
+    cuda_check(cudaMemcpy(full.data(), model.params.grad, full.size() * sizeof(real),
                           cudaMemcpyDeviceToHost));
-    gpt_zero_grad(model);
+    parameters_zero_grad(model.params);
     for (int half = 0; half < 2; half++)
         backward(cross_entropy(gpt_forward_tape(model, tokens + 12 * half, 2, 6, false, 0),
                                targets + 12 * half) *
                  0.5);
-    cuda_check(cudaMemcpy(accumulated.data(), model.gradients, accumulated.size() * sizeof(real),
+    cuda_check(cudaMemcpy(accumulated.data(), model.params.grad, accumulated.size() * sizeof(real),
                           cudaMemcpyDeviceToHost));
     check(max_difference(full, accumulated) < 1e-12,
           "gradient accumulation over 2 micro-batches equals the full batch (max diff %.1e)",
           max_difference(full, accumulated));
 
     // Gradient norm and AdamW against plain loops, with clipping active.
-    std::vector<real> p0(model.num_parameters), g(full);
+    std::vector<real> p0(model.params.size), g(full);
     cuda_check(
-        cudaMemcpy(p0.data(), model.parameters, p0.size() * sizeof(real), cudaMemcpyDeviceToHost));
+        cudaMemcpy(p0.data(), model.params.data, p0.size() * sizeof(real), cudaMemcpyDeviceToHost));
     cuda_check(
-        cudaMemcpy(model.gradients, g.data(), g.size() * sizeof(real), cudaMemcpyHostToDevice));
+        cudaMemcpy(model.params.grad, g.data(), g.size() * sizeof(real), cudaMemcpyHostToDevice));
     real* norm = device_alloc<real>(1);
-    gradient_norm(norm, model.gradients, model.num_parameters);
+    gradient_norm(norm, model.params.grad, model.params.size);
     double expected_norm = 0;
     for (real v : g) expected_norm += double(v) * v;
     expected_norm = std::sqrt(expected_norm);
     check(std::fabs(scalar_value(Tensor{0, {}, norm, nullptr}) - expected_norm) < 1e-10,
           "gradient norm on the device equals the loop (%.6f)", expected_norm);
     AdamW adam;
-    adamw_create(&adam, model.num_parameters);
+    adamw_create(&adam, model.params.size);
     real max_norm = real(expected_norm / 2), lr = real(0.01);
-    adamw_update(&adam, model.parameters, model.master, model.gradients, model.num_decayed, lr,
-                 norm, max_norm);
-    adamw_update(&adam, model.parameters, model.master, model.gradients, model.num_decayed, lr,
-                 norm, max_norm);
-    std::vector<real> p2(model.num_parameters);
+    adamw_update(&adam, model.params, lr, norm, max_norm);
+    adamw_update(&adam, model.params, lr, norm, max_norm);
+    std::vector<real> p2(model.params.size);
     cuda_check(
-        cudaMemcpy(p2.data(), model.parameters, p2.size() * sizeof(real), cudaMemcpyDeviceToHost));
+        cudaMemcpy(p2.data(), model.params.data, p2.size() * sizeof(real), cudaMemcpyDeviceToHost));
     double worst = 0, scale = max_norm / (expected_norm + 1e-6);
-    for (long i = 0; i < model.num_parameters; i++) {
+    for (long i = 0; i < model.params.size; i++) {
         double p = p0[i], m = 0, v = 0, gi = g[i] * scale;
         for (int t = 1; t <= 2; t++) {
             m = 0.9 * m + 0.1 * gi, v = 0.95 * v + 0.05 * gi * gi;
             double update = m / (1 - std::pow(0.9, t)) /
                             (std::sqrt(v / (1 - std::pow(0.95, t))) + double(1e-8f));
-            p -= lr * (update + (i < model.num_decayed ? 0.1 * p : 0));
+            p -= lr * (update + (i < model.params.num_decayed ? 0.1 * p : 0));
         }
         worst = std::max(worst, std::fabs(p - p2[i]));
     }
     check(worst < 1e-10,
           "AdamW, 2 steps with clipping and decay on the %ld weight-matrix entries only, equals "
           "the loop (max diff %.1e)",
-          model.num_decayed, worst);
+          model.params.num_decayed, worst);
     SGD sgd;
     sgd.momentum = 0.5f;
-    sgd_create(&sgd, model.num_parameters);
-    sgd_update(&sgd, model.parameters, model.master, model.gradients, lr, nullptr, 0);
-    sgd_update(&sgd, model.parameters, model.master, model.gradients, lr, nullptr, 0);
-    std::vector<real> p3(model.num_parameters);
+    sgd_create(&sgd, model.params.size);
+    sgd_update(&sgd, model.params, lr, nullptr, 0);
+    sgd_update(&sgd, model.params, lr, nullptr, 0);
+    std::vector<real> p3(model.params.size);
     cuda_check(
-        cudaMemcpy(p3.data(), model.parameters, p3.size() * sizeof(real), cudaMemcpyDeviceToHost));
+        cudaMemcpy(p3.data(), model.params.data, p3.size() * sizeof(real), cudaMemcpyDeviceToHost));
     worst = 0;
-    for (long i = 0; i < model.num_parameters; i++)
+    for (long i = 0; i < model.params.size; i++)
         worst = std::max(worst, std::fabs((p2[i] - lr * (g[i] + (0.5 * g[i] + g[i]))) - p3[i]));
     check(worst < 1e-12, "SGD with momentum 0.5, 2 steps, equals the loop (max diff %.1e)", worst);
 }
@@ -748,11 +786,15 @@ static void test_adamw_tail_and_schedule() {
     real lr = real(0.01);
     {  // a size that is not a multiple of the 4-wide packs: the tail must be updated too
         const long n = 1027, decayed = 500;
-        Tensor p = randn({int(n)}, 30), g = randn({int(n)}, 31);
-        std::vector<real> hp = to_host(p), hg = to_host(g);
+        Parameters params;
+        parameters_create(&params, n);
+        params.num_decayed = decayed;
+        Tensor p = parameter(&params, {int(n)});
+        fill_normal(p.data, n, 30, 0, 1), fill_normal(p.grad, n, 31, 0, 1);
+        std::vector<real> hp = to_host(p), hg = to_host(grad(p));
         AdamW odd;
         adamw_create(&odd, n);
-        adamw_update(&odd, p.data, nullptr, g.data, decayed, lr, nullptr, 0);
+        adamw_update(&odd, params, lr);
         std::vector<real> after = to_host(p);
         double worst_odd = 0;
         double b1 = double(0.9f), b2 = double(0.95f),
@@ -791,13 +833,13 @@ static void test_model_files() {
     GPT loaded;
     std::vector<FileSection> sections;
     gpt_load(&loaded, path.c_str(), &sections);
-    std::vector<real> original(model.num_parameters), reloaded(model.num_parameters);
-    cuda_check(cudaMemcpy(original.data(), model.parameters, original.size() * sizeof(real),
+    std::vector<real> original(model.params.size), reloaded(model.params.size);
+    cuda_check(cudaMemcpy(original.data(), model.params.data, original.size() * sizeof(real),
                           cudaMemcpyDeviceToHost));
-    cuda_check(cudaMemcpy(reloaded.data(), loaded.parameters, reloaded.size() * sizeof(real),
+    cuda_check(cudaMemcpy(reloaded.data(), loaded.params.data, reloaded.size() * sizeof(real),
                           cudaMemcpyDeviceToHost));
     bool same = sections.size() == 1 && sections[0].bytes == "hello";
-    for (long i = 0; i < model.num_parameters; i++) same &= reloaded[i] == real(float(original[i]));
+    for (long i = 0; i < model.params.size; i++) same &= reloaded[i] == real(float(original[i]));
     check(same && loaded.config.layers == 2 && loaded.config.heads == 3,
           "model file round trip: config, every parameter (as float32) and a section");
     std::string image = read_whole_file(path.c_str(), "model file");
@@ -821,6 +863,8 @@ static void test_model_files() {
 
 int main() {
     test_seed_examples();
+    test_seed_attention_example();
+    test_xor_mlp();
     test_elementwise_gradients();
     test_reduction_gradients();
     test_shape_and_product_gradients();

@@ -190,9 +190,9 @@ static void save_checkpoint(const std::string& path, GPT& model, const Tokenizer
         section("ADMM", floats_section(adam.m, adam.n)),
         section("ADMV", floats_section(adam.v, adam.n)),
         section("TRAN", std::string((const char*)&state, sizeof state))};
-    if (model.master)
+    if (model.params.master)
         sections.push_back(section(
-            "MAST", floats_section(model.master, model.num_parameters)));  // mixed precision
+            "MAST", floats_section(model.params.master, model.params.size)));  // mixed precision
     gpt_save(model, path.c_str(), sections);
 }
 
@@ -200,7 +200,7 @@ static void load_checkpoint(const std::string& path, GPT* model, Tokenizer* toke
                             TrainingState* state) {
     std::vector<FileSection> sections;
     gpt_load(model, path.c_str(), &sections);
-    adamw_create(adam, model->num_parameters);
+    adamw_create(adam, model->params.size);
     int found = 0;
     for (const FileSection& s : sections) {
         std::string tag(s.tag, 4);
@@ -209,8 +209,8 @@ static void load_checkpoint(const std::string& path, GPT* model, Tokenizer* toke
         else if (tag == "ADMV") floats_from_section(adam->v, adam->n, s, path.c_str()), found |= 4;
         else if (tag == "TRAN" && s.bytes.size() == sizeof *state)
             memcpy(state, s.bytes.data(), sizeof *state), found |= 8;
-        else if (tag == "MAST" && model->master)
-            floats_from_section(model->master, model->num_parameters, s, path.c_str());
+        else if (tag == "MAST" && model->params.master)
+            floats_from_section(model->params.master, model->params.size, s, path.c_str());
     }
     if (found != 15)
         fail(
@@ -368,7 +368,7 @@ static double train_step(GPT& model, GPTActivations& acts, AdamW& adam, DataLoad
                          real* grad_norm) {
     int B = loader.B, T = loader.T;
     double loss_sum = 0;
-    gpt_zero_grad(model);
+    parameters_zero_grad(model.params);
     for (int micro = 0; micro < o.grad_accum; micro++) {
         dataloader_next_batch(&loader);
         cuda_check(cudaMemcpy(device_batch, loader.inputs.data(), size_t(B) * T * sizeof(int),
@@ -384,7 +384,7 @@ static double train_step(GPT& model, GPTActivations& acts, AdamW& adam, DataLoad
         loss_sum += double(loss) / o.grad_accum;
         memory_release(mark);
     }
-    gradient_norm(norm, model.gradients, model.num_parameters);
+    gradient_norm(norm, model.params.grad, model.params.size);
     cuda_check(cudaMemcpy(grad_norm, norm, sizeof *grad_norm, cudaMemcpyDeviceToHost));
     if (!std::isfinite(loss_sum) || !std::isfinite(*grad_norm))
         fail(
@@ -392,7 +392,7 @@ static double train_step(GPT& model, GPTActivations& acts, AdamW& adam, DataLoad
             "last good checkpoint is in %s)",
             step, loss_sum, double(*grad_norm), o.out.c_str());
     float lr = learning_rate(step, o.warmup, o.steps, o.lr, o.min_lr);
-    adamw_update(&adam, model.parameters, model.master, model.gradients, model.num_decayed, lr,
+    adamw_update(&adam, model.params, lr,
                  norm, o.clip);
     cuda_check(cudaDeviceSynchronize());
     return loss_sum;
@@ -444,7 +444,7 @@ static int train(int argc, char** argv) {
         o.model.vocab_size = tokenizer.vocab_size;
         gpt_create(&model, o.model);
         gpt_init(&model, o.seed);
-        adamw_create(&adam, model.num_parameters);
+        adamw_create(&adam, model.params.size);
     }
     adam.beta1 = o.beta1, adam.beta2 = o.beta2, adam.weight_decay = o.weight_decay;
     const GPTConfig& c = model.config;
@@ -464,7 +464,7 @@ static int train(int argc, char** argv) {
     long tokens_per_step = long(B) * T * o.grad_accum;
     printf("matrix products: %s\n", gemm_engine().c_str());
     printf("model: %d layers, %d heads, dim %d, context %d, vocab %d: %.2fM parameters\n", c.layers,
-           c.heads, c.dim, c.context, c.vocab_size, model.num_parameters / 1e6);
+           c.heads, c.dim, c.context, c.vocab_size, model.params.size / 1e6);
     printf(
         "training: %ld steps of %d x %d sequences of %d tokens (%ld tokens per step); train %zu "
         "tokens, val %zu tokens\n",

@@ -497,6 +497,52 @@ std::string to_string(Tensor t) {
 
 void print(Tensor t) { printf("%s\n", to_string(t).c_str()); }
 
+// ----------------------------------------------------------------------------------------------------
+// Parameters
+
+void parameters_create(Parameters* p, long capacity) {
+    if (p->data) fail("parameters_create: these parameters are already allocated");
+    cuda_check(cudaMalloc(&p->data, capacity * sizeof(floatX)));
+    cuda_check(cudaMalloc(&p->grad, capacity * sizeof(floatX)));
+    cuda_check(cudaMemset(p->grad, 0, capacity * sizeof(floatX)));
+    if (!std::is_same<floatX, real>::value)
+        cuda_check(cudaMalloc(&p->master, capacity * sizeof(real)));
+    p->capacity = capacity, p->size = 0;
+}
+
+// Destructors do not throw: a failing cudaFree at exit has nothing left to protect.
+Parameters::~Parameters() {
+    (void)cudaFree(data);
+    (void)cudaFree(grad);
+    (void)cudaFree(master);
+}
+
+static Tensor parameter(Parameters* p, int ndim, const int* shape) {
+    Tensor t;
+    t.ndim = ndim;
+    std::copy(shape, shape + ndim, t.shape);
+    if (p->size + t.size() > p->capacity)
+        fail("parameter: %s does not fit, %ld of %ld values are taken", shape_string(t).c_str(),
+             p->size, p->capacity);
+    t.data = p->data + p->size, t.grad = p->grad + p->size;
+    p->size += t.size();
+    return t;
+}
+
+Tensor parameter(Parameters* p, Shape shape) {
+    return parameter(p, int(shape.size()), shape.begin());
+}
+
+void parameters_zero_grad(Parameters& p) {
+    cuda_check(cudaMemset(p.grad, 0, p.size * sizeof(floatX)));
+}
+
+void parameters_sync_master(Parameters& p) {
+    if (!p.master) return;
+    std::vector<real> values = download(p.data, p.size);
+    upload(p.master, values.data(), p.size);
+}
+
 // ====================================================================================================
 // 4. The tape
 
@@ -1543,6 +1589,14 @@ Tensor linear(Tensor x, Tensor weight, Tensor bias) {
     return out;
 }
 
+Linear linear_layer(Parameters* p, int in, int out, uint64_t seed, bool bias) {
+    Linear layer{parameter(p, {out, in}), bias ? parameter(p, {out}) : Tensor{}};
+    fill_normal(layer.weight.data, layer.weight.size(), seed, 0, real(1 / std::sqrt(double(in))));
+    if (bias) fill(layer.bias.data, out, 0);
+    parameters_sync_master(*p);
+    return layer;
+}
+
 // ----------------------------------------------------------------------------------------------------
 // LayerNorm and RMSNorm over the last dim C, per row. LayerNorm:  mean = sum(x)/C,
 // rstd = 1/sqrt(sum((x-mean)^2)/C + eps),  xhat = (x - mean) * rstd,  out = xhat * w + b.
@@ -2445,10 +2499,15 @@ Tensor attention(Tensor qkv, int heads, bool rotary, real dropout_p, uint64_t se
     return out;
 }
 
-Tensor multi_head_attention(Tensor x, Tensor qkv_weight, Tensor qkv_bias, Tensor proj_weight,
-                            Tensor proj_bias, int heads) {
-    return linear(attention(linear(x, qkv_weight, qkv_bias), heads, false, 0, 0), proj_weight,
-                  proj_bias);
+MultiHeadAttention multi_head_attention_layer(Parameters* p, int dim, int heads, uint64_t seed) {
+    if (heads < 1 || dim % heads)
+        fail("multi_head_attention_layer: dim %d is not divisible by %d heads", dim, heads);
+    return MultiHeadAttention{linear_layer(p, dim, 3 * dim, random_bits(seed, 0)),
+                              linear_layer(p, dim, dim, random_bits(seed, 1)), heads};
+}
+
+Tensor multi_head_attention(Tensor x, const MultiHeadAttention& layer) {
+    return linear(attention(linear(x, layer.qkv), layer.heads, false, 0, 0), layer.proj);
 }
 
 // ====================================================================================================
@@ -2668,46 +2727,26 @@ static std::vector<Parameter> parameter_table(GPT& model) {
 // One buffer holds all parameters and one all gradients: the decayed ones (weight matrices) first,
 // in table order, then the rest. So AdamW and the gradient norm are each one launch over one
 // buffer.
+// The parameters in one buffer: the decayed ones (weight matrices) first, in table order, then the
+// rest.
 void gpt_create(GPT* model, const GPTConfig& config) {
-    if (model->parameters) fail("gpt_create: this GPT already holds a model");
+    if (model->params.data) fail("gpt_create: this GPT already holds a model");
     gpt_check_config(config);
     model->config = config;
     std::vector<Parameter> table = parameter_table(*model);
-    model->num_parameters = model->num_decayed = 0;
+    long total = 0, decayed_total = 0;
     for (const Parameter& p : table) {
         long size = 1;
         for (int d : p.shape) size *= d;
-        model->num_parameters += size;
-        if (p.decay) model->num_decayed += size;
+        total += size;
+        if (p.decay) decayed_total += size;
     }
-    cuda_check(cudaMalloc(&model->parameters, model->num_parameters * sizeof(floatX)));
-    cuda_check(cudaMalloc(&model->gradients, model->num_parameters * sizeof(floatX)));
-    cuda_check(cudaMemset(model->gradients, 0, model->num_parameters * sizeof(floatX)));
-    if (!std::is_same<floatX, real>::value)
-        cuda_check(cudaMalloc(&model->master, model->num_parameters * sizeof(real)));
-    long offset = 0;
-    for (bool decayed : {true, false}) {
-        for (Parameter& p : table) {
-            if (p.decay != decayed) continue;
-            Tensor& t = *p.tensor;
-            t.ndim = int(p.shape.size());
-            for (int d = 0; d < t.ndim; d++) t.shape[d] = p.shape[d];
-            t.data = model->parameters + offset;
-            t.grad = model->gradients + offset;
-            offset += t.size();
-        }
-    }
-}
-
-// Destructors do not throw: a failing cudaFree at exit has nothing left to protect.
-GPT::~GPT() {
-    (void)cudaFree(parameters);
-    (void)cudaFree(gradients);
-    (void)cudaFree(master);
-}
-
-void gpt_zero_grad(GPT& model) {
-    cuda_check(cudaMemset(model.gradients, 0, model.num_parameters * sizeof(floatX)));
+    parameters_create(&model->params, total);
+    model->params.num_decayed = decayed_total;
+    for (bool decayed : {true, false})
+        for (Parameter& p : table)
+            if (p.decay == decayed)
+                *p.tensor = parameter(&model->params, int(p.shape.size()), p.shape.data());
 }
 
 void gpt_init(GPT* model, uint64_t seed) {
@@ -2718,10 +2757,7 @@ void gpt_init(GPT* model, uint64_t seed) {
             fill_normal(t.data, t.size(), random_bits(seed, i), 0, table[i].init_std);
         else fill(t.data, t.size(), table[i].init_std < 0 ? 1 : 0);
     }
-    if (model->master) {  // the master copy starts from the (rounded) parameters
-        std::vector<real> values = download(model->parameters, model->num_parameters);
-        upload(model->master, values.data(), model->num_parameters);
-    }
+    parameters_sync_master(model->params);  // the master copy starts from the (rounded) values
 }
 
 std::vector<std::pair<std::string, Tensor>> gpt_named_parameters(GPT& model) {
@@ -3336,9 +3372,10 @@ AdamW::~AdamW() {
     (void)cudaFree(v);
 }
 
-void adamw_update(AdamW* opt, floatX* params, real* master, const floatX* grads, long num_decayed,
-                  real lr, const real* norm, real max_norm) {
+void adamw_update(AdamW* opt, Parameters& p, real lr, const real* norm, real max_norm) {
     PhaseScope phase("optimizer");
+    if (opt->n != p.size)
+        fail("adamw_update: the optimizer holds %ld moments for %ld parameters", opt->n, p.size);
     opt->step++;
     AdamWStep s{lr,
                 real(opt->beta1),
@@ -3348,8 +3385,8 @@ void adamw_update(AdamW* opt, floatX* params, real* master, const floatX* grads,
                 real(1 - std::pow(double(opt->beta1), double(opt->step))),
                 real(1 - std::pow(double(opt->beta2), double(opt->step))),
                 random_bits(0x5eed, uint64_t(opt->step))};
-    launch(adamw_kernel, element_blocks(opt->n / 4), element_threads, 0, params, master, grads,
-           opt->m, opt->v, opt->n, num_decayed, s, norm, max_norm);
+    launch(adamw_kernel, element_blocks(opt->n / 4), element_threads, 0, p.data, p.master, p.grad,
+           opt->m, opt->v, opt->n, p.num_decayed, s, norm, max_norm);
 }
 
 // SGD with momentum:  u = momentum * u + clip * grad,  w -= lr * u  (w: the master weight, as in
@@ -3374,11 +3411,12 @@ void sgd_create(SGD* opt, long n) {
 
 SGD::~SGD() { (void)cudaFree(velocity); }
 
-void sgd_update(SGD* opt, floatX* params, real* master, const floatX* grads, real lr,
-                const real* norm, real max_norm) {
+void sgd_update(SGD* opt, Parameters& p, real lr, const real* norm, real max_norm) {
     PhaseScope phase("optimizer");
+    if (opt->n != p.size)
+        fail("sgd_update: the optimizer holds %ld velocities for %ld parameters", opt->n, p.size);
     opt->step++;
-    launch(sgd_kernel, element_blocks(opt->n), element_threads, 0, params, master, grads,
+    launch(sgd_kernel, element_blocks(opt->n), element_threads, 0, p.data, p.master, p.grad,
            opt->velocity, opt->n, lr, real(opt->momentum), random_bits(0x5eed, uint64_t(opt->step)),
            norm, max_norm);
 }

@@ -288,6 +288,30 @@ void fill(floatX* out, long n, real value);
 void fill_normal(floatX* out, long n, uint64_t seed, real mean, real std);
 void fill_uniform(floatX* out, long n, uint64_t seed, real low, real high);
 
+// ----------------------------------------------------------------------------------------------------
+// Parameters: the trainable tensors of a model, views into one device buffer, their gradients into
+// another, so that an optimizer step and the gradient norm are each one launch over everything.
+// When tensors are stored in less than float (the bfloat16 build), `master` holds the float values
+// the optimizer updates (and files store); the values the model computes with are their rounding.
+// The first num_decayed values are the ones AdamW decays (the GPT puts its weight matrices there).
+
+struct Parameters {
+    floatX* data = nullptr;
+    floatX* grad = nullptr;
+    real* master = nullptr;       // null when floatX is real
+    long capacity = 0, size = 0;  // allocated, handed out
+    long num_decayed = 0;
+
+    Parameters() = default;
+    Parameters(const Parameters&) = delete;
+    Parameters& operator=(const Parameters&) = delete;
+    ~Parameters();
+};
+void parameters_create(Parameters* p, long capacity);  // gradients zeroed
+Tensor parameter(Parameters* p, Shape shape);          // the next values, with their gradient
+void parameters_zero_grad(Parameters& p);
+void parameters_sync_master(Parameters& p);  // master = data, after filling data
+
 // ====================================================================================================
 // 4. The tape
 // The tape. While gradients are enabled, every operation whose inputs require a gradient appends an
@@ -459,6 +483,13 @@ void linear_backward(floatX* dx, floatX* dweight, floatX* dbias, const floatX* d
                      InputGrad mode);
 // x @ weight^T + bias; weight (out, in); bias may be empty
 Tensor linear(Tensor x, Tensor weight, Tensor bias);
+// A linear layer's parameters, for models built by hand (the GPT lays out its own): weight drawn
+// from normal(0, 1/in), bias zero.
+struct Linear {
+    Tensor weight, bias;
+};
+Linear linear_layer(Parameters* p, int in, int out, uint64_t seed, bool bias = true);
+inline Tensor linear(Tensor x, const Linear& layer) { return linear(x, layer.weight, layer.bias); }
 
 // LayerNorm or RMSNorm (no centring and no bias: mean, bias and dbias are then unused and may be
 // null).
@@ -545,9 +576,14 @@ void flash_attention_backward(floatX* dqkv, const floatX* dout, const floatX* ou
                               int B, int T, int C, int NH, bool rotary, real dropout_p,
                               uint64_t seed, InputGrad mode);
 Tensor attention(Tensor qkv, int heads, bool rotary, real dropout_p, uint64_t seed);
-// The whole layer: linear to qkv, attention, linear out.
-Tensor multi_head_attention(Tensor x, Tensor qkv_weight, Tensor qkv_bias, Tensor proj_weight,
-                            Tensor proj_bias, int heads);
+// A causal self-attention layer for models built by hand: x (B, T, dim) -> (B, T, dim), the qkv
+// and output projections around attention().
+struct MultiHeadAttention {
+    Linear qkv, proj;
+    int heads;
+};
+MultiHeadAttention multi_head_attention_layer(Parameters* p, int dim, int heads, uint64_t seed);
+Tensor multi_head_attention(Tensor x, const MultiHeadAttention& layer);
 
 // ====================================================================================================
 // 9. Losses
@@ -596,23 +632,14 @@ struct GPTLayer {
 // master. The buffers are freed when the GPT goes out of scope (it cannot be copied).
 struct GPT {
     GPTConfig config;
-    floatX* parameters = nullptr;
-    floatX* gradients = nullptr;
-    real* master = nullptr;
-    long num_parameters = 0, num_decayed = 0;
+    Parameters params;  // the weight matrices first: AdamW decays exactly those
     // wpe empty if rotary, lm_head if tied
     Tensor wte, wpe, lm_head, final_norm_weight, final_norm_bias;
     std::vector<GPTLayer> layers;
-
-    GPT() = default;
-    GPT(const GPT&) = delete;
-    GPT& operator=(const GPT&) = delete;
-    ~GPT();
 };
 
 void gpt_create(GPT* model, const GPTConfig& config);  // allocates and lays out; gradients zeroed
 void gpt_init(GPT* model, uint64_t seed);              // GPT-2 initialisation
-void gpt_zero_grad(GPT& model);
 std::vector<std::pair<std::string, Tensor>> gpt_named_parameters(
     GPT& model);  // in buffer order, as model files list them
 // The GPT as a tape expression: logits (B, T, V); train with backward(cross_entropy(logits,
@@ -722,10 +749,9 @@ struct AdamW {
     ~AdamW();
 };
 void adamw_create(AdamW* opt, long n);
-// params are updated through their float master copy when there is one (GPT::master), else
-// directly.
-void adamw_update(AdamW* opt, floatX* params, real* master, const floatX* grads, long num_decayed,
-                  real lr, const real* norm, real max_norm);
+// One step over p's size parameters, through their float master copy when there is one.
+void adamw_update(AdamW* opt, Parameters& p, real lr, const real* norm = nullptr,
+                  real max_norm = 0);
 
 struct SGD {
     float momentum = 0.9f;
@@ -738,8 +764,7 @@ struct SGD {
     ~SGD();
 };
 void sgd_create(SGD* opt, long n);
-void sgd_update(SGD* opt, floatX* params, real* master, const floatX* grads, real lr,
-                const real* norm, real max_norm);
+void sgd_update(SGD* opt, Parameters& p, real lr, const real* norm = nullptr, real max_norm = 0);
 
 // Linear warmup over `warmup` steps, then cosine decay to min_lr at the last step.
 float learning_rate(long step, long warmup, long total_steps, float max_lr, float min_lr);

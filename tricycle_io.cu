@@ -225,7 +225,7 @@ void gpt_save(GPT& model, const char* path, const std::vector<FileSection>& sect
                            float_bits(c.attention_dropout),
                            int32_t(ordered.size()),
                            int32_t(sections.size())};
-    int64_t count = model.num_parameters;
+    int64_t count = model.params.size;
     memcpy(&header[16], &count, 8);
     std::string out;
     append(out, header, sizeof header);
@@ -238,7 +238,7 @@ void gpt_save(GPT& model, const char* path, const std::vector<FileSection>& sect
     }
     append_floats(
         // the model as it computes (a trainer saves its master copy apart)
-        out, model.parameters, model.num_parameters);
+        out, model.params.data, model.params.size);
     for (const FileSection& s : sections) {
         int64_t length = int64_t(s.bytes.size());
         append(out, s.tag, 4);
@@ -296,11 +296,11 @@ void gpt_load(GPT* model, const char* path, std::vector<FileSection>* sections) 
     gpt_create(model, c);
     {
         std::vector<std::pair<std::string, Tensor>> ordered = gpt_named_parameters(*model);
-        if (header[14] != int32_t(ordered.size()) || count != model->num_parameters)
+        if (header[14] != int32_t(ordered.size()) || count != model->params.size)
             fail(
                 "model file '%s': lists %d tensors and %lld parameters, its config needs %zu and "
                 "%ld",
-                path, header[14], (long long)count, ordered.size(), model->num_parameters);
+                path, header[14], (long long)count, ordered.size(), model->params.size);
         for (const auto& [expected, tensor] : ordered) {
             char name[directory_name_bytes];
             int32_t dims[4];
@@ -313,11 +313,11 @@ void gpt_load(GPT* model, const char* path, std::vector<FileSection>* sections) 
                 fail("model file '%s': tensor '%s' is not the '%s' its config expects here", path,
                      name, expected.c_str());
         }
-        std::vector<float> values(model->num_parameters);
+        std::vector<float> values(model->params.size);
         reader.read(values.data(), values.size() * sizeof(float), "the parameters");
         std::vector<real> host(values.begin(), values.end());
-        upload(model->parameters, host.data(), model->num_parameters);
-        if (model->master) upload(model->master, host.data(), model->num_parameters);
+        upload(model->params.data, host.data(), model->params.size);
+        if (model->params.master) upload(model->params.master, host.data(), model->params.size);
         for (int32_t s = 0; s < header[15]; s++) {
             FileSection section;
             int64_t length;

@@ -86,7 +86,7 @@ static int bench(int argc, char** argv) {
     gpt_create(&model, config);
     gpt_init(&model, 1);
     AdamW adam;
-    adamw_create(&adam, model.num_parameters);
+    adamw_create(&adam, model.params.size);
     std::vector<int> host(2 * B * T);
     for (size_t i = 0; i < host.size(); i++)
         host[i] = int(random_bits(7, i) % uint64_t(config.vocab_size));
@@ -94,7 +94,7 @@ static int bench(int argc, char** argv) {
     cuda_check(cudaMemcpy(tokens, host.data(), host.size() * sizeof(int), cudaMemcpyHostToDevice));
     real* norm = device_alloc<real>(1);
     printf("bench_gpt: %d layers, %d heads, dim %d, vocab %d (%.1fM parameters), B=%d T=%d, %s\n",
-           config.layers, config.heads, config.dim, config.vocab_size, model.num_parameters / 1e6,
+           config.layers, config.heads, config.dim, config.vocab_size, model.params.size / 1e6,
            B, T, tape ? "through the tape" : "gpt_forward and gpt_backward");
     printf("matrix products: %s\n", gemm_engine().c_str());
     GPTActivations acts;
@@ -102,7 +102,7 @@ static int bench(int argc, char** argv) {
     for (int step = 0; step <= steps; step++) {  // step 0 warms up and is not counted
         profiling = profile && step > 0;
         double start = seconds_now();
-        gpt_zero_grad(model);
+        parameters_zero_grad(model.params);
         MemoryMark mark = memory_mark();
         real value;
         if (tape) {
@@ -115,9 +115,8 @@ static int bench(int argc, char** argv) {
             gpt_backward(model, acts, tokens + B * T, 1);
             cuda_check(cudaMemcpy(&value, acts.loss, sizeof value, cudaMemcpyDeviceToHost));
         }
-        gradient_norm(norm, model.gradients, model.num_parameters);
-        adamw_update(&adam, model.parameters, model.master, model.gradients, model.num_decayed,
-                     real(1e-4), norm, 1);
+        gradient_norm(norm, model.params.grad, model.params.size);
+        adamw_update(&adam, model.params, real(1e-4), norm, 1);
         memory_release(mark);
         profiling = false;
         double seconds = seconds_now() - start;
@@ -127,7 +126,7 @@ static int bench(int argc, char** argv) {
     std::sort(times.begin(), times.end());
     double median = times[times.size() / 2], tokens_per_second = B * T / median;
     double flops_per_token =
-        6.0 * (model.num_parameters - model.wpe.size()) + 12.0 * config.layers * T * config.dim;
+        6.0 * (model.params.size - model.wpe.size()) + 12.0 * config.layers * T * config.dim;
     if (peak_tflops == 0) peak_tflops = known_peak_tflops();
     std::string mfu =
         peak_tflops > 0

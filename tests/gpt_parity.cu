@@ -62,22 +62,21 @@ static int write_parity_files(int argc, char** argv) {
     backward(loss);
     write_floats(file, logits.data, logits.size());
     write_floats(file, loss.data, 1);
-    write_floats(file, model.gradients, model.num_parameters);
+    write_floats(file, model.params.grad, model.params.size);
     memory_release(mark);
 
     // Ten AdamW steps, lr 1e-3, betas (0.9, 0.95), weight decay 0.1, clipping at norm 1.
     AdamW adam;
-    adamw_create(&adam, model.num_parameters);
+    adamw_create(&adam, model.params.size);
     real* norm = device_alloc<real>(1);
     for (int step = 0; step < 10; step++) {
-        gpt_zero_grad(model);
+        parameters_zero_grad(model.params);
         mark = memory_mark();
         loss = cross_entropy(gpt_forward_tape(model, tokens, B, T, true, 0), targets);
         backward(loss);
         write_floats(file, loss.data, 1);
-        gradient_norm(norm, model.gradients, model.num_parameters);
-        adamw_update(&adam, model.parameters, model.master, model.gradients, model.num_decayed,
-                     real(1e-3), norm, 1);
+        gradient_norm(norm, model.params.grad, model.params.size);
+        adamw_update(&adam, model.params, real(1e-3), norm, 1);
         memory_release(mark);
     }
     fclose(file);

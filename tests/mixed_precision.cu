@@ -83,7 +83,7 @@ static void generate_and_train(Results& results) {
     generate(model, context, 30, greedy, true, [](int) {});
     results["generated tokens"] = std::vector<real>(context.begin() + 5, context.end());
     AdamW adam;
-    adamw_create(&adam, model.num_parameters);
+    adamw_create(&adam, model.params.size);
     const int B = 4, T = 32;
     std::vector<int> host(2 * B * T);
     for (int i = 0; i < B * T + 1; i++)
@@ -97,14 +97,13 @@ static void generate_and_train(Results& results) {
     long layouts_after_first = 0;
     for (int step = 0; step < 20; step++) {
         if (step == 1) layouts_after_first = gemm_layouts_made();
-        gpt_zero_grad(model);
+        parameters_zero_grad(model.params);
         MemoryMark mark = memory_mark();
         gpt_forward(model, acts, tokens, B, T, true, 0);
         gpt_backward(model, acts, tokens + B * T, 1);
         losses.push_back(download_value(acts.loss));
-        gradient_norm(norm, model.gradients, model.num_parameters);
-        adamw_update(&adam, model.parameters, model.master, model.gradients, model.num_decayed,
-                     real(1e-3), norm, 1);
+        gradient_norm(norm, model.params.grad, model.params.size);
+        adamw_update(&adam, model.params, real(1e-3), norm, 1);
         memory_release(mark);
     }
     check(gemm_layouts_made() == layouts_after_first,
@@ -118,7 +117,11 @@ static void check_float_statistics() {
     const char* precision = precision_name();
     const int n = 10007;
     std::vector<real> gradient = to_host(randn({n}, 21, 0, real(0.01)));  // the values as stored
-    floatX* grads = device_alloc<floatX>(n);
+    Parameters params;
+    parameters_create(&params, n);
+    params.num_decayed = n / 2;
+    Tensor weights = parameter(&params, {n});
+    floatX* grads = weights.grad;
     upload_values(grads, gradient);
     double sum = 0;
     for (real g : gradient) sum += double(g) * g;
@@ -132,14 +135,10 @@ static void check_float_statistics() {
     // Clipping to a quarter of the norm: AdamW's first step leaves m = (1 - beta1) * g * scale.
     AdamW adam;
     adamw_create(&adam, n);
-    floatX* params = device_alloc<floatX>(n);
-    real* master = device_alloc<real>(n);
-    std::vector<real> weights = to_host(randn({n}, 22));
-    upload_values(params, weights);
-    cuda_check(cudaMemcpy(master, weights.data(), n * sizeof(real), cudaMemcpyHostToDevice));
+    fill_normal(weights.data, n, 22, 0, 1);
+    parameters_sync_master(params);
     real max_norm = real(expected / 4);
-    adamw_update(&adam, params, std::is_same<floatX, real>::value ? nullptr : master, grads, n / 2,
-                 real(1e-3), norm, max_norm);
+    adamw_update(&adam, params, real(1e-3), norm, max_norm);
     double scale = max_norm / (got + 1e-6), worst = 0;
     std::vector<real> m(n);
     cuda_check(cudaMemcpy(m.data(), adam.m, n * sizeof(real), cudaMemcpyDeviceToHost));
