@@ -392,8 +392,7 @@ static double train_step(GPT& model, GPTActivations& acts, AdamW& adam, DataLoad
             "last good checkpoint is in %s)",
             step, loss_sum, double(*grad_norm), o.out.c_str());
     float lr = learning_rate(step, o.warmup, o.steps, o.lr, o.min_lr);
-    adamw_update(&adam, model.params, lr,
-                 norm, o.clip);
+    adamw_update(&adam, model.params, lr, norm, o.clip);
     cuda_check(cudaDeviceSynchronize());
     return loss_sum;
 }

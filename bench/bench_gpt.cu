@@ -94,8 +94,8 @@ static int bench(int argc, char** argv) {
     cuda_check(cudaMemcpy(tokens, host.data(), host.size() * sizeof(int), cudaMemcpyHostToDevice));
     real* norm = device_alloc<real>(1);
     printf("bench_gpt: %d layers, %d heads, dim %d, vocab %d (%.1fM parameters), B=%d T=%d, %s\n",
-           config.layers, config.heads, config.dim, config.vocab_size, model.params.size / 1e6,
-           B, T, tape ? "through the tape" : "gpt_forward and gpt_backward");
+           config.layers, config.heads, config.dim, config.vocab_size, model.params.size / 1e6, B,
+           T, tape ? "through the tape" : "gpt_forward and gpt_backward");
     printf("matrix products: %s\n", gemm_engine().c_str());
     GPTActivations acts;
     std::vector<double> times;
