@@ -93,7 +93,7 @@ tests/mixed_precision_bf16: $(OBJ)/bf16/tests/mixed_precision.o $(call LIBRARY,b
 
 test: $(TESTS) $(PROGRAMS)
 	@bash tests/run_tests.sh test_gradients tests/test_emulator tests/test_tokenizer tests/test_launch_types.sh tests/test_parity.sh \
-	    tests/test_mixed_precision.sh tests/test_programs.sh tests/check_style.py
+	    tests/test_mixed_precision.sh tests/test_programs.sh tests/test_files.py tests/check_style.py
 
 # The programs' end-to-end tests again, with the programs built in mixed precision.
 test-bf16:
@@ -104,17 +104,23 @@ clean:
 	rm -rf build $(PROGRAMS) $(TESTS) bench/emulator bench/bench_gpt
 
 # ----------------------------------------------------------------------------------------------------
-# Data. The corpus is downloaded, never committed. DATA=path uses a copy you already have.
+# Data. The corpus is never committed: data/tinyshakespeare.txt is copied from DATA=path when given
+# (for any target, the README's recipes included), else downloaded with curl, and only when missing.
 
 SHAKESPEARE_URL := https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
-DATA ?= data/tinyshakespeare.txt
+SHAKESPEARE := data/tinyshakespeare.txt
 
-data/tinyshakespeare.txt:
+$(SHAKESPEARE):
 	@mkdir -p data
-	@echo "downloading tinyshakespeare from $(SHAKESPEARE_URL)"
-	@curl -fsSL --retry 2 -o $@.tmp $(SHAKESPEARE_URL) && mv $@.tmp $@ || { rm -f $@.tmp; \
-	  echo "error: could not download tinyshakespeare (no network?). Download $(SHAKESPEARE_URL)"; \
-	  echo "       by hand to data/tinyshakespeare.txt, or pass DATA=/path/to/tinyshakespeare.txt"; exit 1; }
+	@if [ -n "$(DATA)" ] && [ "$(DATA)" != "$@" ]; then \
+	  [ -f "$(DATA)" ] || { echo "error: DATA=$(DATA): no such file (the tinyshakespeare text expected)"; exit 1; }; \
+	  echo "copying $(DATA) to $@"; cp "$(DATA)" $@.tmp && mv $@.tmp $@; \
+	else \
+	  echo "downloading tinyshakespeare from $(SHAKESPEARE_URL)"; \
+	  curl -fsSL --retry 2 -o $@.tmp $(SHAKESPEARE_URL) && mv $@.tmp $@ || { rm -f $@.tmp; \
+	    echo "error: could not download tinyshakespeare (no network?). Download $(SHAKESPEARE_URL)"; \
+	    echo "       by hand to $@, or pass DATA=/path/to/tinyshakespeare.txt"; exit 1; }; \
+	fi
 
 # A ~30 MB corpus of Python code that needs no download: the .py files of the local Python standard
 # library (site-packages left out), joined with end-of-text tokens between files.
@@ -125,31 +131,52 @@ data/python_corpus.txt: | tokenizer
 
 # ----------------------------------------------------------------------------------------------------
 # make train: corpus -> BPE tokenizer -> token files -> train_gpt -> a sample from the best checkpoint.
-# PRESET=debug|shakespeare|smol, STEPS=N, OUT=dir, TRAIN_FLAGS="--batch 16 ...", VOCAB=N override.
-# shakespeare and debug train on tinyshakespeare (vocab 1024); smol on the Python corpus (vocab 8192).
+# PRESET=debug|mini|shakespeare|smol, STEPS=N, OUT=dir, TRAIN_FLAGS="--resume ...", VOCAB=N.
+# On a CPU the default is mini (minutes on two cores), on a GPU shakespeare. Shakespeare presets use
+# tinyshakespeare (vocab 1024), smol the Python corpus (vocab 8192). The tokenizer and token files
+# are named by their vocabulary, so changing VOCAB makes new ones.
 
-PRESET ?= shakespeare
+ifeq ($(BACKEND),gpu)
+  PRESET ?= shakespeare
+else
+  PRESET ?= mini
+endif
 ifeq ($(PRESET),smol)
   DATASET := python
   CORPUS := data/python_corpus.txt
   VOCAB ?= 8192
 else
   DATASET := shakespeare
-  CORPUS := $(DATA)
+  CORPUS := $(SHAKESPEARE)
   VOCAB ?= 1024
 endif
 OUT ?= out/$(PRESET)
+TOKENS := data/$(DATASET)_$(VOCAB)
 
-data/$(DATASET).tok: $(CORPUS) | tokenizer
+$(TOKENS).tok: | $(CORPUS) tokenizer
 	./tokenizer train --input $(CORPUS) --vocab-size $(VOCAB) --output $@
 
-data/$(DATASET)_train.bin: data/$(DATASET).tok
-	./tokenizer encode --tokenizer $< --input $(CORPUS) --output data/$(DATASET)
+$(TOKENS)_train.bin: $(TOKENS).tok
+	./tokenizer encode --tokenizer $< --input $(CORPUS) --output $(TOKENS)
 
-train: train_gpt inference data/$(DATASET)_train.bin
-	./train_gpt --preset $(PRESET) --train data/$(DATASET)_train.bin --val data/$(DATASET)_val.bin \
-	    --tokenizer data/$(DATASET).tok --out $(OUT) $(if $(STEPS),--steps $(STEPS)) $(TRAIN_FLAGS)
+# The corpus first (a missing download fails before anything is built), then the programs.
+train: $(if $(filter smol,$(PRESET)),,$(SHAKESPEARE))
+	@echo "== make train: the $(PRESET) preset on $(DATASET) (BPE vocab $(VOCAB)), checkpoints in $(OUT)"
+	@echo "   $(PRESET_NOTE_$(PRESET))"
+	@$(MAKE) --no-print-directory train_gpt inference tokenizer
+	@$(MAKE) --no-print-directory $(TOKENS)_train.bin
+	./train_gpt --preset $(PRESET) --train $(TOKENS)_train.bin --val $(TOKENS)_val.bin \
+	    --tokenizer $(TOKENS).tok --out $(OUT) $(if $(STEPS),--steps $(STEPS)) $(TRAIN_FLAGS)
 	./inference $(OUT)/best.bin --prompt "$(if $(filter smol,$(PRESET)),def ,ROMEO:)" --tokens 300
+
+PRESET_NOTE_mini := 4 layers, dim 128, context 128, 1500 steps: about 4 minutes on two CPU cores. \
+  The full model: make train PRESET=shakespeare (hours on a CPU, minutes on a GPU).
+PRESET_NOTE_shakespeare := 6 layers, dim 384, context 256, 5000 steps of 64 sequences: minutes on a \
+  GPU, many hours on a CPU (train_gpt prints its estimate after 3 steps). Continue a run: \
+  make train TRAIN_FLAGS=--resume
+PRESET_NOTE_smol := 12 layers, dim 768, context 1024, 10000 steps of 512 sequences: a multi-day \
+  GPU job. Continue a run: make train PRESET=smol TRAIN_FLAGS=--resume
+PRESET_NOTE_debug := 2 layers, dim 32: a quick check that everything runs.
 
 # ----------------------------------------------------------------------------------------------------
 # Benchmarks (not tests): each prints its figures.
@@ -157,8 +184,8 @@ train: train_gpt inference data/$(DATASET)_train.bin
 # Tricycle against PyTorch on nanoGPT's CPU recipe, a per-kernel profile, the GPT-2 124M shape, and
 # the GPU kernels' registers and spills. BENCH_STEPS=N shortens the recipe. On a GPU build: tokens/s,
 # MFU and per-kernel times on the GPU for the GPT-2 124M shape and the shakespeare preset.
-bench: train_gpt tokenizer bench/bench_gpt $(DATA)
-	BUILD=$(BUILD) DATA=$(DATA) bash bench/run_bench.sh
+bench: $(SHAKESPEARE) train_gpt tokenizer bench/bench_gpt
+	BUILD=$(BUILD) DATA=$(SHAKESPEARE) bash bench/run_bench.sh
 
 kernel-report:
 	bash bench/kernel_report.sh $(CUDA_ARCH)
@@ -166,8 +193,8 @@ kernel-report:
 bench-emulator: bench/emulator
 	./bench/emulator
 
-bench-tokenizer: tokenizer $(DATA) data/python_corpus.txt
-	./tokenizer train --input $(DATA) --vocab-size 1024 --output data/shakespeare.tok
-	./tokenizer encode --tokenizer data/shakespeare.tok --input $(DATA) --output data/shakespeare
-	./tokenizer train --input data/python_corpus.txt --vocab-size 8192 --output data/python.tok
-	./tokenizer encode --tokenizer data/python.tok --input data/python_corpus.txt --output data/python
+bench-tokenizer: tokenizer $(SHAKESPEARE) data/python_corpus.txt
+	./tokenizer train --input $(SHAKESPEARE) --vocab-size 1024 --output data/shakespeare_1024.tok
+	./tokenizer encode --tokenizer data/shakespeare_1024.tok --input $(SHAKESPEARE) --output data/shakespeare_1024
+	./tokenizer train --input data/python_corpus.txt --vocab-size 8192 --output data/python_8192.tok
+	./tokenizer encode --tokenizer data/python_8192.tok --input data/python_corpus.txt --output data/python_8192

@@ -24,6 +24,7 @@
 #include <dlfcn.h>
 #include <omp.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdarg>
@@ -94,6 +95,11 @@ inline thread_local dim3 gridDim;
 inline float __int_as_float(int i) {
     float f;
     memcpy(&f, &i, sizeof f);
+    return f;
+}
+inline float __uint_as_float(unsigned int u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
     return f;
 }
 inline unsigned int __float_as_uint(float f) {
@@ -167,6 +173,11 @@ inline cudaError_t cudaMemset(void* dst, int value, size_t bytes) {
     return cudaSuccess;
 }
 inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+// "Device" memory is the machine's: free and total are its physical memory.
+inline cudaError_t cudaMemGetInfo(size_t* free, size_t* total) {
+    *free = *total = size_t(sysconf(_SC_PHYS_PAGES)) * size_t(sysconf(_SC_PAGE_SIZE));
+    return cudaSuccess;
+}
 inline cudaError_t cudaGetLastError() {
     cudaError_t error = emu::pending_error;
     emu::pending_error = cudaSuccess;

@@ -1,6 +1,7 @@
 // inference.cu — generates text from a checkpoint, streaming each token as it is sampled.
 #include "tricycle.h"
 
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -27,55 +28,80 @@ static const char* help_text =
     "  --no-cache           recompute the whole window for every token (slow; for comparison)\n"
     "  --tokens-out FILE    also write the generated token ids, one per line\n";
 
-static int run(int argc, char** argv) {
+struct Options {
     std::string checkpoint, prompt, tokens_out;
-    bool have_prompt = false, use_cache = true;
+    bool use_cache = true;
     int count = 256;
     Sampler sampler;
-    sampler.temperature = 0.8f, sampler.rng_state = 42;
+};
+
+static Options parse_options(int argc, char** argv) {
+    Options o;
+    o.sampler.temperature = 0.8f, o.sampler.rng_state = 42;
+    bool have_prompt = false;
     for (int i = 1; i < argc; i++) {
         std::string flag = argv[i];
-        if (flag == "--prompt") prompt = flag_value(argc, argv, &i), have_prompt = true;
+        auto value = [&] { return flag_value(argc, argv, &i); };
+        if (flag == "--prompt") o.prompt = value(), have_prompt = true;
         else if (flag == "--prompt-file") {
             if (have_prompt) fail("give either --prompt or --prompt-file, not both");
-            prompt = read_whole_file(flag_value(argc, argv, &i), "prompt file"), have_prompt = true;
-        } else if (flag == "--tokens")
-            count = int(parse_int("--tokens", flag_value(argc, argv, &i), 0, 1 << 24));
+            o.prompt = read_whole_file(value(), "prompt file", 1 << 26), have_prompt = true;
+        } else if (flag == "--tokens") o.count = int(parse_int("--tokens", value(), 0, 1 << 24));
         else if (flag == "--temperature")
-            sampler.temperature =
-                float(parse_number("--temperature", flag_value(argc, argv, &i), 0, 100));
+            o.sampler.temperature = float(parse_number("--temperature", value(), 0, 100));
         else if (flag == "--top-k")
-            sampler.top_k = int(parse_int("--top-k", flag_value(argc, argv, &i), 0, 1 << 30));
+            o.sampler.top_k = int(parse_int("--top-k", value(), 0, 1 << 30));
         else if (flag == "--top-p")
-            sampler.top_p = float(parse_number("--top-p", flag_value(argc, argv, &i), 1e-6, 1));
+            o.sampler.top_p = float(parse_number("--top-p", value(), 1e-6, 1));
         else if (flag == "--seed")
-            sampler.rng_state =
-                uint64_t(parse_int("--seed", flag_value(argc, argv, &i), 0, 1L << 62));
-        else if (flag == "--no-cache") use_cache = false;
-        else if (flag == "--tokens-out") tokens_out = flag_value(argc, argv, &i);
-        else if (flag[0] != '-' && checkpoint.empty()) checkpoint = flag;
+            o.sampler.rng_state = uint64_t(parse_int("--seed", value(), 0, 1L << 62));
+        else if (flag == "--no-cache") o.use_cache = false;
+        else if (flag == "--tokens-out") o.tokens_out = value();
+        else if (flag[0] != '-' && o.checkpoint.empty()) o.checkpoint = flag;
         else unknown_flag(argv[i]);
     }
-    if (checkpoint.empty())
+    if (o.checkpoint.empty())
         fail("no checkpoint given (usage: inference CHECKPOINT [flags], see --help)");
+    return o;
+}
 
-    GPT model;
+// The model and the tokenizer it carries, checked against each other.
+static void load(const std::string& path, GPT* model, Tokenizer* tokenizer) {
     std::vector<FileSection> sections;
-    gpt_load(&model, checkpoint.c_str(), &sections);
-    Tokenizer tokenizer;
+    gpt_load(model, path.c_str(), &sections);
     bool have_tokenizer = false;
     for (const FileSection& s : sections)
         if (!memcmp(s.tag, "TOKN", 4))
-            tokenizer_parse(&tokenizer, s.bytes, checkpoint.c_str()), have_tokenizer = true;
+            tokenizer_parse(tokenizer, s.bytes, path.c_str()), have_tokenizer = true;
     if (!have_tokenizer)
         fail("checkpoint '%s': has no tokenizer (train_gpt writes one into every checkpoint)",
-             checkpoint.c_str());
-    if (tokenizer.vocab_size != model.config.vocab_size)
-        fail("checkpoint '%s': its tokenizer has %d tokens but the model %d", checkpoint.c_str(),
-             tokenizer.vocab_size, model.config.vocab_size);
+             path.c_str());
+    if (tokenizer->vocab_size != model->config.vocab_size)
+        fail("checkpoint '%s': its tokenizer has %d tokens but the model %d", path.c_str(),
+             tokenizer->vocab_size, model->config.vocab_size);
+}
 
+// The key/value cache holds the prompt and the new tokens, up to the context: it must fit.
+static void check_memory(const GPTConfig& c, const Options& o, size_t prompt_tokens) {
+    size_t free_bytes, total_bytes;
+    cuda_check(cudaMemGetInfo(&free_bytes, &total_bytes));
+    double positions = std::min<double>(c.context, double(prompt_tokens) + o.count);
+    double cache_bytes = 2.0 * c.layers * c.dim * sizeof(floatX) * positions;
+    if (cache_bytes > 0.9 * double(free_bytes))
+        fail(
+            "checkpoint '%s': its key/value cache would need %.1f GB (%d layers, dim %d, %.0f "
+            "positions); "
+            "%.1f GB are available: lower --tokens",
+            o.checkpoint.c_str(), cache_bytes / 1e9, c.layers, c.dim, positions, free_bytes / 1e9);
+}
+
+static int run(int argc, char** argv) {
+    Options o = parse_options(argc, argv);
+    GPT model;
+    Tokenizer tokenizer;
+    load(o.checkpoint, &model, &tokenizer);
     std::vector<int32_t> encoded;
-    tokenizer_encode(&tokenizer, prompt.data(), prompt.size(), &encoded);
+    tokenizer_encode(&tokenizer, o.prompt.data(), o.prompt.size(), &encoded);
     std::vector<int> tokens(encoded.begin(), encoded.end());
     if (tokens.empty()) tokens.push_back(tokenizer.eot_token);
     int context = model.config.context;
@@ -86,12 +112,14 @@ static int run(int argc, char** argv) {
                 tokens.size(), context);
         tokens.erase(tokens.begin(), tokens.end() - context);
     }
+    check_memory(model.config, o, tokens.size());
 
-    FILE* ids = tokens_out.empty() ? nullptr : fopen(tokens_out.c_str(), "w");
-    if (!tokens_out.empty() && !ids) fail("cannot write '%s'", tokens_out.c_str());
-    fwrite(prompt.data(), 1, prompt.size(), stdout);
+    FILE* ids = o.tokens_out.empty() ? nullptr : fopen(o.tokens_out.c_str(), "w");
+    if (!o.tokens_out.empty() && !ids)
+        fail("cannot write '%s': %s", o.tokens_out.c_str(), strerror(errno));
+    fwrite(o.prompt.data(), 1, o.prompt.size(), stdout);
     double start = seconds_now();
-    generate(model, tokens, count, sampler, use_cache, [&](int token) {
+    generate(model, tokens, o.count, o.sampler, o.use_cache, [&](int token) {
         std::string_view bytes = tokenizer_token_bytes(&tokenizer, token);
         fwrite(bytes.data(), 1, bytes.size(), stdout);
         fflush(stdout);
@@ -99,8 +127,8 @@ static int run(int argc, char** argv) {
     });
     double seconds = seconds_now() - start;
     printf("\n");
-    fprintf(stderr, "inference: %d tokens in %.2f s (%.1f tokens/s)%s\n", count, seconds,
-            count / std::max(seconds, 1e-9), use_cache ? "" : " without the cache");
+    fprintf(stderr, "inference: %d tokens in %.2f s (%.1f tokens/s)%s\n", o.count, seconds,
+            o.count / std::max(seconds, 1e-9), o.use_cache ? "" : " without the cache");
     if (ids) fclose(ids);
     return 0;
 }

@@ -262,7 +262,8 @@ static int command_encode(int argc, char** argv) {
         tokenizer_encode(&tok, text.data() + begins[part], bytes, &tokens);
         double seconds = seconds_now() - start;
         std::string path = std::string(prefix) + "_" + names[part] + ".bin";
-        write_token_file(path.c_str(), tokens.data(), tokens.size(), tok.vocab_size);
+        write_token_file(path.c_str(), tokens.data(), tokens.size(), tok.vocab_size,
+                         tokenizer_fingerprint(&tok));
         fprintf(
             stderr,
             "encode: %-5s %.2f MB -> %zu tokens (%.2f bytes/token) in %.2f s (%.1f MB/s) -> %s\n",

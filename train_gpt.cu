@@ -11,6 +11,8 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <functional>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -18,45 +20,38 @@
 static const char* help_text =
     "usage: train_gpt --train FILE.bin --val FILE.bin --tokenizer FILE.tok [flags]\n"
     "\n"
-    "Trains a GPT on token files made by `tokenizer encode`. Writes OUT/latest.bin (every "
-    "evaluation and\n"
-    "at the end), OUT/best.bin (lowest validation loss), OUT/metrics.csv and OUT/loss.svg. "
-    "Checkpoints\n"
-    "hold the config, tokenizer, parameters, optimizer state, step and random state; --resume "
-    "continues\n"
-    "from OUT/latest.bin (run the same command again with --resume).\n"
+    "Trains a GPT on token files made by `tokenizer encode`. Writes OUT/latest.bin (every\n"
+    "evaluation and at the end), OUT/best.bin (lowest validation loss), OUT/metrics.csv and\n"
+    "OUT/loss.svg. Checkpoints hold the config, tokenizer, parameters, optimizer state, step and\n"
+    "random state; --resume continues from OUT/latest.bin (run the same command again with\n"
+    "--resume). One run at a time may use an output folder (it is locked).\n"
     "\n"
     "data and output:\n"
     "  --train FILE          training tokens               --val FILE        validation tokens\n"
-    "  --tokenizer FILE.tok  the tokenizer of those files  --out DIR         output folder "
-    "(default out)\n"
-    "  --resume              continue from OUT/latest.bin\n"
+    "  --tokenizer FILE.tok  the tokenizer of those files  --out DIR         output (default out)\n"
+    "  --resume              continue from OUT/latest.bin (model flags, if given, must match it)\n"
     "model (a preset, then overrides):\n"
-    "  --preset NAME         debug | shakespeare | smol (default shakespeare)\n"
+    "  --preset NAME         debug | mini | shakespeare | smol (default shakespeare)\n"
     "  --layers N  --heads N  --dim N  --context N       sizes\n"
     "  --vocab-size N        must equal the tokenizer's vocabulary (default: taken from it)\n"
-    "  --dropout P           dropout on embeddings and residual branches (attention: "
-    "--attention-dropout P)\n"
+    "  --dropout P           on embeddings and residual branches (--attention-dropout P: on\n"
+    "                        attention probabilities)\n"
     "  --norm layernorm|rmsnorm   --activation gelu|swiglu   --rotary   --untied\n"
-    "  --attention plain|flash     attention kernels (same results; default flash on a GPU, plain "
-    "on the CPU)\n"
+    "  --attention plain|flash     attention kernels (same results; plain by default)\n"
     "training:\n"
-    "  --batch N  --grad-accum N  --steps N                sequences per micro-batch, "
-    "micro-batches per step\n"
-    "  --lr X  --min-lr X  --warmup N                      linear warmup, then cosine decay to "
+    "  --batch N  --grad-accum N  --steps N             sequences per micro-batch, micro-batches\n"
+    "                                                   per step, optimizer steps\n"
+    "  --lr X  --min-lr X  --warmup N                   linear warmup, then cosine decay to "
     "min-lr\n"
-    "  --weight-decay X  --beta1 X  --beta2 X  --clip X    AdamW; clip the global gradient norm "
-    "(0: off)\n"
-    "  --seed N                                            initialisation, batches and dropout\n"
-    "  --eval-interval N  --eval-steps N                   validation every N steps, over N "
-    "batches\n"
-    "  --sample-every N  --sample-tokens N                 print a sample every N steps (0: "
-    "never)\n"
-    "  --log-every N                                       a log line every N steps when not on a "
-    "terminal\n"
-    "  --threads N                                         CPU build: cores to use (default: all)\n"
-    "  --profile                                           time every kernel and matrix product; "
-    "print a table\n";
+    "  --weight-decay X  --beta1 X  --beta2 X  --clip X AdamW; clip the global gradient norm (0: "
+    "off)\n"
+    "  --seed N                                         initialisation, batches and dropout\n"
+    "  --eval-interval N  --eval-steps N                validation every N steps, over N batches\n"
+    "  --sample-every N  --sample-tokens N              print a sample every N steps (0: never)\n"
+    "  --log-every N                                    a log line every N steps when not on a\n"
+    "                                                   terminal\n"
+    "  --threads N                                      CPU build: cores to use (default: all)\n"
+    "  --profile                                        time every kernel and matrix product\n";
 
 // ----------------------------------------------------------------------------------------------------
 // Options
@@ -65,13 +60,14 @@ struct Options {
     std::string preset = "shakespeare", train, val, tokenizer, out = "out";
     bool resume = false;
     GPTConfig model;
-    int vocab_size = 0;  // 0: the tokenizer's
+    std::set<std::string> model_flags;  // the model flags given (--resume checks them)
+    int vocab_size = 0;                 // 0: the tokenizer's
     int batch = 64, grad_accum = 1;
     long steps = 5000, warmup = 100;
     float lr = 1e-3f, min_lr = 1e-4f, weight_decay = 0.1f, beta1 = 0.9f, beta2 = 0.99f, clip = 1.0f;
     uint64_t seed = 1337;
-    int eval_interval = 250, eval_steps = 20, sample_every = 0, sample_tokens = 200, log_every = 10,
-        threads = 0;
+    int eval_interval = 250, eval_steps = 20, sample_every = 0, sample_tokens = 200;
+    int log_every = 10, threads = 0;
     bool profile = false;
 };
 
@@ -82,13 +78,74 @@ static Options preset_options(const std::string& preset) {
     o.model = gpt_preset(preset);
     if (preset == "debug") {
         o.batch = 8, o.steps = 200, o.warmup = 20, o.eval_interval = 50, o.eval_steps = 5;
-    } else if (preset ==
-               "smol") {  // the seed's smol GPT: 4 x 128 micro-batches of 1024 tokens per step
-        o.batch = 4, o.grad_accum = 128, o.steps = 10000, o.warmup = 150, o.lr = 6e-4f,
+    } else if (preset == "mini") {  // minutes on two CPU cores
+        o.batch = 16, o.steps = 1500, o.warmup = 100, o.eval_interval = 250, o.eval_steps = 10;
+    } else if (preset == "smol") {  // the seed's smol GPT: 4 x 128 micro-batches of 1024 tokens
+        o.batch = 4, o.grad_accum = 128, o.steps = 10000, o.warmup = 150, o.lr = 6e-4f;
         o.min_lr = 6e-5f, o.beta2 = 0.95f;
-        o.eval_interval = 250, o.eval_steps = 20;
     }
     return o;
+}
+
+static void choice(const std::string& flag, const std::string& value, const char* a,
+                   const char* b) {
+    if (value != a && value != b)
+        fail("flag %s expects %s or %s, got '%s'", flag.c_str(), a, b, value.c_str());
+}
+
+// The model's flags (recorded, so that --resume can compare them with the checkpoint's config).
+static bool parse_model_flag(const std::string& flag, const std::function<const char*()>& value,
+                             Options& o) {
+    GPTConfig& m = o.model;
+    auto integer = [&](long max) { return int(parse_int(flag.c_str(), value(), 1, max)); };
+    auto number = [&] { return float(parse_number(flag.c_str(), value(), 0, 0.99)); };
+    if (flag == "--layers") m.layers = integer(1024);
+    else if (flag == "--heads") m.heads = integer(1 << 16);
+    else if (flag == "--dim") m.dim = integer(1 << 16);
+    else if (flag == "--context") m.context = integer(1 << 17);
+    else if (flag == "--vocab-size") o.vocab_size = integer(1 << 24);
+    else if (flag == "--dropout") m.dropout = number();
+    else if (flag == "--attention-dropout") m.attention_dropout = number();
+    else if (flag == "--rotary") m.rotary = true;
+    else if (flag == "--untied") m.tied_embeddings = false;
+    else if (flag == "--norm") {
+        std::string v = value();
+        choice(flag, v, "layernorm", "rmsnorm");
+        m.norm = v == "rmsnorm" ? Norm::rmsnorm : Norm::layernorm;
+    } else if (flag == "--activation") {
+        std::string v = value();
+        choice(flag, v, "gelu", "swiglu");
+        m.activation = v == "swiglu" ? Activation::swiglu : Activation::gelu;
+    } else return false;
+    o.model_flags.insert(flag);
+    return true;
+}
+
+static bool parse_training_flag(const std::string& flag, const std::function<const char*()>& value,
+                                Options& o) {
+    auto integer = [&](long min, long max) { return parse_int(flag.c_str(), value(), min, max); };
+    auto number = [&](double min, double max) {
+        return float(parse_number(flag.c_str(), value(), min, max));
+    };
+    if (flag == "--batch") o.batch = int(integer(1, 1 << 20));
+    else if (flag == "--grad-accum") o.grad_accum = int(integer(1, 1 << 20));
+    else if (flag == "--steps") o.steps = integer(1, 1L << 40);
+    else if (flag == "--lr") o.lr = number(0, 1e6);
+    else if (flag == "--min-lr") o.min_lr = number(0, 10);
+    else if (flag == "--warmup") o.warmup = integer(0, 1L << 40);
+    else if (flag == "--weight-decay") o.weight_decay = number(0, 10);
+    else if (flag == "--beta1") o.beta1 = number(0, 0.999999);
+    else if (flag == "--beta2") o.beta2 = number(0, 0.999999);
+    else if (flag == "--clip") o.clip = number(0, 1e9);
+    else if (flag == "--seed") o.seed = uint64_t(integer(0, 1L << 62));
+    else if (flag == "--eval-interval") o.eval_interval = int(integer(0, 1 << 30));
+    else if (flag == "--eval-steps") o.eval_steps = int(integer(1, 1 << 30));
+    else if (flag == "--sample-every") o.sample_every = int(integer(0, 1 << 30));
+    else if (flag == "--sample-tokens") o.sample_tokens = int(integer(0, 1 << 20));
+    else if (flag == "--log-every") o.log_every = int(integer(1, 1 << 30));
+    else if (flag == "--threads") o.threads = int(integer(1, 1024));
+    else return false;
+    return true;
 }
 
 static Options parse_options(int argc, char** argv) {
@@ -96,65 +153,22 @@ static Options parse_options(int argc, char** argv) {
     for (int i = 1; i + 1 < argc; i++)
         if (!strcmp(argv[i], "--preset")) preset = argv[i + 1];
     Options o = preset_options(preset);
-    GPTConfig& m = o.model;
     for (int i = 1; i < argc; i++) {
         std::string flag = argv[i];
-        auto value = [&] { return flag_value(argc, argv, &i); };
-        auto integer = [&](long min, long max) {
-            return parse_int(flag.c_str(), value(), min, max);
-        };
-        auto number = [&](double min, double max) {
-            return float(parse_number(flag.c_str(), value(), min, max));
-        };
+        std::function<const char*()> value = [&] { return flag_value(argc, argv, &i); };
         if (flag == "--preset") value();
         else if (flag == "--train") o.train = value();
         else if (flag == "--val") o.val = value();
         else if (flag == "--tokenizer") o.tokenizer = value();
         else if (flag == "--out") o.out = value();
         else if (flag == "--resume") o.resume = true;
-        else if (flag == "--layers") m.layers = int(integer(1, 1000));
-        else if (flag == "--heads") m.heads = int(integer(1, 1000));
-        else if (flag == "--dim") m.dim = int(integer(1, 1 << 16));
-        else if (flag == "--context") m.context = int(integer(1, 1 << 20));
-        else if (flag == "--vocab-size") o.vocab_size = int(integer(1, 1 << 30));
-        else if (flag == "--dropout") m.dropout = number(0, 0.99);
-        else if (flag == "--attention-dropout") m.attention_dropout = number(0, 0.99);
-        else if (flag == "--norm") {
-            std::string v = value();
-            if (v != "layernorm" && v != "rmsnorm")
-                fail("flag --norm expects layernorm or rmsnorm, got '%s'", v.c_str());
-            m.norm = v == "rmsnorm" ? Norm::rmsnorm : Norm::layernorm;
-        } else if (flag == "--activation") {
-            std::string v = value();
-            if (v != "gelu" && v != "swiglu")
-                fail("flag --activation expects gelu or swiglu, got '%s'", v.c_str());
-            m.activation = v == "swiglu" ? Activation::swiglu : Activation::gelu;
-        } else if (flag == "--attention") {
-            std::string v = value();
-            if (v != "plain" && v != "flash")
-                fail("flag --attention expects plain or flash, got '%s'", v.c_str());
-            use_flash_attention = v == "flash";
-        } else if (flag == "--rotary") m.rotary = true;
-        else if (flag == "--untied") m.tied_embeddings = false;
-        else if (flag == "--batch") o.batch = int(integer(1, 1 << 20));
-        else if (flag == "--grad-accum") o.grad_accum = int(integer(1, 1 << 20));
-        else if (flag == "--steps") o.steps = integer(1, 1L << 40);
-        else if (flag == "--lr") o.lr = number(0, 1e6);
-        else if (flag == "--min-lr") o.min_lr = number(0, 10);
-        else if (flag == "--warmup") o.warmup = integer(0, 1L << 40);
-        else if (flag == "--weight-decay") o.weight_decay = number(0, 10);
-        else if (flag == "--beta1") o.beta1 = number(0, 0.999999);
-        else if (flag == "--beta2") o.beta2 = number(0, 0.999999);
-        else if (flag == "--clip") o.clip = number(0, 1e9);
-        else if (flag == "--seed") o.seed = uint64_t(integer(0, 1L << 62));
-        else if (flag == "--eval-interval") o.eval_interval = int(integer(0, 1 << 30));
-        else if (flag == "--eval-steps") o.eval_steps = int(integer(1, 1 << 30));
-        else if (flag == "--sample-every") o.sample_every = int(integer(0, 1 << 30));
-        else if (flag == "--sample-tokens") o.sample_tokens = int(integer(0, 1 << 20));
-        else if (flag == "--log-every") o.log_every = int(integer(1, 1 << 30));
-        else if (flag == "--threads") o.threads = int(integer(1, 1024));
         else if (flag == "--profile") o.profile = true;
-        else unknown_flag(argv[i]);
+        else if (flag == "--attention") {
+            std::string v = value();
+            choice(flag, v, "plain", "flash");
+            use_flash_attention = v == "flash";
+        } else if (!parse_model_flag(flag, value, o) && !parse_training_flag(flag, value, o))
+            unknown_flag(argv[i]);
     }
     if (o.train.empty() || o.val.empty())
         fail("--train and --val are required (token files from `tokenizer encode`)");
@@ -190,10 +204,26 @@ static void save_checkpoint(const std::string& path, GPT& model, const Tokenizer
         section("ADMM", floats_section(adam.m, adam.n)),
         section("ADMV", floats_section(adam.v, adam.n)),
         section("TRAN", std::string((const char*)&state, sizeof state))};
-    if (model.params.master)
-        sections.push_back(section(
-            "MAST", floats_section(model.params.master, model.params.size)));  // mixed precision
+    if (model.params.master)  // mixed precision: the float values the optimizer updates
+        sections.push_back(section("MAST", floats_section(model.params.master, model.params.size)));
     gpt_save(model, path.c_str(), sections);
+}
+
+static void check_training_state(const TrainingState& s, const AdamW& adam, const char* path) {
+    bool sane = s.step >= 0 && s.step <= (1L << 40) && s.optimizer_step >= 0 &&
+                s.optimizer_step <= (1L << 40) && !std::isnan(s.best_val_loss) &&
+                s.best_val_loss >= 0 && std::isfinite(s.elapsed_seconds) && s.elapsed_seconds >= 0;
+    if (!sane)
+        fail(
+            "checkpoint '%s': its training state (step %lld, optimizer step %lld, best loss %g, "
+            "time %g s) is out of range",
+            path, (long long)s.step, (long long)s.optimizer_step, s.best_val_loss,
+            s.elapsed_seconds);
+    std::vector<real> second_moments = download(adam.v, adam.n);
+    for (long i = 0; i < adam.n; i++)
+        if (second_moments[i] < 0)
+            fail("checkpoint '%s': AdamW's second moment %ld is negative (%g)", path, i,
+                 double(second_moments[i]));
 }
 
 static void load_checkpoint(const std::string& path, GPT* model, Tokenizer* tokenizer, AdamW* adam,
@@ -217,11 +247,54 @@ static void load_checkpoint(const std::string& path, GPT* model, Tokenizer* toke
             "checkpoint '%s': lacks the tokenizer, optimizer or training state (a weights-only "
             "file cannot be resumed)",
             path.c_str());
+    if (tokenizer->vocab_size != model->config.vocab_size)
+        fail("checkpoint '%s': its tokenizer has %d tokens, its model %d", path.c_str(),
+             tokenizer->vocab_size, model->config.vocab_size);
+    check_training_state(*state, *adam, path.c_str());
     adam->step = state->optimizer_step;
 }
 
-// ----------------------------------------------------------------------------------------------------
-// Metrics: a CSV row per step, and a loss curve drawn as SVG at every evaluation.
+// --resume: model flags given on the command line must say what the checkpoint holds.
+static void check_resume_flags(const Options& o, const GPTConfig& c, const std::string& path) {
+    const GPTConfig& m = o.model;
+    std::vector<std::pair<const char*, bool>> same = {
+        {"--layers", m.layers == c.layers},
+        {"--heads", m.heads == c.heads},
+        {"--dim", m.dim == c.dim},
+        {"--context", m.context == c.context},
+        {"--vocab-size", o.vocab_size == c.vocab_size},
+        {"--dropout", m.dropout == c.dropout},
+        {"--attention-dropout", m.attention_dropout == c.attention_dropout},
+        {"--rotary", m.rotary == c.rotary},
+        {"--untied", m.tied_embeddings == c.tied_embeddings},
+        {"--norm", m.norm == c.norm},
+        {"--activation", m.activation == c.activation}};
+    std::string differ;
+    for (const auto& [flag, equal] : same)
+        if (o.model_flags.count(flag) && !equal)
+            differ += (differ.empty() ? "" : ", ") + std::string(flag);
+    if (!differ.empty())
+        fail("--resume: %s differ from the checkpoint '%s' (leave them out to continue its model)",
+             differ.c_str(), path.c_str());
+}
+
+// Token files record the fingerprint of the tokenizer that made them; 0 means not recorded (files
+// from other tools), accepted with a note.
+static void check_token_files(const DataLoader& train, const DataLoader& val,
+                              const Tokenizer& tokenizer, const char* tokenizer_name) {
+    uint32_t fingerprint = tokenizer_fingerprint(&tokenizer);
+    for (const DataLoader* loader : {&train, &val}) {
+        uint32_t recorded = loader->file.tokenizer_fingerprint;
+        if (recorded == 0)
+            fprintf(stderr, "train_gpt: note: token file '%s' does not record its tokenizer\n",
+                    loader->file.path.c_str());
+        else if (recorded != fingerprint)
+            fail(
+                "token file '%s' was made with another tokenizer than %s (fingerprint %08x, "
+                "expected %08x)",
+                loader->file.path.c_str(), tokenizer_name, recorded, fingerprint);
+    }
+}
 
 struct MetricRow {
     long step;
@@ -245,8 +318,8 @@ static std::string metrics_line(const MetricRow& r) {
            csv_number(r.seconds, "%.3f") + "\n";
 }
 
-// On resume, keep the rows of steps before the checkpoint (a crash may have left later ones).
-static std::vector<MetricRow> read_metrics(const std::string& path, long before_step) {
+// On resume, keep the rows up to the checkpoint's step (a crash may have left later ones).
+static std::vector<MetricRow> read_metrics(const std::string& path, long last_step) {
     std::vector<MetricRow> rows;
     std::ifstream in(path);
     std::string line;
@@ -260,7 +333,7 @@ static std::vector<MetricRow> read_metrics(const std::string& path, long before_
         while (fields.size() < 7) fields.push_back(NAN);
         MetricRow r{long(fields[0]), fields[1], fields[2], fields[3],
                     fields[4],       fields[5], fields[6]};
-        if (r.step < before_step) rows.push_back(r);
+        if (r.step <= last_step) rows.push_back(r);
     }
     return rows;
 }
@@ -341,6 +414,24 @@ static std::string duration_text(double seconds) {
     return text;
 }
 
+// A step's memory, from the config and batch alone, against what the device (or, on the CPU, the
+// machine) has: a batch that cannot fit fails here, naming the flag, not in an allocator.
+static void check_memory(const GPTConfig& c, const Options& o) {
+    double parameters = double(gpt_parameter_count(c));
+    double per_parameter =
+        2 * sizeof(floatX) + 2 * sizeof(real) + (sizeof(floatX) < sizeof(real) ? sizeof(real) : 0);
+    double activations = gpt_activations_bytes(c, o.batch, c.context),
+           needed = parameters * per_parameter + activations;
+    size_t free_bytes = 0, total_bytes = 0;
+    cuda_check(cudaMemGetInfo(&free_bytes, &total_bytes));
+    if (needed > 0.9 * double(free_bytes))
+        fail(
+            "--batch %d with context %d needs about %.1f GB (activations %.1f GB, parameters and "
+            "optimizer %.1f GB); %.1f GB are available: lower --batch (or --context)",
+            o.batch, c.context, needed / 1e9, activations / 1e9, parameters * per_parameter / 1e9,
+            free_bytes / 1e9);
+}
+
 // Mean loss over the first eval_steps batches of the validation file (the same batches every time).
 static double evaluate(GPT& model, GPTActivations& acts, DataLoader& val, int* device_batch,
                        int eval_steps) {
@@ -361,11 +452,12 @@ static double evaluate(GPT& model, GPTActivations& acts, DataLoader& val, int* d
     return total / eval_steps;
 }
 
-// One optimizer step: grad_accum micro-batches, each contributing 1/grad_accum of the loss, then
-// the gradient norm, and AdamW with clipping. Returns the loss; the norm is left in grad_norm.
+// One optimizer step: grad_accum micro-batches, each contributing 1/grad_accum of the loss (after
+// each, on_micro_batch(done)), then the gradient norm and AdamW with clipping. Returns the loss;
+// the norm is left in grad_norm.
 static double train_step(GPT& model, GPTActivations& acts, AdamW& adam, DataLoader& loader,
                          int* device_batch, real* norm, const Options& o, long step,
-                         real* grad_norm) {
+                         real* grad_norm, const std::function<void(int)>& on_micro_batch) {
     int B = loader.B, T = loader.T;
     double loss_sum = 0;
     parameters_zero_grad(model.params);
@@ -383,6 +475,7 @@ static double train_step(GPT& model, GPTActivations& acts, AdamW& adam, DataLoad
         cuda_check(cudaMemcpy(&loss, acts.loss, sizeof loss, cudaMemcpyDeviceToHost));
         loss_sum += double(loss) / o.grad_accum;
         memory_release(mark);
+        on_micro_batch(micro + 1);
     }
     gradient_norm(norm, model.params.grad, model.params.size);
     cuda_check(cudaMemcpy(grad_norm, norm, sizeof *grad_norm, cudaMemcpyDeviceToHost));
@@ -390,7 +483,7 @@ static double train_step(GPT& model, GPTActivations& acts, AdamW& adam, DataLoad
         fail(
             "step %ld: the loss is %g and the gradient norm %g; stopping before the update (the "
             "last good checkpoint is in %s)",
-            step, loss_sum, double(*grad_norm), o.out.c_str());
+            step + 1, loss_sum, double(*grad_norm), o.out.c_str());
     float lr = learning_rate(step, o.warmup, o.steps, o.lr, o.min_lr);
     adamw_update(&adam, model.params, lr, norm, o.clip);
     cuda_check(cudaDeviceSynchronize());
@@ -410,8 +503,210 @@ static void print_sample(GPT& model, Tokenizer& tokenizer, int tokens, uint64_t 
     fflush(stdout);
 }
 
+// Everything one run holds.
+struct Run {
+    Options o;
+    GPT model;
+    Tokenizer tokenizer;
+    AdamW adam;
+    TrainingState state;
+    DataLoader train, val;
+    GPTActivations acts;
+    std::string latest, best, metrics_path, svg_path;
+    std::vector<MetricRow> rows;  // written so far
+    MetricRow row;                // the last step's, written after its evaluation
+    FILE* metrics = nullptr;
+    bool on_terminal = false;
+    double run_start = 0, elapsed_before = 0, step_seconds_total = 0;
+    long first_step = 0, timed_steps = 0;
+    ~Run() {
+        if (metrics) fclose(metrics);
+    }
+};
+
+// The output folder (created and locked), the model, tokenizer and optimizer (fresh or resumed),
+// the data, checked against each other, and the metrics so far.
+static void start_run(Run& r) {
+    Options& o = r.o;
+    for (size_t slash = 0; slash != std::string::npos;) {  // mkdir -p
+        slash = o.out.find('/', slash + 1);
+        std::string folder = o.out.substr(0, slash);
+        if (mkdir(folder.c_str(), 0755) != 0 && errno != EEXIST)
+            fail("cannot create the output folder '%s': %s", folder.c_str(), strerror(errno));
+    }
+    lock_folder(o.out.c_str(), "train_gpt");
+    r.latest = o.out + "/latest.bin", r.best = o.out + "/best.bin";
+    r.metrics_path = o.out + "/metrics.csv", r.svg_path = o.out + "/loss.svg";
+    if (o.resume) {
+        load_checkpoint(r.latest, &r.model, &r.tokenizer, &r.adam, &r.state);
+        check_resume_flags(o, r.model.config, r.latest);
+        if (!o.tokenizer.empty()) {
+            Tokenizer given;
+            tokenizer_load(&given, o.tokenizer.c_str());
+            if (tokenizer_fingerprint(&given) != tokenizer_fingerprint(&r.tokenizer))
+                fail("--tokenizer '%s' is not the tokenizer the checkpoint '%s' was trained with",
+                     o.tokenizer.c_str(), r.latest.c_str());
+        }
+        if (r.state.step > o.steps)
+            fail("--resume: the checkpoint '%s' is at step %lld, past --steps %ld",
+                 r.latest.c_str(), (long long)r.state.step, o.steps);
+        check_memory(r.model.config, o);
+        printf("resuming from %s at step %lld\n", r.latest.c_str(), (long long)r.state.step);
+    } else {
+        tokenizer_load(&r.tokenizer, o.tokenizer.c_str());
+        if (o.vocab_size && o.vocab_size != r.tokenizer.vocab_size)
+            fail("--vocab-size %d does not match the tokenizer '%s', which has %d tokens",
+                 o.vocab_size, o.tokenizer.c_str(), r.tokenizer.vocab_size);
+        o.model.vocab_size = r.tokenizer.vocab_size;
+        gpt_check_config(o.model);
+        check_memory(o.model, o);
+        gpt_create(&r.model, o.model);
+        gpt_init(&r.model, o.seed);
+        adamw_create(&r.adam, r.model.params.size);
+    }
+    const GPTConfig& c = r.model.config;
+    r.adam.beta1 = o.beta1, r.adam.beta2 = o.beta2, r.adam.weight_decay = o.weight_decay;
+    dataloader_open(&r.train, o.train.c_str(), o.batch, c.context, c.vocab_size,
+                    DataLoaderMode::random, o.seed);
+    dataloader_open(&r.val, o.val.c_str(), o.batch, c.context, c.vocab_size, DataLoaderMode::sweep,
+                    0);
+    check_token_files(r.train, r.val, r.tokenizer,
+                      o.resume ? ("the checkpoint's (" + r.latest + ")").c_str()
+                               : ("'" + o.tokenizer + "'").c_str());
+    if (o.resume) dataloader_set_rng_state(&r.train, r.state.train_rng);
+    r.rows = o.resume ? read_metrics(r.metrics_path, r.state.step) : std::vector<MetricRow>();
+    r.row = MetricRow{r.state.step, NAN, NAN, NAN, NAN, NAN, NAN};
+    if (!r.rows.empty() && r.rows.back().step == r.state.step)
+        r.row = r.rows.back(), r.rows.pop_back();
+    write_metrics(r.metrics_path, r.rows);
+    r.metrics = fopen(r.metrics_path.c_str(), "a");
+    if (!r.metrics) fail("cannot append to '%s': %s", r.metrics_path.c_str(), strerror(errno));
+}
+
+// The training state as of `step` completed steps.
+static void remember(Run& r, long step) {
+    r.state.step = step, r.state.optimizer_step = r.adam.step;
+    r.state.train_rng = dataloader_get_rng_state(&r.train);
+    r.state.elapsed_seconds = r.elapsed_before + seconds_now() - r.run_start;
+}
+
+// After `step` completed steps: evaluate, keep the best and latest checkpoints, redraw the curve.
+static void evaluate_and_save(Run& r, long step, MetricRow& row, int* device_batch) {
+    if (r.on_terminal) printf("\r\033[K");
+    printf("step %ld: evaluating (%d batches)...%s", step, r.o.eval_steps,
+           r.on_terminal ? "" : "\n");
+    fflush(stdout);
+    double val_loss = evaluate(r.model, r.acts, r.val, device_batch, r.o.eval_steps);
+    if (r.on_terminal) printf("\r\033[K");
+    printf("step %ld: val loss %.4f%s\n", step, val_loss,
+           val_loss < r.state.best_val_loss ? " (best so far)" : "");
+    if (!std::isfinite(val_loss))
+        fail("step %ld: validation loss is %g; stopping (last good checkpoint: %s)", step, val_loss,
+             r.latest.c_str());
+    row.val_loss = val_loss;
+    remember(r, step);
+    if (val_loss < r.state.best_val_loss) {
+        r.state.best_val_loss = val_loss;
+        save_checkpoint(r.best, r.model, r.tokenizer, r.adam, r.state);
+    }
+    save_checkpoint(r.latest, r.model, r.tokenizer, r.adam, r.state);
+}
+
+// Console lines: a progress bar on a terminal, otherwise a log line every log_every steps.
+static void report_step(Run& r, long step, double loss, float lr, double grad_norm, double seconds,
+                        long tokens) {
+    const Options& o = r.o;
+    if (step > r.first_step)
+        r.step_seconds_total += seconds, r.timed_steps++;  // the first warms up
+    double mean_step = r.timed_steps ? r.step_seconds_total / r.timed_steps : seconds;
+    double eta = mean_step * (o.steps - step - 1);
+    if (r.timed_steps == 3)
+        printf("%stiming: %.1f ms per step, about %s for the remaining %ld steps\n",
+               r.on_terminal ? "\r\033[K" : "", mean_step * 1e3, duration_text(eta).c_str(),
+               o.steps - step - 1);
+    if (r.on_terminal) {
+        int width = 24, filled = int(width * double(step + 1) / o.steps);
+        printf("\r[%s%s] step %ld/%ld | loss %.4f | lr %.2e | %.0f tok/s | ETA %s \033[K",
+               std::string(filled, '=').c_str(), std::string(width - filled, ' ').c_str(), step + 1,
+               o.steps, loss, lr, tokens / seconds, duration_text(eta).c_str());
+    } else if ((step + 1) % o.log_every == 0 || step == r.first_step) {
+        printf(
+            "step %ld/%ld | loss %.4f | lr %.2e | grad norm %.3f | %.1f ms | %.0f tok/s | ETA %s\n",
+            step + 1, o.steps, loss, lr, grad_norm, seconds * 1e3, tokens / seconds,
+            duration_text(eta).c_str());
+    }
+    fflush(stdout);
+}
+
+// Within a step of many micro-batches: where it is and how long the step will take, after micro-
+// batches 1, 2, 4, 8, ... of the run's first step (nothing is known about the speed yet), and then
+// every 5 seconds (on a terminal, every half second).
+static std::function<void(int)> micro_batch_progress(Run& r, long step, double start) {
+    double last = start;
+    return [&r, step, start, last](int done) mutable {
+        double now = seconds_now();
+        bool early = step == r.first_step && (done & (done - 1)) == 0;
+        if (r.o.grad_accum == 1 || (!early && now - last < (r.on_terminal ? 0.5 : 5))) return;
+        last = now;
+        double step_eta = (now - start) / done * (r.o.grad_accum - done);
+        printf("%sstep %ld/%ld: micro-batch %d/%d, %s left in this step%s",
+               r.on_terminal ? "\r\033[K" : "", step + 1, r.o.steps, done, r.o.grad_accum,
+               duration_text(step_eta).c_str(), r.on_terminal ? "" : "\n");
+        fflush(stdout);
+    };
+}
+
+// The loop. Row s of metrics.csv holds the loss of step s (steps count from 1) and the validation
+// loss after s steps; the console counts steps the same way.
+static void run_training(Run& r) {
+    const Options& o = r.o;
+    const GPTConfig& c = r.model.config;
+    long tokens_per_step = long(o.batch) * c.context * o.grad_accum;
+    int* device_batch = device_alloc<int>(2 * size_t(o.batch) * c.context);
+    real* norm = device_alloc<real>(1);
+    r.run_start = seconds_now(), r.elapsed_before = r.state.elapsed_seconds,
+    r.first_step = r.state.step;
+    MetricRow& row = r.row;
+    for (long step = r.state.step;; step++) {
+        bool evaluate_now = o.eval_interval > 0 && (step % o.eval_interval == 0 || step == o.steps);
+        if (evaluate_now) evaluate_and_save(r, step, row, device_batch);
+        if (step == o.steps &&
+            o.eval_interval == 0) {  // no evaluations: the final model is the best known
+            remember(r, step);
+            save_checkpoint(r.latest, r.model, r.tokenizer, r.adam, r.state);
+            save_checkpoint(r.best, r.model, r.tokenizer, r.adam, r.state);
+        }
+        r.rows.push_back(row);
+        fputs(metrics_line(row).c_str(), r.metrics);
+        fflush(r.metrics);
+        if (evaluate_now) write_loss_svg(r.svg_path, r.rows);
+        if (o.sample_every > 0 && step > 0 && step % o.sample_every == 0 && o.sample_tokens > 0)
+            print_sample(r.model, r.tokenizer, o.sample_tokens, o.seed + uint64_t(step));
+        if (step == o.steps) break;
+
+        profiling = o.profile && step > r.first_step;  // the first step warms up
+        double step_start = seconds_now();
+        real grad_norm;
+        double loss = train_step(r.model, r.acts, r.adam, r.train, device_batch, norm, o, step,
+                                 &grad_norm, micro_batch_progress(r, step, step_start));
+        float lr = learning_rate(step, o.warmup, o.steps, o.lr, o.min_lr);
+        profiling = false;
+        double seconds = seconds_now() - step_start;
+        row = MetricRow{step + 1,
+                        loss,
+                        NAN,
+                        lr,
+                        double(grad_norm),
+                        tokens_per_step / seconds,
+                        r.elapsed_before + seconds_now() - r.run_start};
+        report_step(r, step, loss, lr, grad_norm, seconds, tokens_per_step);
+    }
+}
+
 static int train(int argc, char** argv) {
-    Options o = parse_options(argc, argv);
+    Run r;
+    r.o = parse_options(argc, argv);
+    const Options& o = r.o;
     if (o.threads) {
 #ifdef __CUDACC__
         fprintf(stderr, "train_gpt: note: --threads only applies to the CPU build\n");
@@ -419,153 +714,29 @@ static int train(int argc, char** argv) {
         omp_set_num_threads(o.threads);
 #endif
     }
-    for (size_t slash = 0; slash != std::string::npos;) {  // mkdir -p
-        slash = o.out.find('/', slash + 1);
-        std::string folder = o.out.substr(0, slash);
-        if (mkdir(folder.c_str(), 0755) != 0 && errno != EEXIST)
-            fail("cannot create the output folder '%s': %s", folder.c_str(), strerror(errno));
-    }
-    std::string latest = o.out + "/latest.bin", best = o.out + "/best.bin",
-                metrics_path = o.out + "/metrics.csv", svg_path = o.out + "/loss.svg";
-
-    GPT model;
-    Tokenizer tokenizer;
-    AdamW adam;
-    TrainingState state;
-    if (o.resume) {
-        load_checkpoint(latest, &model, &tokenizer, &adam, &state);
-        printf("resuming from %s at step %lld\n", latest.c_str(), (long long)state.step);
-    } else {
-        tokenizer_load(&tokenizer, o.tokenizer.c_str());
-        if (o.vocab_size && o.vocab_size != tokenizer.vocab_size)
-            fail("--vocab-size %d does not match the tokenizer '%s', which has %d tokens",
-                 o.vocab_size, o.tokenizer.c_str(), tokenizer.vocab_size);
-        o.model.vocab_size = tokenizer.vocab_size;
-        gpt_create(&model, o.model);
-        gpt_init(&model, o.seed);
-        adamw_create(&adam, model.params.size);
-    }
-    adam.beta1 = o.beta1, adam.beta2 = o.beta2, adam.weight_decay = o.weight_decay;
-    const GPTConfig& c = model.config;
-    int B = o.batch, T = c.context;  // the model's context is the training sequence length
-
-    DataLoader train_loader, val_loader;
-    dataloader_open(&train_loader, o.train.c_str(), B, T, c.vocab_size, DataLoaderMode::random,
-                    o.seed);
-    dataloader_open(&val_loader, o.val.c_str(), B, T, c.vocab_size, DataLoaderMode::sweep, 0);
-    if (o.resume) dataloader_set_rng_state(&train_loader, state.train_rng);
-    std::vector<MetricRow> rows =
-        o.resume ? read_metrics(metrics_path, state.step) : std::vector<MetricRow>();
-    write_metrics(metrics_path, rows);
-    FILE* metrics = fopen(metrics_path.c_str(), "a");
-    if (!metrics) fail("cannot append to '%s': %s", metrics_path.c_str(), strerror(errno));
-
-    long tokens_per_step = long(B) * T * o.grad_accum;
-    printf("matrix products: %s\n", gemm_engine().c_str());
+    start_run(r);
+    const GPTConfig& c = r.model.config;
+    r.on_terminal = isatty(fileno(stdout));
     printf("model: %d layers, %d heads, dim %d, context %d, vocab %d: %.2fM parameters\n", c.layers,
-           c.heads, c.dim, c.context, c.vocab_size, model.params.size / 1e6);
+           c.heads, c.dim, c.context, c.vocab_size, r.model.params.size / 1e6);
     printf(
         "training: %ld steps of %d x %d sequences of %d tokens (%ld tokens per step); train %zu "
-        "tokens, val %zu tokens\n",
-        o.steps, o.grad_accum, B, T, tokens_per_step, train_loader.file.num_tokens,
-        val_loader.file.num_tokens);
-
-    GPTActivations acts;
-    int* device_batch = device_alloc<int>(2 * size_t(B) * T);
-    real* norm = device_alloc<real>(1);
-    bool on_terminal = isatty(fileno(stdout));
-    double run_start = seconds_now(), elapsed_before = state.elapsed_seconds,
-           step_seconds_total = 0;
-    long first_step = state.step, timed_steps = 0;
-    auto remember = [&](long step) {  // the training state as of `step` completed steps
-        state.step = step, state.optimizer_step = adam.step,
-        state.train_rng = dataloader_get_rng_state(&train_loader);
-        state.elapsed_seconds = elapsed_before + seconds_now() - run_start;
-    };
-    for (long step = state.step; step <= o.steps; step++) {
-        bool evaluate_now = o.eval_interval > 0 && (step % o.eval_interval == 0 || step == o.steps);
-        if (evaluate_now) {
-            double val_loss = evaluate(model, acts, val_loader, device_batch, o.eval_steps);
-            if (on_terminal) printf("\r\033[K");
-            printf("step %ld: val loss %.4f%s\n", step, val_loss,
-                   val_loss < state.best_val_loss ? " (best so far)" : "");
-            if (!std::isfinite(val_loss))
-                fail("step %ld: validation loss is %g; stopping (last good checkpoint: %s)", step,
-                     val_loss, latest.c_str());
-            remember(step);
-            // the step's training fills in the rest
-            rows.push_back({step, NAN, val_loss, NAN, NAN, NAN, state.elapsed_seconds});
-            if (step == o.steps) fputs(metrics_line(rows.back()).c_str(), metrics);
-            if (val_loss < state.best_val_loss) {
-                state.best_val_loss = val_loss;
-                save_checkpoint(best, model, tokenizer, adam, state);
-            }
-            save_checkpoint(latest, model, tokenizer, adam, state);
-            write_loss_svg(svg_path, rows);
-        }
-        if (o.sample_every > 0 && step > 0 && step % o.sample_every == 0 && o.sample_tokens > 0)
-            print_sample(model, tokenizer, o.sample_tokens, o.seed + uint64_t(step));
-        if (step == o.steps) break;
-
-        profiling =
-            o.profile && step > first_step;  // the first step warms up; evaluations are not counted
-        double step_start = seconds_now();
-        real grad_norm;
-        double loss_sum =
-            train_step(model, acts, adam, train_loader, device_batch, norm, o, step, &grad_norm);
-        float lr = learning_rate(step, o.warmup, o.steps, o.lr, o.min_lr);
-        profiling = false;
-
-        double seconds = seconds_now() - step_start,
-               elapsed = elapsed_before + seconds_now() - run_start;
-        if (step > first_step)
-            step_seconds_total += seconds, timed_steps++;  // the first step warms caches up
-        double mean_step = timed_steps ? step_seconds_total / timed_steps : seconds;
-        double eta = mean_step * (o.steps - step - 1);
-        MetricRow row{step,   loss_sum, NAN, lr, double(grad_norm), tokens_per_step / seconds,
-                      elapsed};
-        if (!rows.empty() && rows.back().step == step)
-            row.val_loss = rows.back().val_loss, rows.back() = row;
-        else rows.push_back(row);
-        fputs(metrics_line(row).c_str(), metrics);
-        fflush(metrics);
-        if (timed_steps == 3)
-            printf("%stiming: %.1f ms per step, about %s for the remaining %ld steps\n",
-                   on_terminal ? "\r\033[K" : "", mean_step * 1e3, duration_text(eta).c_str(),
-                   o.steps - step - 1);
-        if (on_terminal) {
-            int width = 24, filled = int(width * double(step + 1) / o.steps);
-            printf("\r[%s%s] %ld/%ld | loss %.4f | lr %.2e | %.0f tok/s | ETA %s \033[K",
-                   std::string(filled, '=').c_str(), std::string(width - filled, ' ').c_str(),
-                   step + 1, o.steps, loss_sum, lr, tokens_per_step / seconds,
-                   duration_text(eta).c_str());
-            fflush(stdout);
-        } else if ((step + 1) % o.log_every == 0 || step == first_step) {
-            printf(
-                "step %ld/%ld | loss %.4f | lr %.2e | grad norm %.3f | %.1f ms | %.0f tok/s | ETA "
-                "%s\n",
-                step + 1, o.steps, loss_sum, lr, double(grad_norm), seconds * 1e3,
-                tokens_per_step / seconds, duration_text(eta).c_str());
-            fflush(stdout);
-        }
-        if (o.eval_interval == 0 &&
-            step + 1 == o.steps) {  // no evaluations: the final model is the best we know
-            remember(step + 1);
-            save_checkpoint(latest, model, tokenizer, adam, state);
-            save_checkpoint(best, model, tokenizer, adam, state);
-        }
+        "tokens, val "
+        "%zu tokens\n",
+        o.steps, o.grad_accum, o.batch, c.context, long(o.batch) * c.context * o.grad_accum,
+        r.train.file.num_tokens, r.val.file.num_tokens);
+    printf("matrix products: %s\n", gemm_engine().c_str());
+    run_training(r);
+    if (o.profile && r.timed_steps > 0) {
+        printf("profile over %ld steps (%.3f ms per step measured around the step):\n",
+               r.timed_steps, r.step_seconds_total / r.timed_steps * 1e3);
+        profile_report(stdout, r.timed_steps);
     }
-    if (o.profile && timed_steps > 0) {
-        printf("profile over %ld steps (%.3f ms per step measured around the step):\n", timed_steps,
-               step_seconds_total / timed_steps * 1e3);
-        profile_report(stdout, timed_steps);
-    }
-    double total = seconds_now() - run_start;
+    double total = seconds_now() - r.run_start;
     printf("done: %ld steps in %s (%.1f ms per step), best val loss %.4f; checkpoints in %s\n",
-           o.steps - first_step, duration_text(total).c_str(),
-           timed_steps ? step_seconds_total / timed_steps * 1e3 : 0.0, state.best_val_loss,
+           o.steps - r.first_step, duration_text(total).c_str(),
+           r.timed_steps ? r.step_seconds_total / r.timed_steps * 1e3 : 0.0, r.state.best_val_loss,
            o.out.c_str());
-    fclose(metrics);
     return 0;
 }
 

@@ -238,10 +238,10 @@ __device__ __forceinline__ real group_max(real value) {
 // About 1 ulp, and only arithmetic, so loops of it vectorise on the CPU (libm's expf does not); a
 // GPU runs it as a short chain of FMAs. In double (the gradient-check build) it is exp itself.
 __device__ __forceinline__ float fast_exp(float x) {
-    x = x < -87.0f  ? -87.0f
-        : x > 88.0f ? 88.0f
-                    : x;  // (not fminf/fmaxf: their NaN rules block vectorising)
-    float k = rintf(x * 1.44269504f);
+    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;  // (not fminf/fmaxf: NaN must pass through)
+    // k = round(x / ln2), read from the low bits of x / ln2 + 1.5 * 2^23 rather than converted
+    // from float to int (undefined for NaN): NaN in, NaN out.
+    float shifted = fmaf(x, 1.44269504f, 12582912.0f), k = shifted - 12582912.0f;
     float r = fmaf(k, -0.693359375f, x);  // ln2 in two parts, so r keeps its low bits
     r = fmaf(k, 2.12194440e-4f, r);
     float p = 1.9875691500e-4f;
@@ -251,7 +251,8 @@ __device__ __forceinline__ float fast_exp(float x) {
     p = fmaf(p, r, 1.6666665459e-1f);
     p = fmaf(p, r, 5.0000001201e-1f);
     p = fmaf(p * r, r, r) + 1.0f;
-    return p * __int_as_float((int(k) + 127) << 23);
+    unsigned two_to_k = (__float_as_uint(shifted) - 0x4B400000u + 127u) << 23;  // 2^k as float bits
+    return p * __uint_as_float(two_to_k);
 }
 __device__ __forceinline__ double fast_exp(double x) { return exp(x); }
 
@@ -2653,22 +2654,28 @@ GPTConfig gpt_preset(const std::string& name) {
     GPTConfig c;
     if (name == "debug") {
         c.vocab_size = 257, c.context = 32, c.dim = 32, c.layers = 2, c.heads = 2;
+    } else if (name == "mini") {  // CPU-sized: trains on tinyshakespeare in minutes on two cores
+        c.vocab_size = 1024, c.context = 128, c.dim = 128, c.layers = 4, c.heads = 4;
     } else if (name == "shakespeare") {
         c.vocab_size = 1024, c.context = 256, c.dim = 384, c.layers = 6, c.heads = 6,
         c.dropout = 0.2f;
     } else if (name == "smol") {
         c.vocab_size = 50257, c.context = 1024, c.dim = 768, c.layers = 12, c.heads = 12;
     } else {
-        fail("unknown preset '%s' (expected debug, shakespeare or smol)", name.c_str());
+        fail("unknown preset '%s' (expected debug, mini, shakespeare or smol)", name.c_str());
     }
     return c;
 }
 
 void gpt_check_config(const GPTConfig& c) {
-    if (c.vocab_size < 1 || c.context < 1 || c.dim < 1 || c.layers < 1 || c.heads < 1 ||
-        c.mlp_ratio < 1)
+    auto within = [](int value, int max) { return value >= 1 && value <= max; };
+    if (!within(c.vocab_size, 1 << 24) || !within(c.context, 1 << 17) || !within(c.dim, 1 << 16) ||
+        !within(c.layers, 1024) || !within(c.heads, c.dim) || !within(c.mlp_ratio, 64))
         fail(
-            "model config: vocab size, context, dim, layers, heads and MLP ratio must be positive");
+            "model config: vocab size %d, context %d, dim %d, layers %d, heads %d, MLP ratio %d: "
+            "each must be "
+            "from 1 to 2^24, 2^17, 2^16, 1024, dim and 64",
+            c.vocab_size, c.context, c.dim, c.layers, c.heads, c.mlp_ratio);
     if (c.dim % c.heads) fail("model config: dim %d is not divisible by %d heads", c.dim, c.heads);
     if (c.rotary && (c.dim / c.heads) % 2)
         fail("model config: rotary embedding needs an even head size, got %d", c.dim / c.heads);
@@ -2724,11 +2731,31 @@ static std::vector<Parameter> parameter_table(GPT& model) {
     return table;
 }
 
+std::vector<GPTParameter> gpt_parameter_layout(const GPTConfig& config) {
+    GPT shapes_only;  // parameter_table needs a GPT to point into; nothing is allocated
+    shapes_only.config = config;
+    std::vector<GPTParameter> layout;
+    for (bool decayed : {true, false})
+        for (const Parameter& p : parameter_table(shapes_only))
+            if (p.decay == decayed) layout.push_back({p.name, p.shape, p.decay, p.init_std});
+    return layout;
+}
+
+static long shape_size(const std::vector<int>& shape) {
+    long size = 1;
+    for (int d : shape) size *= d;
+    return size;
+}
+
+long gpt_parameter_count(const GPTConfig& config) {
+    long total = 0;
+    for (const GPTParameter& p : gpt_parameter_layout(config)) total += shape_size(p.shape);
+    return total;
+}
+
 // One buffer holds all parameters and one all gradients: the decayed ones (weight matrices) first,
 // in table order, then the rest. So AdamW and the gradient norm are each one launch over one
 // buffer.
-// The parameters in one buffer: the decayed ones (weight matrices) first, in table order, then the
-// rest.
 void gpt_create(GPT* model, const GPTConfig& config) {
     if (model->params.data) fail("gpt_create: this GPT already holds a model");
     gpt_check_config(config);
@@ -2736,10 +2763,8 @@ void gpt_create(GPT* model, const GPTConfig& config) {
     std::vector<Parameter> table = parameter_table(*model);
     long total = 0, decayed_total = 0;
     for (const Parameter& p : table) {
-        long size = 1;
-        for (int d : p.shape) size *= d;
-        total += size;
-        if (p.decay) decayed_total += size;
+        total += shape_size(p.shape);
+        if (p.decay) decayed_total += shape_size(p.shape);
     }
     parameters_create(&model->params, total);
     model->params.num_decayed = decayed_total;
@@ -2817,13 +2842,16 @@ Tensor gpt_forward_tape(GPT& model, const int* tokens, int B, int T, bool traini
 
 // Lays out every buffer of the activations in one allocation: run once with base = null to measure,
 // then with the memory.
+// `total` also adds the sizes up in double, so that a measure of absurd sizes cannot overflow.
 struct BufferCarver {
     char* base;
     size_t bytes = 0;
+    double total = 0;
     template <typename T>
     T* take(long count) {
         size_t start = (bytes + 255) / 256 * 256;
         bytes = start + size_t(count) * sizeof(T);
+        total += double(count) * sizeof(T) + 256;
         return base ? reinterpret_cast<T*>(base + start) : nullptr;
     }
 };
@@ -2883,6 +2911,14 @@ static void plan_activations(GPTActivations& a, const GPTConfig& c, int B, int T
 }
 
 GPTActivations::~GPTActivations() { (void)cudaFree(memory); }
+
+double gpt_activations_bytes(const GPTConfig& config, int B, int T) {
+    GPTActivations measured;
+    measured.B = B, measured.T = T, measured.flash = use_flash_attention;
+    BufferCarver measure{nullptr};
+    carve_activations(measured, config, measure);
+    return measure.total;
+}
 
 // x with dropout p into `dropped` (x itself when p is 0), and its backward.
 static const floatX* dropout_site(const floatX* x, floatX* dropped, long n, real p, uint64_t seed) {
@@ -3049,10 +3085,11 @@ void gpt_backward(GPT& model, GPTActivations& a, const int* targets, real loss_s
 // Generation: one sequence, token by token, with a key/value cache so each new token costs one
 // position's work (O(context) attention) instead of a forward pass over the whole window.
 
-void kv_cache_create(KVCache* cache, const GPTConfig& config) {
+void kv_cache_create(KVCache* cache, const GPTConfig& config, int positions) {
     cache->config = config;
     cache->length = 0;
-    size_t bytes = size_t(config.layers) * config.context * config.dim * sizeof(floatX);
+    cache->positions = positions;
+    size_t bytes = size_t(config.layers) * positions * config.dim * sizeof(floatX);
     cuda_check(cudaMalloc(&cache->keys, bytes));
     cuda_check(cudaMalloc(&cache->values, bytes));
 }
@@ -3084,8 +3121,8 @@ __global__ void kv_cache_append_kernel(floatX* cache_keys, floatX* cache_values,
 floatX* gpt_forward_cached(GPT& model, KVCache& cache, const int* tokens, int n) {
     const GPTConfig& c = model.config;
     int start = cache.length, C = c.dim, NH = c.heads, hs = C / NH, L = start + n;
-    if (L > c.context)
-        fail("gpt_forward_cached: %d positions exceed the context window %d", L, c.context);
+    if (L > cache.positions)
+        fail("gpt_forward_cached: %d positions exceed the cache's %d", L, cache.positions);
     int hidden = c.mlp_ratio * C, fc_out = c.activation == Activation::swiglu ? 2 * hidden : hidden;
     floatX *x = device_alloc<floatX>(long(n) * C), *h = device_alloc<floatX>(long(n) * C),
            *qkv = device_alloc<floatX>(long(n) * 3 * C);
@@ -3104,8 +3141,8 @@ floatX* gpt_forward_cached(GPT& model, KVCache& cache, const int* tokens, int n)
                       c.rotary ? nullptr : model.wpe.data + long(start) * C, 1, n, C);
     for (int l = 0; l < c.layers; l++) {
         GPTLayer& layer = model.layers[l];
-        floatX* cache_keys = cache.keys + long(l) * c.context * C;
-        floatX* cache_values = cache.values + long(l) * c.context * C;
+        floatX* cache_keys = cache.keys + long(l) * cache.positions * C;
+        floatX* cache_values = cache.values + long(l) * cache.positions * C;
         normalize_into(h, x, layer.norm1_weight, layer.norm1_bias);
         linear_forward(qkv, h, layer.qkv_weight.data, layer.qkv_bias.data, n, C, 3 * C);
         const floatX *q = qkv, *k = qkv + C;
@@ -3116,17 +3153,17 @@ floatX* gpt_forward_cached(GPT& model, KVCache& cache, const int* tokens, int n)
             q = q_rotated, k = k_rotated, ld = C;
         }
         launch(kv_cache_append_kernel, row_grid(long(n) * NH), row_block(), 0, cache_keys,
-               cache_values, k, ld, qkv + 2 * C, 3 * C, n, NH, hs, c.context, start);
+               cache_values, k, ld, qkv + 2 * C, 3 * C, n, NH, hs, cache.positions, start);
         // Each new query against every cached key up to its own position, head by head.
         gemm({.M = n, .N = L, .K = hs, .inner = NH}, real(1 / std::sqrt(double(hs))),
              {.data = q, .ld = ld, .inner = hs},
-             {.data = cache_keys, .ld = hs, .transpose = true, .inner = long(c.context) * hs}, 0,
-             {.data = att, .ld = L, .inner = long(n) * L});
+             {.data = cache_keys, .ld = hs, .transpose = true, .inner = long(cache.positions) * hs},
+             0, {.data = att, .ld = L, .inner = long(n) * L});
         launch(causal_softmax_forward_kernel, row_grid(long(NH) * n), row_block(), 0, att,
                long(NH) * n, n, L, start);
         gemm({.M = n, .N = hs, .K = L, .inner = NH}, 1,
              {.data = att, .ld = L, .inner = long(n) * L},
-             {.data = cache_values, .ld = hs, .inner = long(c.context) * hs}, 0,
+             {.data = cache_values, .ld = hs, .inner = long(cache.positions) * hs}, 0,
              {.data = y, .ld = C, .inner = hs});
         linear_forward(branch, y, layer.attn_proj_weight.data, layer.attn_proj_bias.data, n, C, C);
         residual_forward(x, x, branch, long(n) * C);
@@ -3192,7 +3229,8 @@ void generate(GPT& model, std::vector<int>& tokens, int count, Sampler& sampler,
     const GPTConfig& c = model.config;
     if (tokens.empty()) fail("generate: the prompt is empty");
     KVCache cache;
-    if (use_cache) kv_cache_create(&cache, c);
+    if (use_cache)
+        kv_cache_create(&cache, c, int(std::min(size_t(c.context), tokens.size() + size_t(count))));
     MemoryMark start = memory_mark();
     int* device_tokens = device_alloc<int>(c.context);
     size_t window_start = tokens.size() > size_t(c.context) ? tokens.size() - c.context : 0;
@@ -3215,6 +3253,10 @@ void generate(GPT& model, std::vector<int>& tokens, int count, Sampler& sampler,
                      long(n - 1) * c.vocab_size;
         }
         std::vector<real> host = download(logits, c.vocab_size);
+        for (real value : host)
+            if (!std::isfinite(value))
+                fail("generation: the model's logits are not finite at token %d (broken weights?)",
+                     produced + 1);
         memory_release(mark);
         int next = sample_token(host, sampler);
         tokens.push_back(next);

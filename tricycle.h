@@ -617,8 +617,22 @@ struct GPTConfig {
     float attention_dropout = 0;  // on the attention probabilities
 };
 
-GPTConfig gpt_preset(const std::string& name);  // "debug", "shakespeare", "smol"
+GPTConfig gpt_preset(const std::string& name);  // "debug", "mini", "shakespeare", "smol"
+// Every field within its range: sizes positive and at most vocab 2^24, context 2^17, dim 2^16,
+// layers 1024, MLP ratio 64 (so no size computed from them overflows), dim divisible by heads.
 void gpt_check_config(const GPTConfig& config);
+
+// Every parameter of a config, in buffer order (the decayed weight matrices first): its name in
+// model files, its shape, whether AdamW decays it, its initialisation (> 0: normal(0, init_std);
+// 0: zeros; -1: ones). Computed without allocating anything.
+struct GPTParameter {
+    std::string name;
+    std::vector<int> shape;
+    bool decay;
+    float init_std;
+};
+std::vector<GPTParameter> gpt_parameter_layout(const GPTConfig& config);
+long gpt_parameter_count(const GPTConfig& config);
 
 struct GPTLayer {
     Tensor norm1_weight, norm1_bias, qkv_weight, qkv_bias, attn_proj_weight, attn_proj_bias;
@@ -689,6 +703,8 @@ struct GPTActivations {
     GPTActivations& operator=(const GPTActivations&) = delete;
     ~GPTActivations();
 };
+// The bytes gpt_forward plans for (B, T) with this config (a memory estimate: nothing allocated).
+double gpt_activations_bytes(const GPTConfig& config, int B, int T);
 // tokens (B, T) on the device -> acts.logits. Dropout only when training, drawn from `seed`.
 void gpt_forward(GPT& model, GPTActivations& acts, const int* tokens, int B, int T, bool training,
                  uint64_t seed);
@@ -701,10 +717,12 @@ void gpt_backward(GPT& model, GPTActivations& acts, const int* targets, real los
 // ====================================================================================================
 // 11. Generation
 
-// Keys and values of every layer for the positions seen so far, (layers, NH, context, hs) each.
+// Keys and values of every layer for the positions seen so far, (layers, NH, positions, hs) each,
+// room for `positions` (at most the context).
 struct KVCache {
     GPTConfig config;
     floatX *keys = nullptr, *values = nullptr;
+    int positions = 0;
     int length = 0;  // positions filled
 
     KVCache() = default;
@@ -712,7 +730,7 @@ struct KVCache {
     KVCache& operator=(const KVCache&) = delete;
     ~KVCache();
 };
-void kv_cache_create(KVCache* cache, const GPTConfig& config);
+void kv_cache_create(KVCache* cache, const GPTConfig& config, int positions);
 // Runs n more positions of one sequence (tokens on the device), adding them to the cache; returns
 // the last position's logits (vocab_size values on the device, in the arena).
 floatX* gpt_forward_cached(GPT& model, KVCache& cache, const int* tokens, int n);

@@ -22,7 +22,7 @@
 #include <vector>
 
 #include <fcntl.h>
-#include <sys/mman.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -128,19 +128,54 @@ void profile_report(FILE* out, long steps) {
 }
 
 // ====================================================================================================
-// 2. Files: whole-file reads and atomic writes
+// 2. Files: whole-file reads, a bounds-checked reader, checksums, atomic writes
 
-std::string read_whole_file(const char* path, const char* kind) {
+std::string read_whole_file(const char* path, const char* kind, size_t max_bytes) {
     FILE* f = fopen(path, "rb");
     if (!f) fail("%s '%s': cannot open: %s", kind, path, strerror(errno));
+    struct stat info;
+    if (fstat(fileno(f), &info) == 0 && S_ISREG(info.st_mode) && size_t(info.st_size) > max_bytes) {
+        fclose(f);
+        fail("%s '%s': %lld bytes, more than the %zu this program reads", kind, path,
+             (long long)info.st_size, max_bytes);
+    }
     std::string data;
     char buffer[1 << 16];
     size_t n;
-    while ((n = fread(buffer, 1, sizeof(buffer), f)) > 0) data.append(buffer, n);
+    while ((n = fread(buffer, 1, sizeof(buffer), f)) > 0 && data.size() <= max_bytes)
+        data.append(buffer, n);
     bool read_error = ferror(f) != 0;
     fclose(f);
     if (read_error) fail("%s '%s': read error", kind, path);
+    if (data.size() > max_bytes)
+        fail("%s '%s': more than the %zu bytes this program reads", kind, path, max_bytes);
     return data;
+}
+
+void ByteReader::read(void* out, size_t bytes, const char* what) {
+    if (remaining() < bytes)
+        fail("%s '%s': truncated: %s needs %zu bytes at offset %zu, the file has %zu", kind, path,
+             what, bytes, position, data.size());
+    memcpy(out, data.data() + position, bytes);
+    position += bytes;
+}
+
+// CRC-32 as zlib's crc32() computes it (the reflected polynomial 0xEDB88320), a byte at a time
+// through a table of the 256 byte values.
+uint32_t crc32(const void* data, size_t bytes, uint32_t crc) {
+    static const std::vector<uint32_t> table = [] {
+        std::vector<uint32_t> t(256);
+        for (uint32_t i = 0; i < 256; i++) {
+            uint32_t c = i;
+            for (int k = 0; k < 8; k++) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+            t[i] = c;
+        }
+        return t;
+    }();
+    const unsigned char* p = static_cast<const unsigned char*>(data);
+    crc = ~crc;
+    for (size_t i = 0; i < bytes; i++) crc = table[(crc ^ p[i]) & 0xff] ^ (crc >> 8);
+    return ~crc;
 }
 
 // For the crash tests: TRICYCLE_CRASH_BEFORE_RENAME=SUFFIX:N kills the process on the N-th write of
@@ -159,8 +194,9 @@ static void crash_here_if_asked(const char* path) {
     }
 }
 
+// The temporary file is named after this process, so two writers never share one.
 void write_file_atomic(const char* path, const void* data, size_t size, const char* kind) {
-    std::string temp_path = std::string(path) + ".tmp";
+    std::string temp_path = std::string(path) + ".tmp." + std::to_string(getpid());
     FILE* f = fopen(temp_path.c_str(), "wb");
     if (!f) fail("%s '%s': cannot create '%s': %s", kind, path, temp_path.c_str(), strerror(errno));
     bool ok = fwrite(data, 1, size, f) == size;
@@ -181,12 +217,39 @@ void write_file_atomic(const char* path, const void* data, size_t size, const ch
     }
 }
 
+void lock_folder(const char* folder, const char* program) {
+    std::string path = std::string(folder) + "/.lock";
+    int fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) fail("cannot create the lock file '%s': %s", path.c_str(), strerror(errno));
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        int error = errno;
+        close(fd);
+        if (error == EWOULDBLOCK)
+            fail("the folder '%s' is in use by another %s run (locked: %s)", folder, program,
+                 path.c_str());
+        fail("cannot lock '%s': %s", path.c_str(), strerror(error));
+    }
+    // The descriptor stays open, and the lock held, until the process ends.
+}
+
 // ====================================================================================================
 // 3. Model and checkpoint files (the format is described in tricycle_io.h and the README)
 
 constexpr int32_t model_file_magic = 0x59435254;  // the bytes "TRCY"
-constexpr int32_t model_file_version = 1;
+constexpr int32_t model_file_version = 2;
 constexpr int directory_name_bytes = 48;
+constexpr int header_ints = 256;
+enum HeaderField {
+    magic_field = 0,
+    version_field,
+    tensors_field = 14,
+    sections_field,
+    count_field = 16,
+    directory_crc_field = 18,
+    parameters_crc_field,
+    header_crc_field,
+    first_reserved_field
+};
 
 static void append(std::string& out, const void* data, size_t bytes) {
     out.append(static_cast<const char*>(data), bytes);
@@ -206,76 +269,69 @@ std::string floats_section(const real* device, long n) {
     return bytes;
 }
 
-void gpt_save(GPT& model, const char* path, const std::vector<FileSection>& sections) {
-    const GPTConfig& c = model.config;
-    std::vector<std::pair<std::string, Tensor>> ordered = gpt_named_parameters(model);
-    int32_t header[256] = {model_file_magic,
-                           model_file_version,
-                           c.vocab_size,
-                           c.context,
-                           c.dim,
-                           c.layers,
-                           c.heads,
-                           c.mlp_ratio,
-                           c.norm == Norm::rmsnorm,
-                           c.activation == Activation::swiglu,
-                           c.rotary,
-                           c.tied_embeddings,
-                           float_bits(c.dropout),
-                           float_bits(c.attention_dropout),
-                           int32_t(ordered.size()),
-                           int32_t(sections.size())};
-    int64_t count = model.params.size;
-    memcpy(&header[16], &count, 8);
+// The directory: per tensor in buffer order, its name (48 bytes) and ndim, dims[0], dims[1], 0.
+static std::string model_directory(const GPTConfig& c) {
     std::string out;
-    append(out, header, sizeof header);
-    for (const auto& [tensor_name, tensor] : ordered) {
+    for (const GPTParameter& p : gpt_parameter_layout(c)) {
         char name[directory_name_bytes] = {};
-        snprintf(name, sizeof name, "%s", tensor_name.c_str());
-        int32_t dims[4] = {tensor.ndim, tensor.shape[0], tensor.ndim > 1 ? tensor.shape[1] : 0, 0};
+        snprintf(name, sizeof name, "%s", p.name.c_str());
+        int32_t dims[4] = {int32_t(p.shape.size()), p.shape[0], p.shape.size() > 1 ? p.shape[1] : 0,
+                           0};
         append(out, name, sizeof name);
         append(out, dims, sizeof dims);
     }
-    append_floats(
-        // the model as it computes (a trainer saves its master copy apart)
-        out, model.params.data, model.params.size);
+    return out;
+}
+
+void gpt_save(GPT& model, const char* path, const std::vector<FileSection>& sections) {
+    const GPTConfig& c = model.config;
+    std::string directory = model_directory(c), parameters;
+    append_floats(parameters, model.params.data,
+                  model.params.size);  // the values the model computes with
+    int32_t header[header_ints] = {model_file_magic,
+                                   model_file_version,
+                                   c.vocab_size,
+                                   c.context,
+                                   c.dim,
+                                   c.layers,
+                                   c.heads,
+                                   c.mlp_ratio,
+                                   c.norm == Norm::rmsnorm,
+                                   c.activation == Activation::swiglu,
+                                   c.rotary,
+                                   c.tied_embeddings,
+                                   float_bits(c.dropout),
+                                   float_bits(c.attention_dropout),
+                                   int32_t(directory.size() / (directory_name_bytes + 16)),
+                                   int32_t(sections.size())};
+    int64_t count = model.params.size;
+    memcpy(&header[count_field], &count, 8);
+    header[directory_crc_field] = int32_t(crc32(directory.data(), directory.size()));
+    header[parameters_crc_field] = int32_t(crc32(parameters.data(), parameters.size()));
+    header[header_crc_field] = int32_t(crc32(header, sizeof header));
+    std::string out;
+    append(out, header, sizeof header);
+    out += directory + parameters;
     for (const FileSection& s : sections) {
         int64_t length = int64_t(s.bytes.size());
+        uint32_t crc = crc32(s.bytes.data(), s.bytes.size());
         append(out, s.tag, 4);
         append(out, &length, 8);
+        append(out, &crc, 4);
         out += s.bytes;
     }
     write_file_atomic(path, out.data(), out.size(), "model file");
 }
 
-// Reads bytes from a file image, failing cleanly at the end.
-struct FileReader {
-    const std::string& data;
-    size_t position;
-    const char* path;
-    void read(void* out, size_t bytes, const char* what) {
-        if (data.size() - position < bytes)
-            fail("model file '%s': truncated: %s needs %zu bytes at offset %zu, the file has %zu",
-                 path, what, bytes, position, data.size());
-        memcpy(out, data.data() + position, bytes);
-        position += bytes;
-    }
-};
-
-void gpt_load(GPT* model, const char* path, std::vector<FileSection>* sections) {
-    std::string data = read_whole_file(path, "model file");
-    FileReader reader{data, 0, path};
-    int32_t header[256];
-    reader.read(header, sizeof header, "the header");
-    if (header[0] != model_file_magic)
-        fail("model file '%s': bad magic 0x%08x, expected 0x%08x (not a Tricycle model)", path,
-             header[0], model_file_magic);
-    if (header[1] != model_file_version)
-        fail("model file '%s': version %d, this build reads version %d", path, header[1],
-             model_file_version);
+// The header's config, checked (sizes bounded before anything is computed from them).
+static GPTConfig header_config(const int32_t* header, const char* path) {
     GPTConfig c;
-    c.vocab_size = header[2], c.context = header[3], c.dim = header[4], c.layers = header[5],
+    c.vocab_size = header[2], c.context = header[3], c.dim = header[4], c.layers = header[5];
     c.heads = header[6], c.mlp_ratio = header[7];
+    for (int field = 8; field <= 11; field++)
+        if (header[field] != 0 && header[field] != 1)
+            fail("model file '%s': header field %d is %d, expected 0 or 1", path, field,
+                 header[field]);
     c.norm = header[8] ? Norm::rmsnorm : Norm::layernorm;
     c.activation = header[9] ? Activation::swiglu : Activation::gelu;
     c.rotary = header[10] != 0, c.tied_embeddings = header[11] != 0;
@@ -285,54 +341,106 @@ void gpt_load(GPT* model, const char* path, std::vector<FileSection>* sections) 
     } catch (const std::runtime_error& error) {
         fail("model file '%s': %s", path, error.what());
     }
-    int64_t count;
-    memcpy(&count, &header[16], 8);
-    if (count < 0 || uint64_t(count) > (data.size() - reader.position) /
-                                           sizeof(float))  // before allocating anything
-        fail(
-            "model file '%s': truncated: the header promises %lld parameters, the file has room "
-            "for fewer",
-            path, (long long)count);
-    gpt_create(model, c);
-    {
-        std::vector<std::pair<std::string, Tensor>> ordered = gpt_named_parameters(*model);
-        if (header[14] != int32_t(ordered.size()) || count != model->params.size)
-            fail(
-                "model file '%s': lists %d tensors and %lld parameters, its config needs %zu and "
-                "%ld",
-                path, header[14], (long long)count, ordered.size(), model->params.size);
-        for (const auto& [expected, tensor] : ordered) {
-            char name[directory_name_bytes];
-            int32_t dims[4];
-            reader.read(name, sizeof name, "the tensor directory");
-            reader.read(dims, sizeof dims, "the tensor directory");
-            name[directory_name_bytes - 1] = 0;
-            bool same = expected == name && dims[0] == tensor.ndim && dims[1] == tensor.shape[0] &&
-                        (tensor.ndim < 2 || dims[2] == tensor.shape[1]);
-            if (!same)
-                fail("model file '%s': tensor '%s' is not the '%s' its config expects here", path,
-                     name, expected.c_str());
-        }
-        std::vector<float> values(model->params.size);
-        reader.read(values.data(), values.size() * sizeof(float), "the parameters");
-        std::vector<real> host(values.begin(), values.end());
-        upload(model->params.data, host.data(), model->params.size);
-        if (model->params.master) upload(model->params.master, host.data(), model->params.size);
-        for (int32_t s = 0; s < header[15]; s++) {
-            FileSection section;
-            int64_t length;
-            reader.read(section.tag, 4, "a section header");
-            reader.read(&length, 8, "a section header");
-            if (length < 0)
-                fail("model file '%s': section '%.4s' has a negative length", path, section.tag);
-            section.bytes.resize(size_t(length));
-            reader.read(&section.bytes[0], size_t(length), "a section");
-            if (sections) sections->push_back(section);
-        }
-        if (reader.position != data.size())
-            fail("model file '%s': %zu unexpected bytes after the last section", path,
-                 data.size() - reader.position);
+    return c;
+}
+
+// The header: magic, version, its own checksum, reserved fields zero, the config.
+static GPTConfig read_model_header(ByteReader& reader, int32_t* header) {
+    const char* path = reader.path;
+    reader.read(header, header_ints * sizeof(int32_t), "the header");
+    if (header[magic_field] != model_file_magic)
+        fail("model file '%s': bad magic 0x%08x, expected 0x%08x (not a Tricycle model)", path,
+             header[magic_field], model_file_magic);
+    if (header[version_field] != model_file_version)
+        fail("model file '%s': version %d, this build reads version %d", path,
+             header[version_field], model_file_version);
+    int32_t zeroed[header_ints];
+    memcpy(zeroed, header, sizeof zeroed);
+    zeroed[header_crc_field] = 0;
+    if (uint32_t(header[header_crc_field]) != crc32(zeroed, sizeof zeroed))
+        fail("model file '%s': the header's checksum does not match (a corrupt file)", path);
+    for (int field = first_reserved_field; field < header_ints; field++)
+        if (header[field] != 0)
+            fail("model file '%s': reserved header field %d is %d, expected 0", path, field,
+                 header[field]);
+    return header_config(header, path);
+}
+
+// The sections: each tag at most once, each length within the file, each payload's checksum.
+static void read_model_sections(ByteReader& reader, int count, std::vector<FileSection>* sections) {
+    const char* path = reader.path;
+    std::vector<std::string> tags;
+    for (int s = 0; s < count; s++) {
+        FileSection section;
+        int64_t length;
+        uint32_t crc;
+        reader.read(section.tag, 4, "a section header");
+        reader.read(&length, 8, "a section header");
+        reader.read(&crc, 4, "a section header");
+        std::string tag(section.tag, 4);
+        if (std::find(tags.begin(), tags.end(), tag) != tags.end())
+            fail("model file '%s': section '%.4s' appears twice", path, section.tag);
+        tags.push_back(tag);
+        if (length < 0 || uint64_t(length) > reader.remaining())
+            fail("model file '%s': truncated: section '%.4s' claims %lld bytes, %zu are left", path,
+                 section.tag, (long long)length, reader.remaining());
+        const char* payload = reader.data.data() + reader.position;
+        if (crc32(payload, size_t(length)) != crc)
+            fail("model file '%s': section '%.4s' does not match its checksum (a corrupt file)",
+                 path, section.tag);
+        if (sections) section.bytes.assign(payload, size_t(length));
+        reader.position += size_t(length);
+        if (sections) sections->push_back(std::move(section));
     }
+    if (reader.remaining() != 0)
+        fail("model file '%s': %zu unexpected bytes after the last section", path,
+             reader.remaining());
+}
+
+// Everything is checked against the file before anything is allocated: the header, the parameter
+// count its config implies, the directory, the checksums, the sections.
+void gpt_load(GPT* model, const char* path, std::vector<FileSection>* sections) {
+    std::string data = read_whole_file(path, "model file");
+    ByteReader reader{data, 0, "model file", path};
+    int32_t header[header_ints];
+    GPTConfig c = read_model_header(reader, header);
+    int64_t count, expected_count = gpt_parameter_count(c);
+    memcpy(&count, &header[count_field], 8);
+    std::string directory = model_directory(c);
+    if (count != expected_count ||
+        header[tensors_field] != int32_t(directory.size() / (directory_name_bytes + 16)))
+        fail("model file '%s': lists %d tensors and %lld parameters, its config needs %zu and %lld",
+             path, header[tensors_field], (long long)count,
+             directory.size() / (directory_name_bytes + 16), (long long)expected_count);
+    if (header[sections_field] < 0 || header[sections_field] > 64)
+        fail("model file '%s': %d sections, expected 0 to 64", path, header[sections_field]);
+    if (reader.remaining() < directory.size() ||
+        (reader.remaining() - directory.size()) / sizeof(float) < uint64_t(count))
+        fail(
+            "model file '%s': truncated: %lld parameters and their directory need more than the "
+            "%zu bytes left",
+            path, (long long)count, reader.remaining());
+    if (data.compare(reader.position, directory.size(), directory) != 0) {
+        uint32_t crc = crc32(data.data() + reader.position, directory.size());
+        fail("model file '%s': the tensor directory is not the one its config implies%s", path,
+             crc != uint32_t(header[directory_crc_field]) ? " (and does not match its checksum)"
+                                                          : "");
+    }
+    reader.position += directory.size();
+    std::vector<float> values(count);
+    reader.read(values.data(), values.size() * sizeof(float), "the parameters");
+    if (crc32(values.data(), values.size() * sizeof(float)) !=
+        uint32_t(header[parameters_crc_field]))
+        fail("model file '%s': the parameters do not match their checksum (a corrupt file)", path);
+    for (int64_t i = 0; i < count; i++)
+        if (!std::isfinite(values[i]))
+            fail("model file '%s': parameter %lld is %g, not finite", path, (long long)i,
+                 values[i]);
+    read_model_sections(reader, header[sections_field], sections);
+    gpt_create(model, c);
+    std::vector<real> host(values.begin(), values.end());
+    upload(model->params.data, host.data(), count);
+    if (model->params.master) upload(model->params.master, host.data(), count);
 }
 
 void floats_from_section(real* device, long n, const FileSection& section, const char* path) {
@@ -341,6 +449,10 @@ void floats_from_section(real* device, long n, const FileSection& section, const
              section.bytes.size(), n * long(sizeof(float)));
     std::vector<float> values(n);
     memcpy(values.data(), section.bytes.data(), n * sizeof(float));
+    for (long i = 0; i < n; i++)
+        if (!std::isfinite(values[i]))
+            fail("model file '%s': section '%.4s' value %ld is %g, not finite", path, section.tag,
+                 i, values[i]);
     std::vector<real> host(values.begin(), values.end());
     upload(device, host.data(), n);
 }
@@ -498,6 +610,8 @@ struct BpeTrainer {
     std::priority_queue<HeapEntry, std::vector<HeapEntry>, HeapOrder> heap;
     std::vector<uint64_t> new_pairs;  // pairs that gained occurrences in the current merge
     std::vector<int> word_visited;    // the merge that last visited each word
+    std::vector<int32_t> token_length =
+        std::vector<int32_t>(byte_tokens, 1);  // bytes of each token
 };
 
 static void change_pair_count(BpeTrainer* tr, uint64_t key, int64_t delta, int32_t word) {
@@ -590,6 +704,12 @@ static bool pop_best_pair(BpeTrainer* tr, uint64_t* key) {
         tr->heap.pop();
         auto it = tr->pairs.find(best.key);
         int64_t current = (it == tr->pairs.end()) ? 0 : it->second.count;
+        int32_t left = int32_t(best.key >> 32), right = int32_t(best.key & 0xFFFFFFFFu);
+        if (current == best.count &&
+            tr->token_length[left] + tr->token_length[right] > max_token_bytes) {
+            tr->pairs.erase(best.key);  // its token would be too long to decode: never merged
+            continue;
+        }
         if (current == best.count) {
             *key = best.key;
             return true;
@@ -604,6 +724,7 @@ static bool pop_best_pair(BpeTrainer* tr, uint64_t* key) {
 static void apply_merge(BpeTrainer* tr, uint64_t key, int merge_index) {
     int32_t a = (int32_t)(key >> 32), b = (int32_t)(key & 0xFFFFFFFFu),
             c = byte_tokens + merge_index;
+    tr->token_length.push_back(tr->token_length[a] + tr->token_length[b]);
     std::vector<int32_t> affected = std::move(tr->pairs[key].words);
     tr->pairs.erase(key);
     tr->new_pairs.clear();
@@ -661,25 +782,20 @@ std::string tokenizer_serialize(const Tokenizer* tok) {
     return data + tok->eot_name;
 }
 
+uint32_t tokenizer_fingerprint(const Tokenizer* tok) {
+    std::string bytes = tokenizer_serialize(tok);
+    uint32_t crc = crc32(bytes.data(), bytes.size());
+    return crc ? crc : 1;
+}
+
 void tokenizer_save(const Tokenizer* tok, const char* path) {
     std::string data = tokenizer_serialize(tok);
     write_file_atomic(path, data.data(), data.size(), "tokenizer file");
 }
 
-// Reads little-endian int32s from a file held in memory, failing on truncation.
-struct ByteReader {
-    const std::string* data;
-    size_t pos;
-    const char* path;
-};
-
-static int32_t read_int32(ByteReader* r, const char* what) {
-    if (r->data->size() - r->pos < 4)
-        fail("tokenizer file '%s': truncated: %zu bytes, ends while reading %s at byte %zu",
-             r->path, r->data->size(), what, r->pos);
+static int32_t read_int32(ByteReader& r, const char* what) {
     int32_t value;
-    memcpy(&value, r->data->data() + r->pos, 4);
-    r->pos += 4;
+    r.read(&value, 4, what);
     return value;
 }
 
@@ -687,20 +803,47 @@ void tokenizer_load(Tokenizer* tok, const char* path) {
     tokenizer_parse(tok, read_whole_file(path, "tokenizer file"), path);
 }
 
-void tokenizer_parse(Tokenizer* tok, const std::string& data, const char* path) {
-    ByteReader r = {&data, 0, path};
+// The merges: each pair of tokens defined before it, none repeated, none making a token longer than
+// max_token_bytes (a chain of merges can double a token's length at each step).
+static std::vector<TokenPair> read_merges(ByteReader& r, int num_merges) {
+    const char* path = r.path;
+    std::vector<TokenPair> merges(num_merges);
+    std::vector<int64_t> length(byte_tokens + num_merges, 1);
+    std::unordered_map<uint64_t, int> seen;  // pair -> first merge index, to catch repeats
+    for (int i = 0; i < num_merges; i++) {
+        int32_t left = read_int32(r, "a merge"), right = read_int32(r, "a merge");
+        int defined = byte_tokens + i;  // bytes and earlier merges
+        if (left < 0 || left >= defined || right < 0 || right >= defined)
+            fail(
+                "tokenizer file '%s': merge %d (%d, %d) uses a token not defined before it (ids "
+                "must be < %d)",
+                path, i, left, right, defined);
+        auto inserted = seen.emplace(pair_key(left, right), i);
+        if (!inserted.second)
+            fail("tokenizer file '%s': merge %d (%d, %d) repeats merge %d", path, i, left, right,
+                 inserted.first->second);
+        length[defined] = length[left] + length[right];
+        if (length[defined] > max_token_bytes)
+            fail("tokenizer file '%s': merge %d makes a token of %lld bytes, more than %d", path, i,
+                 (long long)length[defined], max_token_bytes);
+        merges[i] = TokenPair{left, right};
+    }
+    return merges;
+}
 
-    uint32_t magic = (uint32_t)read_int32(&r, "the magic number");
+void tokenizer_parse(Tokenizer* tok, const std::string& data, const char* path) {
+    ByteReader r{data, 0, "tokenizer file", path};
+    uint32_t magic = uint32_t(read_int32(r, "the magic number"));
     if (magic != tokenizer_magic)
         fail("tokenizer file '%s': bad magic 0x%08x, expected 0x%08x", path, magic,
              tokenizer_magic);
-    int version = read_int32(&r, "the version");
+    int version = read_int32(r, "the version");
     if (version != tokenizer_version)
         fail("tokenizer file '%s': unsupported version %d, expected %d", path, version,
              tokenizer_version);
-    int vocab_size = read_int32(&r, "the vocab size");
-    int num_merges = read_int32(&r, "the merge count");
-    int num_special = read_int32(&r, "the special token count");
+    int vocab_size = read_int32(r, "the vocab size");
+    int num_merges = read_int32(r, "the merge count");
+    int num_special = read_int32(r, "the special token count");
     if (num_merges < 0) fail("tokenizer file '%s': negative merge count %d", path, num_merges);
     if (num_special != 1)
         fail("tokenizer file '%s': has %d special tokens, expected 1 (end-of-text)", path,
@@ -710,46 +853,22 @@ void tokenizer_parse(Tokenizer* tok, const std::string& data, const char* path) 
         fail("tokenizer file '%s': vocab size %d, but 256 bytes + %d merges + %d special = %lld",
              path, vocab_size, num_merges, num_special, (long long)expected_vocab);
     // Check the length before allocating, so a corrupt count cannot ask for gigabytes.
-    if ((data.size() - r.pos) / 8 < (size_t)num_merges)
+    if (r.remaining() / 8 < (size_t)num_merges)
         fail("tokenizer file '%s': truncated: %zu bytes, too short for %d merges", path,
              data.size(), num_merges);
-
-    std::vector<TokenPair> merges(num_merges);
-    std::unordered_map<uint64_t, int> seen;  // pair -> first merge index, to catch repeats
-    for (int i = 0; i < num_merges; i++) {
-        merges[i].left = read_int32(&r, "a merge");
-        merges[i].right = read_int32(&r, "a merge");
-        // Merge i may only combine tokens that already exist: bytes and earlier merges.
-        int defined = byte_tokens + i;
-        if (merges[i].left < 0 || merges[i].left >= defined || merges[i].right < 0 ||
-            merges[i].right >= defined)
-            fail(
-                "tokenizer file '%s': merge %d (%d, %d) uses a token not defined before it (ids "
-                "must be < %d)",
-                path, i, merges[i].left, merges[i].right, defined);
-        // A repeated pair would have two ranks; training never produces one.
-        auto inserted = seen.emplace(pair_key(merges[i].left, merges[i].right), i);
-        if (!inserted.second)
-            fail("tokenizer file '%s': merge %d (%d, %d) repeats merge %d", path, i, merges[i].left,
-                 merges[i].right, inserted.first->second);
-    }
-
-    int eot_id = read_int32(&r, "the end-of-text id");
+    std::vector<TokenPair> merges = read_merges(r, num_merges);
+    int eot_id = read_int32(r, "the end-of-text id");
     if (eot_id != vocab_size - 1)
         fail("tokenizer file '%s': end-of-text id %d, expected %d (the last id)", path, eot_id,
              vocab_size - 1);
-    int name_length = read_int32(&r, "the end-of-text name length");
+    int name_length = read_int32(r, "the end-of-text name length");
     if (name_length < 1 || name_length > 256)
         fail("tokenizer file '%s': end-of-text name length %d, expected 1..256", path, name_length);
-    if (data.size() - r.pos < (size_t)name_length)
-        fail("tokenizer file '%s': truncated: %zu bytes, ends inside the end-of-text name", path,
-             data.size());
-    std::string eot_name = data.substr(r.pos, name_length);
-    r.pos += name_length;
-    if (r.pos != data.size())
+    std::string eot_name(name_length, '\0');
+    r.read(&eot_name[0], name_length, "the end-of-text name");
+    if (r.remaining() != 0)
         fail("tokenizer file '%s': %zu bytes of trailing data after the end-of-text name", path,
-             data.size() - r.pos);
-
+             r.remaining());
     tok->merges = merges;
     tok->eot_name = eot_name;
     tokenizer_build_tables(tok);
@@ -889,7 +1008,8 @@ void tokenizer_decode(const Tokenizer* tok, const int32_t* tokens, size_t count,
 // ====================================================================================================
 // 5. Token files
 
-void write_token_file(const char* path, const int32_t* tokens, size_t count, int vocab_size) {
+void write_token_file(const char* path, const int32_t* tokens, size_t count, int vocab_size,
+                      uint32_t tokenizer_fingerprint) {
     if (vocab_size <= 0) fail("token file '%s': vocab size %d must be positive", path, vocab_size);
     if (count > (size_t)INT32_MAX)
         fail("token file '%s': %zu tokens, more than the header can count (%d)", path, count,
@@ -898,71 +1018,69 @@ void write_token_file(const char* path, const int32_t* tokens, size_t count, int
     size_t width = wide ? 4 : 2;
     size_t header_bytes = token_file_header_ints * sizeof(int32_t);
     std::vector<unsigned char> data(header_bytes + count * width, 0);
-
-    int32_t header[token_file_header_ints] = {0};
-    header[0] = token_file_magic;
-    header[1] = wide ? token_file_version_u32 : token_file_version_u16;
-    header[2] = (int32_t)count;
+    int32_t header[token_file_header_ints] = {
+        token_file_magic, wide ? token_file_version_u32 : token_file_version_u16, int32_t(count),
+        int32_t(tokenizer_fingerprint)};
     memcpy(data.data(), header, header_bytes);
-
     unsigned char* body = data.data() + header_bytes;
     for (size_t i = 0; i < count; i++) {
         int32_t token = tokens[i];
         if (token < 0 || token >= vocab_size)
             fail("token file '%s': token %d at index %zu is outside the vocabulary [0, %d)", path,
                  token, i, vocab_size);
-        if (wide) {
-            uint32_t value = (uint32_t)token;
-            memcpy(body + 4 * i, &value, 4);
-        } else {
-            uint16_t value = (uint16_t)token;
-            memcpy(body + 2 * i, &value, 2);
-        }
+        uint16_t narrow = uint16_t(token);
+        if (wide) memcpy(body + 4 * i, &token, 4);
+        else memcpy(body + 2 * i, &narrow, 2);
     }
     write_file_atomic(path, data.data(), data.size(), "token file");
 }
 
-TokenFile::~TokenFile() { token_file_close(this); }
+TokenFile::~TokenFile() {
+    if (fd >= 0) close(fd);
+}
 
-void token_file_close(TokenFile* file) {
-    if (file->map) munmap(file->map, file->map_size);
-    file->map = nullptr;
-    file->map_size = 0;
-    file->tokens16 = nullptr;
-    file->tokens32 = nullptr;
-    file->num_tokens = 0;
-    file->version = 0;
+// Tokens [first, first + count) into out, checking that the file still holds them.
+void token_file_read(const TokenFile* file, size_t first, size_t count, int32_t* out) {
+    size_t width = file->version == token_file_version_u16 ? 2 : 4, bytes = count * width;
+    off_t offset = off_t(token_file_header_ints * sizeof(int32_t) + first * width);
+    std::vector<unsigned char> raw(bytes);
+    size_t done = 0;
+    while (done < bytes) {
+        ssize_t n = pread(file->fd, raw.data() + done, bytes - done, offset + off_t(done));
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0)
+            fail("token file '%s': cannot read tokens %zu to %zu: %s", file->path.c_str(), first,
+                 first + count,
+                 n < 0 ? strerror(errno)
+                       : "the file is shorter than when it was opened (changed while in use?)");
+        done += size_t(n);
+    }
+    for (size_t i = 0; i < count; i++) {
+        uint16_t narrow;
+        uint32_t token;
+        if (width == 2) memcpy(&narrow, &raw[2 * i], 2), token = narrow;
+        else memcpy(&token, &raw[4 * i], 4);
+        if (token >= uint32_t(file->vocab_size))
+            fail("token file '%s': token %u at index %zu >= vocab size %d", file->path.c_str(),
+                 token, first + i, file->vocab_size);
+        out[i] = int32_t(token);
+    }
 }
 
 void token_file_open(TokenFile* file, const char* path, int vocab_size) {
     if (vocab_size <= 0) fail("token file '%s': vocab size %d must be positive", path, vocab_size);
-    token_file_close(file);
-    file->path = path;
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) fail("token file '%s': cannot open: %s", path, strerror(errno));
+    if (file->fd >= 0) close(file->fd), file->fd = -1;
+    file->path = path, file->vocab_size = vocab_size;
+    file->fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (file->fd < 0) fail("token file '%s': cannot open: %s", path, strerror(errno));
     struct stat info;
-    if (fstat(fd, &info) != 0) {
-        int error = errno;
-        close(fd);
-        fail("token file '%s': cannot stat: %s", path, strerror(error));
-    }
-    size_t size = (size_t)info.st_size;
-    size_t header_bytes = token_file_header_ints * sizeof(int32_t);
-    if (size < header_bytes) {
-        close(fd);
+    if (fstat(file->fd, &info) != 0)
+        fail("token file '%s': cannot stat: %s", path, strerror(errno));
+    size_t size = (size_t)info.st_size, header_bytes = token_file_header_ints * sizeof(int32_t);
+    int32_t header[token_file_header_ints];
+    if (size < header_bytes || pread(file->fd, header, header_bytes, 0) != ssize_t(header_bytes))
         fail("token file '%s': truncated: %zu bytes, smaller than the %zu-byte header", path, size,
              header_bytes);
-    }
-    void* map = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-    int map_error = errno;
-    close(fd);  // the mapping stays valid without the descriptor
-    if (map == MAP_FAILED) fail("token file '%s': cannot mmap: %s", path, strerror(map_error));
-    // From here the mapping belongs to *file: a failure below leaves it to be
-    // unmapped by token_file_close or the destructor.
-    file->map = map;
-    file->map_size = size;
-
-    const int32_t* header = (const int32_t*)map;
     if (header[0] != token_file_magic)
         fail("token file '%s': bad magic %d, expected %d", path, header[0], token_file_magic);
     int version = header[1];
@@ -972,8 +1090,10 @@ void token_file_open(TokenFile* file, const char* path, int vocab_size) {
             "tokens)",
             path, version);
     if (header[2] < 0) fail("token file '%s': negative token count %d", path, header[2]);
-    size_t count = (size_t)header[2];
-    size_t width = version == token_file_version_u16 ? 2 : 4;
+    for (int i = 4; i < token_file_header_ints; i++)
+        if (header[i] != 0)
+            fail("token file '%s': reserved header field %d is %d, expected 0", path, i, header[i]);
+    size_t count = (size_t)header[2], width = version == token_file_version_u16 ? 2 : 4;
     size_t expected = header_bytes + count * width;
     if (size < expected)
         fail("token file '%s': truncated: header says %zu tokens (%zu bytes), file has %zu bytes",
@@ -982,28 +1102,20 @@ void token_file_open(TokenFile* file, const char* path, int vocab_size) {
         fail(
             "token file '%s': %zu bytes of trailing data after the %zu tokens the header announces",
             path, size - expected, count);
-
-    file->version = version;
-    file->num_tokens = count;
-    const char* body = (const char*)map + header_bytes;
-    if (width == 2) file->tokens16 = (const uint16_t*)body;
-    else file->tokens32 = (const uint32_t*)body;
-
-    // Validate every token once here, so nothing downstream (the embedding
-    // lookup on the GPU) ever sees an out-of-range id.
-    for (size_t i = 0; i < count; i++) {
-        int64_t token = width == 2 ? (int64_t)file->tokens16[i] : (int64_t)file->tokens32[i];
-        if (token >= vocab_size)
-            fail("token file '%s': token %lld at index %zu >= vocab size %d", path,
-                 (long long)token, i, vocab_size);
-    }
+    file->version = version, file->num_tokens = count,
+    file->tokenizer_fingerprint = uint32_t(header[3]);
+    // Every token is checked once here, a block at a time, so that nothing downstream (the
+    // embedding lookup on the GPU) ever sees an out-of-range id.
+    std::vector<int32_t> block(1 << 20);
+    for (size_t first = 0; first < count; first += block.size())
+        token_file_read(file, first, std::min(block.size(), count - first), block.data());
 }
 
 std::vector<int32_t> read_token_file(const char* path, int vocab_size) {
     TokenFile file;
     token_file_open(&file, path, vocab_size);
     std::vector<int32_t> tokens(file.num_tokens);
-    for (size_t i = 0; i < file.num_tokens; i++) tokens[i] = token_file_at(&file, i);
+    token_file_read(&file, 0, file.num_tokens, tokens.data());
     return tokens;
 }
 
@@ -1026,6 +1138,7 @@ void dataloader_open(DataLoader* loader, const char* path, int B, int T, int voc
     loader->sweep_windows = (count - 1) / (size_t)T;
     loader->inputs.assign((size_t)B * T, 0);
     loader->targets.assign((size_t)B * T, 0);
+    loader->window.assign((size_t)T + 1, 0);
     dataloader_reset(loader);
 }
 
@@ -1047,12 +1160,9 @@ void dataloader_next_batch(DataLoader* loader) {
             start = loader->sweep_next;
             loader->sweep_next += T;
         }
-        int32_t* inputs = &loader->inputs[b * T];
-        int32_t* targets = &loader->targets[b * T];
-        for (size_t t = 0; t < T; t++) {
-            inputs[t] = token_file_at(&loader->file, start + t);
-            targets[t] = token_file_at(&loader->file, start + t + 1);
-        }
+        token_file_read(&loader->file, start, T + 1, loader->window.data());
+        std::copy(loader->window.begin(), loader->window.end() - 1, &loader->inputs[b * T]);
+        std::copy(loader->window.begin() + 1, loader->window.end(), &loader->targets[b * T]);
     }
 }
 

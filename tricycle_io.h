@@ -12,33 +12,60 @@ void profile_reset();
 void profile_report(FILE* out, long steps);  // a table of time per step by name, slowest first
 
 // ====================================================================================================
-// 2. Files. `kind` names the file in error messages, e.g. "token file".
+// 2. Files. `kind` names the file in error messages, e.g. "token file". Every file a program reads
+// is treated as hostile: each size read from it is checked against caps and against what the file
+// still holds before anything is allocated or multiplied by it.
 
-std::string read_whole_file(const char* path, const char* kind);
-// Writes to "<path>.tmp" and renames it over `path`: readers see the old file or the complete new
-// one, never a partial write.
+// The whole file; more than max_bytes is an error, not an allocation.
+std::string read_whole_file(const char* path, const char* kind, size_t max_bytes = size_t(1) << 34);
+
+// Reads a file image held in memory; every read is checked against what is left.
+struct ByteReader {
+    const std::string& data;
+    size_t position;
+    const char* kind;
+    const char* path;
+    size_t remaining() const { return data.size() - position; }
+    void read(void* out, size_t bytes, const char* what);
+};
+
+// CRC-32, as zlib.crc32 computes it (Python: zlib.crc32(data)); `crc` continues an earlier one.
+uint32_t crc32(const void* data, size_t bytes, uint32_t crc = 0);
+
+// Writes to "<path>.tmp.<pid>" and renames it over `path`: readers see the old file or the complete
+// new one, never a partial write, and two processes never share a temporary file.
 void write_file_atomic(const char* path, const void* data, size_t size, const char* kind);
 
+// Takes an exclusive lock on FOLDER/.lock for the rest of the process, or fails at once naming the
+// folder when another process holds it (flock: released when the process ends, even by a crash).
+void lock_folder(const char* folder, const char* program);
+
 // ====================================================================================================
-// 3. Model files. Little-endian:
-//   header: 256 int32: magic 0x59435254 ("TRCY"), version 1, vocab_size, context, dim, layers,
-//   heads,
-//           mlp_ratio, norm (0 layernorm, 1 rmsnorm), activation (0 gelu, 1 swiglu), rotary, tied,
-//           dropout and attention_dropout (float32 bits), number of tensors, number of sections,
-//           [16..17] number of parameters (int64); the rest zero
-//   directory: per tensor, in buffer order: name (48 bytes, NUL-padded), ndim, dims[0], dims[1], 0
-//   (int32) parameters: float32, in buffer order sections: tag (4 bytes), length (int64), payload —
-//   e.g. optimizer state, training state, tokenizer
-// Written to a temporary file and renamed into place.
+// 3. Model files (version 2). Little-endian:
+//   header      256 int32: [0] magic 0x59435254 ("TRCY"), [1] version 2, [2] vocab_size,
+//               [3] context, [4] dim, [5] layers, [6] heads, [7] mlp_ratio, [8] norm (0 layernorm,
+//               1 rmsnorm), [9] activation (0 gelu, 1 swiglu), [10] rotary (0/1), [11] tied (0/1),
+//               [12] dropout and [13] attention_dropout (float32 bits), [14] number of tensors,
+//               [15] number of sections, [16..17] number of parameters (int64), [18] CRC-32 of the
+//               directory, [19] CRC-32 of the parameters, [20] CRC-32 of the header itself (taken
+//               with [20] = 0); [21..255] zero
+//   directory   per tensor, in buffer order: name (48 bytes, NUL-padded), then int32 ndim, dims[0],
+//               dims[1], 0
+//   parameters  float32, in buffer order
+//   sections    each: tag (4 bytes), length (int64), CRC-32 of the payload (uint32), payload; a tag
+//               at most once
+// Loading checks every field, checksum and length, and that the parameters are finite, before it
+// allocates the model. Written to a temporary file and renamed into place.
 
 struct FileSection {
     char tag[4];
     std::string bytes;
 };
 void gpt_save(GPT& model, const char* path, const std::vector<FileSection>& sections = {});
-// creates the model
+// Creates the model from the file; the sections come back when asked for.
 void gpt_load(GPT* model, const char* path, std::vector<FileSection>* sections = nullptr);
 std::string floats_section(const real* device, long n);  // device -> float32 bytes
+// float32 bytes -> device; the section must hold exactly n finite values.
 void floats_from_section(real* device, long n, const FileSection& section, const char* path);
 
 // ====================================================================================================
@@ -52,7 +79,7 @@ void floats_from_section(real* device, long n, const FileSection& section, const
 //                   (left, right) becomes the new token 256 + i". The last id is
 //                   the end-of-text token.
 //   2. Token file - an encoded text on disk (llm.c's shard layout), written once
-//                   by `tokenizer encode` and memory-mapped by the loader.
+//                   by `tokenizer encode` and read by the loader.
 //   3. DataLoader - cuts (B, T) windows of inputs and next-token targets out of
 //                   a token file: random windows for training, an in-order sweep
 //                   for validation.
@@ -67,15 +94,17 @@ void floats_from_section(real* device, long n, const FileSection& section, const
 // id = vocab_size - 1 = 256 + num_merges. Nothing may follow the last name.
 //
 // Token file (.bin): 256 int32 header (magic 20240520, version, token count,
-// the rest zero), then the tokens: uint16 for version 1, uint32 for version 2
-// (used when the vocabulary has more than 65536 ids).
+// the tokenizer's fingerprint or 0, the rest zero), then the tokens: uint16 for
+// version 1, uint32 for version 2 (used when the vocabulary has more than 65536
+// ids). llm.c's shard layout; llm.c leaves field [3] zero.
 
 // ----------------------------------------------------------------------------------------------------
 // 4. The tokenizer
 
 constexpr uint32_t tokenizer_magic = 0x4B544354;  // the bytes "TCTK" read as a little-endian int
 constexpr int tokenizer_version = 1;
-constexpr int byte_tokens = 256;  // ids 0..255 are the raw byte values
+constexpr int byte_tokens = 256;          // ids 0..255 are the raw byte values
+constexpr int max_token_bytes = 1 << 16;  // no token decodes to more (decoding stays bounded)
 // The end-of-text token's name. It is also its text: the corpus builder puts this
 // string between files, encoding turns each occurrence into the end-of-text token
 // and decoding turns the token back into the string, so decode(encode(x)) == x
@@ -145,6 +174,9 @@ void tokenizer_load(Tokenizer* tok, const char* path);  // validates everything
 // The file's bytes, and back (a checkpoint carries its tokenizer this way); `path` names it in
 // errors.
 std::string tokenizer_serialize(const Tokenizer* tok);
+// CRC-32 of the tokenizer's file bytes, never 0: token files and checkpoints record it, so that
+// files made with different tokenizers are not mixed.
+uint32_t tokenizer_fingerprint(const Tokenizer* tok);
 void tokenizer_parse(Tokenizer* tok, const std::string& data, const char* path);
 
 // Appends the tokens of `text` to *tokens. Not thread-safe (uses the cache).
@@ -163,19 +195,21 @@ constexpr int token_file_version_u16 = 1;  // tokens stored as uint16
 constexpr int token_file_version_u32 = 2;  // tokens stored as uint32
 constexpr int token_file_header_ints = 256;
 
-// Writes `tokens` (each in [0, vocab_size)) to `path` via a temporary file and a
-// rename, so a reader never sees a half-written file. uint16 when vocab_size <= 65536.
-void write_token_file(const char* path, const int32_t* tokens, size_t count, int vocab_size);
+// Writes `tokens` (each in [0, vocab_size)) to `path` via a temporary file and a rename, so a
+// reader never sees a half-written file: uint16 when vocab_size <= 65536. Header field [3] records
+// the fingerprint of the tokenizer the tokens come from (0: not known).
+void write_token_file(const char* path, const int32_t* tokens, size_t count, int vocab_size,
+                      uint32_t tokenizer_fingerprint);
 
-// A memory-mapped, validated token file.
+// An open, validated token file. Tokens are read with pread, so a file that shrinks while it is in
+// use ends in an error, not a crash.
 struct TokenFile {
     std::string path;
-    int version = 0;
+    int fd = -1;
+    int version = 0;  // token_file_version_u16 or _u32
+    int vocab_size = 0;
     size_t num_tokens = 0;
-    void* map = nullptr;  // the whole file
-    size_t map_size = 0;
-    const uint16_t* tokens16 = nullptr;  // set for version 1
-    const uint32_t* tokens32 = nullptr;  // set for version 2
+    uint32_t tokenizer_fingerprint = 0;  // header field [3]
 
     TokenFile() = default;
     TokenFile(const TokenFile&) = delete;
@@ -183,14 +217,11 @@ struct TokenFile {
     ~TokenFile();
 };
 
-// Maps `path` and checks the header, that the size matches the count, and that
-// every token is < vocab_size. On failure it throws; the destructor still unmaps.
+// Opens `path` and checks the header (reserved fields zero), that the size matches the count, and
+// that every token is < vocab_size.
 void token_file_open(TokenFile* file, const char* path, int vocab_size);
-void token_file_close(TokenFile* file);
-inline int32_t token_file_at(const TokenFile* file, size_t index) {
-    return file->tokens16 ? (int32_t)file->tokens16[index] : (int32_t)file->tokens32[index];
-}
-// Convenience: open, copy all tokens out, close.
+void token_file_read(const TokenFile* file, size_t first, size_t count, int32_t* out);
+// Convenience: open, read all tokens.
 std::vector<int32_t> read_token_file(const char* path, int vocab_size);
 
 // ====================================================================================================
@@ -212,6 +243,7 @@ struct DataLoader {
     size_t sweep_windows = 0;      // windows in one full pass: (num_tokens - 1) / T
     std::vector<int32_t> inputs;   // (B, T) row-major: the window's tokens 0..T-1
     std::vector<int32_t> targets;  // (B, T): tokens 1..T, i.e. inputs shifted by one
+    std::vector<int32_t> window;   // T + 1 tokens read at once
 };
 
 // Opens and validates `path`; the file must hold at least T + 1 tokens.

@@ -11,6 +11,7 @@ Prints one line per check and ends with "N passed, M failed" (", K skipped" when
 import math
 import struct
 import sys
+import zlib
 
 try:
     import numpy as np
@@ -36,8 +37,13 @@ def read_model(path):
     """Config, and the parameters by name, from a Tricycle model file (layout in tricycle.h)."""
     data = open(path, "rb").read()
     header = struct.unpack_from("<256i", data, 0)
-    if header[0] != 0x59435254 or header[1] != 1:
-        sys.exit(f"{path}: not a version 1 Tricycle model file")
+    if header[0] != 0x59435254 or header[1] != 2:
+        sys.exit(f"{path}: not a version 2 Tricycle model file")
+    unsigned = lambda value: value & 0xFFFFFFFF
+    zeroed = list(header)
+    zeroed[20] = 0
+    if unsigned(header[20]) != zlib.crc32(struct.pack("<256i", *zeroed)):
+        sys.exit(f"{path}: the header's CRC-32 does not match")
     as_float = lambda bits: struct.unpack("<f", struct.pack("<i", bits))[0]
     config = dict(vocab_size=header[2], context=header[3], dim=header[4], layers=header[5], heads=header[6],
                   mlp_ratio=header[7], rmsnorm=bool(header[8]), swiglu=bool(header[9]), rotary=bool(header[10]),
@@ -50,6 +56,10 @@ def read_model(path):
         ndim, d0, d1, _unused = struct.unpack_from("<4i", data, offset + 48)
         directory.append((name, (d0,) if ndim == 1 else (d0, d1)))
         offset += 64
+    count_all = struct.unpack_from("<q", data, 64)[0]
+    if unsigned(header[18]) != zlib.crc32(data[1024:offset]) or \
+            unsigned(header[19]) != zlib.crc32(data[offset:offset + 4 * count_all]):
+        sys.exit(f"{path}: the directory's or the parameters' CRC-32 does not match")
     params = {}
     for name, shape in directory:
         count = math.prod(shape)

@@ -63,6 +63,15 @@ check "checkpoints, metrics.csv (61 rows) and loss.svg are written" \
     bash -c "test -s '$dir/a/latest.bin' -a -s '$dir/a/best.bin' -a -s '$dir/a/loss.svg' && [ \$(wc -l < '$dir/a/metrics.csv') -eq 62 ]"
 check "loss.svg is an SVG with both curves" bash -c "grep -q '<svg' '$dir/a/loss.svg' && [ \$(grep -c '<polyline' '$dir/a/loss.svg') -eq 2 ]"
 
+# The console and metrics.csv count steps alike: "step 20/60 | loss X" is row 20's train loss.
+console=$(grep -m1 "^step 20/60 | loss" "$dir/a.log" | sed 's/.*loss \([0-9.]*\).*/\1/')
+csv=$(awk -F, '$1 == 20 { printf "%.4f", $2 }' "$dir/a/metrics.csv")
+check "console step 20/60 and metrics.csv row 20 report the same loss ($console, $csv)" test -n "$console" -a "$console" = "$csv"
+check "an evaluation is announced before it runs" grep -q "^step 20: evaluating (4 batches)" "$dir/a.log"
+"${train[@]}" --out "$dir/accumulate" --steps 2 --grad-accum 4 > "$dir/accumulate.log" 2>&1
+check "with 4 micro-batches per step, the first step reports micro-batches 1, 2 and 4" \
+    bash -c "grep -c 'step 1/2: micro-batch [124]/4' '$dir/accumulate.log' | grep -qx 3"
+
 ./inference "$dir/a/latest.bin" --prompt "the fox " --tokens 40 --seed 1 > "$dir/sample.txt" 2>/dev/null
 check "inference streams text from the checkpoint" test "$(wc -c < "$dir/sample.txt")" -gt 40
 ./inference "$dir/a/latest.bin" --prompt "the owl" --tokens 60 --temperature 0 --tokens-out "$dir/greedy_cache.txt" >/dev/null 2>&1
@@ -103,6 +112,15 @@ fails_with "train_gpt rejects token files with tokens beyond the tokenizer's voc
 fails_with "train_gpt rejects a --vocab-size that differs from the tokenizer" "does not match the tokenizer" "${train[@]}" --out "$dir/c" --vocab-size 500
 fails_with "a diverging run (lr 1e4) stops at a non-finite loss, naming the step" "step" "${train[@]}" --out "$dir/d" --lr 1e4 --clip 0 --min-lr 0
 check "after the divergence the last good checkpoint still loads" ./inference "$dir/d/latest.bin" --tokens 3
+# make: the corpus comes from DATA= for any target; tokenizer and token files are named by VOCAB.
+mkdir -p "$dir/make"
+make -s -C "$dir/make" -f "$PWD/Makefile" data/tinyshakespeare.txt DATA="$dir/text.txt" > "$dir/make.log" 2>&1
+check "make data/tinyshakespeare.txt DATA=FILE copies the corpus from FILE" cmp "$dir/text.txt" "$dir/make/data/tinyshakespeare.txt"
+mkdir -p "$dir/make2"
+fails_with "make with DATA= naming a missing file says so" "DATA=$dir/none.txt: no such file" \
+    make -s -C "$dir/make2" -f "$PWD/Makefile" data/tinyshakespeare.txt DATA="$dir/none.txt"
+check "make train VOCAB=512 makes data/shakespeare_512.tok, not the 1024-token one" \
+    bash -c "make -n train VOCAB=512 CPU=1 2>/dev/null | grep -q 'vocab-size 512 --output data/shakespeare_512.tok'"
 for program in train_gpt inference tokenizer; do
     check "$program --help" "./$program" --help
 done

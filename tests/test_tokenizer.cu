@@ -493,7 +493,7 @@ static void test_tokenizer_files(const std::string& sample) {
 static void test_token_files() {
     std::vector<int32_t> tokens = {0, 1, 500, 65535, 7, 42};
     std::string path = temp_path("small.bin");
-    write_token_file(path.c_str(), tokens.data(), tokens.size(), 65536);
+    write_token_file(path.c_str(), tokens.data(), tokens.size(), 65536, 0);
     std::string raw = read_whole_file(path.c_str(), "test");
     int32_t header[256];
     memcpy(header, raw.data(), sizeof(header));
@@ -511,7 +511,7 @@ static void test_token_files() {
 
     std::vector<int32_t> wide = {69999, 65536, 3};
     std::string wide_path = temp_path("wide.bin");
-    write_token_file(wide_path.c_str(), wide.data(), wide.size(), 70000);
+    write_token_file(wide_path.c_str(), wide.data(), wide.size(), 70000, 0);
     std::string wide_raw = read_whole_file(wide_path.c_str(), "test");
     memcpy(header, wide_raw.data(), sizeof(header));
     check_that(header[0] == 20240520 && header[1] == 2 && header[2] == 3 &&
@@ -522,7 +522,7 @@ static void test_token_files() {
     std::vector<int32_t> too_big = {1, 2, 1024};
     std::string reject_path = temp_path("never-written.bin");
     check_rejects("writing a token >= vocab size", {reject_path, "1024", "index 2"}, [&] {
-        write_token_file(reject_path.c_str(), too_big.data(), too_big.size(), 1024);
+        write_token_file(reject_path.c_str(), too_big.data(), too_big.size(), 1024, 0);
     });
 
     auto rejects = [&](const std::string& name, const std::string& data, int vocab_size,
@@ -554,7 +554,7 @@ static std::string counting_file(const std::string& name, int count) {
     std::vector<int32_t> tokens(count);
     for (int i = 0; i < count; i++) tokens[i] = i;
     std::string path = temp_path(name);
-    write_token_file(path.c_str(), tokens.data(), tokens.size(), 65536);
+    write_token_file(path.c_str(), tokens.data(), tokens.size(), 65536, 0);
     return path;
 }
 
