@@ -1271,8 +1271,7 @@ static void cpu_gemm(const GemmShape& s, real alpha, GemmInput A, GemmInput B, r
 
 std::string gemm_engine() {
 #if defined(__CUDACC__)
-    return std::is_same<floatX, bf16>::value ? "cuBLAS, bfloat16 with float accumulation"
-                                             : "cuBLAS";
+    return sizeof(floatX) == 2 ? "cuBLAS, bfloat16 with float accumulation" : "cuBLAS";
 #elif defined(TRICYCLE_DOUBLE)
     return "OpenBLAS, double";
 #elif defined(TRICYCLE_BF16)
