@@ -38,6 +38,7 @@
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -504,7 +505,13 @@ inline void run_block(Block& b) {
     }
     if (b.failed) {  // abandon the parked fibers; their stacks are free again
         b.free_stacks.clear();
-        for (int s = 0; s < int(b.stacks.size()); s++) b.free_stacks.push_back(s);
+        for (int s = 0; s < int(b.stacks.size()); s++) {
+            b.free_stacks.push_back(s);
+#if defined(__SANITIZE_ADDRESS__)
+            // The abandoned frames' redzones would otherwise stay poisoned for the stack's next fiber.
+            __asan_unpoison_memory_region(b.stacks[s].bottom, b.stacks[s].size);
+#endif
+        }
     }
 }
 

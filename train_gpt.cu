@@ -733,7 +733,12 @@ static int train(int argc, char** argv) {
         profile_report(stdout, r.timed_steps);
     }
     double total = seconds_now() - r.run_start;
-    printf("done: %ld steps in %s (%.1f ms per step), best val loss %.4f; checkpoints in %s\n",
+    char best[32] = "none (no evaluation)";
+    if (std::isfinite(r.state.best_val_loss))
+        snprintf(best, sizeof best, "%.4f", r.state.best_val_loss);
+    printf("done: %ld steps in %s (%.1f ms per step), best val loss %s; checkpoints in %s\n",
+           o.steps - r.first_step, duration_text(total).c_str(),
+           r.timed_steps ? r.step_seconds_total / r.timed_steps * 1e3 : 0.0, best, o.out.c_str()); checkpoints in %s\n",
            o.steps - r.first_step, duration_text(total).c_str(),
            r.timed_steps ? r.step_seconds_total / r.timed_steps * 1e3 : 0.0, r.state.best_val_loss,
            o.out.c_str());

@@ -550,8 +550,8 @@ Tensor rotary(Tensor x);  // x (B, T, NH, hs)
 //   att_dropped when dropout_p > 0);
 // - flash: one kernel pair with tiles in shared memory and an online softmax, no (T, T) matrix; the
 //   forward saves lse, the log-sum-exp of each query's scores, (B, NH, T).
-// With rotary positions both also save the rotated q and k, (B, T, C) each. The tape version uses
-// flash when use_flash_attention (the default on a GPU; on the CPU the plain kernels are faster).
+// With rotary positions both also save the rotated q and k, (B, T, C) each. The tape version and
+// gpt_forward use flash when use_flash_attention (default false: plain).
 struct AttentionSaved {
     floatX *q, *k, *att, *att_dropped;
     real* lse;
@@ -560,7 +560,7 @@ struct AttentionScratch {
     floatX *datt, *datt_kept, *dq, *dk;
     real* D;
 };
-// from the arena
+// The backward's scratch buffers, from the arena.
 AttentionScratch attention_scratch(int B, int T, int C, int NH, bool rotary, real dropout_p,
                                    bool flash);
 extern bool use_flash_attention;
