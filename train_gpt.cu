@@ -738,10 +738,7 @@ static int train(int argc, char** argv) {
         snprintf(best, sizeof best, "%.4f", r.state.best_val_loss);
     printf("done: %ld steps in %s (%.1f ms per step), best val loss %s; checkpoints in %s\n",
            o.steps - r.first_step, duration_text(total).c_str(),
-           r.timed_steps ? r.step_seconds_total / r.timed_steps * 1e3 : 0.0, best, o.out.c_str()); checkpoints in %s\n",
-           o.steps - r.first_step, duration_text(total).c_str(),
-           r.timed_steps ? r.step_seconds_total / r.timed_steps * 1e3 : 0.0, r.state.best_val_loss,
-           o.out.c_str());
+           r.timed_steps ? r.step_seconds_total / r.timed_steps * 1e3 : 0.0, best, o.out.c_str());
     return 0;
 }
 
