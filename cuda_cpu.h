@@ -508,7 +508,8 @@ inline void run_block(Block& b) {
         for (int s = 0; s < int(b.stacks.size()); s++) {
             b.free_stacks.push_back(s);
 #if defined(__SANITIZE_ADDRESS__)
-            // The abandoned frames' redzones would otherwise stay poisoned for the stack's next fiber.
+            // The abandoned frames' redzones would otherwise stay poisoned for the stack's next
+            // fiber.
             __asan_unpoison_memory_region(b.stacks[s].bottom, b.stacks[s].size);
 #endif
         }

@@ -2215,8 +2215,9 @@ void attention_backward(floatX* dqkv, const floatX* dout, AttentionSaved saved,
 // Each thread keeps its share of a head vector, the elements d = threadIdx.x + i * blockDim.x for
 // i < PER_THREAD, in registers; PER_THREAD is a template parameter so the arrays stay in registers.
 
-// Plain attention is the default everywhere: on the CPU its matrix products are faster, and on a GPU
-// these flash kernels (one warp per query, no tensor cores) would be slower than cuBLAS's products.
+// Plain attention is the default everywhere: on the CPU its matrix products are faster, and on a
+// GPU these flash kernels (one warp per query, no tensor cores) would be slower than cuBLAS's
+// products.
 bool use_flash_attention = false;
 
 constexpr int flash_tile = 32;  // keys (or queries) per shared-memory tile
