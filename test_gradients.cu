@@ -218,14 +218,6 @@ static void test_shape_and_product_gradients() {
 // ----------------------------------------------------------------------------------------------------
 // Kernel results against plain CPU loops
 
-static double max_difference(const std::vector<real>& a, const std::vector<real>& b) {
-    if (a.size() != b.size()) return INFINITY;
-    double worst = 0;
-    for (size_t i = 0; i < a.size(); i++)
-        worst = std::max(worst, std::fabs(double(a[i]) - double(b[i])));
-    return worst;
-}
-
 static void test_forward_against_loops() {
     NoGrad no_grad;
     Tensor a = randn({4, 3, 7}, 1), b = randn({3, 1}, 2);

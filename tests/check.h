@@ -3,11 +3,14 @@
 // "N passed, M failed" line and gives the exit status.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdarg>
 #include <cstdio>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 static int checks_passed = 0, checks_failed = 0;
 
@@ -34,6 +37,17 @@ static bool check_fails(const char* what, const char* expected, F body) {
                      ok ? "" : " (expected it to mention that)");
     }
     return check(false, "%s: was accepted, expected an error mentioning \"%s\"", what, expected);
+}
+
+// The largest absolute difference between two vectors of numbers (infinite when their sizes
+// differ).
+template <typename T>
+static double max_difference(const std::vector<T>& a, const std::vector<T>& b) {
+    if (a.size() != b.size()) return INFINITY;
+    double worst = 0;
+    for (size_t i = 0; i < a.size(); i++)
+        worst = std::max(worst, std::fabs(double(a[i]) - double(b[i])));
+    return worst;
 }
 
 static int finish() {

@@ -9,14 +9,6 @@
 #include <string>
 #include <vector>
 
-static double max_difference(const std::vector<real>& a, const std::vector<real>& b) {
-    if (a.size() != b.size()) return INFINITY;
-    double worst = 0;
-    for (size_t i = 0; i < a.size(); i++)
-        worst = std::max(worst, std::fabs(double(a[i]) - double(b[i])));
-    return worst;
-}
-
 // Kernels that must work, and deliberately broken kernels the emulator must catch.
 // (On a GPU build these run on the GPU; the broken ones are only run under the emulator.)
 
@@ -101,6 +93,18 @@ __global__ void deadlock_kernel(int* out) {
     else __syncthreads();
 }
 
+// The tree reduction over 37 rows of 1000 against a plain loop.
+static bool block_sums_right() {
+    Tensor x = randn({37, 1000}, 3);
+    real* sums = device_alloc<real>(37);
+    launch(block_sum_kernel, 37, 256, 256 * sizeof(real), sums, x.data, 1000);
+    std::vector<real> hx = to_host(x), hs(37), expected(37, 0);
+    cuda_check(cudaMemcpy(hs.data(), sums, 37 * sizeof(real), cudaMemcpyDeviceToHost));
+    for (int r = 0; r < 37; r++)
+        for (int c = 0; c < 1000; c++) expected[r] += hx[r * 1000 + c];
+    return max_difference(hs, expected) < 1e-10;
+}
+
 static void test_emulator() {
     int* ints = device_alloc<int>(64 * 8);
     launch(warp_operations_kernel, 1, 64, 0, ints);
@@ -126,14 +130,7 @@ static void test_emulator() {
           "warp shuffles (down, up, xor, indexed, width 8, double), ballot, any, all and syncwarp "
           "give CUDA's results");
 
-    Tensor x = randn({37, 1000}, 3);
-    real* sums = device_alloc<real>(37);
-    launch(block_sum_kernel, 37, 256, 256 * sizeof(real), sums, x.data, 1000);
-    std::vector<real> hx = to_host(x), hs(37), expected(37, 0);
-    cuda_check(cudaMemcpy(hs.data(), sums, 37 * sizeof(real), cudaMemcpyDeviceToHost));
-    for (int r = 0; r < 37; r++)
-        for (int c = 0; c < 1000; c++) expected[r] += hx[r * 1000 + c];
-    check(max_difference(hs, expected) < 1e-10,
+    check(block_sums_right(),
           "shared-memory tree reduction with 9 barriers per thread, 37 blocks of 256");
 
     launch(static_shared_kernel, 3, 64, 0, ints);
@@ -185,15 +182,7 @@ static void test_broken_kernels() {
                 [=] { launch(shared_out_of_bounds_kernel, 1, 32, 32 * sizeof(real), out); });
     check_fails("emulator: a lane waits at a shuffle while the rest wait at a barrier", "deadlock",
                 [=] { launch(deadlock_kernel, 1, 32, 0, ints); });
-    Tensor x = randn({37, 1000}, 3);
-    real* sums = device_alloc<real>(37);
-    launch(block_sum_kernel, 37, 256, 256 * sizeof(real), sums, x.data, 1000);
-    std::vector<real> hx = to_host(x), hs(37), expected(37, 0);
-    cuda_check(cudaMemcpy(hs.data(), sums, 37 * sizeof(real), cudaMemcpyDeviceToHost));
-    for (int r = 0; r < 37; r++)
-        for (int c = 0; c < 1000; c++) expected[r] += hx[r * 1000 + c];
-    check(max_difference(hs, expected) < 1e-10,
-          "emulator: a correct kernel runs cleanly right after the failures");
+    check(block_sums_right(), "emulator: a correct kernel runs cleanly right after the failures");
 #endif
 }
 
