@@ -149,7 +149,39 @@ namespace emu {
 inline cudaError_t pending_error = cudaSuccess;  // what the next cudaGetLastError() returns
 inline std::string error_message;                // the detailed report of the last failed launch
 inline const std::string& last_error_message() { return error_message; }
+
+// The hardware's limits, enforced at every launch as a GPU would (CUDA programming guide, compute
+// capability 8.0, the strictest of the architectures the GPU build targets).
+constexpr unsigned max_block_x = 1024, max_block_y = 1024, max_block_z = 64;
+constexpr unsigned max_grid_x = 2147483647u, max_grid_yz = 65535;
+constexpr size_t default_shared_bytes = 48 << 10;  // dynamic shared memory without an opt-in
+constexpr size_t max_shared_bytes = 163 << 10;     // the most an opt-in may allow (sm_80)
+// Dynamic shared memory each kernel opted into with cudaFuncSetAttribute.
+inline std::mutex opt_in_mutex;
+inline std::vector<std::pair<const void*, size_t>> shared_opt_ins;
+inline size_t shared_limit(const void* kernel) {
+    std::lock_guard<std::mutex> lock(opt_in_mutex);
+    for (const auto& [k, bytes] : shared_opt_ins)
+        if (k == kernel) return bytes;
+    return default_shared_bytes;
+}
 }  // namespace emu
+
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+// As on a GPU, a kernel may use more than 48 KB of dynamic shared memory only after this, and never
+// more than the architecture allows.
+template <typename... Params>
+inline cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute attribute,
+                                        int value) {
+    if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+        size_t(value) > emu::max_shared_bytes)
+        return cudaErrorInvalidValue;
+    std::lock_guard<std::mutex> lock(emu::opt_in_mutex);
+    for (auto& [k, bytes] : emu::shared_opt_ins)
+        if (k == reinterpret_cast<const void*>(kernel)) return bytes = size_t(value), cudaSuccess;
+    emu::shared_opt_ins.push_back({reinterpret_cast<const void*>(kernel), size_t(value)});
+    return cudaSuccess;
+}
 
 inline cudaError_t cudaMalloc(void** pointer, size_t bytes) {
     // 64-byte alignment, like cudaMalloc's 256, keeps vector loads legal; never return nullptr for
@@ -517,13 +549,37 @@ inline void run_block(Block& b) {
 }
 
 // Runs a whole grid. body(arg) runs the kernel for the thread in threadIdx/blockIdx.
+// Why a launch's configuration is one a GPU refuses, or empty.
+inline std::string launch_problem(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes) {
+    char text[256] = "";
+    long threads = long(block.x) * block.y * block.z;
+    if (threads < 1 || threads > max_threads_per_block)
+        snprintf(text, sizeof text, "%ld threads per block (%ux%ux%u), at most %d", threads,
+                 block.x, block.y, block.z, max_threads_per_block);
+    else if (block.x > max_block_x || block.y > max_block_y || block.z > max_block_z)
+        snprintf(text, sizeof text, "block (%u,%u,%u): at most (%u,%u,%u)", block.x, block.y,
+                 block.z, max_block_x, max_block_y, max_block_z);
+    else if (grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.x > max_grid_x ||
+             grid.y > max_grid_yz || grid.z > max_grid_yz)
+        snprintf(text, sizeof text, "grid (%u,%u,%u): each from 1 to (2^31-1,%u,%u)", grid.x,
+                 grid.y, grid.z, max_grid_yz, max_grid_yz);
+    else if (shared_bytes > shared_limit(kernel))
+        snprintf(text, sizeof text,
+                 "%zu bytes of dynamic shared memory, more than the %zu allowed (above 48 KB needs "
+                 "cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) "
+                 "first)",
+                 shared_bytes, shared_limit(kernel));
+    return text;
+}
+
 inline void run_grid(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes,
                      void (*body)(void*), void* arg) {
+    std::string problem = launch_problem(kernel, grid, block, shared_bytes);
     int n_threads = int(block.x * block.y * block.z);
-    if (n_threads < 1 || n_threads > max_threads_per_block || grid.x * grid.y * grid.z == 0) {
+    if (!problem.empty()) {
         std::lock_guard<std::mutex> lock(report_mutex);
         error_message =
-            "CPU emulator: kernel " + kernel_name(kernel) + ": invalid launch configuration";
+            "CPU emulator: kernel " + kernel_name(kernel) + ": invalid launch: " + problem;
         pending_error = cudaErrorInvalidValue;
         return;
     }
@@ -636,6 +692,13 @@ inline T shuffle(unsigned mask, T var, int source_lane) {
 
 inline int lane_id() { return block_state.current % 32; }
 
+// A shuffle's width must be a power of two from 1 to 32.
+inline void check_width(int width) {
+    if (width < 1 || width > 32 || (width & (width - 1)))
+        kernel_bug(block_state,
+                   "warp shuffle with width %d: it must be a power of two from 1 to 32", width);
+}
+
 // --- dynamic shared memory with an initialisation check ---
 
 [[noreturn]] inline void shared_out_of_bounds(size_t offset, size_t bytes) {
@@ -698,21 +761,25 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
 // Lanes whose source falls outside their group of `width` lanes read their own value, as on a GPU.
 template <typename T>
 inline T __shfl_sync(unsigned mask, T var, int source_lane, int width = 32) {
+    emu::check_width(width);
     int lane = emu::lane_id();
     return emu::shuffle(mask, var, (lane & ~(width - 1)) + (source_lane & (width - 1)));
 }
 template <typename T>
 inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32) {
+    emu::check_width(width);
     int lane = emu::lane_id();
     return emu::shuffle(mask, var, (lane % width) + int(delta) < width ? lane + int(delta) : lane);
 }
 template <typename T>
 inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32) {
+    emu::check_width(width);
     int lane = emu::lane_id();
     return emu::shuffle(mask, var, (lane % width) >= int(delta) ? lane - int(delta) : lane);
 }
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32) {
+    emu::check_width(width);
     int lane = emu::lane_id();
     int source = lane ^ lane_mask;
     return emu::shuffle(mask, var, source / width == lane / width ? source : lane);

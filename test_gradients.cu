@@ -8,6 +8,9 @@
 #include <functional>
 #include <vector>
 
+// The build's threads per row (tests that try others restore it).
+static int default_lanes = 1;
+
 // ----------------------------------------------------------------------------------------------------
 // Finite differences
 
@@ -184,7 +187,7 @@ static void test_reduction_gradients() {
                            std::to_string(lanes) + " threads per row",
                        [=] { return softmax(single); }, {single});
     }
-    threads_per_row = 1;
+    threads_per_row = default_lanes;
 }
 
 static void test_shape_and_product_gradients() {
@@ -260,7 +263,7 @@ static void test_forward_against_loops() {
         check(max_difference(to_host(max(x, 0)), col_max) == 0,
               "max over axis 0 of (6,45) matches the CPU loop, %d threads per row", lanes);
     }
-    threads_per_row = 1;
+    threads_per_row = default_lanes;
 
     Tensor t = randn({2, 3, 4}, 6);
     std::vector<real> ht = to_host(t), transposed(24);
@@ -347,6 +350,15 @@ static void test_tape_semantics() {
 }
 
 static void test_arena_and_printing() {
+    {  // a large request grows the arena by about its size (a GPU commits every byte asked for)
+        size_t before = memory_reserved();
+        MemoryMark mark = memory_mark();
+        device_alloc(size_t(100) << 20);
+        size_t grown = memory_reserved() - before;
+        memory_release(mark);
+        check(grown <= (size_t(102) << 20),
+              "a 100 MB request grows the arena by %zu MB, not by doubling", grown >> 20);
+    }
     // A "training step" run repeatedly: after the first, the arena takes nothing more from the
     // system.
     Tensor w = requires_grad(randn({64, 64}, 1));
@@ -424,7 +436,7 @@ static void test_layer_gradients() {
         check_gradient("fused linear + gelu (3,5,7) -> 9" + lanes_note(),
                        [=] { return linear_gelu(x, w, b); }, {x, w, b});
     }
-    threads_per_row = 1;
+    threads_per_row = default_lanes;
 
     for (int lanes : {1, 32, 8}) {
         threads_per_row = lanes;
@@ -444,7 +456,7 @@ static void test_layer_gradients() {
                 {h, branch, g, beta});
         }
     }
-    threads_per_row = 1;
+    threads_per_row = default_lanes;
 
     Tensor a = input({3, 41}, 9);
     check_gradient("gelu (tanh approximation) (3,41)", [=] { return gelu(a); }, {a});
@@ -493,7 +505,7 @@ static void test_attention_and_small_layer_gradients() {
         check_gradient("cross-entropy (7,37) with an ignored row" + lanes_note(),
                        [=] { return cross_entropy(logits, targets); }, {logits});
     }
-    threads_per_row = 1;
+    threads_per_row = default_lanes;
 }
 
 static void test_layer_values() {
@@ -548,7 +560,7 @@ static void test_layer_values() {
               max_difference(outputs[0], outputs[1]), max_difference(grads[0], grads[1]),
               lanes_note().c_str());
     }
-    threads_per_row = 1;
+    threads_per_row = default_lanes;
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -677,7 +689,7 @@ static void test_gpt_backward_equals_tape() {
             threads_per_row = 32;
             check_explicit_backward(
                 "dropout 0.2, attention dropout 0.1, 32 threads per row; " + kind, dropped, 2, 5);
-            threads_per_row = 1;
+            threads_per_row = default_lanes;
         }
         use_flash_attention = false;
     }
@@ -695,7 +707,7 @@ static void test_gpt_gradients() {
     check_gpt_gradients("dropout 0.2 and attention dropout 0.1, 32 threads per row", dropped);
     use_flash_attention = true;
     check_gpt_gradients("flash attention with attention dropout 0.1, 32 threads per row", dropped);
-    threads_per_row = 1;
+    threads_per_row = default_lanes;
     check_gpt_gradients("flash attention, rmsnorm, swiglu, rotary, untied", modern);
     use_flash_attention = false;
 }
@@ -854,6 +866,9 @@ static void test_model_files() {
 }
 
 int main() {
+    default_lanes = threads_per_row;
+    printf("launch shapes: %s (%d threads per row)\n",
+           launching_gpu_shapes() ? "the GPU's" : "the CPU's", threads_per_row);
     test_seed_examples();
     test_seed_attention_example();
     test_xor_mlp();

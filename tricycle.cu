@@ -60,8 +60,16 @@ void cuda_check(cudaError_t error, const char* file, int line) {
     if (error != cudaSuccess) fail("%s:%d: CUDA error: %s", file, line, cudaGetErrorString(error));
 }
 
+// TRICYCLE_SYNC_CHECK=1 waits for every kernel and checks it, so that a fault on a GPU names its
+// kernel instead of surfacing at a later copy (slow: for finding bugs).
+static const bool sync_check = [] {
+    const char* value = getenv("TRICYCLE_SYNC_CHECK");
+    return value && !strcmp(value, "1");
+}();
+
 void check_launch(const void* kernel) {
     cudaError_t error = cudaGetLastError();
+    if (error == cudaSuccess && sync_check) error = cudaDeviceSynchronize();
     if (error == cudaSuccess) return;
 #ifdef __CUDACC__
     const char* name = "?";
@@ -99,17 +107,28 @@ static cublasHandle_t cublas_handle() {
 // A GPU wants a warp per row; the emulator is fastest with 1, where no shuffle happens. Tests run
 // both.
 
+// The CPU build can launch with the GPU's shapes instead (TRICYCLE_LAUNCH_SHAPES=gpu; the tests run
+// so in CI, `make test-gpu-shapes`): what a GPU runs then runs, block for block, under the
+// emulator.
 #ifdef __CUDACC__
-int threads_per_row = 32;
-static const int element_threads = 256;   // threads per block of an elementwise kernel
-static const long max_blocks = 132 * 32;  // enough to fill an H100 several times over
-static int rows_per_block() { return 256 / threads_per_row; }
+static const bool gpu_launch_shapes = true;
 #else
-int threads_per_row = 1;
-static const int element_threads = 1;
-static const long max_blocks = 64;  // a few per core, so the cores share the work evenly
-static int rows_per_block() { return threads_per_row < 16 ? 16 / threads_per_row : 1; }
+static const bool gpu_launch_shapes = [] {
+    const char* shapes = getenv("TRICYCLE_LAUNCH_SHAPES");
+    return shapes && !strcmp(shapes, "gpu");
+}();
 #endif
+bool launching_gpu_shapes() { return gpu_launch_shapes; }
+
+int threads_per_row = gpu_launch_shapes ? 32 : 1;
+static const int element_threads = gpu_launch_shapes ? 256 : 1;  // threads per elementwise block
+// GPU: enough blocks to fill an H100 several times over; CPU: a few per core, to share the work.
+static const long max_blocks = gpu_launch_shapes ? 132 * 32 : 64;
+static int rows_per_block() {
+    return gpu_launch_shapes      ? 256 / threads_per_row
+           : threads_per_row < 16 ? 16 / threads_per_row
+                                  : 1;
+}
 
 static unsigned clamp_blocks(long blocks) {
     return unsigned(blocks < 1 ? 1 : blocks < max_blocks ? blocks : max_blocks);
@@ -288,12 +307,15 @@ static void* arena_alloc(Arena& arena, size_t bytes, size_t alignment) {
             arena.chunk++, arena.offset = 0;
             continue;
         }
-        // Out of chunks: take a new one from the system, at least double the last.
-        size_t size = arena.chunks.empty() ? arena.first_chunk_bytes : 2 * arena.chunk_bytes.back();
-        while (size < bytes) size *= 2;
+        // Out of chunks: take a new one from the system, as large as the request or the first
+        // chunk (not doubling: on a GPU every byte asked for is committed).
+        size_t size =
+            std::max(arena.first_chunk_bytes, (bytes + alignment + (size_t(1) << 20)) >> 20 << 20);
         char* memory = nullptr;
         if (arena.on_device) {
-            cuda_check(cudaMalloc(&memory, size));
+            if (cudaMalloc(&memory, size) != cudaSuccess)
+                fail("out of device memory: the arena needs %zu MB more, with %zu MB in use",
+                     size >> 20, memory_in_use() >> 20);
         } else {
             memory = static_cast<char*>(malloc(size));
             if (!memory) fail("out of host memory allocating %zu bytes for the tape", size);
@@ -1429,12 +1451,12 @@ constexpr int column_slab_rows = 32;
 __global__ void column_partial_sums_kernel(real* partial, real* partial_weighted,
                                            const floatX* dout, const floatX* x, const real* mean,
                                            const real* rstd, long rows, int C) {
-    long r0 = long(blockIdx.y) * column_slab_rows,
+    long r0 = long(blockIdx.x) * column_slab_rows,
          r1 = r0 + column_slab_rows < rows ? r0 + column_slab_rows : rows;
-    long tile = (C + gridDim.x - 1) / gridDim.x, c0 = blockIdx.x * tile,
+    long tile = (C + gridDim.y - 1) / gridDim.y, c0 = blockIdx.y * tile,
          c1 = c0 + tile < C ? c0 + tile : C;
-    real* sums = partial ? partial + long(blockIdx.y) * C : nullptr;
-    real* weighted_sums = partial_weighted ? partial_weighted + long(blockIdx.y) * C : nullptr;
+    real* sums = partial ? partial + long(blockIdx.x) * C : nullptr;
+    real* weighted_sums = partial_weighted ? partial_weighted + long(blockIdx.x) * C : nullptr;
     auto xhat = [&](long r, long c) { return (x[r * C + c] - (mean ? mean[r] : 0)) * rstd[r]; };
     if (blockDim.x ==
         1) {  // a lone thread adds row after row into the sums: unit stride, vectorised
@@ -1478,7 +1500,7 @@ static void column_sums(floatX* dsum, floatX* dweighted, const floatX* dout, con
     unsigned column_tiles = element_threads > 1 ? (C + element_threads - 1) / element_threads : 1;
     real* partial = dsum ? device_alloc<real>(long(slabs) * C) : nullptr;
     real* partial_weighted = dweighted ? device_alloc<real>(long(slabs) * C) : nullptr;
-    launch(column_partial_sums_kernel, dim3(column_tiles, slabs), element_threads, 0, partial,
+    launch(column_partial_sums_kernel, dim3(slabs, column_tiles), element_threads, 0, partial,
            partial_weighted, dout, x, mean, rstd, rows, C);
     if (dsum)
         launch(add_partial_sums_kernel, element_blocks(C), element_threads, 0, dsum, partial, slabs,
@@ -2268,8 +2290,8 @@ __device__ __forceinline__ void group_dots(const real (&u)[PER_THREAD], const re
 template <int PER_THREAD>
 __global__ void flash_attention_forward_kernel(floatX* out, real* lse, const floatX* q,
                                                const floatX* k, const floatX* v, FlashShape s) {
-    int hs = s.C / s.NH, b = blockIdx.y / s.NH, h = blockIdx.y % s.NH;
-    int first = blockIdx.x * blockDim.y, t = first + threadIdx.y,
+    int hs = s.C / s.NH, b = blockIdx.x / s.NH, h = blockIdx.x % s.NH;
+    int first = blockIdx.y * blockDim.y, t = first + threadIdx.y,
         last = (first + int(blockDim.y) < s.T ? first + int(blockDim.y) : s.T) - 1;
     bool active = t < s.T;
     if (!active) t = s.T - 1;  // past the end: work on the last query, write nothing
@@ -2333,8 +2355,8 @@ __global__ void flash_attention_dq_kernel(floatX* dq, int ld_dq, bool accumulate
                                           const floatX* dout, const real* lse, const real* D,
                                           const floatX* q, const floatX* k, const floatX* v,
                                           FlashShape s) {
-    int hs = s.C / s.NH, b = blockIdx.y / s.NH, h = blockIdx.y % s.NH;
-    int first = blockIdx.x * blockDim.y, t = first + threadIdx.y,
+    int hs = s.C / s.NH, b = blockIdx.x / s.NH, h = blockIdx.x % s.NH;
+    int first = blockIdx.y * blockDim.y, t = first + threadIdx.y,
         last = (first + int(blockDim.y) < s.T ? first + int(blockDim.y) : s.T) - 1;
     bool active = t < s.T;
     if (!active) t = s.T - 1;
@@ -2380,8 +2402,8 @@ __global__ void flash_attention_dkdv_kernel(floatX* dk, int ld_dk, bool accumula
                                             bool accumulate_v, const floatX* dout, const real* lse,
                                             const real* D, const floatX* q, const floatX* k,
                                             const floatX* v, FlashShape s) {
-    int hs = s.C / s.NH, b = blockIdx.y / s.NH, h = blockIdx.y % s.NH;
-    int first = blockIdx.x * blockDim.y, key = first + threadIdx.y;
+    int hs = s.C / s.NH, b = blockIdx.x / s.NH, h = blockIdx.x % s.NH;
+    int first = blockIdx.y * blockDim.y, key = first + threadIdx.y;
     bool active = key < s.T;
     if (!active) key = s.T - 1;
     auto queries = shared_memory<real>();
@@ -2463,7 +2485,22 @@ static FlashShape flash_shape(int B, int T, int C, int NH, bool rotary, real dro
         B, T, C, NH, rotary ? C : 3 * C, real(1 / std::sqrt(double(C / NH))), dropout_p, seed};
 }
 static dim3 flash_grid(const FlashShape& s) {
-    return dim3(unsigned((s.T + rows_per_block() - 1) / rows_per_block()), unsigned(s.B * s.NH));
+    return dim3(unsigned(s.B * s.NH), unsigned((s.T + rows_per_block() - 1) / rows_per_block()));
+}
+
+// More than 48 KB of dynamic shared memory needs the kernel's opt-in, on a GPU and under the
+// emulator alike, and no GPU the build targets gives a block more than 163 KB.
+template <typename... Params>
+static void allow_shared_memory(void (*kernel)(Params...), size_t bytes, int hs) {
+    if (bytes > size_t(163 << 10))
+        fail(
+            "flash attention: a head of %d values needs %zu bytes of shared memory per block, more "
+            "than a GPU "
+            "allows (163 KB): use --attention plain",
+            hs, bytes);
+    if (bytes > size_t(48 << 10))
+        cuda_check(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
 }
 
 void flash_attention_forward(floatX* out, AttentionSaved saved, const floatX* qkv, int B, int T,
@@ -2474,9 +2511,11 @@ void flash_attention_forward(floatX* out, AttentionSaved saved, const floatX* qk
     with_values_per_thread(
         hs,
         [&](auto per_thread) {
-            launch(flash_attention_forward_kernel<decltype(per_thread)::value>, flash_grid(s),
-                   row_block(), 2 * flash_tile * hs * sizeof(real), out, saved.lse, q, k,
-                   qkv + 2 * C, s);
+            auto kernel = flash_attention_forward_kernel<decltype(per_thread)::value>;
+            size_t shared = 2 * flash_tile * hs * sizeof(real);
+            allow_shared_memory(kernel, shared, hs);
+            launch(kernel, flash_grid(s), row_block(), shared, out, saved.lse, q, k, qkv + 2 * C,
+                   s);
         },
         FlashSizes());
 }
@@ -2497,13 +2536,15 @@ void flash_attention_backward(floatX* dqkv, const floatX* dout, const floatX* ou
         hs,
         [&](auto per_thread) {
             constexpr int n = decltype(per_thread)::value;
-            launch(flash_attention_dq_kernel<n>, flash_grid(s), row_block(),
-                   2 * flash_tile * hs * sizeof(real), dq, ld_grad, accumulate && !rotary, dout,
-                   saved.lse, scratch.D, q, k, v, s);
-            launch(flash_attention_dkdv_kernel<n>, flash_grid(s), row_block(),
-                   (2 * flash_tile * hs + 2 * flash_tile) * sizeof(real), dk, ld_grad,
-                   accumulate && !rotary, dqkv + 2 * C, accumulate, dout, saved.lse, scratch.D, q,
-                   k, v, s);
+            size_t tiles = 2 * flash_tile * hs * sizeof(real),
+                   stats = 2 * flash_tile * sizeof(real);
+            allow_shared_memory(flash_attention_dq_kernel<n>, tiles, hs);
+            allow_shared_memory(flash_attention_dkdv_kernel<n>, tiles + stats, hs);
+            launch(flash_attention_dq_kernel<n>, flash_grid(s), row_block(), tiles, dq, ld_grad,
+                   accumulate && !rotary, dout, saved.lse, scratch.D, q, k, v, s);
+            launch(flash_attention_dkdv_kernel<n>, flash_grid(s), row_block(), tiles + stats, dk,
+                   ld_grad, accumulate && !rotary, dqkv + 2 * C, accumulate, dout, saved.lse,
+                   scratch.D, q, k, v, s);
         },
         FlashSizes());
     if (rotary) rotary_gradients_back(dqkv, scratch, B, T, C, NH, mode);

@@ -161,6 +161,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
 // threads, 1 to 32, that combine partial results with warp shuffles. A GPU wants a full warp per
 // row; the CPU emulator is fastest with 1, where no shuffle happens at all. Tests run both.
 extern int threads_per_row;
+bool launching_gpu_shapes();  // true on a GPU, and on the CPU under TRICYCLE_LAUNCH_SHAPES=gpu
 
 // Blocks for a grid-stride loop over n elements with `threads` per block.
 unsigned grid_size(long n, int threads);

@@ -93,6 +93,20 @@ __global__ void deadlock_kernel(int* out) {
     else __syncthreads();
 }
 
+// Launches a GPU refuses: kernels that are fine, with configurations or arguments that are not.
+__global__ void count_kernel(int* out) { atomicAdd(out, 1); }
+
+__global__ void fill_shared_kernel(int* out, int n) {
+    auto values = shared_memory<int>();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) values[i] = i;
+    __syncthreads();
+    if (threadIdx.x == 0) out[0] = values[n - 1];
+}
+
+__global__ void shuffle_width_kernel(int* out, int width) {
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffff, int(threadIdx.x), 1, width);
+}
+
 // The tree reduction over 37 rows of 1000 against a plain loop.
 static bool block_sums_right() {
     Tensor x = randn({37, 1000}, 3);
@@ -186,8 +200,43 @@ static void test_broken_kernels() {
 #endif
 }
 
+// Every hardware limit the emulator enforces, each broken on purpose.
+static void test_hardware_limits() {
+#ifndef __CUDACC__
+    int* ints = device_alloc<int>(64);
+    auto refused = [&](const char* what, const char* expected, dim3 grid, dim3 block) {
+        check_fails(what, expected, [=] { launch(count_kernel, grid, block, 0, ints); });
+    };
+    refused("emulator: 1025 threads in a block", "1025 threads per block", 1, 1025);
+    refused("emulator: a block 65 deep (z at most 64)", "block (1,1,65)", 1, dim3(1, 1, 65));
+    refused("emulator: a block 2048 wide", "2048 threads per block", 1, dim3(2048));
+    refused("emulator: 65536 blocks along grid y", "grid (1,65536,1)", dim3(1, 65536), 32);
+    refused("emulator: 65536 blocks along grid z", "grid (1,1,65536)", dim3(1, 1, 65536), 32);
+    const int n = 16 << 10;  // 64 KB of ints
+    check_fails("emulator: 64 KB of dynamic shared memory without an opt-in",
+                "cudaFuncSetAttribute",
+                [=] { launch(fill_shared_kernel, 1, 256, n * sizeof(int), ints, n); });
+    cudaError_t opt_in = cudaFuncSetAttribute(fill_shared_kernel,
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize, n * 4);
+    cuda_check(cudaMemset(ints, 0, sizeof(int)));
+    launch(fill_shared_kernel, 1, 256, n * sizeof(int), ints, n);
+    int last = 0;
+    cuda_check(cudaMemcpy(&last, ints, sizeof last, cudaMemcpyDeviceToHost));
+    check(opt_in == cudaSuccess && last == n - 1,
+          "emulator: after the opt-in, 64 KB of dynamic shared memory work");
+    check(cudaFuncSetAttribute(fill_shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               200 << 10) == cudaErrorInvalidValue,
+          "emulator: an opt-in above the architecture's 163 KB is refused");
+    check_fails("emulator: a shuffle of width 6", "width 6",
+                [=] { launch(shuffle_width_kernel, 1, 32, 0, ints, 6); });
+    check_fails("emulator: a shuffle of width 64", "width 64",
+                [=] { launch(shuffle_width_kernel, 1, 32, 0, ints, 64); });
+#endif
+}
+
 int main() {
     test_emulator();
     test_broken_kernels();
+    test_hardware_limits();
     return finish();
 }
