@@ -38,6 +38,7 @@ static const char* help_text =
     "                        attention probabilities)\n"
     "  --norm layernorm|rmsnorm   --activation gelu|swiglu   --rotary   --untied\n"
     "  --attention plain|flash     attention kernels (same results; plain by default)\n"
+    "  --tf32 1|0            GPU float build: float products on TF32 tensor cores (default 1)\n"
     "training:\n"
     "  --batch N  --grad-accum N  --steps N             sequences per micro-batch, micro-batches\n"
     "                                                   per step, optimizer steps\n"
@@ -153,6 +154,7 @@ static Options parse_options(int argc, char** argv) {
     for (int i = 1; i + 1 < argc; i++)
         if (!strcmp(argv[i], "--preset")) preset = argv[i + 1];
     Options o = preset_options(preset);
+    use_tf32 = true;  // training is the tensor cores' case; the tests keep exact float products
     for (int i = 1; i < argc; i++) {
         std::string flag = argv[i];
         std::function<const char*()> value = [&] { return flag_value(argc, argv, &i); };
@@ -167,7 +169,8 @@ static Options parse_options(int argc, char** argv) {
             std::string v = value();
             choice(flag, v, "plain", "flash");
             use_flash_attention = v == "flash";
-        } else if (!parse_model_flag(flag, value, o) && !parse_training_flag(flag, value, o))
+        } else if (flag == "--tf32") use_tf32 = parse_int("--tf32", value(), 0, 1);
+        else if (!parse_model_flag(flag, value, o) && !parse_training_flag(flag, value, o))
             unknown_flag(argv[i]);
     }
     if (o.train.empty() || o.val.empty())
@@ -201,11 +204,11 @@ static void save_checkpoint(const std::string& path, GPT& model, const Tokenizer
                             const AdamW& adam, const TrainingState& state) {
     std::vector<FileSection> sections = {
         section("TOKN", tokenizer_serialize(&tokenizer)),
-        section("ADMM", floats_section(adam.m, adam.n)),
-        section("ADMV", floats_section(adam.v, adam.n)),
+        section("ADMM", parameters_section(model, adam.m)),
+        section("ADMV", parameters_section(model, adam.v)),
         section("TRAN", std::string((const char*)&state, sizeof state))};
     if (model.params.master)  // mixed precision: the float values the optimizer updates
-        sections.push_back(section("MAST", floats_section(model.params.master, model.params.size)));
+        sections.push_back(section("MAST", parameters_section(model, model.params.master)));
     gpt_save(model, path.c_str(), sections);
 }
 
@@ -235,12 +238,14 @@ static void load_checkpoint(const std::string& path, GPT* model, Tokenizer* toke
     for (const FileSection& s : sections) {
         std::string tag(s.tag, 4);
         if (tag == "TOKN") tokenizer_parse(tokenizer, s.bytes, path.c_str()), found |= 1;
-        else if (tag == "ADMM") floats_from_section(adam->m, adam->n, s, path.c_str()), found |= 2;
-        else if (tag == "ADMV") floats_from_section(adam->v, adam->n, s, path.c_str()), found |= 4;
+        else if (tag == "ADMM")
+            parameters_from_section(*model, adam->m, s, path.c_str()), found |= 2;
+        else if (tag == "ADMV")
+            parameters_from_section(*model, adam->v, s, path.c_str()), found |= 4;
         else if (tag == "TRAN" && s.bytes.size() == sizeof *state)
             memcpy(state, s.bytes.data(), sizeof *state), found |= 8;
         else if (tag == "MAST" && model->params.master)
-            floats_from_section(model->params.master, model->params.size, s, path.c_str());
+            parameters_from_section(*model, model->params.master, s, path.c_str());
     }
     if (found != 15)
         fail(
@@ -718,7 +723,7 @@ static int train(int argc, char** argv) {
     const GPTConfig& c = r.model.config;
     r.on_terminal = isatty(fileno(stdout));
     printf("model: %d layers, %d heads, dim %d, context %d, vocab %d: %.2fM parameters\n", c.layers,
-           c.heads, c.dim, c.context, c.vocab_size, r.model.params.size / 1e6);
+           c.heads, c.dim, c.context, c.vocab_size, gpt_parameter_count(c) / 1e6);
     printf(
         "training: %ld steps of %d x %d sequences of %d tokens (%ld tokens per step); train %zu "
         "tokens, val "

@@ -1075,6 +1075,8 @@ Tensor softmax(Tensor x) {
 // after the first makes none. The double build (the gradient checks) uses OpenBLAS: oneDNN has no
 // double products.
 
+bool use_tf32 = false;
+
 #ifdef __CUDACC__
 // Every row of out (rows, columns) becomes a copy of `row` (a row kernel).
 __global__ void broadcast_rows_kernel(floatX* out, const floatX* row, long rows, int columns) {
@@ -1104,13 +1106,14 @@ static void cublas_gemm(const GemmShape& s, real alpha, GemmInput A, GemmInput B
                                                b, int(B.ld), B.inner, a, int(A.ld), A.inner, &beta,
                                                c, int(C.ld), C.inner, s.inner));
 #else
-        cudaDataType type = std::is_same<floatX, float>::value
-                                ? CUDA_R_32F
-                                : CUDA_R_16BF;  // bfloat16: float accumulation
+        bool is_float = std::is_same<floatX, float>::value;
+        cudaDataType type = is_float ? CUDA_R_32F : CUDA_R_16BF;  // bfloat16: float accumulation
+        cublasComputeType_t compute =
+            is_float && use_tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
         cublas_check(cublasGemmStridedBatchedEx(cublas_handle(), op_b, op_a, s.N, s.M, s.K, &alpha,
                                                 b, type, int(B.ld), B.inner, a, type, int(A.ld),
                                                 A.inner, &beta, c, type, int(C.ld), C.inner,
-                                                s.inner, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                                                s.inner, compute, CUBLAS_GEMM_DEFAULT));
 #endif
     }
 }
@@ -1338,7 +1341,9 @@ static void cpu_gemm(const GemmShape& s, real alpha, GemmInput A, GemmInput B, r
 
 std::string gemm_engine() {
 #if defined(__CUDACC__)
-    return sizeof(floatX) == 2 ? "cuBLAS, bfloat16 with float accumulation" : "cuBLAS";
+    return sizeof(floatX) == 2 ? "cuBLAS, bfloat16 with float accumulation"
+           : use_tf32          ? "cuBLAS, TF32 tensor cores with float accumulation"
+                               : "cuBLAS, float";
 #elif defined(TRICYCLE_DOUBLE)
     return "OpenBLAS, double";
 #elif defined(TRICYCLE_BF16)
@@ -2478,7 +2483,8 @@ static void with_values_per_thread(int hs, F f, std::integer_sequence<int, N...>
 }
 
 // The launch shape of all three flash kernels: a row group per query (or key), rows_per_block of
-// them per block; blocks over the T positions (x) and the B * NH heads (y).
+// them per block; blocks over the B * NH heads (x: up to 2^31 - 1) and the T positions (y: tiles
+// of rows_per_block, at most 65,535 of them).
 static FlashShape flash_shape(int B, int T, int C, int NH, bool rotary, real dropout_p,
                               uint64_t seed) {
     return FlashShape{
@@ -2494,9 +2500,8 @@ template <typename... Params>
 static void allow_shared_memory(void (*kernel)(Params...), size_t bytes, int hs) {
     if (bytes > size_t(163 << 10))
         fail(
-            "flash attention: a head of %d values needs %zu bytes of shared memory per block, more "
-            "than a GPU "
-            "allows (163 KB): use --attention plain",
+            "flash attention: a head of %d values needs %zu bytes of shared memory per block, "
+            "more than a GPU allows (163 KB): use --attention plain",
             hs, bytes);
     if (bytes > size_t(48 << 10))
         cuda_check(
@@ -2615,11 +2620,11 @@ __global__ void count_targets_kernel(real* count, const int* targets, long N) {
 // (llm.c's classifier), so no (N, V) gradient buffer is zeroed, written and read again. A target
 // outside the vocabulary makes the loss NaN, which training reports, rather than a wild read.
 __global__ void classifier_kernel(floatX* logits, real* losses, real* logsumexp, const int* targets,
-                                  const real* count, real scale, long N, int V,
+                                  const real* count, real scale, long N, int V, int padded_V,
                                   bool write_gradient) {
     bool active;
     long row = group_row(N, &active);
-    floatX* l = logits + row * V;
+    floatX* l = logits + row * padded_V;
     int target = targets[row];
     bool counted = target != ignore_index, valid = target >= 0 && target < V;
     real target_logit =
@@ -2632,6 +2637,7 @@ __global__ void classifier_kernel(floatX* logits, real* losses, real* logsumexp,
         real factor = counted ? scale / count[0] : 0;
         for_each_in_row(
             V, [&](int v) { l[v] = (fast_exp(l[v] - lse) - (v == target ? 1 : 0)) * factor; });
+        for_each_in_row(padded_V - V, [&](int v) { l[V + v] = 0; });  // padding: no gradient
     }
     if (threadIdx.x != 0) return;
     if (logsumexp) logsumexp[row] = lse;
@@ -2653,40 +2659,43 @@ __global__ void mean_loss_kernel(real* loss, floatX* stored, const real* count, 
 __global__ void cross_entropy_backward_kernel(floatX* dlogits, const floatX* dloss,
                                               const real* count, const floatX* logits,
                                               const real* logsumexp, const int* targets, long N,
-                                              int V) {
+                                              int V, int padded_V) {
     bool active;
     long row = group_row(N, &active);
     if (!active || targets[row] < 0 || targets[row] >= V) return;
     real scale = dloss[0] / count[0], lse = logsumexp[row];
     int target = targets[row];
-    const floatX* l = logits + row * V;
-    floatX* d = dlogits + row * V;
+    const floatX* l = logits + row * padded_V;
+    floatX* d = dlogits + row * padded_V;
     for_each_in_row(V,
                     [&](int v) { d[v] += (fast_exp(l[v] - lse) - (v == target ? 1 : 0)) * scale; });
 }
 
 void classifier(floatX* logits, real* losses, real* loss, real* count, const int* targets, long N,
-                int V, real loss_scale, bool write_gradient) {
+                int V, int padded_V, real loss_scale, bool write_gradient) {
     launch(count_targets_kernel, 1, dim3(threads_per_row), 0, count, targets, N);
     launch(classifier_kernel, row_grid(N), row_block(), 0, logits, losses, nullptr, targets, count,
-           loss_scale, N, V, write_gradient);
+           loss_scale, N, V, padded_V, write_gradient);
     launch(mean_loss_kernel, 1, dim3(threads_per_row), 0, loss, nullptr, count, losses, N);
 }
 
-Tensor cross_entropy(Tensor logits, const int* targets) {
-    int V = logits.dim(-1);
-    long N = logits.size() / V;
+Tensor cross_entropy(Tensor logits, const int* targets, int classes) {
+    int padded_V = logits.dim(-1), V = classes > 0 ? classes : padded_V;
+    long N = logits.size() / padded_V;
+    if (V > padded_V)
+        fail("cross_entropy: %d classes, but the logits %s have only %d columns", V,
+             shape_string(logits).c_str(), padded_V);
     Tensor out = new_result(Tensor{}, {logits});
     real *loss = device_alloc<real>(1), *count = device_alloc<real>(1);
     real *losses = device_alloc<real>(N), *logsumexp = device_alloc<real>(N);
     launch(count_targets_kernel, 1, dim3(threads_per_row), 0, count, targets, N);
     launch(classifier_kernel, row_grid(N), row_block(), 0, logits.data, losses, logsumexp, targets,
-           count, real(0), N, V, false);
+           count, real(0), N, V, padded_V, false);
     launch(mean_loss_kernel, 1, dim3(threads_per_row), 0, loss, out.data, count, losses, N);
     if (out.grad)
         record({out}, {logits}, [=] {
             launch(cross_entropy_backward_kernel, row_grid(N), row_block(), 0, logits.grad,
-                   out.grad, count, logits.data, logsumexp, targets, N, V);
+                   out.grad, count, logits.data, logsumexp, targets, N, V, padded_V);
         });
     return out;
 }
@@ -2787,7 +2796,8 @@ static std::vector<Parameter> parameter_table(GPT& model) {
               0.02f / std::sqrt(2.0f * c.layers);  // GPT-2: residual projections scaled down
     bool layernorm = c.norm == Norm::layernorm;
     std::vector<Parameter> table;
-    table.push_back({"wte", &model.wte, {c.vocab_size, C}, true, std});
+    int V = padded_vocab(c.vocab_size);
+    table.push_back({"wte", &model.wte, {V, C}, true, std});
     if (!c.rotary) table.push_back({"wpe", &model.wpe, {c.context, C}, false, std});
     model.layers.resize(c.layers);
     for (int l = 0; l < c.layers; l++) {
@@ -2809,19 +2819,8 @@ static std::vector<Parameter> parameter_table(GPT& model) {
     }
     table.push_back({"final_norm.weight", &model.final_norm_weight, {C}, false, -1});
     if (layernorm) table.push_back({"final_norm.bias", &model.final_norm_bias, {C}, false, 0});
-    if (!c.tied_embeddings)
-        table.push_back({"lm_head", &model.lm_head, {c.vocab_size, C}, true, std});
+    if (!c.tied_embeddings) table.push_back({"lm_head", &model.lm_head, {V, C}, true, std});
     return table;
-}
-
-std::vector<GPTParameter> gpt_parameter_layout(const GPTConfig& config) {
-    GPT shapes_only;  // parameter_table needs a GPT to point into; nothing is allocated
-    shapes_only.config = config;
-    std::vector<GPTParameter> layout;
-    for (bool decayed : {true, false})
-        for (const Parameter& p : parameter_table(shapes_only))
-            if (p.decay == decayed) layout.push_back({p.name, p.shape, p.decay, p.init_std});
-    return layout;
 }
 
 static long shape_size(const std::vector<int>& shape) {
@@ -2830,10 +2829,50 @@ static long shape_size(const std::vector<int>& shape) {
     return size;
 }
 
+int padded_vocab(int vocab_size) { return (vocab_size + 127) / 128 * 128; }
+
+std::vector<GPTParameter> gpt_parameter_layout(const GPTConfig& config) {
+    GPT shapes_only;  // parameter_table needs a GPT to point into; nothing is allocated
+    shapes_only.config = config;
+    std::vector<GPTParameter> layout;
+    for (bool decayed : {true, false})
+        for (const Parameter& p : parameter_table(shapes_only)) {
+            if (p.decay != decayed) continue;
+            std::vector<int> in_file = p.shape;
+            if (p.tensor == &shapes_only.wte || p.tensor == &shapes_only.lm_head)
+                in_file[0] = config.vocab_size;
+            layout.push_back({p.name, in_file, p.decay, p.init_std, shape_size(p.shape)});
+        }
+    return layout;
+}
+
 long gpt_parameter_count(const GPTConfig& config) {
     long total = 0;
     for (const GPTParameter& p : gpt_parameter_layout(config)) total += shape_size(p.shape);
     return total;
+}
+
+// Each parameter's file values are the first ones of its buffer values (padding rows come last).
+std::vector<float> gpt_file_order(const GPTConfig& config, const std::vector<real>& buffer) {
+    std::vector<float> file;
+    const real* from = buffer.data();
+    for (const GPTParameter& p : gpt_parameter_layout(config)) {
+        file.insert(file.end(), from, from + shape_size(p.shape));
+        from += p.buffer_size;
+    }
+    return file;
+}
+
+std::vector<real> gpt_buffer_order(const GPTConfig& config, const std::vector<float>& file) {
+    std::vector<real> buffer;
+    const float* from = file.data();
+    for (const GPTParameter& p : gpt_parameter_layout(config)) {
+        long n = shape_size(p.shape);
+        buffer.insert(buffer.end(), from, from + n);
+        buffer.resize(buffer.size() + p.buffer_size - n, 0);
+        from += n;
+    }
+    return buffer;
 }
 
 // One buffer holds all parameters and one all gradients: the decayed ones (weight matrices) first,
@@ -2865,6 +2904,10 @@ void gpt_init(GPT* model, uint64_t seed) {
             fill_normal(t.data, t.size(), random_bits(seed, i), 0, table[i].init_std);
         else fill(t.data, t.size(), table[i].init_std < 0 ? 1 : 0);
     }
+    const GPTConfig& c = model->config;
+    long padding = long(padded_vocab(c.vocab_size) - c.vocab_size) * c.dim;
+    for (Tensor* t : {&model->wte, &model->lm_head})  // the vocabulary's padding rows: zero
+        if (t->data) fill(t->data + t->size() - padding, padding, 0);
     parameters_sync_master(model->params);  // the master copy starts from the (rounded) values
 }
 
@@ -2910,7 +2953,7 @@ Tensor gpt_forward_tape(GPT& model, const int* tokens, int B, int T, bool traini
                           last ? model.final_norm_bias : model.layers[l + 1].norm1_bias, c.norm);
         x = r.sum, h = r.normalized;
     }
-    return linear(h, c.tied_embeddings ? model.wte : model.lm_head, Tensor{});
+    return linear(h, c.tied_embeddings ? model.wte : model.lm_head, Tensor{});  // (B,T,padded V)
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -2963,7 +3006,7 @@ static void carve_activations(GPTActivations& a, const GPTConfig& c, BufferCarve
         s.mean = carve.take<real>(N), s.rstd = carve.take<real>(N);
         s.fc = carve.take<floatX>(N * F), s.activation = carve.take<floatX>(N * H);
     }
-    a.logits = carve.take<floatX>(N * c.vocab_size);
+    a.logits = carve.take<floatX>(N * padded_vocab(c.vocab_size));
     a.token_groups.token = carve.take<int>(N), a.token_groups.start = carve.take<int>(N + 1),
     a.token_groups.positions = carve.take<int>(N);
     a.losses = carve.take<real>(N), a.loss = carve.take<real>(1), a.count = carve.take<real>(1);
@@ -3082,12 +3125,13 @@ void gpt_forward(GPT& model, GPTActivations& a, const int* tokens, int B, int T,
                               a.rstd[l + 1], s.residual, branch, norm_weight.data, norm_bias.data,
                               N, C);
     }
-    // logits = h @ Wout^T                                                             (B,T,V)
-    linear_forward(a.logits, a.normalized[L], head.data, nullptr, N, C, c.vocab_size);
+    // logits = h @ Wout^T (the padding columns come out zero)                  (B,T,padded V)
+    linear_forward(a.logits, a.normalized[L], head.data, nullptr, N, C, padded_vocab(c.vocab_size));
 }
 
 real gpt_loss(GPTActivations& a, const int* targets, int vocab_size) {
-    classifier(a.logits, a.losses, a.loss, a.count, targets, long(a.B) * a.T, vocab_size, 0, false);
+    classifier(a.logits, a.losses, a.loss, a.count, targets, long(a.B) * a.T, vocab_size,
+               padded_vocab(vocab_size), 0, false);
     real loss;
     cuda_check(cudaMemcpy(&loss, a.loss, sizeof loss, cudaMemcpyDeviceToHost));
     return loss;
@@ -3103,12 +3147,13 @@ void gpt_backward(GPT& model, GPTActivations& a, const int* targets, real loss_s
     const InputGrad write = InputGrad::write, add = InputGrad::add;
 
     // The loss; dlogits = (softmax(logits) - onehot(targets)) * loss_scale / count, written over
-    // the logits                                                                      (B,T,V)
-    classifier(a.logits, a.losses, a.loss, a.count, targets, N, c.vocab_size, loss_scale, true);
+    // the logits (zero in the padding columns)                                 (B,T,padded V)
+    int V = c.vocab_size, padded_V = padded_vocab(V);
+    classifier(a.logits, a.losses, a.loss, a.count, targets, N, V, padded_V, loss_scale, true);
     const floatX* dlogits = a.logits;
     // dh = dlogits @ Wout,  dWout += dlogits^T @ h                                    (B,T,C)
     linear_backward(a.dnormalized, head.grad, nullptr, dlogits, a.normalized[L], head.data, N, C,
-                    c.vocab_size, write);
+                    padded_V, write);
     // dx = the final norm's backward                                                  (B,T,C)
     norm_backward(c.norm, a.dstream, model.final_norm_weight.grad, model.final_norm_bias.grad,
                   a.dnormalized, a.stream[L], model.final_norm_weight.data, a.mean[L], a.rstd[L], N,
@@ -3264,9 +3309,9 @@ floatX* gpt_forward_cached(GPT& model, KVCache& cache, const int* tokens, int n)
     cache.length = L;
     floatX* last = x + long(n - 1) * C;
     normalize_into(h, last, model.final_norm_weight, model.final_norm_bias);
-    floatX* logits = device_alloc<floatX>(c.vocab_size);
+    floatX* logits = device_alloc<floatX>(padded_vocab(c.vocab_size));
     linear_forward(logits, h, (c.tied_embeddings ? model.wte : model.lm_head).data, nullptr, 1, C,
-                   c.vocab_size);
+                   padded_vocab(c.vocab_size));
     return logits;
 }
 
@@ -3333,7 +3378,7 @@ void generate(GPT& model, std::vector<int>& tokens, int count, Sampler& sampler,
             cuda_check(cudaMemcpy(device_tokens, tokens.data() + window_start, n * sizeof(int),
                                   cudaMemcpyHostToDevice));
             logits = gpt_forward_tape(model, device_tokens, 1, n, false, 0).data +
-                     long(n - 1) * c.vocab_size;
+                     long(n - 1) * padded_vocab(c.vocab_size);
         }
         std::vector<real> host = download(logits, c.vocab_size);
         for (real value : host)

@@ -448,6 +448,11 @@ struct GemmOutput {
     const floatX* bias = nullptr;  // (N) added to every row (with beta = 0, alpha = 1, no batch)
 };
 void gemm(GemmShape shape, real alpha, GemmInput A, GemmInput B, real beta, GemmOutput C);
+// GPU float build on sm_80 and later: run float products on the tensor cores in TF32 (inputs
+// rounded to 10 mantissa bits, float accumulation; ~8x the FP32 rate on an A100). Off by default
+// so the tests compare exact float products; the programs turn it on (--tf32 0 turns it off). The
+// CPU and bfloat16 builds ignore it.
+extern bool use_tf32;
 long gemm_layouts_made();  // CPU build: oneDNN primitives made so far (one per product layout)
 std::string
 gemm_engine();  // what runs the products, e.g. "oneDNN, bfloat16 with float accumulation"
@@ -594,9 +599,13 @@ Tensor multi_head_attention(Tensor x, const MultiHeadAttention& layer);
 // with d(loss_scale * loss)/dlogits (forward and backward fused). The tape version keeps the
 // logits.
 constexpr int ignore_index = -1;
+// logits (N, padded_V): the first V columns are the classes, the rest padding (the GPT's padded
+// vocabulary), left out of the softmax and given a zero gradient.
 void classifier(floatX* logits, real* losses, real* loss, real* count, const int* targets, long N,
-                int V, real loss_scale, bool write_gradient);
-Tensor cross_entropy(Tensor logits, const int* targets);  // targets: N ints on the device
+                int V, int padded_V, real loss_scale, bool write_gradient);
+// targets: N ints on the device. classes: how many of the last dim's columns are classes, the
+// rest padding (0: all of them).
+Tensor cross_entropy(Tensor logits, const int* targets, int classes = 0);
 void mse_forward(floatX* loss, const floatX* a, const floatX* b, long n);
 void mse_backward(floatX* da, floatX* db, const floatX* dloss, const floatX* a, const floatX* b,
                   long n);
@@ -622,18 +631,29 @@ GPTConfig gpt_preset(const std::string& name);  // "debug", "mini", "shakespeare
 // Every field within its range: sizes positive and at most vocab 2^24, context 2^17, dim 2^16,
 // layers 1024, MLP ratio 64 (so no size computed from them overflows), dim divisible by heads.
 void gpt_check_config(const GPTConfig& config);
+// Inside the model the vocabulary is padded to a multiple of 128 (GPT-2's 50257 becomes 50304), so
+// the lm head's products get dimensions the GPU's tensor cores tile evenly. The padding rows of wte
+// (and lm_head) are zero and stay zero: their logits are left out of softmax, loss and sampling,
+// so their gradients are zero too. Files hold the real vocabulary only.
+int padded_vocab(int vocab_size);
 
 // Every parameter of a config, in buffer order (the decayed weight matrices first): its name in
-// model files, its shape, whether AdamW decays it, its initialisation (> 0: normal(0, init_std);
-// 0: zeros; -1: ones). Computed without allocating anything.
+// model files, its shape there, whether AdamW decays it, its initialisation (> 0: normal(0,
+// init_std); 0: zeros; -1: ones), and the values it takes in the model's buffer (more than in the
+// file for wte and lm_head: the vocabulary's padding rows). Computed without allocating anything.
 struct GPTParameter {
     std::string name;
     std::vector<int> shape;
     bool decay;
     float init_std;
+    long buffer_size;
 };
 std::vector<GPTParameter> gpt_parameter_layout(const GPTConfig& config);
-long gpt_parameter_count(const GPTConfig& config);
+long gpt_parameter_count(const GPTConfig& config);  // as in files: the real vocabulary
+// A buffer in the model's parameter order (params, gradients, optimizer moments) to the files'
+// order (padding rows dropped), and back (padding rows zero).
+std::vector<float> gpt_file_order(const GPTConfig& config, const std::vector<real>& buffer);
+std::vector<real> gpt_buffer_order(const GPTConfig& config, const std::vector<float>& file);
 
 struct GPTLayer {
     Tensor norm1_weight, norm1_bias, qkv_weight, qkv_bias, attn_proj_weight, attn_proj_bias;
@@ -656,9 +676,9 @@ struct GPT {
 void gpt_create(GPT* model, const GPTConfig& config);  // allocates and lays out; gradients zeroed
 void gpt_init(GPT* model, uint64_t seed);              // GPT-2 initialisation
 std::vector<std::pair<std::string, Tensor>> gpt_named_parameters(
-    GPT& model);  // in buffer order, as model files list them
-// The GPT as a tape expression: logits (B, T, V); train with backward(cross_entropy(logits,
-// targets)).
+    GPT& model);  // in buffer order, as model files list them (wte, lm_head with padding rows)
+// The GPT as a tape expression: logits (B, T, padded vocab); train with
+// backward(cross_entropy(logits, targets, config.vocab_size)).
 Tensor gpt_forward_tape(GPT& model, const int* tokens, int B, int T, bool training, uint64_t seed);
 
 // The GPT written out (llm.c style): the activations of one (B, T) forward pass, planned on first
@@ -687,7 +707,7 @@ struct GPTActivations {
     std::vector<floatX*> stream, normalized;
     std::vector<real*> mean, rstd;
     std::vector<GPTLayerActivations> layers;
-    floatX* logits = nullptr;  // (B, T, V); gpt_backward overwrites them with their gradient
+    floatX* logits = nullptr;  // (B, T, padded V); gpt_backward overwrites them with their gradient
     // (B, T), the mean, the positions counted
     real *losses = nullptr, *loss = nullptr, *count = nullptr;
     // Scratch shared by the layers: a branch before and after dropout, and the backward's
@@ -733,7 +753,8 @@ struct KVCache {
 };
 void kv_cache_create(KVCache* cache, const GPTConfig& config, int positions);
 // Runs n more positions of one sequence (tokens on the device), adding them to the cache; returns
-// the last position's logits (vocab_size values on the device, in the arena).
+// the last position's logits (padded_vocab values on the device, in the arena; the first
+// vocab_size are the real ones).
 floatX* gpt_forward_cached(GPT& model, KVCache& cache, const int* tokens, int n);
 
 struct Sampler {

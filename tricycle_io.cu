@@ -255,17 +255,10 @@ static void append(std::string& out, const void* data, size_t bytes) {
     out.append(static_cast<const char*>(data), bytes);
 }
 
-// Device buffer of floatX or real -> float32 bytes.
-template <typename T>
-static void append_floats(std::string& out, const T* device, long n) {
-    std::vector<real> host = download(device, n);
-    std::vector<float> values(host.begin(), host.end());
-    append(out, values.data(), n * sizeof(float));
-}
-
-std::string floats_section(const real* device, long n) {
+std::string parameters_section(const GPT& model, const real* device) {
+    std::vector<float> values = gpt_file_order(model.config, download(device, model.params.size));
     std::string bytes;
-    append_floats(bytes, device, n);
+    append(bytes, values.data(), values.size() * sizeof(float));
     return bytes;
 }
 
@@ -286,8 +279,9 @@ static std::string model_directory(const GPTConfig& c) {
 void gpt_save(GPT& model, const char* path, const std::vector<FileSection>& sections) {
     const GPTConfig& c = model.config;
     std::string directory = model_directory(c), parameters;
-    append_floats(parameters, model.params.data,
-                  model.params.size);  // the values the model computes with
+    std::vector<float> values =  // the values the model computes with
+        gpt_file_order(c, download(model.params.data, model.params.size));
+    append(parameters, values.data(), values.size() * sizeof(float));
     int32_t header[header_ints] = {model_file_magic,
                                    model_file_version,
                                    c.vocab_size,
@@ -304,7 +298,7 @@ void gpt_save(GPT& model, const char* path, const std::vector<FileSection>& sect
                                    float_bits(c.attention_dropout),
                                    int32_t(directory.size() / (directory_name_bytes + 16)),
                                    int32_t(sections.size())};
-    int64_t count = model.params.size;
+    int64_t count = int64_t(values.size());
     memcpy(&header[count_field], &count, 8);
     header[directory_crc_field] = int32_t(crc32(directory.data(), directory.size()));
     header[parameters_crc_field] = int32_t(crc32(parameters.data(), parameters.size()));
@@ -438,12 +432,14 @@ void gpt_load(GPT* model, const char* path, std::vector<FileSection>* sections) 
                  values[i]);
     read_model_sections(reader, header[sections_field], sections);
     gpt_create(model, c);
-    std::vector<real> host(values.begin(), values.end());
-    upload(model->params.data, host.data(), count);
-    if (model->params.master) upload(model->params.master, host.data(), count);
+    std::vector<real> host = gpt_buffer_order(c, values);
+    upload(model->params.data, host.data(), model->params.size);
+    if (model->params.master) upload(model->params.master, host.data(), model->params.size);
 }
 
-void floats_from_section(real* device, long n, const FileSection& section, const char* path) {
+void parameters_from_section(const GPT& model, real* device, const FileSection& section,
+                             const char* path) {
+    long n = gpt_parameter_count(model.config);
     if (long(section.bytes.size()) != n * long(sizeof(float)))
         fail("model file '%s': section '%.4s' holds %zu bytes, expected %ld", path, section.tag,
              section.bytes.size(), n * long(sizeof(float)));
@@ -453,8 +449,8 @@ void floats_from_section(real* device, long n, const FileSection& section, const
         if (!std::isfinite(values[i]))
             fail("model file '%s': section '%.4s' value %ld is %g, not finite", path, section.tag,
                  i, values[i]);
-    std::vector<real> host(values.begin(), values.end());
-    upload(device, host.data(), n);
+    std::vector<real> host = gpt_buffer_order(model.config, values);
+    upload(device, host.data(), model.params.size);
 }
 
 // ====================================================================================================

@@ -64,9 +64,12 @@ struct FileSection {
 void gpt_save(GPT& model, const char* path, const std::vector<FileSection>& sections = {});
 // Creates the model from the file; the sections come back when asked for.
 void gpt_load(GPT* model, const char* path, std::vector<FileSection>* sections = nullptr);
-std::string floats_section(const real* device, long n);  // device -> float32 bytes
-// float32 bytes -> device; the section must hold exactly n finite values.
-void floats_from_section(real* device, long n, const FileSection& section, const char* path);
+// A device buffer in the model's parameter order (optimizer moments, master weights, gradients)
+// -> float32 bytes in the files' order (the real vocabulary, as the parameters are stored).
+std::string parameters_section(const GPT& model, const real* device);
+// And back: the section must hold exactly gpt_parameter_count finite values.
+void parameters_from_section(const GPT& model, real* device, const FileSection& section,
+                             const char* path);
 
 // ====================================================================================================
 // 4-6. The tokenizer, token files and the data loader (host code)

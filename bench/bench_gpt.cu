@@ -107,7 +107,7 @@ static int bench(int argc, char** argv) {
         real value;
         if (tape) {
             Tensor loss = cross_entropy(gpt_forward_tape(model, tokens, B, T, true, uint64_t(step)),
-                                        tokens + B * T);
+                                        tokens + B * T, model.config.vocab_size);
             backward(loss);
             value = to_host(loss)[0];
         } else {

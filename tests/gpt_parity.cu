@@ -12,9 +12,13 @@
 #include <string>
 #include <vector>
 
+static void write_floats(FILE* file, const std::vector<float>& values) {
+    fwrite(values.data(), sizeof(float), values.size(), file);
+}
+
 static void write_floats(FILE* file, const real* device, long n) {
-    std::string bytes = floats_section(device, n);
-    fwrite(bytes.data(), 1, bytes.size(), file);
+    std::vector<real> host = download(device, n);
+    write_floats(file, std::vector<float>(host.begin(), host.end()));
 }
 
 static int write_parity_files(int argc, char** argv) {
@@ -57,12 +61,17 @@ static int write_parity_files(int argc, char** argv) {
     file = fopen((dir + "/tricycle.bin").c_str(), "wb");
     if (!file) fail("cannot write %s/tricycle.bin", dir.c_str());
     MemoryMark mark = memory_mark();
-    Tensor logits = gpt_forward_tape(model, tokens, B, T, true, 0);
-    Tensor loss = cross_entropy(logits, targets);
+    Tensor logits = gpt_forward_tape(model, tokens, B, T, true, 0);  // (B, T, padded V)
+    Tensor loss = cross_entropy(logits, targets, V);
     backward(loss);
-    write_floats(file, logits.data, logits.size());
+    std::vector<real> padded = download(logits.data, logits.size());
+    std::vector<float> real_logits;
+    for (long row = 0; row < B * T; row++)
+        real_logits.insert(real_logits.end(), padded.begin() + row * padded_vocab(V),
+                           padded.begin() + row * padded_vocab(V) + V);
+    write_floats(file, real_logits);
     write_floats(file, loss.data, 1);
-    write_floats(file, model.params.grad, model.params.size);
+    write_floats(file, gpt_file_order(config, download(model.params.grad, model.params.size)));
     memory_release(mark);
 
     // Ten AdamW steps, lr 1e-3, betas (0.9, 0.95), weight decay 0.1, clipping at norm 1.
@@ -72,7 +81,7 @@ static int write_parity_files(int argc, char** argv) {
     for (int step = 0; step < 10; step++) {
         parameters_zero_grad(model.params);
         mark = memory_mark();
-        loss = cross_entropy(gpt_forward_tape(model, tokens, B, T, true, 0), targets);
+        loss = cross_entropy(gpt_forward_tape(model, tokens, B, T, true, 0), targets, V);
         backward(loss);
         write_floats(file, loss.data, 1);
         gradient_norm(norm, model.params.grad, model.params.size);
