@@ -121,7 +121,25 @@ fails_with "make with DATA= naming a missing file says so" "DATA=$dir/none.txt: 
     make -s -C "$dir/make2" -f "$PWD/Makefile" data/tinyshakespeare.txt DATA="$dir/none.txt"
 check "make train VOCAB=512 makes data/shakespeare_512.tok, not the 1024-token one" \
     bash -c "make -n train VOCAB=512 CPU=1 2>/dev/null | grep -q 'vocab-size 512 --output data/shakespeare_512.tok'"
-for program in train_gpt inference tokenizer; do
+# bench_gpt: a step of the debug preset with the memory it holds, and the cost model's estimates.
+./bench/bench_gpt --preset debug --batch 2 --seq 32 --steps 1 > "$dir/bench.log" 2>&1
+check "bench_gpt times a step and reports the memory a step holds" \
+    bash -c "grep -q '^memory held by a step' '$dir/bench.log' && grep -q 'peak_memory_gib=' '$dir/bench.log'"
+estimate() {  # prints the adjusted ms per step and the tensor-core TFLOP of an A100 estimate
+    ./bench/bench_gpt --estimate a100 "$@" | sed -n 's/^ESTIMATE .* ms_per_step=\([^ ]*\) .* tensor_tflop=\([^ ]*\)$/\1 \2/p'
+}
+read -r flash_ms _ <<< "$(estimate)"
+read -r plain_ms plain_tflop <<< "$(estimate --plain)"
+# Plain attention runs every product in full: 6 FLOPs per weight of the matrices (the lm head's on
+# the padded vocabulary, 50304) and 12 L T C per position, for GPT-2 124M with B=16, T=1024.
+expected=$(awk 'BEGIN { L = 12; C = 768; T = 1024; N = 16 * T
+                        printf "%.4f", N * (6 * (12 * L * C * C + 50304 * C) + 12 * L * T * C) / 1e12 }')
+check "the cost model's products (plain attention) do 6 FLOPs per weight and 12 L T C per position ($plain_tflop, $expected TFLOP)" \
+    awk -v a="${plain_tflop:-0}" -v b="$expected" 'BEGIN { exit !(a - b < 1e-3 && b - a < 1e-3) }'
+check "the cost model predicts flash attention faster than plain for GPT-2 124M ($flash_ms < $plain_ms ms)" \
+    awk -v a="${flash_ms:-0}" -v b="${plain_ms:-0}" 'BEGIN { exit !(a > 0 && a < b) }'
+fails_with "bench_gpt --estimate names the devices it knows" "expected a100, h100 or h200" ./bench/bench_gpt --estimate tpu
+for program in train_gpt inference tokenizer bench/bench_gpt; do
     check "$program --help" "./$program" --help
 done
 
