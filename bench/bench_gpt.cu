@@ -22,13 +22,18 @@
 static const char* help_text =
     "usage: bench/bench_gpt [--preset NAME] [--layers N --heads N --dim N --vocab N --context N]\n"
     "                       [--batch B --seq T] [--steps N] [--profile] [--flash | --plain]\n"
-    "                       [--tape] [--peak-tflops X] [--estimate a100|h100|h200]\n"
+    "                       [--tape] [--peak-tflops X]\n"
+    "       bench/bench_gpt --estimate a100|h100|h200 [shape flags] [--flash | --plain | --fa2]\n"
+    "                       [--precision bf16|float]\n"
     "Defaults: the GPT-2 124M shape (12 layers, 12 heads, 768 dim, vocab 50257, context 1024),\n"
     "B=4, T=64 (at most the context), 5 steps, plain attention. --preset starts from a train_gpt\n"
     "preset (debug, mini, shakespeare, smol); later flags override it. --tape trains through the\n"
     "tape (gpt_forward_tape and backward) instead of gpt_forward and gpt_backward.\n"
-    "--estimate runs nothing: it prints the cost model of a bf16 training step of this shape on\n"
-    "that GPU, kernel by kernel: flash attention unless --plain, B=16 and T=1024 unless given.\n";
+    "--estimate runs nothing: it prints the cost model of a training step of this shape on that\n"
+    "GPU, kernel by kernel (B=16 and T=1024 unless given), for plain attention unless --flash "
+    "(the\n"
+    "flash kernels as written) or --fa2 (a tensor-core FlashAttention-2, not written yet), in\n"
+    "bf16 unless --precision float (TF32 products).\n";
 
 // The bf16 dense peak of the GPU in TFLOPS, from its name; 0 when unknown (and on the CPU build).
 static double known_peak_tflops() {
@@ -46,10 +51,19 @@ static double known_peak_tflops() {
 struct BenchOptions {
     GPTConfig config = gpt_preset("smol");
     int B = 0, T = 0, steps = 5;  // B and T: 0 until given
-    bool profile = false, tape = false, plain = false;
+    bool profile = false, tape = false;
+    AttentionKind attention = AttentionKind::plain;
     double peak_tflops = 0;
     std::string estimate;  // a device name: print the cost model instead of running
+    bool estimate_bf16 = true;
 };
+
+// --precision: true for bf16, false for float.
+static bool estimate_precision(const std::string& value) {
+    if (value != "bf16" && value != "float")
+        fail("--precision: expected bf16 or float, got '%s'", value.c_str());
+    return value == "bf16";
+}
 
 static BenchOptions parse_options(int argc, char** argv) {
     BenchOptions o;
@@ -69,15 +83,21 @@ static BenchOptions parse_options(int argc, char** argv) {
         else if (flag == "--seq") o.T = integer(1 << 17);
         else if (flag == "--steps") o.steps = integer(1 << 20);
         else if (flag == "--profile") o.profile = true;
-        else if (flag == "--flash") o.plain = false, use_flash_attention = true;
-        else if (flag == "--plain") o.plain = true, use_flash_attention = false;
+        else if (flag == "--flash") o.attention = AttentionKind::flash;
+        else if (flag == "--plain") o.attention = AttentionKind::plain;
+        else if (flag == "--fa2") o.attention = AttentionKind::fa2;
         else if (flag == "--tape") o.tape = true;
         else if (flag == "--peak-tflops")
             o.peak_tflops = parse_number(flag.c_str(), flag_value(argc, argv, &i), 1e-3, 1e6);
         else if (flag == "--estimate") o.estimate = device_model(flag_value(argc, argv, &i)).key;
+        else if (flag == "--precision")
+            o.estimate_bf16 = estimate_precision(flag_value(argc, argv, &i));
         else unknown_flag(argv[i]);
     }
     bool estimate = !o.estimate.empty();
+    if (!estimate && o.attention == AttentionKind::fa2)
+        fail("--fa2: only with --estimate (the library has no FlashAttention-2 kernel yet)");
+    use_flash_attention = o.attention == AttentionKind::flash;
     if (!o.B) o.B = estimate ? 16 : 4;
     if (!o.T) o.T = std::min(estimate ? 1024 : 64, config.context);
     gpt_check_config(config);
@@ -154,7 +174,7 @@ static int bench(int argc, char** argv) {
     BenchOptions o = parse_options(argc, argv);
     const GPTConfig& config = o.config;
     if (!o.estimate.empty()) {
-        print_estimate(config, o.B, o.T, !o.plain, device_model(o.estimate));
+        print_estimate(config, o.B, o.T, o.attention, o.estimate_bf16, device_model(o.estimate));
         return 0;
     }
     size_t free_at_start = 0, device_total = 0;

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# bench/gpu_first_run.sh — the first thing to run on a machine with an NVIDIA GPU, about 8 minutes
-# in all. It builds for that GPU's architecture alone, times bench_gpt (plain and flash attention)
-# for GPT-2 124M (B=16, T=1024) and the shakespeare preset (B=64, T=256) next to the cost model's
-# predictions for the same shapes (bench_gpt --estimate), runs compute-sanitizer's memcheck,
-# racecheck and initcheck over one step of a tiny GPT, then the test suite on the GPU, and writes
-# everything into one report file, whose path it prints at the end.
+# bench/gpu_first_run.sh — the first thing to run on a machine with an NVIDIA GPU, at most 10
+# minutes in all (a budget of 540 s plus the last part's kill grace). It builds for that GPU's
+# architecture alone, times bench_gpt (plain and flash attention) for GPT-2 124M (B=16, T=1024)
+# and the shakespeare preset (B=64, T=256) next to the cost model's predictions for the same shapes
+# (bench_gpt --estimate), runs compute-sanitizer's memcheck, racecheck and initcheck over one step
+# of a tiny GPT, then the test suite on the GPU, and writes everything into one report file, whose
+# path it prints at the end. Without a GPU (no nvidia-smi, or it lists none) it stops at once with
+# a one-line error and exit status 1.
 #
 # Nothing can hang it: every part runs under `timeout`, and the report records each part's
 # command, exit status, seconds and output. A part that would start after the overall budget is
@@ -14,14 +16,15 @@
 #   GPU_FIRST_RUN_OUT=DIR         where the report goes (default out/gpu_first_run); it is the only
 #                                 file written there (each part's log and the bf16 bench_gpt go to
 #                                 build/gpu_first_run)
-#   GPU_FIRST_RUN_BUDGET=SECONDS  the overall budget (default 480)
+#   GPU_FIRST_RUN_BUDGET=SECONDS  the overall budget (default 540)
 #   GPU_FIRST_RUN_COMMIT=HASH     the commit to record when the copy has no git metadata
 #   GPU_FIRST_RUN_DRY=1           print the plan, each part with its limit and command; run nothing
+#   NVIDIA_SMI=PATH               the nvidia-smi to ask for the GPU (default: the one on PATH)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 out=${GPU_FIRST_RUN_OUT:-out/gpu_first_run}
-budget=${GPU_FIRST_RUN_BUDGET:-480}
+budget=${GPU_FIRST_RUN_BUDGET:-540}
 dry=${GPU_FIRST_RUN_DRY:-0}
 report=$out/report.txt
 work=build/gpu_first_run
@@ -63,8 +66,9 @@ part() {
 
 # The GPU's name, its architecture for nvcc (compute capability 9.0 -> 90) and the cost model's
 # device for it.
-gpu_name=$(timeout 20 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
-arch=$(timeout 20 nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '.')
+smi=${NVIDIA_SMI:-nvidia-smi}
+gpu_name=$(timeout 20 "$smi" --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+arch=$(timeout 20 "$smi" --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '.')
 case "$gpu_name" in
     *A100*) devices=a100 ;;
     *H100*) devices=h100 ;;
@@ -74,8 +78,11 @@ esac
 if [ "$dry" = 1 ]; then
     echo "plan (GPU: ${gpu_name:-none found}; architecture ${arch:-ARCH}; budget ${budget}s; report $report):"
     arch=${arch:-ARCH}
+elif ! command -v "$smi" > /dev/null; then
+    echo "gpu_first_run: error: no $smi (the NVIDIA driver's tool): this script needs a machine with an NVIDIA GPU (GPU_FIRST_RUN_DRY=1 prints the plan)" >&2
+    exit 1
 elif [ -z "$arch" ]; then
-    echo "gpu_first_run: error: nvidia-smi finds no GPU (GPU_FIRST_RUN_DRY=1 prints the plan)" >&2
+    echo "gpu_first_run: error: $smi lists no GPU: this script needs a machine with an NVIDIA GPU (GPU_FIRST_RUN_DRY=1 prints the plan)" >&2
     exit 1
 else
     mkdir -p "$out" "$work"
@@ -90,7 +97,7 @@ fi
 make_gpu=(make GPU=1 CUDA_ARCH="$arch")
 bench_bf16=$work/bench_gpt_bf16
 nvcc=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
-part machine 30 bash -c "nvidia-smi; nvidia-smi --query-gpu=name,compute_cap,memory.total,clocks.max.sm,clocks.max.mem,power.limit,driver_version --format=csv; $nvcc --version | tail -n 2; nproc; free -g"
+part machine 30 bash -c "$smi; $smi --query-gpu=name,compute_cap,memory.total,clocks.max.sm,clocks.max.mem,power.limit,driver_version --format=csv; $nvcc --version | tail -n 2; nproc; free -g"
 # Every object in one parallel make (the bf16 bench's too), then the bf16 bench_gpt linked and set
 # aside (the cost model is of bf16 storage), then the float programs linked back for the tests.
 part build 300 bash -c "${make_gpu[*]} -j16 all bench/bench_gpt build/gpu/bf16/bench/bench_gpt.o build/gpu/bf16/bench/cost_model.o \
@@ -101,6 +108,9 @@ shakespeare=(--preset shakespeare --batch 64 --seq 256)
 for attention in plain flash; do
     part "bench-gpt2-$attention" 90 "$bench_bf16" "${gpt2[@]}" --steps 5 --"$attention"
     part "bench-shakespeare-$attention" 60 "$bench_bf16" "${shakespeare[@]}" --steps 10 --"$attention"
+done
+# The estimates need no GPU; each prints its attention's table and the step with all three kinds.
+for attention in plain flash; do
     for device in $devices; do
         part "estimate-gpt2-$attention-$device" 20 "$bench_bf16" --estimate "$device" "${gpt2[@]}" --"$attention"
         part "estimate-shakespeare-$attention-$device" 20 "$bench_bf16" --estimate "$device" "${shakespeare[@]}" --"$attention"
@@ -132,17 +142,20 @@ field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" "$2" 2>/dev/null | tail -n 1; }
 {
     echo
     echo "== measured (bf16 build) against the cost model"
-    printf '%-12s %-6s %-6s %12s %12s %12s %10s %14s %12s\n' shape attention model "measured ms" \
-        "predicted ms" "roofline ms" "measured" "tokens/s pred." "memory GiB"
+    echo "(predicted: the cost model's adjusted step for that attention; FA-2 ms: the same step with a"
+    echo " tensor-core FlashAttention-2, which the library does not have yet)"
+    printf '%-12s %-6s %-6s %12s %12s %12s %10s %14s %12s %10s\n' shape attention model "measured ms" \
+        "predicted ms" "roofline ms" "measured" "tokens/s pred." "memory GiB" "FA-2 ms"
     for shape in gpt2 shakespeare; do
         for attention in plain flash; do
             measured=$work/bench-$shape-$attention.log
             for device in $devices; do
                 predicted=$work/estimate-$shape-$attention-$device.log
-                printf '%-12s %-6s %-6s %12s %12s %12s %10s %14s %12s\n' "$shape" "$attention" "$device" \
+                printf '%-12s %-6s %-6s %12s %12s %12s %10s %14s %12s %10s\n' "$shape" "$attention" "$device" \
                     "$(field ms_per_step "$measured")" "$(field ms_per_step "$predicted")" \
                     "$(field roofline_ms "$predicted")" "$(field tokens_per_s "$measured")" \
-                    "$(field tokens_per_s "$predicted")" "$(field peak_memory_gib "$measured")"
+                    "$(field tokens_per_s "$predicted")" "$(field peak_memory_gib "$measured")" \
+                    "$(field fa2_ms "$predicted")"
             done
         done
     done
