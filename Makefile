@@ -78,6 +78,10 @@ $(foreach p,float bf16 double,$(eval $(call precision_rule,$(p))))
 $(PROGRAMS) bench/emulator bench/bench_gpt: %: $(OBJ)/$(PRECISION)/%.o $(call LIBRARY,$(PRECISION)) $(STAMP)
 	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
 
+# bench_gpt links in the cost model of a GPU training step (bench/cost_model.cu).
+bench/bench_gpt: $(OBJ)/$(PRECISION)/bench/cost_model.o
+$(OBJ)/$(PRECISION)/bench/bench_gpt.o $(OBJ)/$(PRECISION)/bench/cost_model.o: bench/cost_model.h
+
 # The tests build the precision they check: gradients in double, parity in float, mixed precision both.
 test_gradients tests/test_emulator: %: $(OBJ)/double/%.o $(call LIBRARY,double) $(STAMP)
 	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
@@ -91,7 +95,7 @@ tests/mixed_precision_fp32: $(OBJ)/float/tests/mixed_precision.o $(call LIBRARY,
 tests/mixed_precision_bf16: $(OBJ)/bf16/tests/mixed_precision.o $(call LIBRARY,bf16) $(STAMP)
 	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
 
-test: $(TESTS) $(PROGRAMS)
+test: $(TESTS) $(PROGRAMS) bench/bench_gpt
 	@bash tests/run_tests.sh test_gradients tests/test_emulator tests/test_tokenizer tests/test_launch_types.sh tests/test_parity.sh \
 	    tests/test_mixed_precision.sh tests/test_programs.sh tests/test_files.py tests/check_style.py
 

@@ -1,18 +1,17 @@
 // bench/bench_gpt.cu — times training steps (forward, backward, AdamW) of a GPT of a given shape on
 // random tokens: no data files, no tokenizer, just the model's cost. Prints the median ms per step,
-// tokens per second and the model FLOPs utilisation (MFU), and with --profile the time of every
-// kernel and matrix product (CUDA events on a GPU).
+// tokens per second, the model FLOPs utilisation (MFU) and the device memory a step holds, and with
+// --profile the time of every kernel and matrix product (CUDA events on a GPU). With --estimate it
+// runs nothing and prints the cost model's prediction for a GPU instead (bench/cost_model.h).
 //
 // MFU = model FLOPs per token x tokens per second / the GPU's peak. Per token a training step costs
 // 6 N (N parameters outside the position embedding: 2 per multiply-add, forward plus a backward of
 // twice the forward) plus 12 L T C for attention's two products of every layer — the usual
-// estimate, which counts the masked half of causal attention too. The peak is bf16 dense (H100 SXM
-// 989 TFLOPS, A100 312), looked up from the device name, or --peak-tflops.
-//
-//   bench/bench_gpt [--layers 12 --heads 12 --dim 768 --vocab 50257 --context 1024] [--batch 4
-//   --seq 64]
-//                   [--steps 5] [--profile]
+// estimate, which counts the masked half of causal attention too. The peak is bf16 dense (H100 and
+// H200 SXM 989 TFLOPS, A100 312), looked up from the device name, or --peak-tflops.
 #include "tricycle.h"
+
+#include "cost_model.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -21,13 +20,20 @@
 #include <vector>
 
 static const char* help_text =
-    "usage: bench/bench_gpt [--layers N --heads N --dim N --vocab N --context N] [--batch B --seq "
-    "T] [--steps N]\n"
-    "                       [--profile] [--flash | --plain] [--tape] [--peak-tflops X]\n"
-    "Defaults: the GPT-2 124M shape (12 layers, 12 heads, 768 dim, vocab 50257, context 1024), "
-    "B=4, T=64, 5 steps.\n"
-    "--tape trains through the tape (gpt_forward_tape and backward) instead of gpt_forward and "
-    "gpt_backward.\n";
+    "usage: bench/bench_gpt [--preset NAME] [--layers N --heads N --dim N --vocab N --context N]\n"
+    "                       [--batch B --seq T] [--steps N] [--profile] [--flash | --plain]\n"
+    "                       [--tape] [--peak-tflops X]\n"
+    "       bench/bench_gpt --estimate a100|h100|h200 [shape flags] [--flash | --plain | --fa2]\n"
+    "                       [--precision bf16|float]\n"
+    "Defaults: the GPT-2 124M shape (12 layers, 12 heads, 768 dim, vocab 50257, context 1024),\n"
+    "B=4, T=64 (at most the context), 5 steps, plain attention. --preset starts from a train_gpt\n"
+    "preset (debug, mini, shakespeare, smol); later flags override it. --tape trains through the\n"
+    "tape (gpt_forward_tape and backward) instead of gpt_forward and gpt_backward.\n"
+    "--estimate runs nothing: it prints the cost model of a training step of this shape on that\n"
+    "GPU, kernel by kernel (B=16 and T=1024 unless given), for plain attention unless --flash "
+    "(the\n"
+    "flash kernels as written) or --fa2 (a tensor-core FlashAttention-2, not written yet), in\n"
+    "bf16 unless --precision float (TF32 products).\n";
 
 // The bf16 dense peak of the GPU in TFLOPS, from its name; 0 when unknown (and on the CPU build).
 static double known_peak_tflops() {
@@ -44,10 +50,20 @@ static double known_peak_tflops() {
 
 struct BenchOptions {
     GPTConfig config = gpt_preset("smol");
-    int B = 4, T = 64, steps = 5;
+    int B = 0, T = 0, steps = 5;  // B and T: 0 until given
     bool profile = false, tape = false;
+    AttentionKind attention = AttentionKind::plain;
     double peak_tflops = 0;
+    std::string estimate;  // a device name: print the cost model instead of running
+    bool estimate_bf16 = true;
 };
+
+// --precision: true for bf16, false for float.
+static bool estimate_precision(const std::string& value) {
+    if (value != "bf16" && value != "float")
+        fail("--precision: expected bf16 or float, got '%s'", value.c_str());
+    return value == "bf16";
+}
 
 static BenchOptions parse_options(int argc, char** argv) {
     BenchOptions o;
@@ -57,55 +73,82 @@ static BenchOptions parse_options(int argc, char** argv) {
         auto integer = [&](long max) {
             return int(parse_int(flag.c_str(), flag_value(argc, argv, &i), 1, max));
         };
-        if (flag == "--layers") config.layers = integer(1000);
+        if (flag == "--preset") config = gpt_preset(flag_value(argc, argv, &i));
+        else if (flag == "--layers") config.layers = integer(1000);
         else if (flag == "--heads") config.heads = integer(1000);
         else if (flag == "--dim") config.dim = integer(1 << 16);
-        else if (flag == "--vocab") config.vocab_size = integer(1 << 30);
-        else if (flag == "--context") config.context = integer(1 << 20);
+        else if (flag == "--vocab") config.vocab_size = integer(1 << 24);
+        else if (flag == "--context") config.context = integer(1 << 17);
         else if (flag == "--batch") o.B = integer(1 << 20);
-        else if (flag == "--seq") o.T = integer(1 << 20);
+        else if (flag == "--seq") o.T = integer(1 << 17);
         else if (flag == "--steps") o.steps = integer(1 << 20);
         else if (flag == "--profile") o.profile = true;
-        else if (flag == "--flash") use_flash_attention = true;
-        else if (flag == "--plain") use_flash_attention = false;
+        else if (flag == "--flash") o.attention = AttentionKind::flash;
+        else if (flag == "--plain") o.attention = AttentionKind::plain;
+        else if (flag == "--fa2") o.attention = AttentionKind::fa2;
         else if (flag == "--tape") o.tape = true;
         else if (flag == "--peak-tflops")
             o.peak_tflops = parse_number(flag.c_str(), flag_value(argc, argv, &i), 1e-3, 1e6);
+        else if (flag == "--estimate") o.estimate = device_model(flag_value(argc, argv, &i)).key;
+        else if (flag == "--precision")
+            o.estimate_bf16 = estimate_precision(flag_value(argc, argv, &i));
         else unknown_flag(argv[i]);
     }
+    bool estimate = !o.estimate.empty();
+    if (!estimate && o.attention == AttentionKind::fa2)
+        fail("--fa2: only with --estimate (the library has no FlashAttention-2 kernel yet)");
+    use_flash_attention = o.attention == AttentionKind::flash;
+    if (!o.B) o.B = estimate ? 16 : 4;
+    if (!o.T) o.T = std::min(estimate ? 1024 : 64, config.context);
+    gpt_check_config(config);
+    if (o.T > config.context)
+        fail("--seq %d exceeds the context %d (--context)", o.T, config.context);
     return o;
 }
 
-static int bench(int argc, char** argv) {
-    BenchOptions o = parse_options(argc, argv);
-    const GPTConfig& config = o.config;
-    int B = o.B, T = o.T, steps = o.steps;
-    bool profile = o.profile, tape = o.tape;
-    double peak_tflops = o.peak_tflops;
-    GPT model;
-    gpt_create(&model, config);
-    gpt_init(&model, 1);
-    AdamW adam;
-    adamw_create(&adam, model.params.size);
-    std::vector<int> host(2 * B * T);
-    for (size_t i = 0; i < host.size(); i++)
-        host[i] = int(random_bits(7, i) % uint64_t(config.vocab_size));
-    int* tokens = device_alloc<int>(host.size());
-    cuda_check(cudaMemcpy(tokens, host.data(), host.size() * sizeof(int), cudaMemcpyHostToDevice));
+// The device memory a step holds. Nothing is freed during a step and nothing allocated after the
+// first, so what is held after the steps is the peak: the library's own allocations (parameters,
+// gradients and float master weights, AdamW's two moments, the planned activations, the arena of
+// per-step buffers), and on a GPU cudaMemGetInfo's count since the start, which also sees cuBLAS's
+// workspace.
+static double print_memory(const GPT& model, const AdamW& adam, const GPTActivations& acts,
+                           size_t arena_peak, size_t free_at_start) {
+    const double GiB = 1024.0 * 1024 * 1024;
+    const Parameters& p = model.params;
+    double parameters = double(p.capacity) * (2 * sizeof(floatX) + (p.master ? sizeof(real) : 0));
+    double moments = 2.0 * double(adam.n) * sizeof(real), activations = double(acts.bytes);
+    double arena = double(memory_reserved()), total = parameters + moments + activations + arena;
+    printf(
+        "memory held by a step: %.3f GiB = parameters and gradients%s %.3f + AdamW moments %.3f + "
+        "activations %.3f + arena %.3f (%.3f of it in use at most)\n",
+        total / GiB, p.master ? " and master weights" : "", parameters / GiB, moments / GiB,
+        activations / GiB, arena / GiB, arena_peak / GiB);
+#ifdef __CUDACC__
+    size_t free_now = 0, device_total = 0;
+    cuda_check(cudaMemGetInfo(&free_now, &device_total));
+    double taken = double(free_at_start) - double(free_now);
+    printf("device memory taken since the start (cudaMemGetInfo): %.3f GiB of %.1f GiB\n",
+           taken / GiB, device_total / GiB);
+    total = std::max(total, taken);
+#else
+    (void)free_at_start;
+#endif
+    return total / GiB;
+}
+
+// Runs steps + 1 training steps (the first warms up); their times in seconds, the first left out.
+static std::vector<double> run_steps(const BenchOptions& o, GPT& model, AdamW& adam,
+                                     GPTActivations& acts, const int* tokens, size_t* arena_peak) {
+    int B = o.B, T = o.T;
     real* norm = device_alloc<real>(1);
-    printf("bench_gpt: %d layers, %d heads, dim %d, vocab %d (%.1fM parameters), B=%d T=%d, %s\n",
-           config.layers, config.heads, config.dim, config.vocab_size, model.params.size / 1e6, B,
-           T, tape ? "through the tape" : "gpt_forward and gpt_backward");
-    printf("matrix products: %s\n", gemm_engine().c_str());
-    GPTActivations acts;
     std::vector<double> times;
-    for (int step = 0; step <= steps; step++) {  // step 0 warms up and is not counted
-        profiling = profile && step > 0;
+    for (int step = 0; step <= o.steps; step++) {
+        profiling = o.profile && step > 0;
         double start = seconds_now();
         parameters_zero_grad(model.params);
         MemoryMark mark = memory_mark();
         real value;
-        if (tape) {
+        if (o.tape) {
             Tensor loss = cross_entropy(gpt_forward_tape(model, tokens, B, T, true, uint64_t(step)),
                                         tokens + B * T, model.config.vocab_size);
             backward(loss);
@@ -117,28 +160,62 @@ static int bench(int argc, char** argv) {
         }
         gradient_norm(norm, model.params.grad, model.params.size);
         adamw_update(&adam, model.params, real(1e-4), norm, 1);
+        *arena_peak = std::max(*arena_peak, memory_in_use());
         memory_release(mark);
         profiling = false;
         double seconds = seconds_now() - start;
         if (step > 0) times.push_back(seconds);
         printf("step %d: loss %.4f, %.1f ms\n", step, double(value), seconds * 1e3);
     }
+    return times;
+}
+
+static int bench(int argc, char** argv) {
+    BenchOptions o = parse_options(argc, argv);
+    const GPTConfig& config = o.config;
+    if (!o.estimate.empty()) {
+        print_estimate(config, o.B, o.T, o.attention, o.estimate_bf16, device_model(o.estimate));
+        return 0;
+    }
+    size_t free_at_start = 0, device_total = 0;
+    cuda_check(cudaMemGetInfo(&free_at_start, &device_total));
+    GPT model;
+    gpt_create(&model, config);
+    gpt_init(&model, 1);
+    AdamW adam;
+    adamw_create(&adam, model.params.size);
+    std::vector<int> host(2 * o.B * o.T);
+    for (size_t i = 0; i < host.size(); i++)
+        host[i] = int(random_bits(7, i) % uint64_t(config.vocab_size));
+    int* tokens = device_alloc<int>(host.size());
+    cuda_check(cudaMemcpy(tokens, host.data(), host.size() * sizeof(int), cudaMemcpyHostToDevice));
+    printf(
+        "bench_gpt: %d layers, %d heads, dim %d, vocab %d (%.1fM parameters), B=%d T=%d, %s, %s "
+        "attention\n",
+        config.layers, config.heads, config.dim, config.vocab_size, model.params.size / 1e6, o.B,
+        o.T, o.tape ? "through the tape" : "gpt_forward and gpt_backward",
+        use_flash_attention ? "flash" : "plain");
+    printf("matrix products: %s\n", gemm_engine().c_str());
+    GPTActivations acts;
+    size_t arena_peak = 0;
+    std::vector<double> times = run_steps(o, model, adam, acts, tokens, &arena_peak);
     std::sort(times.begin(), times.end());
-    double median = times[times.size() / 2], tokens_per_second = B * T / median;
-    double flops_per_token =
-        6.0 * (model.params.size - model.wpe.size()) + 12.0 * config.layers * T * config.dim;
-    if (peak_tflops == 0) peak_tflops = known_peak_tflops();
+    double median = times[times.size() / 2], tokens_per_second = o.B * o.T / median;
+    double flops_per_token = model_flops_per_token(config, o.T);
+    double peak_tflops = o.peak_tflops > 0 ? o.peak_tflops : known_peak_tflops();
     std::string mfu =
         peak_tflops > 0
             ? " mfu=" +
                   std::to_string(100 * flops_per_token * tokens_per_second / (peak_tflops * 1e12)) +
                   "%"
             : "";
+    double memory_gib = print_memory(model, adam, acts, arena_peak, free_at_start);
     printf(
-        "RESULT name=bench_gpt steps=%d ms_per_step=%.1f tokens_per_s=%.0f model_tflops=%.3f%s\n",
-        steps, median * 1e3, tokens_per_second, flops_per_token * tokens_per_second / 1e12,
-        mfu.c_str());
-    if (profile) profile_report(stdout, steps);
+        "RESULT name=bench_gpt steps=%d ms_per_step=%.1f tokens_per_s=%.0f model_tflops=%.3f%s "
+        "peak_memory_gib=%.3f\n",
+        o.steps, median * 1e3, tokens_per_second, flops_per_token * tokens_per_second / 1e12,
+        mfu.c_str(), memory_gib);
+    if (o.profile) profile_report(stdout, o.steps);
     return 0;
 }
 

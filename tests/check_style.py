@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = sorted(p for pattern in ("*.h", "*.cu", "tests/*.h", "tests/*.cu", "bench/*.cu") for p in ROOT.glob(pattern))
+SOURCES = sorted(p for pattern in ("*.h", "*.cu", "tests/*.h", "tests/*.cu", "bench/*.h", "bench/*.cu") for p in ROOT.glob(pattern))
 LIMITS = {"gpt_backward": 150}
 DEFAULT_LIMIT = 80
 NOT_FUNCTIONS = re.compile(r"^(struct|enum|union|namespace|extern|typedef|static const|constexpr|template <[^>]*> struct)\b|=\s*\{$")

@@ -121,7 +121,49 @@ fails_with "make with DATA= naming a missing file says so" "DATA=$dir/none.txt: 
     make -s -C "$dir/make2" -f "$PWD/Makefile" data/tinyshakespeare.txt DATA="$dir/none.txt"
 check "make train VOCAB=512 makes data/shakespeare_512.tok, not the 1024-token one" \
     bash -c "make -n train VOCAB=512 CPU=1 2>/dev/null | grep -q 'vocab-size 512 --output data/shakespeare_512.tok'"
-for program in train_gpt inference tokenizer; do
+# bench_gpt: a step of the debug preset with the memory it holds, and the cost model's estimates.
+./bench/bench_gpt --preset debug --batch 2 --seq 32 --steps 1 > "$dir/bench.log" 2>&1
+check "bench_gpt times a step and reports the memory a step holds" \
+    bash -c "grep -q '^memory held by a step' '$dir/bench.log' && grep -q 'peak_memory_gib=' '$dir/bench.log'"
+estimate() {  # prints a field of the ESTIMATE line of an A100 estimate
+    local field=$1
+    shift
+    ./bench/bench_gpt --estimate a100 "$@" | sed -n "s/^ESTIMATE .* $field=\([^ %]*\).*/\1/p"
+}
+plain_tflop=$(estimate tensor_tflop --plain)
+# Plain attention runs every product in full: 6 FLOPs per weight of the matrices (the lm head's on
+# the padded vocabulary, 50304) and 12 L T C per position, for GPT-2 124M with B=16, T=1024.
+expected=$(awk 'BEGIN { L = 12; C = 768; T = 1024; N = 16 * T
+                        printf "%.4f", N * (6 * (12 * L * C * C + 50304 * C) + 12 * L * T * C) / 1e12 }')
+check "the cost model's products (plain attention) do 6 FLOPs per weight and 12 L T C per position ($plain_tflop, $expected TFLOP)" \
+    awk -v a="${plain_tflop:-0}" -v b="$expected" 'BEGIN { exit !(a - b < 1e-3 && b - a < 1e-3) }'
+# A FlashAttention-2 skips the masked tiles and the (T, T) matrices in memory; the flash kernels as
+# written issue ~30-50 warp instructions per (query, key) pair on the CUDA cores.
+read -r plain_ms flash_ms fa2_ms <<< "$(estimate plain_ms) $(estimate flash_ms) $(estimate fa2_ms)"
+check "the cost model orders the attention kinds for GPT-2 124M: FA-2 < plain < flash as written ($fa2_ms < $plain_ms < $flash_ms ms)" \
+    awk -v a="${fa2_ms:-0}" -v b="${plain_ms:-0}" -v c="${flash_ms:-0}" 'BEGIN { exit !(a > 0 && a < b && b < c) }'
+# The float build's step: the same products in TF32 (half the bf16 peak) and twice the bytes.
+float_ms=$(estimate ms_per_step --precision float)
+check "the cost model's float (TF32) step is slower than its bf16 one ($float_ms > $plain_ms ms)" \
+    awk -v a="${float_ms:-0}" -v b="${plain_ms:-0}" 'BEGIN { exit !(b > 0 && a > b) }'
+fails_with "bench_gpt --fa2 without --estimate says there is no such kernel" "only with --estimate" \
+    ./bench/bench_gpt --fa2
+fails_with "bench_gpt --precision names the two it knows" "expected bf16 or float" \
+    ./bench/bench_gpt --estimate a100 --precision fp8
+fails_with "bench_gpt --estimate names the devices it knows" "expected a100, h100 or h200" ./bench/bench_gpt --estimate tpu
+# bench/gpu_first_run.sh: parses, refuses in one line without a GPU, and plans every part.
+check "bench/gpu_first_run.sh parses (bash -n)" bash -n bench/gpu_first_run.sh
+fails_with "gpu_first_run.sh without nvidia-smi says it needs a GPU" \
+    "gpu_first_run: error: no $dir/no-nvidia-smi (the NVIDIA driver's tool): this script needs a machine with an NVIDIA GPU" \
+    env NVIDIA_SMI="$dir/no-nvidia-smi" GPU_FIRST_RUN_OUT="$dir/first_run" bash bench/gpu_first_run.sh
+check "gpu_first_run.sh without a GPU writes no report" test ! -e "$dir/first_run"
+GPU_FIRST_RUN_DRY=1 NVIDIA_SMI="$dir/no-nvidia-smi" bash bench/gpu_first_run.sh > "$dir/plan.txt" 2>&1
+check "gpu_first_run.sh's plan has the build, the benches, the estimates, 3 sanitizer tools and the tests" \
+    bash -c "grep -q '^build ' '$dir/plan.txt' && grep -q '^bench-gpt2-flash ' '$dir/plan.txt' &&
+             grep -q '^estimate-shakespeare-plain-a100 ' '$dir/plan.txt' &&
+             [ \$(grep -cE '^sanitizer-(memcheck|racecheck|initcheck)-' '$dir/plan.txt') = 6 ] &&
+             grep -q '^test-test_gradients ' '$dir/plan.txt'"
+for program in train_gpt inference tokenizer bench/bench_gpt; do
     check "$program --help" "./$program" --help
 done
 

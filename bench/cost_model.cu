@@ -1,0 +1,556 @@
+// bench/cost_model.cu — the cost model of bench/cost_model.h. Every kernel's bytes and FLOPs are
+// written beside it, from the shapes; the efficiencies and overheads the adjusted figures assume
+// are the DeviceModel table and the constants below, and every estimate prints them.
+#include "cost_model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+
+// Datasheet figures, dense: A100 80GB SXM (312 TFLOPS bf16, 156 TF32, 19.5 FP32, 2.04 TB/s, 108
+// SMs at 1.41 GHz), H100 SXM (989 bf16, 495 TF32, 67 FP32, 3.35 TB/s, 132 SMs), H200 SXM (the
+// H100's chip with 4.8 TB/s of HBM3e). The H100's SM clock here, 1.83 GHz, is the one its bf16 peak
+// implies (4096 FLOPs a clock per SM). Efficiencies assumed. Products: cuBLAS reaches about three
+// quarters of the A100's bf16 peak on products of this size (B*T rows, inner sizes of 768 to 3072),
+// less of the H100's, whose peak needs bigger tiles than these shapes feed it. FlashAttention-2
+// reports 50-73% of the A100's peak forward and less backward, at the low end for heads of 64 at T
+// = 1024; an mma.sync kernel without Hopper's warpgroup instructions (FlashAttention-3's) reaches
+// about a third of the H100's. The library's kernels: streaming copies reach 80-90% of the
+// bandwidth, and these load one value per thread at a time, so 70%.
+static const DeviceModel devices[] = {
+    {"a100", "A100 80GB SXM", 2.04e12, 312e12, 156e12, 19.5e12, 108, 1.41e9, 0.75, 0.50, 0.40,
+     0.70},
+    {"h100", "H100 SXM", 3.35e12, 989e12, 495e12, 67e12, 132, 1.83e9, 0.60, 0.35, 0.30, 0.70},
+    {"h200", "H200 SXM", 4.8e12, 989e12, 495e12, 67e12, 132, 1.83e9, 0.60, 0.35, 0.30, 0.70},
+};
+
+// A launch costs 3-5 us of host and device time; the model adds the midpoint to every launch
+// without overlapping it with the kernels before it (an upper bound while the queue runs ahead).
+constexpr double launch_seconds = 4e-6;
+// A kernel run by one warp (or thread) over a short list has a few 128-byte loads in flight at
+// about 0.5 us each: some 2 GB/s.
+constexpr double one_warp_bandwidth = 2e9;
+// The host's sort of the token ids (group_tokens), per comparison of N log2 N: measured as 1.3 ms
+// for 16384 ids with std::stable_sort on this project's 2-core EPYC machine.
+constexpr double host_seconds_per_comparison = 5.6e-9;
+// A FlashAttention-2 works on (query, key) tiles of 64 x 64 and skips the tiles fully above the
+// diagonal.
+constexpr int fa2_tile = 64;
+// The flash kernels as written (tricycle.cu, GPU launch shapes): a warp per query (or key), 8 of
+// them a block, keys (or queries) through shared memory 32 at a time.
+constexpr int flash_rows_per_block = 8, flash_key_tile = 32, warp = 32;
+// Warp instructions each issues per (query, key) pair it evaluates, counted from the code with P
+// values of the head per thread: forward: the dot (P loads, P FMAs), its 5-step shuffle sum (5
+// shuffles + 5 adds), ~12 scalar (scale, causal test, running max, 2 exponentials, running sum)
+// and the output update (P loads, 2P multiply-adds); dq: two dots and two shuffle sums, ~10
+// scalar, the gradient update (P loads, 2P); dk and dv: the same two dots, ~14 scalar, two
+// updates (2P loads, 4P).
+struct FlashInstructions {
+    double per_value, fixed;
+};
+constexpr FlashInstructions flash_forward_instructions{5, 22}, flash_dq_instructions{7, 30},
+    flash_dkdv_instructions{10, 34};
+// An SM issues 4 warp instructions a clock (one per scheduler); enough warps are resident to hide
+// the shuffles' latency (bench/kernel_report.sh states the occupancy).
+constexpr double issue_per_clock = 4;
+// The lm-head products run on the vocabulary padded to a multiple of 128.
+constexpr int vocab_multiple = 128;
+
+const DeviceModel& device_model(const std::string& key) {
+    for (const DeviceModel& d : devices)
+        if (key == d.key) return d;
+    fail("--estimate: unknown device '%s' (expected a100, h100 or h200)", key.c_str());
+}
+
+double model_flops_per_token(const GPTConfig& config, int T) {
+    double position_embedding = config.rotary ? 0 : double(config.context) * config.dim;
+    return 6 * (double(gpt_parameter_count(config)) - position_embedding) +
+           12.0 * config.layers * T * config.dim;
+}
+
+namespace {
+
+// The sizes the formulas use, as doubles (their products overflow int).
+struct Sizes {
+    double B, T, C, NH, hs, H, V, Vp, L, P;
+    double N;         // B T positions
+    double e, f = 4;  // bytes of a stored value (2 in bf16, 4 in float) and of a float
+    bool bf16;        // float master weights and bf16 products, or float and TF32
+    double heads;     // B NH attention heads of the batch
+    double att;       // B NH T T: the elements of a layer's attention matrices
+    double below;     // the fraction of a causal (T, T) matrix on or below the diagonal
+    double
+        fa2_tiles;  // the fraction of (T, T) that FlashAttention-2's tiles not fully masked cover
+    double per_thread;              // P: values of a head per thread of the flash kernels' warps
+    double query_pairs, key_pairs;  // (query, key) pairs the flash kernels evaluate per head
+    double slabs;                   // the slabs of 32 rows a column sum adds up in (N / 32)
+    bool dropout;
+};
+
+// The (query, key) pairs the flash kernels evaluate for one head: the forward and dq kernels take
+// a block of 8 queries over every key tile up to their last query (the whole tile, the masked
+// keys' dots included); the dk/dv kernel takes a block of 8 keys over the query tiles from its own.
+void flash_pairs(Sizes& s) {
+    int T = int(s.T);
+    s.query_pairs = s.key_pairs = 0;
+    for (int first = 0; first < T; first += flash_rows_per_block) {
+        int last = std::min(first + flash_rows_per_block, T) - 1;
+        double key_tiles = (last + flash_key_tile) / flash_key_tile;
+        double query_tiles =
+            std::ceil(double(T - first / flash_key_tile * flash_key_tile) / flash_key_tile);
+        s.query_pairs += double(flash_rows_per_block) * flash_key_tile * key_tiles;
+        s.key_pairs += double(flash_rows_per_block) * flash_key_tile * query_tiles;
+    }
+}
+
+Sizes sizes_of(const GPTConfig& c, int B, int T, bool bf16) {
+    Sizes s;
+    s.B = B, s.T = T, s.C = c.dim, s.NH = c.heads, s.hs = double(c.dim) / c.heads;
+    s.H = double(c.mlp_ratio) * c.dim, s.V = c.vocab_size, s.L = c.layers;
+    s.Vp = std::ceil(s.V / vocab_multiple) * vocab_multiple;
+    s.P = double(gpt_parameter_count(c));
+    s.N = s.B * s.T, s.heads = s.B * s.NH, s.att = s.heads * s.T * s.T;
+    s.e = bf16 ? 2 : 4, s.bf16 = bf16;
+    s.below = (s.T + 1) / (2 * s.T);
+    double row_tiles = std::ceil(s.T / fa2_tile);
+    s.fa2_tiles =
+        std::min(1.0, row_tiles * (row_tiles + 1) / 2 * fa2_tile * fa2_tile / (s.T * s.T));
+    s.per_thread = 1;
+    while (s.per_thread * warp < s.hs) s.per_thread *= 2;
+    flash_pairs(s);
+    s.slabs = std::ceil(s.N / 32);
+    s.dropout = c.dropout > 0;
+    return s;
+}
+
+struct Step {
+    Sizes s;
+    std::vector<KernelCost> rows;
+    const char* phase = "forward";
+    bool attention = false;  // the rows added are attention's
+
+    void add(const std::string& name, double launches, double bytes, double flops, Engine engine,
+             double cycles = 0) {
+        rows.push_back({phase, name, launches, bytes, flops, engine, cycles, attention});
+    }
+    // `count` products (M, K) @ (K, N) in `launches` launches: each reads both operands and writes
+    // the result (reading it first when accumulating into it); 2 M N K FLOPs each.
+    void product(const std::string& name, double launches, double count, double M, double N,
+                 double K, bool accumulate) {
+        double bytes = s.e * (M * K + K * N + M * N * (accumulate ? 2 : 1));
+        add(name, launches, count * bytes, count * 2 * M * N * K, Engine::gemm);
+    }
+    // A linear layer's forward, `count` of them: the bias copied into every row of the output
+    // (broadcast_rows_kernel writes (N, out)), then the product added to it (beta = 1).
+    void linear(const std::string& name, double count, double in, double out) {
+        add(name + ": bias into rows", count, count * s.e * (s.N * out + out), 0, Engine::kernel);
+        product(name, count, count, s.N, out, in, true);
+    }
+    // A bias gradient, `count` of them (column_sums): blocks of 32 rows write float partial sums
+    // of dout (N, out), then a pass adds the slabs up into dbias.
+    void bias_gradient(const std::string& name, double count, double out) {
+        add(name + " db (partial sums)", count, count * (s.e * s.N * out + s.f * s.slabs * out),
+            count * s.N * out, Engine::kernel);
+        add(name + " db (slabs added)", count, count * (s.f * s.slabs * out + s.e * 2 * out),
+            count * s.slabs * out, Engine::kernel);
+    }
+};
+
+void attention_forward_costs(Step& step, AttentionKind kind) {
+    const Sizes& s = step.s;
+    double N = s.N, C = s.C, L = s.L, T = s.T, e = s.e;
+    // every flash kind reads q, k, v (N, 3C), writes out (N, C) and lse (B, NH, T) floats
+    double flash_bytes = L * (e * 4 * N * C + s.f * s.heads * T);
+    if (kind == AttentionKind::fa2) {
+        // q k^T and p v per head on the tiles not fully masked: 2 products of 2 T T hs
+        step.add("FA-2 attention forward", L, flash_bytes,
+                 L * 2 * 2 * s.heads * T * T * s.hs * s.fa2_tiles, Engine::fa2_forward);
+        return;
+    }
+    if (kind == AttentionKind::flash) {
+        // per pair: the dot and the output update, 2 hs FLOPs each
+        FlashInstructions i = flash_forward_instructions;
+        double pairs = L * s.heads * s.query_pairs;
+        step.add("flash attention forward (as written)", L, flash_bytes, pairs * 4 * s.hs,
+                 Engine::warp_issue,
+                 pairs * (i.per_value * s.per_thread + i.fixed) / issue_per_clock);
+        return;
+    }
+    // att = q k^T / sqrt(hs), a launch per sequence: (T, hs) @ (hs, T) per head
+    step.product("attention scores q k^T", L * s.B, L * s.heads, T, T, s.hs, false);
+    // in place over the keys s <= t: reads a row's part on or below the diagonal once (the row
+    // stays in cache between the passes), writes the whole row; ~5 FLOPs per value read
+    step.add("causal softmax", L, L * e * s.att * (s.below + 1), L * 5 * s.att * s.below,
+             Engine::kernel);
+    // out = att v: (T, T) @ (T, hs) per head
+    step.product("attention mix att v", L * s.B, L * s.heads, T, s.hs, T, false);
+}
+
+// The forward pass as gpt_forward runs it: a row per kernel, its launches over all layers.
+void forward_costs(Step& step, AttentionKind attention) {
+    const Sizes& s = step.s;
+    double N = s.N, C = s.C, H = s.H, L = s.L, e = s.e, f = s.f;
+    step.phase = "forward";
+    // parameters_zero_grad before the step: a memset writing P gradients
+    step.add("zero gradients (memset)", 1, e * s.P, 0, Engine::kernel);
+    // group_tokens copies the N ids down, sorts them on the host (N log2 N comparisons) while the
+    // stream waits, and copies 3 lists of N ints up
+    step.add("group tokens (host sort)", 0, 4 * 4 * N, N * std::log2(N), Engine::host);
+    // x = wte[tokens] + wpe[t]: reads N ids, N rows of wte and T of wpe, writes (N, C)
+    step.add("embedding", 1, 4 * N + e * (2 * N * C + s.T * C), N * C, Engine::kernel);
+    // h = layernorm(x): reads x, writes h and 2 floats per row; ~8 FLOPs per value
+    step.add("layernorm", 1, e * 2 * N * C + f * 2 * N + e * 2 * C, 8 * N * C, Engine::kernel);
+    // qkv = h Wqkv^T + b: (N, C) @ (C, 3C)
+    step.linear("qkv linear", L, C, 3 * C);
+    step.attention = true;
+    attention_forward_costs(step, attention);
+    step.attention = false;
+    // y Wproj^T + b: (N, C) @ (C, C)
+    step.linear("attention projection", L, C, C);
+    // r = x + branch, h = layernorm(r), twice a layer (the last is the final norm): reads 2 and
+    // writes 2 of (N, C), 2 floats per row; ~9 FLOPs per value
+    step.add("residual + layernorm", 2 * L, 2 * L * (e * 4 * N * C + f * 2 * N + e * 2 * C),
+             2 * L * 9 * N * C, Engine::kernel);
+    // pre = h Wfc^T: (N, C) @ (C, H), written (no bias in the product)
+    step.product("mlp fc linear", L, L, N, H, C, false);
+    // pre += b, act = gelu(pre): reads pre, writes pre and act (N, H); ~15 FLOPs per value
+    step.add("bias + GELU", L, L * e * 3 * N * H, L * 15 * N * H, Engine::kernel);
+    // act Wproj2^T + b: (N, H) @ (H, C)
+    step.linear("mlp projection", L, H, C);
+    // dropout on the embedding and on both branches of every layer: reads and writes (N, C); ~20
+    // operations to draw each mask value
+    if (s.dropout)
+        step.add("dropout", 1 + 2 * L, (1 + 2 * L) * e * 2 * N * C, (1 + 2 * L) * 20 * N * C,
+                 Engine::kernel);
+    // logits = h wte^T on the padded vocabulary: (N, C) @ (C, Vp)
+    step.product("lm head", 1, 1, N, s.Vp, C, false);
+}
+
+void attention_backward_costs(Step& step, AttentionKind kind) {
+    const Sizes& s = step.s;
+    double N = s.N, C = s.C, L = s.L, T = s.T, e = s.e;
+    if (kind != AttentionKind::plain) {
+        // D = rowsum(dout * out): reads dout and out (N, C), writes (B, NH, T) floats
+        step.add("attention backward D = dout.out", L, L * (e * 2 * N * C + s.f * s.heads * T),
+                 L * 2 * N * C, Engine::kernel);
+    }
+    // both flash kinds recompute p from q, k and lse, then dv = p^T dout, dp = dout v^T,
+    // ds = p (dp - D), dq = ds k, dk = ds^T q: they read q, k, v, dout (N, 4C), lse and D, and
+    // write dq, dk, dv (N, 3C)
+    double flash_bytes = L * (e * 7 * N * C + s.f * 2 * s.heads * T);
+    if (kind == AttentionKind::fa2) {
+        // 5 products of 2 T T hs per head on the tiles not fully masked
+        step.add("FA-2 attention backward", L, flash_bytes,
+                 L * 5 * 2 * s.heads * T * T * s.hs * s.fa2_tiles, Engine::fa2_backward);
+        return;
+    }
+    if (kind == AttentionKind::flash) {
+        // dq: 3 products of 2 hs per pair; dk and dv: 4 (each kernel reads its share of the bytes)
+        FlashInstructions q = flash_dq_instructions, k = flash_dkdv_instructions;
+        double query_pairs = L * s.heads * s.query_pairs, key_pairs = L * s.heads * s.key_pairs;
+        step.add("flash attention dq (as written)", L, flash_bytes / 2, query_pairs * 6 * s.hs,
+                 Engine::warp_issue,
+                 query_pairs * (q.per_value * s.per_thread + q.fixed) / issue_per_clock);
+        step.add("flash attention dk, dv (as written)", L, flash_bytes / 2, key_pairs * 8 * s.hs,
+                 Engine::warp_issue,
+                 key_pairs * (k.per_value * s.per_thread + k.fixed) / issue_per_clock);
+        return;
+    }
+    // datt = dy v^T, a launch per sequence: (T, hs) @ (hs, T) per head
+    step.product("attention datt = dy v^T", L * s.B, L * s.heads, T, T, s.hs, false);
+    // dv = att^T dy: (T, T) @ (T, hs) per head
+    step.product("attention dv = att^T dy", L * s.B, L * s.heads, T, s.hs, T, false);
+    // datt = att (datt - sum(datt att)) in place: reads datt and att on or below the diagonal,
+    // writes the whole row; ~4 FLOPs per value read
+    step.add("causal softmax backward", L, L * e * s.att * (2 * s.below + 1),
+             L * 4 * s.att * s.below, Engine::kernel);
+    // dq = datt k and dk = datt^T q: (T, T) @ (T, hs) per head each
+    step.product("attention dq = datt k", L * s.B, L * s.heads, T, s.hs, T, false);
+    step.product("attention dk = datt^T q", L * s.B, L * s.heads, T, s.hs, T, false);
+}
+
+// `count` layernorm backwards, of which `adding` add into dx (the rest write it).
+void layernorm_backward_costs(Step& step, double count, double adding) {
+    const Sizes& s = step.s;
+    double N = s.N, C = s.C, e = s.e, f = s.f;
+    // dx: reads dout, x, weight and 2 floats per row (and dx when adding), writes dx; ~12 FLOPs
+    // per value
+    step.add("layernorm backward dx", count,
+             count * (e * 3 * N * C + f * 2 * N + e * C) + adding * e * N * C, count * 12 * N * C,
+             Engine::kernel);
+    // dweight and dbias, stage 1: reads dout and x again, writes 2 floats per (slab, column)
+    step.add("layernorm backward dw, db (partial sums)", count,
+             count * (e * 2 * N * C + f * 2 * N + f * 2 * s.slabs * C), count * 4 * N * C,
+             Engine::kernel);
+    // stage 2, a launch each: reads the slabs' sums, reads and adds into (C)
+    step.add("layernorm backward dw, db (slabs added)", 2 * count,
+             count * 2 * (f * s.slabs * C + e * 2 * C), count * 2 * s.slabs * C, Engine::kernel);
+}
+
+// The MLP's and attention projection's backward, every layer.
+void linear_backward_costs(Step& step) {
+    const Sizes& s = step.s;
+    double N = s.N, C = s.C, H = s.H, L = s.L, e = s.e;
+    // dact = dbranch Wproj2: (N, C) @ (C, H); dWproj2 += dbranch^T act: (C, N) @ (N, H)
+    step.product("mlp projection dx", L, L, N, H, C, false);
+    step.product("mlp projection dW", L, L, C, H, N, true);
+    step.bias_gradient("mlp projection", L, C);
+    // dfc = dact gelu'(pre): reads 2 and writes 1 of (N, H); ~20 FLOPs per value
+    step.add("GELU backward", L, L * e * 3 * N * H, L * 20 * N * H, Engine::kernel);
+    // dh = dfc Wfc: (N, H) @ (H, C); dWfc += dfc^T h: (H, N) @ (N, C)
+    step.product("mlp fc dx", L, L, N, C, H, false);
+    step.product("mlp fc dW", L, L, H, C, N, true);
+    step.bias_gradient("mlp fc", L, H);
+    // dy = dbranch Wproj: (N, C) @ (C, C); dWproj += dbranch^T y: (C, N) @ (N, C)
+    step.product("attention projection dx", L, L, N, C, C, false);
+    step.product("attention projection dW", L, L, C, C, N, true);
+    step.bias_gradient("attention projection", L, C);
+}
+
+// The backward pass as gpt_backward runs it.
+void backward_costs(Step& step, AttentionKind attention) {
+    const Sizes& s = step.s;
+    double N = s.N, C = s.C, L = s.L, V = s.V, Vp = s.Vp, e = s.e;
+    step.phase = "backward";
+    // count the targets that count: one warp reads N ids
+    step.add("count targets (one warp)", 1, 4 * N, N, Engine::one_warp);
+    // loss and dlogits written over the logits: the kernel reads each row 3 times (maximum, sum
+    // of exponentials, gradient) and writes it once, the padding included; ids in, losses out;
+    // ~6 FLOPs per logit
+    step.add("classifier (loss + dlogits)", 1, e * (3 * N * V + N * Vp) + 8 * N, 6 * N * V,
+             Engine::kernel);
+    // the mean loss: one warp reads N losses
+    step.add("mean loss (one warp)", 1, 4 * N, N, Engine::one_warp);
+    // dh = dlogits wte: (N, Vp) @ (Vp, C); dwte += dlogits^T h: (Vp, N) @ (N, C)
+    step.product("lm head dx", 1, 1, N, C, Vp, false);
+    step.product("lm head dW", 1, 1, Vp, C, N, true);
+    linear_backward_costs(step);
+    step.attention = true;
+    attention_backward_costs(step, attention);
+    step.attention = false;
+    // dh = dqkv Wqkv: (N, 3C) @ (3C, C); dWqkv += dqkv^T h: (3C, N) @ (N, C)
+    step.product("qkv dx", L, L, N, C, 3 * C, false);
+    step.product("qkv dW", L, L, 3 * C, C, N, true);
+    step.bias_gradient("qkv", L, 3 * C);
+    // the final norm writes dx; each layer's two norms add into the stream's gradient
+    layernorm_backward_costs(step, 1 + 2 * L, 2 * L);
+    // dropout's backward at each site: reads and writes (N, C)
+    if (s.dropout)
+        step.add("dropout backward", 1 + 2 * L, (1 + 2 * L) * e * 2 * N * C,
+                 (1 + 2 * L) * 20 * N * C, Engine::kernel);
+    // dwte rows += their positions' dout: reads dout (N, C) and 3 lists of N ids, reads and writes
+    // the rows of the distinct tokens, V (1 - e^(-N/V)) of them for bench_gpt's random tokens
+    double distinct = V * (1 - std::exp(-N / V));
+    step.add("embedding backward (tokens)", 1, e * N * C + 4 * 3 * N + e * 2 * distinct * C, N * C,
+             Engine::kernel);
+    // dwpe += dout summed over the B sequences: reads (N, C), reads and writes (T, C)
+    step.add("embedding backward (positions)", 1, e * (N * C + 2 * s.T * C), N * C, Engine::kernel);
+}
+
+void optimizer_costs(Step& step) {
+    const Sizes& s = step.s;
+    double P = s.P, e = s.e, f = s.f;
+    // as the GPU build launches it: 256 threads a block, at most 132 * 32 blocks
+    double blocks = std::min(std::ceil(P / 256), 132.0 * 32);
+    step.phase = "optimizer";
+    // each block sums the squares of its tile: reads P gradients, writes a float per block
+    step.add("gradient norm (sums of squares)", 1, e * P + f * blocks, 2 * P, Engine::kernel);
+    // one thread adds up the block sums
+    step.add("gradient norm (square root, one thread)", 1, f * blocks, blocks, Engine::one_warp);
+    // reads parameter, gradient and 2 float moments (and the float master weight in bf16), writes
+    // all but the gradient: 3e + 16 bytes per parameter (+ 8 with master weights), ~20 FLOPs
+    step.add("AdamW", 1, P * (3 * e + 4 * f + (s.bf16 ? 2 * f : 0)), 20 * P, Engine::kernel);
+}
+
+struct RowTime {
+    double roofline, adjusted;  // seconds
+    bool memory_bound;
+};
+
+// Roofline: the larger of bytes / bandwidth and FLOPs / peak (tensor cores: bf16, or TF32 for the
+// float build; the flash kernels as written: the clocks their instructions take to issue; host
+// rows: no GPU time). Adjusted: the same at the assumed efficiencies, plus the launches.
+RowTime row_time(const KernelCost& k, const DeviceModel& d, bool bf16) {
+    if (k.engine == Engine::host) return {0, k.flops * host_seconds_per_comparison, false};
+    double tensor_peak = bf16 ? d.bf16_flops : d.tf32_flops;
+    double memory = k.bytes / d.bandwidth, compute = 0, efficiency = 1;
+    switch (k.engine) {
+        case Engine::gemm:
+            compute = k.flops / tensor_peak, efficiency = d.gemm;
+            break;
+        case Engine::fa2_forward:
+            compute = k.flops / tensor_peak, efficiency = d.attention_forward;
+            break;
+        case Engine::fa2_backward:
+            compute = k.flops / tensor_peak, efficiency = d.attention_backward;
+            break;
+        case Engine::warp_issue:
+            compute = k.cycles / (d.sms * d.clock);
+            break;
+        default:
+            compute = k.flops / d.fp32_flops, efficiency = d.memory;
+    }
+    double memory_adjusted =
+        k.engine == Engine::one_warp ? k.bytes / one_warp_bandwidth : memory / d.memory;
+    double adjusted = std::max(memory_adjusted, compute / efficiency) + k.launches * launch_seconds;
+    return {std::max(memory, compute), adjusted, memory >= compute};
+}
+
+void print_assumptions(const DeviceModel& d, bool bf16) {
+    printf(
+        "device: %s: HBM %.2f TB/s, tensor cores %.0f TFLOPS bf16 / %.0f TF32, FP32 %.1f TFLOPS "
+        "(dense), %d SMs at %.2f GHz\n",
+        d.name, d.bandwidth / 1e12, d.bf16_flops / 1e12, d.tf32_flops / 1e12, d.fp32_flops / 1e12,
+        d.sms, d.clock / 1e9);
+    printf(
+        "assumed: cuBLAS products at %.0f%% of the %s peak; FA-2 at %.0f%% (forward) and %.0f%% "
+        "(backward); the library's kernels at %.0f%% of the bandwidth; %.0f us per launch; "
+        "one-warp kernels at %.0f GB/s; the host's token sort at %.1f ns per comparison (N log2 "
+        "N); the flash kernels as written issue %.0f warp instructions a clock per SM\n",
+        100 * d.gemm, bf16 ? "bf16" : "TF32", 100 * d.attention_forward, 100 * d.attention_backward,
+        100 * d.memory, launch_seconds * 1e6, one_warp_bandwidth / 1e9,
+        host_seconds_per_comparison * 1e9, issue_per_clock);
+}
+
+const char* engine_bound(const KernelCost& k, const RowTime& t) {
+    if (k.engine == Engine::host) return "host";
+    if (k.engine == Engine::one_warp) return "one warp";
+    if (k.engine == Engine::warp_issue) return t.memory_bound ? "memory" : "issue";
+    return t.memory_bound ? "memory" : "compute";
+}
+
+}  // namespace
+
+const char* attention_name(AttentionKind kind) {
+    return kind == AttentionKind::plain ? "plain" : kind == AttentionKind::flash ? "flash" : "fa2";
+}
+
+std::vector<KernelCost> training_step_costs(const GPTConfig& config, int B, int T,
+                                            AttentionKind attention, bool bf16) {
+    if (config.norm != Norm::layernorm || config.activation != Activation::gelu || config.rotary ||
+        !config.tied_embeddings || config.attention_dropout > 0)
+        fail(
+            "the cost model covers GPTs with layernorm, GELU, learned positions, tied embeddings "
+            "and no attention dropout");
+    Step step;
+    step.s = sizes_of(config, B, T, bf16);
+    forward_costs(step, attention);
+    backward_costs(step, attention);
+    optimizer_costs(step);
+    return step.rows;
+}
+
+namespace {
+
+// The step's totals, and its adjusted time by kind of work (launch overheads apart).
+struct Totals {
+    double roofline = 0, adjusted = 0, tensor_flops = 0, launches = 0;
+    double products = 0, attention = 0, kernels = 0, one_warp = 0, host = 0;
+};
+
+double& time_of_kind(Totals& total, const KernelCost& k) {
+    if (k.attention) return total.attention;
+    switch (k.engine) {
+        case Engine::gemm:
+            return total.products;
+        case Engine::fa2_forward:
+        case Engine::fa2_backward:
+        case Engine::warp_issue:
+        case Engine::one_warp:
+            return total.one_warp;
+        case Engine::host:
+            return total.host;
+        case Engine::kernel:
+            break;
+    }
+    return total.kernels;
+}
+
+Totals step_totals(const std::vector<KernelCost>& rows, const DeviceModel& d, bool bf16) {
+    Totals total;
+    for (const KernelCost& k : rows) {
+        RowTime t = row_time(k, d, bf16);
+        total.roofline += t.roofline, total.adjusted += t.adjusted, total.launches += k.launches;
+        if (k.engine == Engine::gemm || k.engine == Engine::fa2_forward ||
+            k.engine == Engine::fa2_backward)
+            total.tensor_flops += k.flops;
+        time_of_kind(total, k) += t.adjusted - k.launches * launch_seconds;
+    }
+    return total;
+}
+
+void print_table(const std::vector<KernelCost>& rows, const DeviceModel& d, bool bf16) {
+    printf("%-10s %-44s %8s %10s %11s %-8s %12s %12s\n", "phase", "kernel", "launches", "MB/step",
+           "GFLOP/step", "bound", "roofline us", "adjusted us");
+    for (const KernelCost& k : rows) {
+        RowTime t = row_time(k, d, bf16);
+        printf("%-10s %-44s %8.0f %10.1f %11.2f %-8s %12.1f %12.1f\n", k.phase, k.name.c_str(),
+               k.launches, k.bytes / 1e6, k.flops / 1e9, engine_bound(k, t), t.roofline * 1e6,
+               t.adjusted * 1e6);
+    }
+}
+
+void print_biggest(const std::vector<KernelCost>& rows, const DeviceModel& d, bool bf16,
+                   double adjusted) {
+    std::vector<std::pair<double, std::string>> biggest;
+    for (const KernelCost& k : rows) biggest.push_back({row_time(k, d, bf16).adjusted, k.name});
+    std::sort(biggest.rbegin(), biggest.rend());
+    printf("biggest (adjusted):");
+    for (size_t i = 0; i < 5 && i < biggest.size(); i++)
+        printf("%s %s %.2f ms (%.0f%%)", i ? "," : "", biggest[i].second.c_str(),
+               biggest[i].first * 1e3, 100 * biggest[i].first / adjusted);
+    printf("\n");
+}
+
+}  // namespace
+
+void print_estimate(const GPTConfig& c, int B, int T, AttentionKind attention, bool bf16,
+                    const DeviceModel& d) {
+    std::vector<KernelCost> rows = training_step_costs(c, B, T, attention, bf16);
+    int padded = (c.vocab_size + vocab_multiple - 1) / vocab_multiple * vocab_multiple;
+    printf(
+        "cost model of a training step: %d layers, %d heads, dim %d, vocab %d (padded to %d), "
+        "B=%d T=%d, %s, %s attention\n",
+        c.layers, c.heads, c.dim, c.vocab_size, padded, B, T,
+        bf16 ? "bf16 storage, bf16 products" : "float storage, TF32 products",
+        attention_name(attention));
+    print_assumptions(d, bf16);
+    print_table(rows, d, bf16);
+    Totals t = step_totals(rows, d, bf16);
+    double tokens = double(B) * T, model_flops = model_flops_per_token(c, T) * tokens;
+    double peak = bf16 ? d.bf16_flops : d.tf32_flops;
+    auto mfu = [&](double seconds) { return 100 * model_flops / seconds / peak; };
+    printf("%.0f launches; tensor-core work %.2f TFLOP per step (model FLOPs 6N + 12LTC: %.2f)\n",
+           t.launches, t.tensor_flops / 1e12, model_flops / 1e12);
+    printf(
+        "adjusted time by kind: products %.2f ms, attention (its products and kernels) %.2f, "
+        "the library's other kernels %.2f, one-warp kernels %.2f, host %.2f, launches %.2f\n",
+        t.products * 1e3, t.attention * 1e3, t.kernels * 1e3, t.one_warp * 1e3, t.host * 1e3,
+        t.launches * launch_seconds * 1e3);
+    print_biggest(rows, d, bf16, t.adjusted);
+    printf("roofline: %.2f ms/step, %.0f tokens/s, MFU %.1f%% (of the %s peak)\n", t.roofline * 1e3,
+           tokens / t.roofline, mfu(t.roofline), bf16 ? "bf16" : "TF32");
+    printf("with the assumptions: %.2f ms/step, %.0f tokens/s, MFU %.1f%%\n", t.adjusted * 1e3,
+           tokens / t.adjusted, mfu(t.adjusted));
+    double step_ms[3];
+    for (AttentionKind kind : {AttentionKind::plain, AttentionKind::flash, AttentionKind::fa2}) {
+        Totals k = step_totals(training_step_costs(c, B, T, kind, bf16), d, bf16);
+        step_ms[int(kind)] = k.adjusted * 1e3;
+        printf(
+            "step with %-5s attention: %8.2f ms, %7.0f tokens/s, MFU %4.1f%% (attention "
+            "%.2f ms)%s\n",
+            attention_name(kind), k.adjusted * 1e3, tokens / k.adjusted, mfu(k.adjusted),
+            k.attention * 1e3,
+            kind == AttentionKind::plain ? ", today's default"
+            : kind == AttentionKind::flash
+                ? ", the flash kernels as written (--flash), an issue-bound floor"
+                : ", a tensor-core FlashAttention-2 (not written yet)");
+    }
+    printf(
+        "ESTIMATE device=%s attention=%s precision=%s B=%d T=%d roofline_ms=%.2f ms_per_step=%.2f "
+        "tokens_per_s=%.0f mfu=%.1f%% roofline_mfu=%.1f%% plain_ms=%.2f flash_ms=%.2f "
+        "fa2_ms=%.2f tensor_tflop=%.4f\n",
+        d.key, attention_name(attention), bf16 ? "bf16" : "float", B, T, t.roofline * 1e3,
+        t.adjusted * 1e3, tokens / t.adjusted, mfu(t.adjusted), mfu(t.roofline), step_ms[0],
+        step_ms[1], step_ms[2], t.tensor_flops / 1e12);
+}

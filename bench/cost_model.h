@@ -1,0 +1,75 @@
+// bench/cost_model.h — a cost model of one GPT training step on a GPU, so that the step's speed can
+// be argued on paper before it is measured (bench_gpt --estimate a100|h100|h200).
+//
+// Every kernel and matrix product of a step (forward, backward, gradient norm, AdamW) is listed
+// with the bytes it moves through device memory and the FLOPs it does, both derived from the shapes
+// (B, T, C, NH, V, layers), as the code runs them today: cuBLAS products (the float build in TF32
+// tensor-op math, bf16 with float accumulation), a bias copied into the output rows before its
+// product, bias + GELU in a pass of their own, bias and norm-weight gradients as two-stage column
+// sums, the fused classifier, the lm-head products on the vocabulary padded to a multiple of 128.
+// Its roofline time is the larger of bytes / bandwidth and FLOPs / peak; the adjusted time divides
+// by the fractions of bandwidth and peak that real kernels reach (stated per device) and adds a
+// launch overhead per kernel. Attention is modelled three ways: the plain kernels (cuBLAS products
+// and a causal softmax, the default), the flash kernels as written (a warp per query on the CUDA
+// cores, timed by the instructions they issue), and a tensor-core FlashAttention-2 (not written
+// yet).
+#pragma once
+
+#include "tricycle.h"
+
+#include <string>
+#include <vector>
+
+// A GPU's datasheet figures (dense, no sparsity) and the efficiencies the model assumes on it.
+struct DeviceModel {
+    const char* key;    // as --estimate names it
+    const char* name;   // for the printout
+    double bandwidth;   // HBM, bytes/s
+    double bf16_flops;  // tensor cores, FLOP/s
+    double tf32_flops;  // tensor cores in TF32, FLOP/s
+    double fp32_flops;  // CUDA cores, FLOP/s
+    int sms;            // streaming multiprocessors
+    double clock;       // Hz: the SM clock the bf16 peak implies
+    // Fractions of the peaks reached (assumptions, printed with every estimate):
+    double gemm;                // cuBLAS on the step's product shapes, of the tensor-core peak
+    double attention_forward;   // a FlashAttention-2 forward, of the bf16 peak
+    double attention_backward;  // and its backward
+    double memory;              // the library's memory-bound kernels, of the bandwidth
+};
+// "a100", "h100" or "h200"; fails naming the known ones.
+const DeviceModel& device_model(const std::string& key);
+
+enum class AttentionKind { plain, flash, fa2 };
+const char* attention_name(AttentionKind kind);
+
+// What limits a kernel: the tensor cores (cuBLAS products, FlashAttention-2), the instructions a
+// warp issues (the flash kernels as written), the CUDA cores and bandwidth (the library's
+// elementwise and row kernels), a single warp (kernels of one block that add up a short list), or
+// the host (the stream waits for it).
+enum class Engine { gemm, fa2_forward, fa2_backward, warp_issue, kernel, one_warp, host };
+
+// One kernel (or product) of the step, all its launches together.
+struct KernelCost {
+    const char* phase;  // "forward", "backward", "optimizer"
+    std::string name;
+    double launches, bytes, flops;  // per step; a host row counts its comparisons as FLOPs
+    Engine engine;
+    double cycles = 0;       // warp_issue rows: SM clock cycles in all (instructions issued / 4)
+    bool attention = false;  // one of attention's own kernels or products
+};
+
+// The step of a GPT with layernorm, GELU, learned positions and tied embeddings (what bench_gpt
+// builds), with or without dropout on the residual branches, stored in bfloat16 or float. Fails on
+// other configs.
+std::vector<KernelCost> training_step_costs(const GPTConfig& config, int B, int T,
+                                            AttentionKind attention, bool bf16);
+
+// Model FLOPs per token of a training step: 6 per parameter outside the position embedding plus
+// 12 L T C for attention's products (the masked half of causal attention counted too). MFU is this
+// times tokens/s over the tensor-core peak (bf16; TF32 for the float build), here and in bench_gpt.
+double model_flops_per_token(const GPTConfig& config, int T);
+
+// Prints the table of kernels, the step's totals (pure roofline and adjusted), tokens/s and MFU,
+// the step with each kind of attention, and a last line `ESTIMATE key=value ...` for scripts.
+void print_estimate(const GPTConfig& config, int B, int T, AttentionKind attention, bool bf16,
+                    const DeviceModel& device);
