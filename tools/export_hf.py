@@ -22,12 +22,11 @@ from hf_files import END_OF_TEXT, HfError, gpt2_from_tok, read_model_file, read_
 
 
 def refuse_unrepresentable(config, path):
-    for field, value in (("norm", "rmsnorm" if config["rmsnorm"] else None),
-                         ("activation", "swiglu" if config["swiglu"] else None),
-                         ("rotary", "1" if config["rotary"] else None)):
-        if value:
+    for field, value, feature in (("norm", "rmsnorm", "RMSNorm"), ("activation", "swiglu", "SwiGLU"),
+                                  ("rotary", "on", "rotary positions")):
+        if config[{"norm": "rmsnorm", "activation": "swiglu", "rotary": "rotary"}[field]]:
             raise HfError(f"{path}: {field} is {value}; GPT-2 has layernorm, GELU and learned positions, "
-                          f"and no architecture in transformers 4.30 has {value} with Tricycle's biases")
+                          f"and no architecture in transformers 4.30 has {feature} with Tricycle's biases")
 
 
 def gpt2_config(config, eot_id):
