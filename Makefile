@@ -97,7 +97,8 @@ tests/mixed_precision_bf16: $(OBJ)/bf16/tests/mixed_precision.o $(call LIBRARY,b
 
 test: $(TESTS) $(PROGRAMS) bench/bench_gpt
 	@bash tests/run_tests.sh test_gradients tests/test_emulator tests/test_tokenizer tests/test_launch_types.sh tests/test_parity.sh \
-	    tests/test_mixed_precision.sh tests/test_programs.sh tests/test_files.py tests/check_style.py
+	    tests/test_mixed_precision.sh tests/test_programs.sh tests/test_files.py tests/test_hf.sh \
+	    tests/check_style.py
 
 # The programs' end-to-end tests again, with the programs built in mixed precision.
 test-bf16:

@@ -26,10 +26,12 @@ static const char* help_text =
     "  --top-k K            sample from the K most likely tokens only (default 0: all)\n"
     "  --top-p P            ... from the smallest set with probability P (default 1)\n"
     "  --no-cache           recompute the whole window for every token (slow; for comparison)\n"
-    "  --tokens-out FILE    also write the generated token ids, one per line\n";
+    "  --tokens-out FILE    also write the generated token ids, one per line\n"
+    "  --logits-out FILE    also write the prompt's logits: int32 T, int32 V, T int32 token ids,\n"
+    "                       then (T, V) float32 logits, one row per prompt position\n";
 
 struct Options {
-    std::string checkpoint, prompt, tokens_out;
+    std::string checkpoint, prompt, tokens_out, logits_out;
     bool use_cache = true;
     int count = 256;
     Sampler sampler;
@@ -57,6 +59,7 @@ static Options parse_options(int argc, char** argv) {
             o.sampler.rng_state = uint64_t(parse_int("--seed", value(), 0, 1L << 62));
         else if (flag == "--no-cache") o.use_cache = false;
         else if (flag == "--tokens-out") o.tokens_out = value();
+        else if (flag == "--logits-out") o.logits_out = value();
         else if (flag[0] != '-' && o.checkpoint.empty()) o.checkpoint = flag;
         else unknown_flag(argv[i]);
     }
@@ -95,6 +98,26 @@ static void check_memory(const GPTConfig& c, const Options& o, size_t prompt_tok
             o.checkpoint.c_str(), cache_bytes / 1e9, c.layers, c.dim, positions, free_bytes / 1e9);
 }
 
+// One forward pass over the prompt (1, T): its logits at every position, for comparing with other
+// implementations.
+static void write_prompt_logits(GPT& model, const std::vector<int>& tokens, const char* path) {
+    NoGrad no_grad;
+    MemoryMark mark = memory_mark();
+    int T = int(tokens.size()), V = model.config.vocab_size;
+    int* device_tokens = device_alloc<int>(T);
+    cuda_check(cudaMemcpy(device_tokens, tokens.data(), T * sizeof(int), cudaMemcpyHostToDevice));
+    std::vector<real> logits =
+        download(gpt_forward_tape(model, device_tokens, 1, T, false, 0).data, long(T) * V);
+    std::vector<float> values(logits.begin(), logits.end());
+    std::string out;
+    int32_t sizes[2] = {T, V};
+    out.append((const char*)sizes, sizeof sizes);
+    out.append((const char*)tokens.data(), T * sizeof(int32_t));
+    out.append((const char*)values.data(), values.size() * sizeof(float));
+    write_file_atomic(path, out.data(), out.size(), "logits file");
+    memory_release(mark);
+}
+
 static int run(int argc, char** argv) {
     Options o = parse_options(argc, argv);
     GPT model;
@@ -113,6 +136,7 @@ static int run(int argc, char** argv) {
         tokens.erase(tokens.begin(), tokens.end() - context);
     }
     check_memory(model.config, o, tokens.size());
+    if (!o.logits_out.empty()) write_prompt_logits(model, tokens, o.logits_out.c_str());
 
     FILE* ids = o.tokens_out.empty() ? nullptr : fopen(o.tokens_out.c_str(), "w");
     if (!o.tokens_out.empty() && !ids)

@@ -30,6 +30,10 @@ static const char* help_text =
     "  --train FILE          training tokens               --val FILE        validation tokens\n"
     "  --tokenizer FILE.tok  the tokenizer of those files  --out DIR         output (default out)\n"
     "  --resume              continue from OUT/latest.bin (model flags, if given, must match it)\n"
+    "  --init FILE.bin       start from this model file's parameters (e.g. one made by\n"
+    "                        tools/import_hf.py) with a fresh optimizer; its config is used\n"
+    "                        (--dropout, --attention-dropout may change it; other model flags\n"
+    "                        must match it), and --tokenizer must be the one it carries\n"
     "model (a preset, then overrides):\n"
     "  --preset NAME         debug | mini | shakespeare | smol (default shakespeare)\n"
     "  --layers N  --heads N  --dim N  --context N       sizes\n"
@@ -58,7 +62,7 @@ static const char* help_text =
 // Options
 
 struct Options {
-    std::string preset = "shakespeare", train, val, tokenizer, out = "out";
+    std::string preset = "shakespeare", train, val, tokenizer, out = "out", init;
     bool resume = false;
     GPTConfig model;
     std::set<std::string> model_flags;  // the model flags given (--resume checks them)
@@ -164,6 +168,7 @@ static Options parse_options(int argc, char** argv) {
         else if (flag == "--tokenizer") o.tokenizer = value();
         else if (flag == "--out") o.out = value();
         else if (flag == "--resume") o.resume = true;
+        else if (flag == "--init") o.init = value();
         else if (flag == "--profile") o.profile = true;
         else if (flag == "--attention") {
             std::string v = value();
@@ -259,8 +264,10 @@ static void load_checkpoint(const std::string& path, GPT* model, Tokenizer* toke
     adam->step = state->optimizer_step;
 }
 
-// --resume: model flags given on the command line must say what the checkpoint holds.
-static void check_resume_flags(const Options& o, const GPTConfig& c, const std::string& path) {
+// --resume and --init: model flags given on the command line must say what the file holds
+// (`changeable`: --init lets the dropout flags change the file's config).
+static void check_model_flags(const Options& o, const GPTConfig& c, const std::string& path,
+                              const char* mode, bool changeable) {
     const GPTConfig& m = o.model;
     std::vector<std::pair<const char*, bool>> same = {
         {"--layers", m.layers == c.layers},
@@ -268,8 +275,8 @@ static void check_resume_flags(const Options& o, const GPTConfig& c, const std::
         {"--dim", m.dim == c.dim},
         {"--context", m.context == c.context},
         {"--vocab-size", o.vocab_size == c.vocab_size},
-        {"--dropout", m.dropout == c.dropout},
-        {"--attention-dropout", m.attention_dropout == c.attention_dropout},
+        {"--dropout", changeable || m.dropout == c.dropout},
+        {"--attention-dropout", changeable || m.attention_dropout == c.attention_dropout},
         {"--rotary", m.rotary == c.rotary},
         {"--untied", m.tied_embeddings == c.tied_embeddings},
         {"--norm", m.norm == c.norm},
@@ -279,8 +286,30 @@ static void check_resume_flags(const Options& o, const GPTConfig& c, const std::
         if (o.model_flags.count(flag) && !equal)
             differ += (differ.empty() ? "" : ", ") + std::string(flag);
     if (!differ.empty())
-        fail("--resume: %s differ from the checkpoint '%s' (leave them out to continue its model)",
+        fail("%s: %s differ from the model file '%s' (leave them out to use its model)", mode,
              differ.c_str(), path.c_str());
+}
+
+// --init: the model file's config and parameters, and its tokenizer (when it carries one) must be
+// --tokenizer's; the optimizer starts fresh.
+static void init_from_file(const Options& o, GPT* model, const Tokenizer& tokenizer) {
+    std::vector<FileSection> sections;
+    gpt_load(model, o.init.c_str(), &sections);
+    check_model_flags(o, model->config, o.init, "--init", true);
+    if (o.model_flags.count("--dropout")) model->config.dropout = o.model.dropout;
+    if (o.model_flags.count("--attention-dropout"))
+        model->config.attention_dropout = o.model.attention_dropout;
+    if (model->config.vocab_size != tokenizer.vocab_size)
+        fail("--init: the model file '%s' has vocab size %d but --tokenizer '%s' has %d tokens",
+             o.init.c_str(), model->config.vocab_size, o.tokenizer.c_str(), tokenizer.vocab_size);
+    for (const FileSection& s : sections) {
+        if (memcmp(s.tag, "TOKN", 4)) continue;
+        Tokenizer carried;
+        tokenizer_parse(&carried, s.bytes, o.init.c_str());
+        if (tokenizer_fingerprint(&carried) != tokenizer_fingerprint(&tokenizer))
+            fail("--init: --tokenizer '%s' is not the tokenizer the model file '%s' carries",
+                 o.tokenizer.c_str(), o.init.c_str());
+    }
 }
 
 // Token files record the fingerprint of the tokenizer that made them; 0 means not recorded (files
@@ -544,7 +573,7 @@ static void start_run(Run& r) {
     r.metrics_path = o.out + "/metrics.csv", r.svg_path = o.out + "/loss.svg";
     if (o.resume) {
         load_checkpoint(r.latest, &r.model, &r.tokenizer, &r.adam, &r.state);
-        check_resume_flags(o, r.model.config, r.latest);
+        check_model_flags(o, r.model.config, r.latest, "--resume", false);
         if (!o.tokenizer.empty()) {
             Tokenizer given;
             tokenizer_load(&given, o.tokenizer.c_str());
@@ -563,10 +592,16 @@ static void start_run(Run& r) {
             fail("--vocab-size %d does not match the tokenizer '%s', which has %d tokens",
                  o.vocab_size, o.tokenizer.c_str(), r.tokenizer.vocab_size);
         o.model.vocab_size = r.tokenizer.vocab_size;
-        gpt_check_config(o.model);
-        check_memory(o.model, o);
-        gpt_create(&r.model, o.model);
-        gpt_init(&r.model, o.seed);
+        if (o.init.empty()) {
+            gpt_check_config(o.model);
+            check_memory(o.model, o);
+            gpt_create(&r.model, o.model);
+            gpt_init(&r.model, o.seed);
+        } else {
+            init_from_file(o, &r.model, r.tokenizer);
+            check_memory(r.model.config, o);
+            printf("starting from the parameters of %s\n", o.init.c_str());
+        }
         adamw_create(&r.adam, r.model.params.size);
     }
     const GPTConfig& c = r.model.config;

@@ -8,6 +8,7 @@
 //   6. The data loader  random training windows, the validation sweep
 //   7. Programs         flags, errors, run_program
 #include "tricycle.h"
+#include "unicode_classes.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -486,6 +487,89 @@ size_t tokenizer_chunk_length(const char* text, size_t length) {
     return end;
 }
 
+// GPT-2's classes for ASCII, as the pattern's \p{L}, \p{N} and \s see them.
+static UnicodeClass ascii_class(unsigned char c) {
+    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')) return UnicodeClass::letter;
+    if (c >= '0' && c <= '9') return UnicodeClass::number;
+    if (c == ' ' || (c >= '\t' && c <= '\r')) return UnicodeClass::space;
+    return UnicodeClass::other;
+}
+
+static UnicodeClass code_point_class(uint32_t code_point) {
+    int low = 0, high = unicode_range_count - 1;  // binary search over the sorted ranges
+    while (low <= high) {
+        int middle = (low + high) / 2;
+        if (code_point < unicode_ranges[middle].first) high = middle - 1;
+        else if (code_point > unicode_ranges[middle].last) low = middle + 1;
+        else return unicode_ranges[middle].kind;
+    }
+    return UnicodeClass::other;
+}
+
+// The length of the valid UTF-8 sequence at s[0] (strict: no overlong forms, surrogates or code
+// points above 0x10FFFF) and its code point; 0 when s[0] does not start one.
+static size_t utf8_decode(const unsigned char* s, size_t length, uint32_t* code_point) {
+    unsigned char c = s[0];
+    size_t n;
+    unsigned char low = 0x80, high = 0xBF;  // the range of the second byte
+    if (c >= 0xC2 && c <= 0xDF) n = 2;
+    else if (c >= 0xE0 && c <= 0xEF)
+        n = 3, low = c == 0xE0 ? 0xA0 : 0x80, high = c == 0xED ? 0x9F : 0xBF;
+    else if (c >= 0xF0 && c <= 0xF4)
+        n = 4, low = c == 0xF0 ? 0x90 : 0x80, high = c == 0xF4 ? 0x8F : 0xBF;
+    else return 0;
+    if (length < n || s[1] < low || s[1] > high) return 0;
+    uint32_t value = c & (0x7F >> n);
+    for (size_t i = 1; i < n; i++) {
+        if (i > 1 && (s[i] & 0xC0) != 0x80) return 0;
+        value = (value << 6) | (s[i] & 0x3F);
+    }
+    *code_point = value;
+    return n;
+}
+
+// The class of the character at s[0] and its length in bytes (length > 0).
+static UnicodeClass character_class(const unsigned char* s, size_t length, size_t* bytes) {
+    *bytes = 1;
+    if (s[0] < 0x80) return ascii_class(s[0]);
+    uint32_t code_point;
+    size_t n = utf8_decode(s, length, &code_point);
+    if (n == 0) return UnicodeClass::other;  // not UTF-8: a character of its own
+    *bytes = n;
+    return code_point_class(code_point);
+}
+
+// 's 't 're 've 'm 'll 'd at s[0]: their length, else 0.
+static size_t contraction_length(const unsigned char* s, size_t length) {
+    if (length < 2 || s[0] != '\'') return 0;
+    if (s[1] == 's' || s[1] == 't' || s[1] == 'm' || s[1] == 'd') return 2;
+    if (length < 3) return 0;
+    if ((s[1] == 'r' && s[2] == 'e') || (s[1] == 'v' && s[2] == 'e') ||
+        (s[1] == 'l' && s[2] == 'l'))
+        return 3;
+    return 0;
+}
+
+size_t tokenizer_gpt2_chunk_length(const char* text, size_t length) {
+    if (length == 0) return 0;
+    const unsigned char* s = (const unsigned char*)text;
+    if (size_t n = contraction_length(s, length)) return n;
+    size_t bytes;
+    UnicodeClass kind = character_class(s, length, &bytes);
+    size_t end = bytes;
+    if (s[0] == ' ' && length > 1) {  // " ?\p{L}+" and the like: one space joins the run after it
+        UnicodeClass next = character_class(s + 1, length - 1, &bytes);
+        if (next != UnicodeClass::space) kind = next, end = 1 + bytes;
+    }
+    size_t last_start = 0;  // where the run's last character starts
+    while (end < length && character_class(s + end, length - end, &bytes) == kind)
+        last_start = end, end += bytes;
+    // "\s+(?!\S)": a run of two or more white-space characters before a non-space character
+    // leaves its last one to the next chunk.
+    if (kind == UnicodeClass::space && end < length && last_start > 0) return last_start;
+    return end;
+}
+
 // Finds the next end-of-text separator in [text, end); returns end if none.
 static const char* find_separator(const char* text, const char* end, const std::string& separator) {
     size_t n = separator.size();
@@ -509,12 +593,18 @@ static uint64_t pair_key(int32_t left, int32_t right) {
 // ----------------------------------------------------------------------------------------------------
 // Tokenizer tables
 
+// The bytes of the token in merge-order place `slot`.
+static std::string_view slot_bytes(const Tokenizer* tok, int slot) {
+    size_t start = tok->token_start[slot];
+    return std::string_view(tok->token_bytes.data() + start, tok->token_start[slot + 1] - start);
+}
+
 // Rebuilds what follows from the merges: each token's bytes, the pair -> rank
 // lookup, and an empty encoder cache.
 static void tokenizer_build_tables(Tokenizer* tok) {
     int num_merges = (int)tok->merges.size();
     tok->vocab_size = byte_tokens + num_merges + 1;
-    tok->eot_token = tok->vocab_size - 1;
+    tok->eot_token = tok->id_of_slot.empty() ? tok->vocab_size - 1 : tok->id_of_slot.back();
 
     // token_start[id] is where token id's bytes begin, and so where token id-1's end.
     tok->token_bytes.clear();
@@ -529,11 +619,11 @@ static void tokenizer_build_tables(Tokenizer* tok) {
         // piece is built in a copy because appending to token_bytes may move it.
         int id = byte_tokens + i;
         tok->token_start[id] = tok->token_bytes.size();
-        std::string piece = std::string(tokenizer_token_bytes(tok, tok->merges[i].left));
-        piece += tokenizer_token_bytes(tok, tok->merges[i].right);
+        std::string piece = std::string(slot_bytes(tok, tok->merges[i].left));
+        piece += slot_bytes(tok, tok->merges[i].right);
         tok->token_bytes += piece;
     }
-    tok->token_start[tok->eot_token] = tok->token_bytes.size();
+    tok->token_start[tok->vocab_size - 1] = tok->token_bytes.size();
     tok->token_bytes += tok->eot_name;
     tok->token_start[tok->vocab_size] = tok->token_bytes.size();
 
@@ -550,8 +640,7 @@ static void tokenizer_build_tables(Tokenizer* tok) {
 std::string_view tokenizer_token_bytes(const Tokenizer* tok, int token) {
     if (token < 0 || token >= tok->vocab_size)
         fail("token %d is outside the vocabulary [0, %d)", token, tok->vocab_size);
-    size_t start = tok->token_start[token];
-    return std::string_view(tok->token_bytes.data() + start, tok->token_start[token + 1] - start);
+    return slot_bytes(tok, tok->slot_of_id.empty() ? token : tok->slot_of_id[token]);
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -755,6 +844,9 @@ void tokenizer_train(Tokenizer* tok, const char* text, size_t length, int vocab_
     }
     tok->merges = merges;
     tok->eot_name = separator;
+    tok->pretokenizer = Pretokenizer::tricycle;
+    tok->id_of_slot.clear();
+    tok->slot_of_id.clear();
     tokenizer_build_tables(tok);
 }
 
@@ -762,12 +854,16 @@ void tokenizer_train(Tokenizer* tok, const char* text, size_t length, int vocab_
 // Saving and loading
 
 std::string tokenizer_serialize(const Tokenizer* tok) {
+    // Version 1 unless the file needs version 2's fields, so that files and fingerprints made
+    // before version 2 existed stay the same.
+    bool version2 = tok->pretokenizer != Pretokenizer::tricycle || !tok->id_of_slot.empty();
     std::vector<int32_t> ints;
     ints.push_back((int32_t)tokenizer_magic);
-    ints.push_back(tokenizer_version);
+    ints.push_back(version2 ? tokenizer_version_ids : tokenizer_version);
     ints.push_back(tok->vocab_size);
     ints.push_back((int32_t)tok->merges.size());
     ints.push_back(1);  // one special token: end-of-text
+    if (version2) ints.push_back((int32_t)tok->pretokenizer);
     for (const TokenPair& merge : tok->merges) {
         ints.push_back(merge.left);
         ints.push_back(merge.right);
@@ -775,7 +871,13 @@ std::string tokenizer_serialize(const Tokenizer* tok) {
     ints.push_back(tok->eot_token);
     ints.push_back((int32_t)tok->eot_name.size());
     std::string data((const char*)ints.data(), ints.size() * sizeof(int32_t));
-    return data + tok->eot_name;
+    data += tok->eot_name;
+    if (version2)
+        for (int slot = 0; slot < tok->vocab_size; slot++) {
+            int32_t id = tok->id_of_slot.empty() ? slot : tok->id_of_slot[slot];
+            data.append((const char*)&id, sizeof id);
+        }
+    return data;
 }
 
 uint32_t tokenizer_fingerprint(const Tokenizer* tok) {
@@ -827,6 +929,29 @@ static std::vector<TokenPair> read_merges(ByteReader& r, int num_merges) {
     return merges;
 }
 
+// Version 2's id table: a permutation of 0..vocab_size-1 whose last entry is the end-of-text id.
+static void read_id_table(ByteReader& r, int vocab_size, int eot_id,
+                          std::vector<int32_t>* id_of_slot, std::vector<int32_t>* slot_of_id) {
+    if (r.remaining() / 4 < (size_t)vocab_size)
+        fail("tokenizer file '%s': truncated: %zu bytes left, too short for %d token ids", r.path,
+             r.remaining(), vocab_size);
+    id_of_slot->resize(vocab_size);
+    slot_of_id->assign(vocab_size, -1);
+    for (int slot = 0; slot < vocab_size; slot++) {
+        int32_t id = read_int32(r, "a token id");
+        if (id < 0 || id >= vocab_size || (*slot_of_id)[id] >= 0)
+            fail(
+                "tokenizer file '%s': the id table is not a permutation of 0..%d (token %d has id "
+                "%d)",
+                r.path, vocab_size - 1, slot, id);
+        (*id_of_slot)[slot] = id;
+        (*slot_of_id)[id] = slot;
+    }
+    if (id_of_slot->back() != eot_id)
+        fail("tokenizer file '%s': end-of-text id %d, but the id table gives it %d", r.path, eot_id,
+             id_of_slot->back());
+}
+
 void tokenizer_parse(Tokenizer* tok, const std::string& data, const char* path) {
     ByteReader r{data, 0, "tokenizer file", path};
     uint32_t magic = uint32_t(read_int32(r, "the magic number"));
@@ -834,12 +959,16 @@ void tokenizer_parse(Tokenizer* tok, const std::string& data, const char* path) 
         fail("tokenizer file '%s': bad magic 0x%08x, expected 0x%08x", path, magic,
              tokenizer_magic);
     int version = read_int32(r, "the version");
-    if (version != tokenizer_version)
-        fail("tokenizer file '%s': unsupported version %d, expected %d", path, version,
-             tokenizer_version);
+    if (version != tokenizer_version && version != tokenizer_version_ids)
+        fail("tokenizer file '%s': unsupported version %d, expected %d or %d", path, version,
+             tokenizer_version, tokenizer_version_ids);
     int vocab_size = read_int32(r, "the vocab size");
     int num_merges = read_int32(r, "the merge count");
     int num_special = read_int32(r, "the special token count");
+    int pretokenizer = version == tokenizer_version ? 0 : read_int32(r, "the pretokenizer");
+    if (pretokenizer != (int)Pretokenizer::tricycle && pretokenizer != (int)Pretokenizer::gpt2)
+        fail("tokenizer file '%s': pretokenizer %d, expected 0 (tricycle) or 1 (gpt2)", path,
+             pretokenizer);
     if (num_merges < 0) fail("tokenizer file '%s': negative merge count %d", path, num_merges);
     if (num_special != 1)
         fail("tokenizer file '%s': has %d special tokens, expected 1 (end-of-text)", path,
@@ -854,7 +983,7 @@ void tokenizer_parse(Tokenizer* tok, const std::string& data, const char* path) 
              data.size(), num_merges);
     std::vector<TokenPair> merges = read_merges(r, num_merges);
     int eot_id = read_int32(r, "the end-of-text id");
-    if (eot_id != vocab_size - 1)
+    if (version == tokenizer_version && eot_id != vocab_size - 1)
         fail("tokenizer file '%s': end-of-text id %d, expected %d (the last id)", path, eot_id,
              vocab_size - 1);
     int name_length = read_int32(r, "the end-of-text name length");
@@ -862,11 +991,17 @@ void tokenizer_parse(Tokenizer* tok, const std::string& data, const char* path) 
         fail("tokenizer file '%s': end-of-text name length %d, expected 1..256", path, name_length);
     std::string eot_name(name_length, '\0');
     r.read(&eot_name[0], name_length, "the end-of-text name");
+    std::vector<int32_t> id_of_slot, slot_of_id;
+    if (version == tokenizer_version_ids)
+        read_id_table(r, vocab_size, eot_id, &id_of_slot, &slot_of_id);
     if (r.remaining() != 0)
-        fail("tokenizer file '%s': %zu bytes of trailing data after the end-of-text name", path,
+        fail("tokenizer file '%s': %zu bytes of trailing data after its last field", path,
              r.remaining());
     tok->merges = merges;
     tok->eot_name = eot_name;
+    tok->pretokenizer = Pretokenizer(pretokenizer);
+    tok->id_of_slot = id_of_slot;
+    tok->slot_of_id = slot_of_id;
     tokenizer_build_tables(tok);
 }
 
@@ -947,7 +1082,9 @@ static void encode_piece(Tokenizer* tok, const char* text, size_t length,
     size_t pos = 0;
     while (pos < length) {
         const char* chunk = text + pos;
-        size_t n = tokenizer_chunk_length(chunk, length - pos);
+        size_t n = tok->pretokenizer == Pretokenizer::gpt2
+                       ? tokenizer_gpt2_chunk_length(chunk, length - pos)
+                       : tokenizer_chunk_length(chunk, length - pos);
         pos += n;
         if (n == 1) {
             out->push_back((unsigned char)chunk[0]);
@@ -978,15 +1115,19 @@ static void encode_piece(Tokenizer* tok, const char* text, size_t length,
 void tokenizer_encode(Tokenizer* tok, const char* text, size_t length,
                       std::vector<int32_t>* tokens) {
     if (tok->vocab_size == 0) fail("encode: the tokenizer has not been trained or loaded");
+    size_t first = tokens->size();
     const char* end = text + length;
     const char* p = text;
     while (p < end) {
         const char* piece_end = find_separator(p, end, tok->eot_name);
         encode_piece(tok, p, (size_t)(piece_end - p), tokens);
         if (piece_end == end) break;
-        tokens->push_back(tok->eot_token);
+        tokens->push_back(tok->vocab_size - 1);  // the end-of-text token's slot
         p = piece_end + tok->eot_name.size();
     }
+    if (!tok->id_of_slot.empty())  // slots to ids
+        for (size_t i = first; i < tokens->size(); i++)
+            (*tokens)[i] = tok->id_of_slot[(*tokens)[i]];
 }
 
 void tokenizer_decode(const Tokenizer* tok, const int32_t* tokens, size_t count,
@@ -996,8 +1137,7 @@ void tokenizer_decode(const Tokenizer* tok, const int32_t* tokens, size_t count,
         if (id < 0 || id >= tok->vocab_size)
             fail("decode: token %d at index %zu is outside the vocabulary [0, %d)", id, i,
                  tok->vocab_size);
-        size_t start = tok->token_start[id];
-        text->append(tok->token_bytes, start, tok->token_start[id + 1] - start);
+        text->append(slot_bytes(tok, tok->slot_of_id.empty() ? id : tok->slot_of_id[id]));
     }
 }
 

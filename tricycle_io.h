@@ -90,11 +90,19 @@ void parameters_from_section(const GPT& model, real* device, const FileSection& 
 // All files are little-endian (big-endian hosts are not supported).
 //
 // Tokenizer file (.tok), all integers int32:
-//   magic = tokenizer_magic, version = 1, vocab_size, num_merges, num_special
+//   magic = tokenizer_magic, version (1 or 2), vocab_size, num_merges, num_special
+//   version 2 only: pretokenizer (0 tricycle, 1 gpt2)
 //   num_merges x (left, right)            merge i defines token 256 + i
 //   num_special x (id, name_length, name bytes)
-// Version 1 has exactly one special token, the end-of-text token, with
-// id = vocab_size - 1 = 256 + num_merges. Nothing may follow the last name.
+//   version 2 only: vocab_size ids, the id of each token in the order bytes 0..255,
+//   merges 0..M-1, end-of-text (a permutation of 0..vocab_size-1)
+// Exactly one special token, the end-of-text token: in version 1 its id is
+// vocab_size - 1 = 256 + num_merges, in version 2 the table's last entry. In
+// version 1 token t's id is t and the pretokenizer is tricycle's. Merges name
+// tokens by their place in that order (byte b is b, merge i is 256 + i), in
+// both versions. Nothing may follow the last field. Tokenizers trained here
+// are written as version 1; imported GPT-2 vocabularies (tools/import_hf.py) as
+// version 2.
 //
 // Token file (.bin): 256 int32 header (magic 20240520, version, token count,
 // the tokenizer's fingerprint or 0, the rest zero), then the tokens: uint16 for
@@ -105,8 +113,9 @@ void parameters_from_section(const GPT& model, real* device, const FileSection& 
 // 4. The tokenizer
 
 constexpr uint32_t tokenizer_magic = 0x4B544354;  // the bytes "TCTK" read as a little-endian int
-constexpr int tokenizer_version = 1;
-constexpr int byte_tokens = 256;          // ids 0..255 are the raw byte values
+constexpr int tokenizer_version = 1;              // tricycle chunks, ids in merge order
+constexpr int tokenizer_version_ids = 2;          // a pretokenizer field and an id table
+constexpr int byte_tokens = 256;                  // ids 0..255 are the raw byte values
 constexpr int max_token_bytes = 1 << 16;  // no token decodes to more (decoding stays bounded)
 // The end-of-text token's name. It is also its text: the corpus builder puts this
 // string between files, encoding turns each occurrence into the end-of-text token
@@ -117,6 +126,12 @@ constexpr const char* end_of_text_name = "<|endoftext|>";
 struct TokenPair {
     int32_t left;
     int32_t right;
+};
+
+// How text is cut into chunks before BPE (merges never cross a chunk).
+enum class Pretokenizer : int32_t {
+    tricycle = 0,  // tokenizer_chunk_length
+    gpt2 = 1,      // GPT-2's pattern, tokenizer_gpt2_chunk_length
 };
 
 // Where a cached chunk encoding lives inside Tokenizer::cache_tokens.
@@ -135,8 +150,14 @@ struct MergeCandidate {
 struct Tokenizer {
     int vocab_size = 0;             // 256 + merges.size() + 1
     std::vector<TokenPair> merges;  // merges[i] creates token 256 + i
-    int eot_token = -1;             // end-of-text id, always vocab_size - 1
+    int eot_token = -1;             // end-of-text id (vocab_size - 1 unless `ids` says otherwise)
     std::string eot_name;           // end_of_text_name
+    Pretokenizer pretokenizer = Pretokenizer::tricycle;
+    // A token's place in merge order (bytes 0..255, merge i at 256 + i, end-of-text last) is its
+    // "slot"; merges, tables and the encoder work with slots. Imported vocabularies number their
+    // tokens otherwise: id_of_slot maps a slot to the id that encode returns and decode takes, and
+    // slot_of_id back. Both empty: a token's id is its slot.
+    std::vector<int32_t> id_of_slot, slot_of_id;
 
     // Derived tables, rebuilt from the merges by train and load.
     std::string token_bytes;          // all tokens' bytes, back to back
@@ -166,6 +187,11 @@ struct Tokenizer {
 //   - a run of whitespace; if a run of two or more ends in ' ' right before a
 //     non-whitespace byte, that last ' ' is left to start the next chunk.
 size_t tokenizer_chunk_length(const char* text, size_t length);
+// The same for GPT-2's pre-tokenizer pattern
+//   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+// over UTF-8 (classes from unicode_classes.h). A byte that does not start a valid UTF-8 sequence
+// is one character of its own, neither letter, number nor space.
+size_t tokenizer_gpt2_chunk_length(const char* text, size_t length);
 
 // Learn merges from `text` until the vocabulary (256 bytes + merges + end-of-text)
 // has `vocab_size` ids, or until no adjacent pair is left (then it is smaller).
