@@ -443,7 +443,7 @@ void gpt_load(GPT* model, const char* path, std::vector<FileSection>* sections) 
     if (model->params.master) upload(model->params.master, host.data(), count);
 }
 
-void floats_from_section(real* device, long n, const FileSection& section, const char* path) {
+std::vector<float> section_floats(const FileSection& section, long n, const char* path) {
     if (long(section.bytes.size()) != n * long(sizeof(float)))
         fail("model file '%s': section '%.4s' holds %zu bytes, expected %ld", path, section.tag,
              section.bytes.size(), n * long(sizeof(float)));
@@ -453,6 +453,11 @@ void floats_from_section(real* device, long n, const FileSection& section, const
         if (!std::isfinite(values[i]))
             fail("model file '%s': section '%.4s' value %ld is %g, not finite", path, section.tag,
                  i, values[i]);
+    return values;
+}
+
+void floats_from_section(real* device, long n, const FileSection& section, const char* path) {
+    std::vector<float> values = section_floats(section, n, path);
     std::vector<real> host(values.begin(), values.end());
     upload(device, host.data(), n);
 }
@@ -1145,6 +1150,11 @@ void dataloader_open(DataLoader* loader, const char* path, int B, int T, int voc
 void dataloader_reset(DataLoader* loader) {
     loader->rng_state = loader->seed;
     loader->sweep_next = 0;
+}
+
+// Window w of the sweep starts at token (w mod sweep_windows) * T.
+void dataloader_seek_batch(DataLoader* loader, size_t batch) {
+    loader->sweep_next = batch * size_t(loader->B) % loader->sweep_windows * size_t(loader->T);
 }
 
 void dataloader_next_batch(DataLoader* loader) {

@@ -65,6 +65,8 @@ void gpt_save(GPT& model, const char* path, const std::vector<FileSection>& sect
 // Creates the model from the file; the sections come back when asked for.
 void gpt_load(GPT* model, const char* path, std::vector<FileSection>* sections = nullptr);
 std::string floats_section(const real* device, long n);  // device -> float32 bytes
+// The section's float32 values; it must hold exactly n, all finite.
+std::vector<float> section_floats(const FileSection& section, long n, const char* path);
 // float32 bytes -> device; the section must hold exactly n finite values.
 void floats_from_section(real* device, long n, const FileSection& section, const char* path);
 
@@ -253,6 +255,9 @@ void dataloader_open(DataLoader* loader, const char* path, int B, int T, int voc
 void dataloader_next_batch(DataLoader* loader);
 // Back to the state right after open: the sweep restarts at token 0, the RNG at the seed.
 void dataloader_reset(DataLoader* loader);
+// Sweep mode: the next batch is the sweep's batch number `batch` counted from the start (wrapping
+// as the sweep does), so that ranks can each evaluate their share of the batches.
+void dataloader_seek_batch(DataLoader* loader, size_t batch);
 // Save / restore the random-window stream, to resume a training run exactly.
 uint64_t dataloader_get_rng_state(const DataLoader* loader);
 void dataloader_set_rng_state(DataLoader* loader, uint64_t state);
