@@ -114,12 +114,11 @@ static void nccl_check(ncclResult_t result, const char* call) {
 }
 
 // One GPU per rank, by its place on its machine; NCCL's id travels from rank 0 over MPI.
-static void nccl_start(MPI_Comm local) {
-    int devices = 0, local_ranks = 1;
+static void nccl_start() {
+    int devices = 0;
     cuda_check(cudaGetDeviceCount(&devices));
-    mpi_check(MPI_Comm_size(local, &local_ranks), "MPI_Comm_size");
-    if (local_ranks > devices)
-        fail("%d ranks on this machine, which has %d GPUs: start one rank per GPU", local_ranks,
+    if (job.local_ranks > devices)
+        fail("%d ranks on this machine, which has %d GPUs: start one rank per GPU", job.local_ranks,
              devices);
     cuda_check(cudaSetDevice(job.local_rank));
     ncclUniqueId id;
@@ -139,13 +138,14 @@ static void join_job() {
         MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, job.rank, MPI_INFO_NULL, &local),
         "MPI_Comm_split_type");
     mpi_check(MPI_Comm_rank(local, &job.local_rank), "MPI_Comm_rank");
+    mpi_check(MPI_Comm_size(local, &job.local_ranks), "MPI_Comm_size");
+    MPI_Comm_free(&local);
 #ifdef TRICYCLE_BF16
     mpi_check(MPI_Op_create(bfloat16_sum, 1, &floatx_sum), "MPI_Op_create");
 #endif
 #ifdef __CUDACC__
-    nccl_start(local);
+    nccl_start();
 #endif
-    MPI_Comm_free(&local);
 }
 
 Job job_start(const char* program) {

@@ -17,6 +17,7 @@
 struct Job {
     int rank = 0, ranks = 1;  // this process, and how many there are
     int local_rank = 0;       // among the ranks on this machine: its GPU on the GPU build
+    int local_ranks = 1;      // ranks on this machine
     bool mpi = false;         // MPI is initialised: a launcher started this process
 };
 

@@ -457,15 +457,19 @@ static std::string duration_text(double seconds) {
 
 // A step's memory, from the config and batch alone, against what the device (or, on the CPU, the
 // machine) has: a batch that cannot fit fails here, naming the flag, not in an allocator. Under
-// ZeRO-1 a rank holds 1/ranks of the optimizer state (moments, and master weights in bfloat16).
-static void check_memory(const GPTConfig& c, const Options& o, int ranks) {
+// ZeRO-1 a rank holds 1/ranks of the optimizer state (moments, and master weights in bfloat16). On
+// the CPU, the ranks on one machine share its memory.
+static void check_memory(const GPTConfig& c, const Options& o, const Job& job) {
     double parameters = double(gpt_parameter_count(c));
     double optimizer = 2 * sizeof(real) + (sizeof(floatX) < sizeof(real) ? sizeof(real) : 0);
-    double per_parameter = 2 * sizeof(floatX) + optimizer / (o.zero ? ranks : 1);
+    double per_parameter = 2 * sizeof(floatX) + optimizer / (o.zero ? job.ranks : 1);
     double activations = gpt_activations_bytes(c, o.batch, c.context),
            needed = parameters * per_parameter + activations;
     size_t free_bytes = 0, total_bytes = 0;
     cuda_check(cudaMemGetInfo(&free_bytes, &total_bytes));
+#ifndef __CUDACC__
+    free_bytes /= size_t(job.local_ranks);
+#endif
     if (needed > 0.9 * double(free_bytes))
         fail(
             "--batch %d with context %d needs about %.1f GB (activations %.1f GB, parameters and "
@@ -624,7 +628,7 @@ static void resume_run(Run& r) {
     if (r.state.step > o.steps)
         fail("--resume: the checkpoint '%s' is at step %lld, past --steps %ld", r.latest.c_str(),
              (long long)r.state.step, o.steps);
-    check_memory(r.model.config, o, r.job.ranks);
+    check_memory(r.model.config, o, r.job);
     r.micro_batches = r.state.micro_batches;
     printf("resuming from %s at step %lld\n", r.latest.c_str(), (long long)r.state.step);
 }
@@ -638,7 +642,7 @@ static void create_run(Run& r) {
              o.tokenizer.c_str(), r.tokenizer.vocab_size);
     o.model.vocab_size = r.tokenizer.vocab_size;
     gpt_check_config(o.model);
-    check_memory(o.model, o, r.job.ranks);
+    check_memory(o.model, o, r.job);
     gpt_create(&r.model, o.model);
     gpt_init(&r.model, o.seed);
     Shard shard = optimizer_shard(o, r.job, r.model.params.size);
