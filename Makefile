@@ -5,8 +5,9 @@
 # `make test SANITIZE=1` builds the CPU tests with AddressSanitizer and UBSan.
 #
 # Training across processes (distributed.h): with MPI, `mpirun -np N ./train_gpt ...` trains on N
-# ranks. MPI is used when OpenMPI's mpicxx is found, or forced with MPI=1 / MPI=0; the GPU build with
-# MPI links NCCL too. Without MPI everything builds and runs as one process.
+# ranks. MPI is used when OpenMPI's mpicxx is found (on the GPU build, and NCCL's nccl.h), or forced
+# with MPI=1 / MPI=0; the GPU build with MPI links NCCL too. Without MPI everything builds and runs
+# as one process.
 #
 # Precision of the programs: BF16=1 stores every tensor in bfloat16 (mixed precision, see tricycle.h),
 # BF16=0 in float. The CPU build picks bfloat16 by itself where the CPU multiplies bfloat16 matrices
@@ -32,12 +33,22 @@ else
   BF16 ?= $(shell grep -qwE 'amx_bf16|avx512_bf16' /proc/cpuinfo 2>/dev/null && echo 1 || echo 0)
 endif
 PRECISION := $(if $(filter 1,$(BF16)),bf16,float)
-MPI ?= $(shell command -v mpicxx >/dev/null 2>&1 && echo 1 || echo 0)
-BUILD := $(BACKEND)$(if $(filter bf16,$(PRECISION)),-bf16)$(if $(filter 1,$(MPI)),-mpi)
 
 # sm_80 (A100) and sm_90 (H100) by default.
 CUDA_ARCH ?= 80 90
 NVCC ?= $(shell command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+
+HAS_MPICXX := $(shell command -v mpicxx >/dev/null 2>&1 && echo 1 || echo 0)
+NCCL_HEADER := $(wildcard $(dir $(NVCC))../include/nccl.h /usr/local/include/nccl.h /usr/include/nccl.h)
+ifeq ($(BACKEND),gpu)
+  MPI ?= $(if $(NCCL_HEADER),$(HAS_MPICXX),0)
+  ifeq ($(MPI)$(NCCL_HEADER),1)
+    $(error MPI=1 on the GPU build needs NCCL (nccl.h, with the CUDA Toolkit or apt-get install libnccl-dev))
+  endif
+else
+  MPI ?= $(HAS_MPICXX)
+endif
+BUILD := $(BACKEND)$(if $(filter bf16,$(PRECISION)),-bf16)$(if $(filter 1,$(MPI)),-mpi)
 CXX ?= g++
 
 ifeq ($(BACKEND),gpu)

@@ -53,7 +53,7 @@ void job_abort(const char* message) {
 }
 const char* job_transport() { return "none"; }
 void check_same_on_every_rank(const Settings&) {}
-void all_reduce_sum(floatX*, long) {}
+void all_reduce_sum(real*, long) {}
 double all_reduce_sum(double value) { return value; }
 void all_gather_shards(floatX*, long) {}
 std::vector<float> gather_shards(const real* device_shard, long n) {
@@ -91,23 +91,15 @@ static void shard_counts(long n, std::vector<int>* counts, std::vector<int>* off
     }
 }
 
-#ifdef TRICYCLE_BF16
-// MPI has no bfloat16: the values travel as 16-bit words and this operation adds them in float
-// and rounds once per pair, as NCCL's bfloat16 sum does.
-static void bfloat16_sum(void* in, void* inout, int* count, MPI_Datatype*) {
-    const floatX* a = static_cast<const floatX*>(in);
-    floatX* b = static_cast<floatX*>(inout);
-    for (int i = 0; i < *count; i++) b[i] = float(a[i]) + float(b[i]);
-}
-static MPI_Datatype floatx_type = MPI_UINT16_T;
-#else
-static MPI_Datatype floatx_type = MPI_FLOAT;
-#endif
-static MPI_Op floatx_sum = MPI_SUM;
+// Sums travel as real (float); parameters as floatX, which MPI only copies: bfloat16 as 16-bit
+// words.
+static const MPI_Datatype real_type = sizeof(real) == sizeof(double) ? MPI_DOUBLE : MPI_FLOAT;
+static const MPI_Datatype floatx_type = sizeof(floatX) == 2 ? MPI_UINT16_T : real_type;
 
 #ifdef __CUDACC__
 static ncclComm_t nccl = nullptr;
-static const ncclDataType_t nccl_floatx = sizeof(floatX) == 2 ? ncclBfloat16 : ncclFloat;
+static const ncclDataType_t nccl_real = sizeof(real) == sizeof(double) ? ncclDouble : ncclFloat;
+static const ncclDataType_t nccl_floatx = sizeof(floatX) == 2 ? ncclBfloat16 : nccl_real;
 
 static void nccl_check(ncclResult_t result, const char* call) {
     if (result != ncclSuccess) fail("%s failed: %s", call, ncclGetErrorString(result));
@@ -140,9 +132,6 @@ static void join_job() {
     mpi_check(MPI_Comm_rank(local, &job.local_rank), "MPI_Comm_rank");
     mpi_check(MPI_Comm_size(local, &job.local_ranks), "MPI_Comm_size");
     MPI_Comm_free(&local);
-#ifdef TRICYCLE_BF16
-    mpi_check(MPI_Op_create(bfloat16_sum, 1, &floatx_sum), "MPI_Op_create");
-#endif
 #ifdef __CUDACC__
     nccl_start();
 #endif
@@ -231,17 +220,17 @@ static void timed(const char* name, Body body) {
     body();
 }
 
-void all_reduce_sum(floatX* device, long n) {
+void all_reduce_sum(real* device, long n) {
     if (job.ranks == 1) return;
     timed("all-reduce", [&] {
 #ifdef __CUDACC__
-        nccl_check(ncclAllReduce(device, device, size_t(n), nccl_floatx, ncclSum, nccl, 0),
+        nccl_check(ncclAllReduce(device, device, size_t(n), nccl_real, ncclSum, nccl, 0),
                    "ncclAllReduce");
 #else
         const long piece = 1L << 30;
         for (long first = 0; first < n; first += piece)
             mpi_check(MPI_Allreduce(MPI_IN_PLACE, device + first, int(std::min(piece, n - first)),
-                                    floatx_type, floatx_sum, MPI_COMM_WORLD),
+                                    real_type, MPI_SUM, MPI_COMM_WORLD),
                       "MPI_Allreduce");
 #endif
     });

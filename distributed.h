@@ -39,7 +39,9 @@ typedef std::vector<std::pair<std::string, std::string>> Settings;
 void check_same_on_every_rank(const Settings& settings);
 
 // Collectives. Every rank calls the same ones in the same order.
-void all_reduce_sum(floatX* device, long n);  // in place (bfloat16: summed in float, rounded)
+// In place. Gradients are summed as real: the bfloat16 build sums them in a float buffer
+// (parameters_add_grad_to), so that R ranks give the sum one process gives.
+void all_reduce_sum(real* device, long n);
 double all_reduce_sum(double value);
 
 // ZeRO-1 shards of a buffer of n values: rank r owns [offset, offset + count), the shards

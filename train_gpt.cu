@@ -457,12 +457,15 @@ static std::string duration_text(double seconds) {
 
 // A step's memory, from the config and batch alone, against what the device (or, on the CPU, the
 // machine) has: a batch that cannot fit fails here, naming the flag, not in an allocator. Under
-// ZeRO-1 a rank holds 1/ranks of the optimizer state (moments, and master weights in bfloat16). On
-// the CPU, the ranks on one machine share its memory.
+// ZeRO-1 a rank holds 1/ranks of the optimizer state (moments, and master weights in bfloat16). The
+// bfloat16 build also sums gradients in float. On the CPU, the ranks on one machine share its
+// memory.
 static void check_memory(const GPTConfig& c, const Options& o, const Job& job) {
     double parameters = double(gpt_parameter_count(c));
-    double optimizer = 2 * sizeof(real) + (sizeof(floatX) < sizeof(real) ? sizeof(real) : 0);
-    double per_parameter = 2 * sizeof(floatX) + optimizer / (o.zero ? job.ranks : 1);
+    bool mixed = sizeof(floatX) < sizeof(real);
+    double optimizer = 2 * sizeof(real) + (mixed ? sizeof(real) : 0);
+    double per_parameter =
+        2 * sizeof(floatX) + (mixed ? sizeof(real) : 0) + optimizer / (o.zero ? job.ranks : 1);
     double activations = gpt_activations_bytes(c, o.batch, c.context),
            needed = parameters * per_parameter + activations;
     size_t free_bytes = 0, total_bytes = 0;
@@ -485,6 +488,7 @@ struct Run {
     GPT model;
     Tokenizer tokenizer;
     AdamW adam;  // over the whole parameter buffer, or this rank's shard of it (ZeRO-1)
+    real* grad_sum = nullptr;  // bfloat16 build: a step's gradients summed in float
     TrainingState state;
     uint64_t micro_batches = 0;  // training micro-batches drawn so far, by all ranks together
     DataLoader train, val;
@@ -498,6 +502,7 @@ struct Run {
     long first_step = 0, timed_steps = 0;
     ~Run() {
         if (metrics) fclose(metrics);
+        (void)cudaFree(grad_sum);
     }
 };
 
@@ -554,6 +559,7 @@ static double train_step(Run& r, int* device_batch, real* norm, long step, real*
     int local = o.grad_accum / r.job.ranks;
     double loss_sum = 0;
     parameters_zero_grad(params);
+    if (r.grad_sum) cuda_check(cudaMemset(r.grad_sum, 0, params.size * sizeof(real)));
     for (int micro = 0; micro < local; micro++) {
         uint64_t g = r.micro_batches + uint64_t(r.job.rank) * local + micro;
         load_micro_batch(r, g, device_batch);
@@ -565,11 +571,15 @@ static double train_step(Run& r, int* device_batch, real* norm, long step, real*
         real loss;
         cuda_check(cudaMemcpy(&loss, r.acts.loss, sizeof loss, cudaMemcpyDeviceToHost));
         loss_sum += double(loss) / o.grad_accum;
+        if (r.grad_sum) parameters_add_grad_to(params, r.grad_sum);
         memory_release(mark);
         on_micro_batch((micro + 1) * r.job.ranks);
     }
     r.micro_batches += uint64_t(o.grad_accum);
-    all_reduce_sum(params.grad, params.size);
+    // The float build sums in its gradient buffer (floatX is real there), the bfloat16 build in
+    // grad_sum, rounded once into the gradients when every rank's part is in.
+    all_reduce_sum(r.grad_sum ? r.grad_sum : reinterpret_cast<real*>(params.grad), params.size);
+    if (r.grad_sum) parameters_grad_from(params, r.grad_sum);
     loss_sum = all_reduce_sum(loss_sum);
     gradient_norm(norm, params.grad, params.size);
     cuda_check(cudaMemcpy(grad_norm, norm, sizeof *grad_norm, cudaMemcpyDeviceToHost));
@@ -670,6 +680,8 @@ static void start_run(Run& r) {
     else create_run(r);
     const GPTConfig& c = r.model.config;
     r.adam.beta1 = o.beta1, r.adam.beta2 = o.beta2, r.adam.weight_decay = o.weight_decay;
+    if (sizeof(floatX) < sizeof(real))
+        cuda_check(cudaMalloc(&r.grad_sum, r.model.params.size * sizeof(real)));
     dataloader_open(&r.train, o.train.c_str(), o.batch, c.context, c.vocab_size,
                     DataLoaderMode::random, o.seed);
     dataloader_open(&r.val, o.val.c_str(), o.batch, c.context, c.vocab_size, DataLoaderMode::sweep,

@@ -561,6 +561,22 @@ void parameters_zero_grad(Parameters& p) {
     cuda_check(cudaMemset(p.grad, 0, p.size * sizeof(floatX)));
 }
 
+__global__ void add_grad_kernel(real* sum, floatX* grad, long n) {
+    for_each_element(n, [&](long i) { sum[i] += real(grad[i]), grad[i] = floatX(0); });
+}
+
+__global__ void grad_from_kernel(floatX* grad, const real* sum, long n) {
+    for_each_element(n, [&](long i) { grad[i] = floatX(sum[i]); });
+}
+
+void parameters_add_grad_to(Parameters& p, real* sum) {
+    launch(add_grad_kernel, element_blocks(p.size), element_threads, 0, sum, p.grad, p.size);
+}
+
+void parameters_grad_from(Parameters& p, const real* sum) {
+    launch(grad_from_kernel, element_blocks(p.size), element_threads, 0, p.grad, sum, p.size);
+}
+
 void parameters_sync_master(Parameters& p) {
     if (!p.master) return;
     long count = std::min(p.master_count, p.size - p.master_offset);

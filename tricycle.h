@@ -317,6 +317,11 @@ void parameters_sync_master(Parameters& p);  // master = data, after filling dat
 // Keeps the master values of parameters [offset, offset + count) only: under ZeRO-1 a rank's
 // optimizer updates just its shard, and the rest of the float copy would be dead weight.
 void parameters_shard_master(Parameters& p, long offset, long count);
+// Gradients summed in float over a step's micro-batches (the bfloat16 build; train_gpt): each
+// micro-batch's gradients are added into sum (n = p.size floats) and zeroed, so that the step's sum
+// is the same however the micro-batches are split among processes; then rounded back into grad.
+void parameters_add_grad_to(Parameters& p, real* sum);      // sum += grad, grad = 0
+void parameters_grad_from(Parameters& p, const real* sum);  // grad = sum, rounded to nearest
 
 // ====================================================================================================
 // 4. The tape
