@@ -167,6 +167,8 @@ data/python_corpus.txt: | tokenizer
 # ----------------------------------------------------------------------------------------------------
 # make train: corpus -> BPE tokenizer -> token files -> train_gpt -> a sample from the best checkpoint.
 # PRESET=debug|mini|shakespeare|smol, STEPS=N, OUT=dir, TRAIN_FLAGS="--resume ...", VOCAB=N.
+# RANKS=N trains on N processes of this machine (mpirun, an MPI build; --grad-accum must be a
+# multiple of N); as root, OpenMPI's allow-run-as-root variables are set here.
 # On a CPU the default is mini (minutes on two cores), on a GPU shakespeare. Shakespeare presets use
 # tinyshakespeare (vocab 1024), smol the Python corpus (vocab 8192). The tokenizer and token files
 # are named by their vocabulary, so changing VOCAB makes new ones.
@@ -186,6 +188,8 @@ else
   VOCAB ?= 1024
 endif
 OUT ?= out/$(PRESET)
+ROOT_MPI := $(if $(filter 0,$(shell id -u)),OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 )
+LAUNCH := $(if $(RANKS),$(ROOT_MPI)mpirun -np $(RANKS) )
 TOKENS := data/$(DATASET)_$(VOCAB)
 
 $(TOKENS).tok: | $(CORPUS) tokenizer
@@ -200,7 +204,7 @@ train: $(if $(filter smol,$(PRESET)),,$(SHAKESPEARE))
 	@echo "   $(PRESET_NOTE_$(PRESET))"
 	@$(MAKE) --no-print-directory train_gpt inference tokenizer
 	@$(MAKE) --no-print-directory $(TOKENS)_train.bin
-	./train_gpt --preset $(PRESET) --train $(TOKENS)_train.bin --val $(TOKENS)_val.bin \
+	$(LAUNCH)./train_gpt --preset $(PRESET) --train $(TOKENS)_train.bin --val $(TOKENS)_val.bin \
 	    --tokenizer $(TOKENS).tok --out $(OUT) $(if $(STEPS),--steps $(STEPS)) $(TRAIN_FLAGS)
 	./inference $(OUT)/best.bin --prompt "$(if $(filter smol,$(PRESET)),def ,ROMEO:)" --tokens 300
 

@@ -91,12 +91,12 @@ static void shard_counts(long n, std::vector<int>* counts, std::vector<int>* off
     }
 }
 
-// Sums travel as real (float); parameters as floatX, which MPI only copies: bfloat16 as 16-bit
-// words.
+// Device buffers: sums travel as real (float), parameters as floatX, which MPI only copies
+// (bfloat16 as 16-bit words). The GPU build sends them with NCCL.
+#ifndef __CUDACC__
 static const MPI_Datatype real_type = sizeof(real) == sizeof(double) ? MPI_DOUBLE : MPI_FLOAT;
 static const MPI_Datatype floatx_type = sizeof(floatX) == 2 ? MPI_UINT16_T : real_type;
-
-#ifdef __CUDACC__
+#else
 static ncclComm_t nccl = nullptr;
 static const ncclDataType_t nccl_real = sizeof(real) == sizeof(double) ? ncclDouble : ncclFloat;
 static const ncclDataType_t nccl_floatx = sizeof(floatX) == 2 ? ncclBfloat16 : nccl_real;
