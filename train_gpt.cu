@@ -881,9 +881,11 @@ static void train_run(Run& r, int argc, char** argv) {
         r.train.file.num_tokens, r.val.file.num_tokens);
     printf("matrix products: %s\n", gemm_engine().c_str());
     if (r.job.ranks > 1)
-        printf("data parallel: %d ranks (%s), %d micro-batches each per step, AdamW's state %s\n",
-               r.job.ranks, job_transport(), o.grad_accum / r.job.ranks,
-               o.zero ? "sharded (ZeRO-1)" : "on every rank");
+        printf(
+            "data parallel: %d ranks (%s), each running %d of a step's %d micro-batches, "
+            "AdamW's state %s\n",
+            r.job.ranks, job_transport(), o.grad_accum / r.job.ranks, o.grad_accum,
+            o.zero ? "sharded (ZeRO-1)" : "on every rank");
     run_training(r);
     if (o.profile && r.timed_steps > 0) {
         printf("profile over %ld steps (%.3f ms per step measured around the step):\n",
