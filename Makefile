@@ -4,6 +4,11 @@
 # the kernel emulator + oneDNN) otherwise. Force one with `make GPU=1` or `make CPU=1`.
 # `make test SANITIZE=1` builds the CPU tests with AddressSanitizer and UBSan.
 #
+# Training across processes (distributed.h): with MPI, `mpirun -np N ./train_gpt ...` trains on N
+# ranks. MPI is used when OpenMPI's mpicxx is found (on the GPU build, and NCCL's nccl.h), or forced
+# with MPI=1 / MPI=0; the GPU build with MPI links NCCL too. Without MPI everything builds and runs
+# as one process.
+#
 # Precision of the programs: BF16=1 stores every tensor in bfloat16 (mixed precision, see tricycle.h),
 # BF16=0 in float. The CPU build picks bfloat16 by itself where the CPU multiplies bfloat16 matrices
 # natively (AMX or AVX512-BF16 in /proc/cpuinfo: there its products are several times faster), float
@@ -28,11 +33,22 @@ else
   BF16 ?= $(shell grep -qwE 'amx_bf16|avx512_bf16' /proc/cpuinfo 2>/dev/null && echo 1 || echo 0)
 endif
 PRECISION := $(if $(filter 1,$(BF16)),bf16,float)
-BUILD := $(BACKEND)$(if $(filter bf16,$(PRECISION)),-bf16)
 
 # sm_80 (A100) and sm_90 (H100) by default.
 CUDA_ARCH ?= 80 90
 NVCC ?= $(shell command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+
+HAS_MPICXX := $(shell command -v mpicxx >/dev/null 2>&1 && echo 1 || echo 0)
+NCCL_HEADER := $(wildcard $(dir $(NVCC))../include/nccl.h /usr/local/include/nccl.h /usr/include/nccl.h)
+ifeq ($(BACKEND),gpu)
+  MPI ?= $(if $(NCCL_HEADER),$(HAS_MPICXX),0)
+  ifeq ($(MPI)$(NCCL_HEADER),1)
+    $(error MPI=1 on the GPU build needs NCCL (nccl.h, with the CUDA Toolkit or apt-get install libnccl-dev))
+  endif
+else
+  MPI ?= $(HAS_MPICXX)
+endif
+BUILD := $(BACKEND)$(if $(filter bf16,$(PRECISION)),-bf16)$(if $(filter 1,$(MPI)),-mpi)
 CXX ?= g++
 
 ifeq ($(BACKEND),gpu)
@@ -50,12 +66,23 @@ else
   LIBS := -ldnnl -lopenblas -lboost_context
 endif
 
+# Only distributed.cu includes mpi.h (its include folders as system headers: no warnings from them).
+ifeq ($(MPI),1)
+  MPI_INCLUDES := $(shell mpicxx --showme:incdirs 2>/dev/null)
+  ifeq ($(MPI_INCLUDES),)
+    $(error MPI=1 needs OpenMPI's mpicxx: apt-get install openmpi-bin libopenmpi-dev)
+  endif
+  MPI_FLAGS := -DTRICYCLE_MPI -DOMPI_SKIP_MPICXX $(addprefix -isystem ,$(MPI_INCLUDES))
+  MPI_LIBS := $(addprefix -L,$(shell mpicxx --showme:libdirs)) -lmpi $(if $(filter gpu,$(BACKEND)),-lnccl)
+endif
+DISTRIBUTED = $(OBJ)/$(1)/distributed$(if $(filter 1,$(MPI)),-mpi).o
+
 # Objects by backend and precision: build/cpu/float/..., build/cpu/bf16/..., build/cpu/double/...
 OBJ := build/$(BACKEND)
 FLAGS_float :=
 FLAGS_bf16 := -DTRICYCLE_BF16
 FLAGS_double := -DTRICYCLE_DOUBLE
-HEADERS := tricycle.h tricycle_io.h cuda_cpu.h tests/check.h
+HEADERS := tricycle.h tricycle_io.h cuda_cpu.h distributed.h tests/check.h
 LIBRARY = $(OBJ)/$(1)/tricycle.o $(OBJ)/$(1)/tricycle_io.o
 PROGRAMS := train_gpt inference tokenizer
 TESTS := test_gradients tests/test_emulator tests/test_tokenizer tests/gpt_parity tests/mixed_precision_fp32 tests/mixed_precision_bf16
@@ -75,7 +102,14 @@ $(OBJ)/$(1)/%.o: %.cu $(HEADERS) Makefile
 endef
 $(foreach p,float bf16 double,$(eval $(call precision_rule,$(p))))
 
-$(PROGRAMS) bench/emulator bench/bench_gpt: %: $(OBJ)/$(PRECISION)/%.o $(call LIBRARY,$(PRECISION)) $(STAMP)
+$(OBJ)/%/distributed-mpi.o: distributed.cu $(HEADERS) Makefile
+	@mkdir -p $(dir $@)
+	$(COMPILE) $(FLAGS_$*) $(MPI_FLAGS) -I. -c $< -o $@
+
+train_gpt: $(OBJ)/$(PRECISION)/train_gpt.o $(call LIBRARY,$(PRECISION)) $(call DISTRIBUTED,$(PRECISION)) $(STAMP)
+	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS) $(MPI_LIBS)
+
+inference tokenizer bench/emulator bench/bench_gpt: %: $(OBJ)/$(PRECISION)/%.o $(call LIBRARY,$(PRECISION)) $(STAMP)
 	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
 
 # bench_gpt links in the cost model of a GPU training step (bench/cost_model.cu).
@@ -97,13 +131,13 @@ tests/mixed_precision_bf16: $(OBJ)/bf16/tests/mixed_precision.o $(call LIBRARY,b
 
 test: $(TESTS) $(PROGRAMS) bench/bench_gpt
 	@bash tests/run_tests.sh test_gradients tests/test_emulator tests/test_tokenizer tests/test_launch_types.sh tests/test_parity.sh \
-	    tests/test_mixed_precision.sh tests/test_programs.sh tests/test_files.py tests/test_hf.sh \
+	    tests/test_mixed_precision.sh tests/test_programs.sh tests/test_distributed.py tests/test_files.py tests/test_hf.sh \
 	    tests/check_style.py
 
 # The programs' end-to-end tests again, with the programs built in mixed precision.
 test-bf16:
 	$(MAKE) BF16=1 $(PROGRAMS)
-	@bash tests/run_tests.sh tests/test_programs.sh
+	@bash tests/run_tests.sh tests/test_programs.sh tests/test_distributed.py
 
 clean:
 	rm -rf build $(PROGRAMS) $(TESTS) bench/emulator bench/bench_gpt
@@ -137,6 +171,8 @@ data/python_corpus.txt: | tokenizer
 # ----------------------------------------------------------------------------------------------------
 # make train: corpus -> BPE tokenizer -> token files -> train_gpt -> a sample from the best checkpoint.
 # PRESET=debug|mini|shakespeare|smol, STEPS=N, OUT=dir, TRAIN_FLAGS="--resume ...", VOCAB=N.
+# RANKS=N trains on N processes of this machine (mpirun, an MPI build; --grad-accum must be a
+# multiple of N); as root, OpenMPI's allow-run-as-root variables are set here.
 # On a CPU the default is mini (minutes on two cores), on a GPU shakespeare. Shakespeare presets use
 # tinyshakespeare (vocab 1024), smol the Python corpus (vocab 8192). The tokenizer and token files
 # are named by their vocabulary, so changing VOCAB makes new ones.
@@ -156,6 +192,8 @@ else
   VOCAB ?= 1024
 endif
 OUT ?= out/$(PRESET)
+ROOT_MPI := $(if $(filter 0,$(shell id -u)),OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 )
+LAUNCH := $(if $(RANKS),$(ROOT_MPI)mpirun -np $(RANKS) )
 TOKENS := data/$(DATASET)_$(VOCAB)
 
 $(TOKENS).tok: | $(CORPUS) tokenizer
@@ -170,7 +208,7 @@ train: $(if $(filter smol,$(PRESET)),,$(SHAKESPEARE))
 	@echo "   $(PRESET_NOTE_$(PRESET))"
 	@$(MAKE) --no-print-directory train_gpt inference tokenizer
 	@$(MAKE) --no-print-directory $(TOKENS)_train.bin
-	./train_gpt --preset $(PRESET) --train $(TOKENS)_train.bin --val $(TOKENS)_val.bin \
+	$(LAUNCH)./train_gpt --preset $(PRESET) --train $(TOKENS)_train.bin --val $(TOKENS)_val.bin \
 	    --tokenizer $(TOKENS).tok --out $(OUT) $(if $(STEPS),--steps $(STEPS)) $(TRAIN_FLAGS)
 	./inference $(OUT)/best.bin --prompt "$(if $(filter smol,$(PRESET)),def ,ROMEO:)" --tokens 300
 

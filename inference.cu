@@ -106,9 +106,13 @@ static void write_prompt_logits(GPT& model, const std::vector<int>& tokens, cons
     int T = int(tokens.size()), V = model.config.vocab_size;
     int* device_tokens = device_alloc<int>(T);
     cuda_check(cudaMemcpy(device_tokens, tokens.data(), T * sizeof(int), cudaMemcpyHostToDevice));
+    int padded_V = padded_vocab(V);  // the model's rows; the file keeps the real vocabulary
     std::vector<real> logits =
-        download(gpt_forward_tape(model, device_tokens, 1, T, false, 0).data, long(T) * V);
-    std::vector<float> values(logits.begin(), logits.end());
+        download(gpt_forward_tape(model, device_tokens, 1, T, false, 0).data, long(T) * padded_V);
+    std::vector<float> values;
+    for (int t = 0; t < T; t++)
+        values.insert(values.end(), logits.begin() + long(t) * padded_V,
+                      logits.begin() + long(t) * padded_V + V);
     std::string out;
     int32_t sizes[2] = {T, V};
     out.append((const char*)sizes, sizeof sizes);

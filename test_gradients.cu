@@ -852,6 +852,41 @@ static void test_adamw_tail_and_schedule() {
         middle);
 }
 
+// ZeRO-1: two optimizers over shards [0, 496) and [496, 1027) of one buffer (the decay boundary,
+// 500, inside the second; a tail past the packs at its end) step it as one optimizer over all of
+// it.
+static void test_adamw_shards() {
+    const long n = 1027, split = 496;
+    Parameters whole, sharded;
+    std::vector<real> values(n), gradients(n);
+    for (long i = 0; i < n; i++)
+        values[i] = real(std::sin(0.1 * i)), gradients[i] = real(std::cos(0.37 * i));
+    for (Parameters* p : {&whole, &sharded}) {
+        parameters_create(p, n);
+        p->num_decayed = 500;
+        Tensor t = parameter(p, {int(n)});
+        copy_from_host(t, values.data());
+        upload(t.grad, gradients.data(), n);
+    }
+    AdamW all, first, second;
+    adamw_create(&all, n);
+    adamw_create(&first, split, 0);
+    adamw_create(&second, n - split, split);
+    for (int step = 0; step < 2; step++) {
+        adamw_update(&all, whole, real(0.01));
+        adamw_update(&first, sharded, real(0.01));
+        adamw_update(&second, sharded, real(0.01));
+    }
+    std::vector<real> moments = download(first.m, split), rest = download(second.m, n - split);
+    moments.insert(moments.end(), rest.begin(), rest.end());
+    double parameters_apart = max_difference(download(whole.data, n), download(sharded.data, n));
+    double moments_apart = max_difference(download(all.m, n), moments);
+    check(parameters_apart == 0 && moments_apart == 0,
+          "AdamW over two shards of 1027 parameters (ZeRO-1) equals one over all of them: "
+          "parameters %.1e and first moments %.1e apart",
+          parameters_apart, moments_apart);
+}
+
 static void test_model_files() {
     // Model files: a round trip, then corrupt files rejected.
     GPT model;
@@ -911,6 +946,7 @@ int main() {
     test_gpt_gradients();
     test_accumulation_and_optimizers();
     test_adamw_tail_and_schedule();
+    test_adamw_shards();
     test_model_files();
     return finish();
 }

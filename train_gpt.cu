@@ -1,6 +1,8 @@
 // train_gpt.cu — trains a GPT on token files: gradient accumulation, AdamW with warmup and cosine
 // decay, clipping, evaluation, samples, metrics (CSV and an SVG loss curve) and checkpoints that
-// survive a crash and resume exactly.
+// survive a crash and resume exactly; on one process or, started by mpirun, on several (data
+// parallel, with ZeRO-1 optimizer shards).
+#include "distributed.h"
 #include "tricycle.h"
 
 #include <sys/stat.h>
@@ -25,6 +27,9 @@ static const char* help_text =
     "OUT/loss.svg. Checkpoints hold the config, tokenizer, parameters, optimizer state, step and\n"
     "random state; --resume continues from OUT/latest.bin (run the same command again with\n"
     "--resume). One run at a time may use an output folder (it is locked).\n"
+    "\n"
+    "Started by mpirun (mpirun -np R train_gpt ...), R processes train one model: each runs\n"
+    "grad-accum / R of every step's micro-batches; rank 0 alone prints and writes OUT.\n"
     "\n"
     "data and output:\n"
     "  --train FILE          training tokens               --val FILE        validation tokens\n"
@@ -56,6 +61,9 @@ static const char* help_text =
     "  --log-every N                                    a log line every N steps when not on a\n"
     "                                                   terminal\n"
     "  --threads N                                      CPU build: cores to use (default: all)\n"
+    "  --zero 1|0                                       with several ranks: 1 shards AdamW's\n"
+    "                                                   state over them (ZeRO-1, default), 0\n"
+    "                                                   keeps all of it on every rank\n"
     "  --profile                                        time every kernel and matrix product\n";
 
 // ----------------------------------------------------------------------------------------------------
@@ -74,6 +82,7 @@ struct Options {
     int eval_interval = 250, eval_steps = 20, sample_every = 0, sample_tokens = 200;
     int log_every = 10, threads = 0;
     bool profile = false;
+    bool zero = true;  // ZeRO-1: each rank keeps the optimizer state of its shard only
 };
 
 // Each preset brings a model and training defaults that suit it.
@@ -149,6 +158,7 @@ static bool parse_training_flag(const std::string& flag, const std::function<con
     else if (flag == "--sample-tokens") o.sample_tokens = int(integer(0, 1 << 20));
     else if (flag == "--log-every") o.log_every = int(integer(1, 1 << 30));
     else if (flag == "--threads") o.threads = int(integer(1, 1024));
+    else if (flag == "--zero") o.zero = integer(0, 1) == 1;
     else return false;
     return true;
 }
@@ -188,12 +198,14 @@ static Options parse_options(int argc, char** argv) {
 
 // ----------------------------------------------------------------------------------------------------
 // Checkpoints: the model file with sections for the tokenizer, AdamW's moments and the training
-// state.
+// state. With several ranks every rank takes part in saving (under ZeRO-1 the moments and master
+// weights are gathered from their shards) and rank 0 alone writes; every rank loads the file and
+// keeps its own shard, so a run saved by R ranks resumes on any number of them.
 
 struct TrainingState {
     int64_t step = 0;            // steps completed
     int64_t optimizer_step = 0;  // AdamW's bias-correction counter
-    uint64_t train_rng = 0;      // the training loader's random state
+    uint64_t micro_batches = 0;  // training micro-batches drawn so far (see window_stream)
     double best_val_loss = INFINITY;
     double elapsed_seconds = 0;  // training time before this run
 };
@@ -205,19 +217,39 @@ static FileSection section(const char* tag, std::string bytes) {
     return s;
 }
 
-static void save_checkpoint(const std::string& path, GPT& model, const Tokenizer& tokenizer,
-                            const AdamW& adam, const TrainingState& state) {
-    std::vector<FileSection> sections = {
-        section("TOKN", tokenizer_serialize(&tokenizer)),
-        section("ADMM", parameters_section(model, adam.m)),
-        section("ADMV", parameters_section(model, adam.v)),
-        section("TRAN", std::string((const char*)&state, sizeof state))};
-    if (model.params.master)  // mixed precision: the float values the optimizer updates
-        sections.push_back(section("MAST", parameters_section(model, model.params.master)));
-    gpt_save(model, path.c_str(), sections);
+// The optimizer's part of an n-value parameter buffer on this rank: all of it, or its ZeRO-1 shard.
+static Shard optimizer_shard(const Options& o, const Job& job, long n) {
+    return o.zero ? shard_of(n, job.rank, job.ranks) : Shard{0, n};
 }
 
-static void check_training_state(const TrainingState& s, const AdamW& adam, const char* path) {
+// A whole buffer in parameter order as a section's bytes, on rank 0 (the other ranks get nothing):
+// its own copy when this rank holds all of it, else gathered from the ranks' shards.
+static std::string whole_section(const GPT& model, const real* device, long held, const Job& job) {
+    long n = model.params.size;
+    if (held == n)
+        return job.rank == 0 ? parameters_section(model.config, download(device, n))
+                             : std::string();
+    std::vector<float> values = gather_shards(device, n);
+    return job.rank == 0
+               ? parameters_section(model.config, std::vector<real>(values.begin(), values.end()))
+               : std::string();
+}
+
+static void save_checkpoint(const std::string& path, GPT& model, const Tokenizer& tokenizer,
+                            const AdamW& adam, const TrainingState& state, const Job& job) {
+    const Parameters& p = model.params;
+    std::vector<FileSection> sections = {
+        section("TOKN", tokenizer_serialize(&tokenizer)),
+        section("ADMM", whole_section(model, adam.m, adam.n, job)),
+        section("ADMV", whole_section(model, adam.v, adam.n, job)),
+        section("TRAN", std::string((const char*)&state, sizeof state))};
+    if (p.master)  // mixed precision: the float values the optimizer updates
+        sections.push_back(section("MAST", whole_section(model, p.master, p.master_count, job)));
+    if (job.rank == 0) gpt_save(model, path.c_str(), sections);
+}
+
+static void check_training_state(const TrainingState& s, const std::vector<real>& second_moments,
+                                 const char* path) {
     bool sane = s.step >= 0 && s.step <= (1L << 40) && s.optimizer_step >= 0 &&
                 s.optimizer_step <= (1L << 40) && !std::isnan(s.best_val_loss) &&
                 s.best_val_loss >= 0 && std::isfinite(s.elapsed_seconds) && s.elapsed_seconds >= 0;
@@ -227,30 +259,39 @@ static void check_training_state(const TrainingState& s, const AdamW& adam, cons
             "time %g s) is out of range",
             path, (long long)s.step, (long long)s.optimizer_step, s.best_val_loss,
             s.elapsed_seconds);
-    std::vector<real> second_moments = download(adam.v, adam.n);
-    for (long i = 0; i < adam.n; i++)
+    for (size_t i = 0; i < second_moments.size(); i++)
         if (second_moments[i] < 0)
-            fail("checkpoint '%s': AdamW's second moment %ld is negative (%g)", path, i,
+            fail("checkpoint '%s': AdamW's second moment %zu is negative (%g)", path, i,
                  double(second_moments[i]));
 }
 
+static void upload_slice(real* device, const std::vector<real>& values, Shard shard) {
+    upload(device, values.data() + shard.offset, shard.count);
+}
+
+// The model, tokenizer, training state, and this rank's part of the optimizer (and, in the bfloat16
+// build, of the master weights).
 static void load_checkpoint(const std::string& path, GPT* model, Tokenizer* tokenizer, AdamW* adam,
-                            TrainingState* state) {
+                            TrainingState* state, const Options& o, const Job& job) {
     std::vector<FileSection> sections;
     gpt_load(model, path.c_str(), &sections);
-    adamw_create(adam, model->params.size);
+    long n = model->params.size;
+    Shard shard = optimizer_shard(o, job, n);
+    adamw_create(adam, shard.count, shard.offset);
+    std::vector<real> first_moments, second_moments;
     int found = 0;
+    auto values = [&](const FileSection& s) {
+        return parameters_from_section(model->config, s, path.c_str());
+    };
     for (const FileSection& s : sections) {
         std::string tag(s.tag, 4);
         if (tag == "TOKN") tokenizer_parse(tokenizer, s.bytes, path.c_str()), found |= 1;
-        else if (tag == "ADMM")
-            parameters_from_section(*model, adam->m, s, path.c_str()), found |= 2;
-        else if (tag == "ADMV")
-            parameters_from_section(*model, adam->v, s, path.c_str()), found |= 4;
+        else if (tag == "ADMM") first_moments = values(s), found |= 2;
+        else if (tag == "ADMV") second_moments = values(s), found |= 4;
         else if (tag == "TRAN" && s.bytes.size() == sizeof *state)
             memcpy(state, s.bytes.data(), sizeof *state), found |= 8;
         else if (tag == "MAST" && model->params.master)
-            parameters_from_section(*model, model->params.master, s, path.c_str());
+            upload(model->params.master, values(s).data(), n);
     }
     if (found != 15)
         fail(
@@ -260,7 +301,10 @@ static void load_checkpoint(const std::string& path, GPT* model, Tokenizer* toke
     if (tokenizer->vocab_size != model->config.vocab_size)
         fail("checkpoint '%s': its tokenizer has %d tokens, its model %d", path.c_str(),
              tokenizer->vocab_size, model->config.vocab_size);
-    check_training_state(*state, *adam, path.c_str());
+    check_training_state(*state, second_moments, path.c_str());
+    upload_slice(adam->m, first_moments, shard);
+    upload_slice(adam->v, second_moments, shard);
+    parameters_shard_master(model->params, shard.offset, shard.count);
     adam->step = state->optimizer_step;
 }
 
@@ -315,11 +359,11 @@ static void init_from_file(const Options& o, GPT* model, const Tokenizer& tokeni
 // Token files record the fingerprint of the tokenizer that made them; 0 means not recorded (files
 // from other tools), accepted with a note.
 static void check_token_files(const DataLoader& train, const DataLoader& val,
-                              const Tokenizer& tokenizer, const char* tokenizer_name) {
+                              const Tokenizer& tokenizer, const char* tokenizer_name, bool notes) {
     uint32_t fingerprint = tokenizer_fingerprint(&tokenizer);
     for (const DataLoader* loader : {&train, &val}) {
         uint32_t recorded = loader->file.tokenizer_fingerprint;
-        if (recorded == 0)
+        if (recorded == 0 && notes)
             fprintf(stderr, "train_gpt: note: token file '%s' does not record its tokenizer\n",
                     loader->file.path.c_str());
         else if (recorded != fingerprint)
@@ -449,15 +493,24 @@ static std::string duration_text(double seconds) {
 }
 
 // A step's memory, from the config and batch alone, against what the device (or, on the CPU, the
-// machine) has: a batch that cannot fit fails here, naming the flag, not in an allocator.
-static void check_memory(const GPTConfig& c, const Options& o) {
-    double parameters = double(gpt_parameter_count(c));
+// machine) has: a batch that cannot fit fails here, naming the flag, not in an allocator. Under
+// ZeRO-1 a rank holds 1/ranks of the optimizer state (moments, and master weights in bfloat16). The
+// bfloat16 build also sums gradients in float. On the CPU, the ranks on one machine share its
+// memory.
+static void check_memory(const GPTConfig& c, const Options& o, const Job& job) {
+    double parameters = 0;  // as the model holds them: the vocabulary padded
+    for (const GPTParameter& p : gpt_parameter_layout(c)) parameters += double(p.buffer_size);
+    bool mixed = sizeof(floatX) < sizeof(real);
+    double optimizer = 2 * sizeof(real) + (mixed ? sizeof(real) : 0);
     double per_parameter =
-        2 * sizeof(floatX) + 2 * sizeof(real) + (sizeof(floatX) < sizeof(real) ? sizeof(real) : 0);
+        2 * sizeof(floatX) + (mixed ? sizeof(real) : 0) + optimizer / (o.zero ? job.ranks : 1);
     double activations = gpt_activations_bytes(c, o.batch, c.context),
            needed = parameters * per_parameter + activations;
     size_t free_bytes = 0, total_bytes = 0;
     cuda_check(cudaMemGetInfo(&free_bytes, &total_bytes));
+#ifndef __CUDACC__
+    free_bytes /= size_t(job.local_ranks);
+#endif
     if (needed > 0.9 * double(free_bytes))
         fail(
             "--batch %d with context %d needs about %.1f GB (activations %.1f GB, parameters and "
@@ -466,12 +519,38 @@ static void check_memory(const GPTConfig& c, const Options& o) {
             free_bytes / 1e9);
 }
 
+// Everything one run holds.
+struct Run {
+    Options o;
+    Job job;
+    GPT model;
+    Tokenizer tokenizer;
+    AdamW adam;  // over the whole parameter buffer, or this rank's shard of it (ZeRO-1)
+    real* grad_sum = nullptr;  // bfloat16 build: a step's gradients summed in float
+    TrainingState state;
+    uint64_t micro_batches = 0;  // training micro-batches drawn so far, by all ranks together
+    DataLoader train, val;
+    GPTActivations acts;
+    std::string latest, best, metrics_path, svg_path;
+    std::vector<MetricRow> rows;  // written so far
+    MetricRow row;                // the last step's, written after its evaluation
+    FILE* metrics = nullptr;      // rank 0's
+    bool on_terminal = false;
+    double run_start = 0, elapsed_before = 0, step_seconds_total = 0;
+    long first_step = 0, timed_steps = 0;
+    ~Run() {
+        if (metrics) fclose(metrics);
+        (void)cudaFree(grad_sum);
+    }
+};
+
 // Mean loss over the first eval_steps batches of the validation file (the same batches every time).
-static double evaluate(GPT& model, GPTActivations& acts, DataLoader& val, int* device_batch,
-                       int eval_steps) {
-    dataloader_reset(&val);
+// Rank r evaluates batches r, r + ranks, ...; the sum comes together over the ranks.
+static double evaluate(Run& r, int* device_batch) {
+    DataLoader& val = r.val;
     double total = 0;
-    for (int i = 0; i < eval_steps; i++) {
+    for (int i = r.job.rank; i < r.o.eval_steps; i += r.job.ranks) {
+        dataloader_seek_batch(&val, size_t(i));
         dataloader_next_batch(&val);
         int n = val.B * val.T;
         cuda_check(
@@ -479,39 +558,68 @@ static double evaluate(GPT& model, GPTActivations& acts, DataLoader& val, int* d
         cuda_check(cudaMemcpy(device_batch + n, val.targets.data(), n * sizeof(int),
                               cudaMemcpyHostToDevice));
         MemoryMark mark = memory_mark();
-        gpt_forward(model, acts, device_batch, val.B, val.T, false, 0);
-        total += gpt_loss(acts, device_batch + n, model.config.vocab_size);
+        gpt_forward(r.model, r.acts, device_batch, val.B, val.T, false, 0);
+        total += gpt_loss(r.acts, device_batch + n, r.model.config.vocab_size);
         memory_release(mark);
     }
-    return total / eval_steps;
+    return all_reduce_sum(total) / r.o.eval_steps;
 }
 
-// One optimizer step: grad_accum micro-batches, each contributing 1/grad_accum of the loss (after
-// each, on_micro_batch(done)), then the gradient norm and AdamW with clipping. Returns the loss;
-// the norm is left in grad_norm.
-static double train_step(GPT& model, GPTActivations& acts, AdamW& adam, DataLoader& loader,
-                         int* device_batch, real* norm, const Options& o, long step,
-                         real* grad_norm, const std::function<void(int)>& on_micro_batch) {
-    int B = loader.B, T = loader.T;
+// Training micro-batch g (counted from the start of training over all ranks) reads its windows from
+// a random stream of its own: micro-batch g reads the same windows whatever the number of ranks,
+// and a resumed run continues from the count. (Apart from dropout's seeds, random_bits(seed, g).)
+static uint64_t window_stream(uint64_t seed, uint64_t micro_batch) {
+    return random_bits(mix64(seed ^ 0x77696E646F777321ull), micro_batch);
+}
+
+// The inputs and targets of training micro-batch g, on the device.
+static void load_micro_batch(Run& r, uint64_t g, int* device_batch) {
+    DataLoader& loader = r.train;
+    size_t n = size_t(loader.B) * loader.T;
+    dataloader_set_rng_state(&loader, window_stream(r.o.seed, g));
+    dataloader_next_batch(&loader);
+    cuda_check(
+        cudaMemcpy(device_batch, loader.inputs.data(), n * sizeof(int), cudaMemcpyHostToDevice));
+    cuda_check(cudaMemcpy(device_batch + n, loader.targets.data(), n * sizeof(int),
+                          cudaMemcpyHostToDevice));
+}
+
+// One optimizer step of grad_accum micro-batches, each contributing 1/grad_accum of the loss. Rank
+// r runs the step's micro-batches r * local ... (r + 1) * local - 1 (local = grad_accum / ranks;
+// after each, on_micro_batch(micro-batches done by all ranks)); the gradients are summed over the
+// ranks; then the norm of the whole gradient, and AdamW with clipping over this rank's part of the
+// buffer, whose new values go to every rank when that is a shard. Returns the loss; the norm is
+// left in grad_norm.
+static double train_step(Run& r, int* device_batch, real* norm, long step, real* grad_norm,
+                         const std::function<void(int)>& on_micro_batch) {
+    const Options& o = r.o;
+    Parameters& params = r.model.params;
+    int local = o.grad_accum / r.job.ranks;
     double loss_sum = 0;
-    parameters_zero_grad(model.params);
-    for (int micro = 0; micro < o.grad_accum; micro++) {
-        dataloader_next_batch(&loader);
-        cuda_check(cudaMemcpy(device_batch, loader.inputs.data(), size_t(B) * T * sizeof(int),
-                              cudaMemcpyHostToDevice));
-        cuda_check(cudaMemcpy(device_batch + B * T, loader.targets.data(),
-                              size_t(B) * T * sizeof(int), cudaMemcpyHostToDevice));
+    parameters_zero_grad(params);
+    if (r.grad_sum) cuda_check(cudaMemset(r.grad_sum, 0, params.size * sizeof(real)));
+    for (int micro = 0; micro < local; micro++) {
+        uint64_t g = r.micro_batches + uint64_t(r.job.rank) * local + micro;
+        load_micro_batch(r, g, device_batch);
         MemoryMark mark = memory_mark();
-        uint64_t dropout_seed = random_bits(o.seed, uint64_t(step) * o.grad_accum + micro);
-        gpt_forward(model, acts, device_batch, B, T, true, dropout_seed);
-        gpt_backward(model, acts, device_batch + B * T, real(1.0 / o.grad_accum));
+        gpt_forward(r.model, r.acts, device_batch, r.train.B, r.train.T, true,
+                    random_bits(o.seed, g));
+        gpt_backward(r.model, r.acts, device_batch + r.train.B * r.train.T,
+                     real(1.0 / o.grad_accum));
         real loss;
-        cuda_check(cudaMemcpy(&loss, acts.loss, sizeof loss, cudaMemcpyDeviceToHost));
+        cuda_check(cudaMemcpy(&loss, r.acts.loss, sizeof loss, cudaMemcpyDeviceToHost));
         loss_sum += double(loss) / o.grad_accum;
+        if (r.grad_sum) parameters_add_grad_to(params, r.grad_sum);
         memory_release(mark);
-        on_micro_batch(micro + 1);
+        on_micro_batch((micro + 1) * r.job.ranks);
     }
-    gradient_norm(norm, model.params.grad, model.params.size);
+    r.micro_batches += uint64_t(o.grad_accum);
+    // The float build sums in its gradient buffer (floatX is real there), the bfloat16 build in
+    // grad_sum, rounded once into the gradients when every rank's part is in.
+    all_reduce_sum(r.grad_sum ? r.grad_sum : reinterpret_cast<real*>(params.grad), params.size);
+    if (r.grad_sum) parameters_grad_from(params, r.grad_sum);
+    loss_sum = all_reduce_sum(loss_sum);
+    gradient_norm(norm, params.grad, params.size);
     cuda_check(cudaMemcpy(grad_norm, norm, sizeof *grad_norm, cudaMemcpyDeviceToHost));
     if (!std::isfinite(loss_sum) || !std::isfinite(*grad_norm))
         fail(
@@ -519,7 +627,8 @@ static double train_step(GPT& model, GPTActivations& acts, AdamW& adam, DataLoad
             "last good checkpoint is in %s)",
             step + 1, loss_sum, double(*grad_norm), o.out.c_str());
     float lr = learning_rate(step, o.warmup, o.steps, o.lr, o.min_lr);
-    adamw_update(&adam, model.params, lr, norm, o.clip);
+    adamw_update(&r.adam, params, lr, norm, o.clip);
+    if (r.adam.n < params.size) all_gather_shards(params.data, params.size);
     cuda_check(cudaDeviceSynchronize());
     return loss_sum;
 }
@@ -537,31 +646,12 @@ static void print_sample(GPT& model, Tokenizer& tokenizer, int tokens, uint64_t 
     fflush(stdout);
 }
 
-// Everything one run holds.
-struct Run {
-    Options o;
-    GPT model;
-    Tokenizer tokenizer;
-    AdamW adam;
-    TrainingState state;
-    DataLoader train, val;
-    GPTActivations acts;
-    std::string latest, best, metrics_path, svg_path;
-    std::vector<MetricRow> rows;  // written so far
-    MetricRow row;                // the last step's, written after its evaluation
-    FILE* metrics = nullptr;
-    bool on_terminal = false;
-    double run_start = 0, elapsed_before = 0, step_seconds_total = 0;
-    long first_step = 0, timed_steps = 0;
-    ~Run() {
-        if (metrics) fclose(metrics);
-    }
-};
-
-// The output folder (created and locked), the model, tokenizer and optimizer (fresh or resumed),
-// the data, checked against each other, and the metrics so far.
-static void start_run(Run& r) {
-    Options& o = r.o;
+// Rank 0's output folder, created and locked; every rank knows the checkpoints' paths.
+static void open_output(Run& r) {
+    const Options& o = r.o;
+    r.latest = o.out + "/latest.bin", r.best = o.out + "/best.bin";
+    r.metrics_path = o.out + "/metrics.csv", r.svg_path = o.out + "/loss.svg";
+    if (r.job.rank != 0) return;
     for (size_t slash = 0; slash != std::string::npos;) {  // mkdir -p
         slash = o.out.find('/', slash + 1);
         std::string folder = o.out.substr(0, slash);
@@ -569,53 +659,55 @@ static void start_run(Run& r) {
             fail("cannot create the output folder '%s': %s", folder.c_str(), strerror(errno));
     }
     lock_folder(o.out.c_str(), "train_gpt");
-    r.latest = o.out + "/latest.bin", r.best = o.out + "/best.bin";
-    r.metrics_path = o.out + "/metrics.csv", r.svg_path = o.out + "/loss.svg";
-    if (o.resume) {
-        load_checkpoint(r.latest, &r.model, &r.tokenizer, &r.adam, &r.state);
-        check_model_flags(o, r.model.config, r.latest, "--resume", false);
-        if (!o.tokenizer.empty()) {
-            Tokenizer given;
-            tokenizer_load(&given, o.tokenizer.c_str());
-            if (tokenizer_fingerprint(&given) != tokenizer_fingerprint(&r.tokenizer))
-                fail("--tokenizer '%s' is not the tokenizer the checkpoint '%s' was trained with",
-                     o.tokenizer.c_str(), r.latest.c_str());
-        }
-        if (r.state.step > o.steps)
-            fail("--resume: the checkpoint '%s' is at step %lld, past --steps %ld",
-                 r.latest.c_str(), (long long)r.state.step, o.steps);
-        check_memory(r.model.config, o);
-        printf("resuming from %s at step %lld\n", r.latest.c_str(), (long long)r.state.step);
-    } else {
-        tokenizer_load(&r.tokenizer, o.tokenizer.c_str());
-        if (o.vocab_size && o.vocab_size != r.tokenizer.vocab_size)
-            fail("--vocab-size %d does not match the tokenizer '%s', which has %d tokens",
-                 o.vocab_size, o.tokenizer.c_str(), r.tokenizer.vocab_size);
-        o.model.vocab_size = r.tokenizer.vocab_size;
-        if (o.init.empty()) {
-            gpt_check_config(o.model);
-            check_memory(o.model, o);
-            gpt_create(&r.model, o.model);
-            gpt_init(&r.model, o.seed);
-        } else {
-            init_from_file(o, &r.model, r.tokenizer);
-            check_memory(r.model.config, o);
-            printf("starting from the parameters of %s\n", o.init.c_str());
-        }
-        adamw_create(&r.adam, r.model.params.size);
+}
+
+// --resume: the checkpoint, checked against the flags.
+static void resume_run(Run& r) {
+    const Options& o = r.o;
+    load_checkpoint(r.latest, &r.model, &r.tokenizer, &r.adam, &r.state, o, r.job);
+    check_model_flags(o, r.model.config, r.latest, "--resume", false);
+    if (!o.tokenizer.empty()) {
+        Tokenizer given;
+        tokenizer_load(&given, o.tokenizer.c_str());
+        if (tokenizer_fingerprint(&given) != tokenizer_fingerprint(&r.tokenizer))
+            fail("--tokenizer '%s' is not the tokenizer the checkpoint '%s' was trained with",
+                 o.tokenizer.c_str(), r.latest.c_str());
     }
-    const GPTConfig& c = r.model.config;
-    r.adam.beta1 = o.beta1, r.adam.beta2 = o.beta2, r.adam.weight_decay = o.weight_decay;
-    dataloader_open(&r.train, o.train.c_str(), o.batch, c.context, c.vocab_size,
-                    DataLoaderMode::random, o.seed);
-    dataloader_open(&r.val, o.val.c_str(), o.batch, c.context, c.vocab_size, DataLoaderMode::sweep,
-                    0);
-    check_token_files(r.train, r.val, r.tokenizer,
-                      o.resume ? ("the checkpoint's (" + r.latest + ")").c_str()
-                               : ("'" + o.tokenizer + "'").c_str());
-    if (o.resume) dataloader_set_rng_state(&r.train, r.state.train_rng);
-    r.rows = o.resume ? read_metrics(r.metrics_path, r.state.step) : std::vector<MetricRow>();
-    r.row = MetricRow{r.state.step, NAN, NAN, NAN, NAN, NAN, NAN};
+    if (r.state.step > o.steps)
+        fail("--resume: the checkpoint '%s' is at step %lld, past --steps %ld", r.latest.c_str(),
+             (long long)r.state.step, o.steps);
+    check_memory(r.model.config, o, r.job);
+    r.micro_batches = r.state.micro_batches;
+    printf("resuming from %s at step %lld\n", r.latest.c_str(), (long long)r.state.step);
+}
+
+// A new model from the flags and the tokenizer, and an optimizer for this rank's part of it.
+static void create_run(Run& r) {
+    Options& o = r.o;
+    tokenizer_load(&r.tokenizer, o.tokenizer.c_str());
+    if (o.vocab_size && o.vocab_size != r.tokenizer.vocab_size)
+        fail("--vocab-size %d does not match the tokenizer '%s', which has %d tokens", o.vocab_size,
+             o.tokenizer.c_str(), r.tokenizer.vocab_size);
+    o.model.vocab_size = r.tokenizer.vocab_size;
+    if (o.init.empty()) {
+        gpt_check_config(o.model);
+        check_memory(o.model, o, r.job);
+        gpt_create(&r.model, o.model);
+        gpt_init(&r.model, o.seed);
+    } else {
+        init_from_file(o, &r.model, r.tokenizer);
+        check_memory(r.model.config, o, r.job);
+        printf("starting from the parameters of %s\n", o.init.c_str());
+    }
+    Shard shard = optimizer_shard(o, r.job, r.model.params.size);
+    adamw_create(&r.adam, shard.count, shard.offset);
+    parameters_shard_master(r.model.params, shard.offset, shard.count);
+}
+
+// Rank 0's metrics so far (on resume, the rows up to the checkpoint), open for appending.
+static void open_metrics(Run& r) {
+    if (r.job.rank != 0) return;
+    r.rows = r.o.resume ? read_metrics(r.metrics_path, r.state.step) : std::vector<MetricRow>();
     if (!r.rows.empty() && r.rows.back().step == r.state.step)
         r.row = r.rows.back(), r.rows.pop_back();
     write_metrics(r.metrics_path, r.rows);
@@ -623,10 +715,33 @@ static void start_run(Run& r) {
     if (!r.metrics) fail("cannot append to '%s': %s", r.metrics_path.c_str(), strerror(errno));
 }
 
+// The output folder, the model, tokenizer and optimizer (fresh or resumed), the data, checked
+// against each other, and the metrics so far.
+static void start_run(Run& r) {
+    const Options& o = r.o;
+    open_output(r);
+    if (o.resume) resume_run(r);
+    else create_run(r);
+    const GPTConfig& c = r.model.config;
+    r.adam.beta1 = o.beta1, r.adam.beta2 = o.beta2, r.adam.weight_decay = o.weight_decay;
+    if (sizeof(floatX) < sizeof(real))
+        cuda_check(cudaMalloc(&r.grad_sum, r.model.params.size * sizeof(real)));
+    dataloader_open(&r.train, o.train.c_str(), o.batch, c.context, c.vocab_size,
+                    DataLoaderMode::random, o.seed);
+    dataloader_open(&r.val, o.val.c_str(), o.batch, c.context, c.vocab_size, DataLoaderMode::sweep,
+                    0);
+    check_token_files(r.train, r.val, r.tokenizer,
+                      o.resume ? ("the checkpoint's (" + r.latest + ")").c_str()
+                               : ("'" + o.tokenizer + "'").c_str(),
+                      r.job.rank == 0);
+    r.row = MetricRow{r.state.step, NAN, NAN, NAN, NAN, NAN, NAN};
+    open_metrics(r);
+}
+
 // The training state as of `step` completed steps.
 static void remember(Run& r, long step) {
     r.state.step = step, r.state.optimizer_step = r.adam.step;
-    r.state.train_rng = dataloader_get_rng_state(&r.train);
+    r.state.micro_batches = r.micro_batches;
     r.state.elapsed_seconds = r.elapsed_before + seconds_now() - r.run_start;
 }
 
@@ -636,7 +751,7 @@ static void evaluate_and_save(Run& r, long step, MetricRow& row, int* device_bat
     printf("step %ld: evaluating (%d batches)...%s", step, r.o.eval_steps,
            r.on_terminal ? "" : "\n");
     fflush(stdout);
-    double val_loss = evaluate(r.model, r.acts, r.val, device_batch, r.o.eval_steps);
+    double val_loss = evaluate(r, device_batch);
     if (r.on_terminal) printf("\r\033[K");
     printf("step %ld: val loss %.4f%s\n", step, val_loss,
            val_loss < r.state.best_val_loss ? " (best so far)" : "");
@@ -647,9 +762,9 @@ static void evaluate_and_save(Run& r, long step, MetricRow& row, int* device_bat
     remember(r, step);
     if (val_loss < r.state.best_val_loss) {
         r.state.best_val_loss = val_loss;
-        save_checkpoint(r.best, r.model, r.tokenizer, r.adam, r.state);
+        save_checkpoint(r.best, r.model, r.tokenizer, r.adam, r.state, r.job);
     }
-    save_checkpoint(r.latest, r.model, r.tokenizer, r.adam, r.state);
+    save_checkpoint(r.latest, r.model, r.tokenizer, r.adam, r.state, r.job);
 }
 
 // Console lines: a progress bar on a terminal, otherwise a log line every log_every steps.
@@ -696,6 +811,14 @@ static std::function<void(int)> micro_batch_progress(Run& r, long step, double s
     };
 }
 
+// Rank 0 appends a row to metrics.csv, and redraws the curve after an evaluation.
+static void write_metrics_row(Run& r, const MetricRow& row, bool evaluated) {
+    r.rows.push_back(row);
+    fputs(metrics_line(row).c_str(), r.metrics);
+    fflush(r.metrics);
+    if (evaluated) write_loss_svg(r.svg_path, r.rows);
+}
+
 // The loop. Row s of metrics.csv holds the loss of step s (steps count from 1) and the validation
 // loss after s steps; the console counts steps the same way.
 static void run_training(Run& r) {
@@ -713,22 +836,20 @@ static void run_training(Run& r) {
         if (step == o.steps &&
             o.eval_interval == 0) {  // no evaluations: the final model is the best known
             remember(r, step);
-            save_checkpoint(r.latest, r.model, r.tokenizer, r.adam, r.state);
-            save_checkpoint(r.best, r.model, r.tokenizer, r.adam, r.state);
+            save_checkpoint(r.latest, r.model, r.tokenizer, r.adam, r.state, r.job);
+            save_checkpoint(r.best, r.model, r.tokenizer, r.adam, r.state, r.job);
         }
-        r.rows.push_back(row);
-        fputs(metrics_line(row).c_str(), r.metrics);
-        fflush(r.metrics);
-        if (evaluate_now) write_loss_svg(r.svg_path, r.rows);
-        if (o.sample_every > 0 && step > 0 && step % o.sample_every == 0 && o.sample_tokens > 0)
+        if (r.job.rank == 0) write_metrics_row(r, row, evaluate_now);
+        if (o.sample_every > 0 && step > 0 && step % o.sample_every == 0 && o.sample_tokens > 0 &&
+            r.job.rank == 0)
             print_sample(r.model, r.tokenizer, o.sample_tokens, o.seed + uint64_t(step));
         if (step == o.steps) break;
 
         profiling = o.profile && step > r.first_step;  // the first step warms up
         double step_start = seconds_now();
         real grad_norm;
-        double loss = train_step(r.model, r.acts, r.adam, r.train, device_batch, norm, o, step,
-                                 &grad_norm, micro_batch_progress(r, step, step_start));
+        double loss = train_step(r, device_batch, norm, step, &grad_norm,
+                                 micro_batch_progress(r, step, step_start));
         float lr = learning_rate(step, o.warmup, o.steps, o.lr, o.min_lr);
         profiling = false;
         double seconds = seconds_now() - step_start;
@@ -743,20 +864,57 @@ static void run_training(Run& r) {
     }
 }
 
-static int train(int argc, char** argv) {
-    Run r;
+// Every rank must run the same command: its flags in order, as (flag, value) pairs, and its build.
+static Settings flag_settings(int argc, char** argv) {
+    Settings settings = {{"precision", sizeof(floatX) < sizeof(real) ? "bfloat16" : "float"}};
+    for (int i = 1; i < argc; i++) {
+        std::string flag = argv[i];
+        bool has_value = i + 1 < argc && strncmp(argv[i + 1], "--", 2) != 0;
+        settings.push_back({flag, has_value ? argv[++i] : ""});
+    }
+    return settings;
+}
+
+// ... and find the same files, model and starting point: a machine with other data, or a stale
+// checkpoint where --out is not shared, is caught here rather than trained on.
+static Settings run_settings(Run& r) {
+    const Parameters& p = r.model.params;
+    std::vector<floatX> values(p.size);
+    cuda_check(cudaMemcpy(values.data(), p.data, p.size * sizeof(floatX), cudaMemcpyDeviceToHost));
+    auto tokens = [](const DataLoader& d) {
+        return std::to_string(d.file.num_tokens) + " tokens, tokenizer " +
+               std::to_string(d.file.tokenizer_fingerprint);
+    };
+    return {{"training file", tokens(r.train)},
+            {"validation file", tokens(r.val)},
+            {"tokenizer", std::to_string(tokenizer_fingerprint(&r.tokenizer))},
+            {"starting step", std::to_string(r.state.step)},
+            {"parameters", std::to_string(p.size) + ", CRC-32 " +
+                               std::to_string(crc32(values.data(), p.size * sizeof(floatX)))}};
+}
+
+static void train_run(Run& r, int argc, char** argv) {
     r.o = parse_options(argc, argv);
     const Options& o = r.o;
+    check_same_on_every_rank(flag_settings(argc, argv));
+    if (o.grad_accum % r.job.ranks != 0)
+        fail(
+            "--grad-accum %d is not a multiple of the %d ranks (each rank runs grad-accum / ranks "
+            "of a step's micro-batches)",
+            o.grad_accum, r.job.ranks);
     if (o.threads) {
 #ifdef __CUDACC__
-        fprintf(stderr, "train_gpt: note: --threads only applies to the CPU build\n");
+        if (r.job.rank == 0)
+            fprintf(stderr, "train_gpt: note: --threads only applies to the CPU build\n");
 #else
         omp_set_num_threads(o.threads);
 #endif
     }
     start_run(r);
+    check_same_on_every_rank(run_settings(r));
     const GPTConfig& c = r.model.config;
-    r.on_terminal = isatty(fileno(stdout));
+    // mpirun gives its ranks a pseudo-terminal whatever its own output is: log lines there.
+    r.on_terminal = isatty(fileno(stdout)) && !r.job.mpi;
     printf("model: %d layers, %d heads, dim %d, context %d, vocab %d: %.2fM parameters\n", c.layers,
            c.heads, c.dim, c.context, c.vocab_size, gpt_parameter_count(c) / 1e6);
     printf(
@@ -766,6 +924,12 @@ static int train(int argc, char** argv) {
         o.steps, o.grad_accum, o.batch, c.context, long(o.batch) * c.context * o.grad_accum,
         r.train.file.num_tokens, r.val.file.num_tokens);
     printf("matrix products: %s\n", gemm_engine().c_str());
+    if (r.job.ranks > 1)
+        printf(
+            "data parallel: %d ranks (%s), each running %d of a step's %d micro-batches, "
+            "AdamW's state %s\n",
+            r.job.ranks, job_transport(), o.grad_accum / r.job.ranks, o.grad_accum,
+            o.zero ? "sharded (ZeRO-1)" : "on every rank");
     run_training(r);
     if (o.profile && r.timed_steps > 0) {
         printf("profile over %ld steps (%.3f ms per step measured around the step):\n",
@@ -779,6 +943,21 @@ static int train(int argc, char** argv) {
     printf("done: %ld steps in %s (%.1f ms per step), best val loss %s; checkpoints in %s\n",
            o.steps - r.first_step, duration_text(total).c_str(),
            r.timed_steps ? r.step_seconds_total / r.timed_steps * 1e3 : 0.0, best, o.out.c_str());
+}
+
+// With several ranks, only rank 0 prints; an error on any rank ends them all, naming it.
+static int train(int argc, char** argv) {
+    Run r;
+    r.job = job_start("train_gpt");
+    try {
+        if (r.job.rank != 0 && !freopen("/dev/null", "w", stdout))
+            fail("cannot silence this rank's output: %s", strerror(errno));
+        train_run(r, argc, argv);
+    } catch (const std::exception& error) {
+        if (r.job.mpi) job_abort(error.what());
+        throw;
+    }
+    job_end();
     return 0;
 }
 

@@ -530,6 +530,7 @@ void parameters_create(Parameters* p, long capacity) {
     cuda_check(cudaMemset(p->grad, 0, capacity * sizeof(floatX)));
     if (!std::is_same<floatX, real>::value)
         cuda_check(cudaMalloc(&p->master, capacity * sizeof(real)));
+    p->master_offset = 0, p->master_count = capacity;
     p->capacity = capacity, p->size = 0;
 }
 
@@ -560,10 +561,40 @@ void parameters_zero_grad(Parameters& p) {
     cuda_check(cudaMemset(p.grad, 0, p.size * sizeof(floatX)));
 }
 
+__global__ void add_grad_kernel(real* sum, floatX* grad, long n) {
+    for_each_element(n, [&](long i) { sum[i] += real(grad[i]), grad[i] = floatX(0); });
+}
+
+__global__ void grad_from_kernel(floatX* grad, const real* sum, long n) {
+    for_each_element(n, [&](long i) { grad[i] = floatX(sum[i]); });
+}
+
+void parameters_add_grad_to(Parameters& p, real* sum) {
+    launch(add_grad_kernel, element_blocks(p.size), element_threads, 0, sum, p.grad, p.size);
+}
+
+void parameters_grad_from(Parameters& p, const real* sum) {
+    launch(grad_from_kernel, element_blocks(p.size), element_threads, 0, p.grad, sum, p.size);
+}
+
 void parameters_sync_master(Parameters& p) {
     if (!p.master) return;
-    std::vector<real> values = download(p.data, p.size);
-    upload(p.master, values.data(), p.size);
+    long count = std::min(p.master_count, p.size - p.master_offset);
+    std::vector<real> values = download(p.data + p.master_offset, count);
+    upload(p.master, values.data(), count);
+}
+
+void parameters_shard_master(Parameters& p, long offset, long count) {
+    if (!p.master || (offset == p.master_offset && count == p.master_count)) return;
+    if (offset < p.master_offset || count < 0 || offset + count > p.master_offset + p.master_count)
+        fail("parameters_shard_master: [%ld, %ld) is not within the master copy's [%ld, %ld)",
+             offset, offset + count, p.master_offset, p.master_offset + p.master_count);
+    real* shard;
+    cuda_check(cudaMalloc(&shard, std::max(count, 1L) * sizeof(real)));
+    cuda_check(cudaMemcpy(shard, p.master + (offset - p.master_offset), count * sizeof(real),
+                          cudaMemcpyDeviceToDevice));
+    cuda_check(cudaFree(p.master));
+    p.master = shard, p.master_offset = offset, p.master_count = count;
 }
 
 // ====================================================================================================
@@ -3453,6 +3484,7 @@ struct alignas(4 * sizeof(T)) Pack4 {
 struct AdamWStep {
     real lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2;
     uint64_t seed;  // for rounding parameters from their master weights
+    long first;     // the buffer index of element 0 (a shard's offset): decay and rounding use it
 };
 
 // Storing an updated master weight as a (bfloat16) parameter rounds it up or down at random, up
@@ -3497,9 +3529,10 @@ __device__ __forceinline__ void adamw_pack(long i, floatX* params, real* master,
     Pack4<real> w;
     if (HAS_MASTER) w = reinterpret_cast<Pack4<real>*>(master)[i];
     for (int k = 0; k < 4; k++) {
+        long index = s.first + 4 * i + k;
         real weight = adamw_weight(HAS_MASTER ? w.v[k] : real(p.v[k]), g.v[k] * scale, first.v[k],
-                                   second.v[k], 4 * i + k < num_decayed, s);
-        if (HAS_MASTER) w.v[k] = weight, p.v[k] = round_stochastic(weight, s.seed, 4 * i + k);
+                                   second.v[k], index < num_decayed, s);
+        if (HAS_MASTER) w.v[k] = weight, p.v[k] = round_stochastic(weight, s.seed, index);
         else p.v[k] = weight;
     }
     reinterpret_cast<Pack4<floatX>*>(params)[i] = p;
@@ -3522,18 +3555,18 @@ __global__ void adamw_kernel(floatX* params, real* master, const floatX* grads, 
     if (blockIdx.x == gridDim.x - 1)
         for_each_strided(n / 4 * 4, n, threadIdx.x, blockDim.x, [&](long i) {
             real w = adamw_weight(master ? master[i] : real(params[i]), grads[i] * scale, m[i],
-                                  v[i], i < num_decayed, s);
-            params[i] = master ? round_stochastic(w, s.seed, i) : floatX(w);
+                                  v[i], s.first + i < num_decayed, s);
+            params[i] = master ? round_stochastic(w, s.seed, s.first + i) : floatX(w);
             if (master) master[i] = w;
         });
 }
 
-void adamw_create(AdamW* opt, long n) {
+void adamw_create(AdamW* opt, long n, long offset) {
     cuda_check(cudaMalloc(&opt->m, n * sizeof(real)));
     cuda_check(cudaMalloc(&opt->v, n * sizeof(real)));
     cuda_check(cudaMemset(opt->m, 0, n * sizeof(real)));
     cuda_check(cudaMemset(opt->v, 0, n * sizeof(real)));
-    opt->n = n;
+    opt->n = n, opt->offset = offset;
     opt->step = 0;
 }
 
@@ -3542,10 +3575,16 @@ AdamW::~AdamW() {
     (void)cudaFree(v);
 }
 
+// A shard (ZeRO-1) starts at a multiple of 4, so that its packs stay aligned.
 void adamw_update(AdamW* opt, Parameters& p, real lr, const real* norm, real max_norm) {
     PhaseScope phase("optimizer");
-    if (opt->n != p.size)
-        fail("adamw_update: the optimizer holds %ld moments for %ld parameters", opt->n, p.size);
+    long end = opt->offset + opt->n;
+    if (opt->offset < 0 || opt->offset % 4 != 0 || end > p.size)
+        fail("adamw_update: the optimizer holds moments for [%ld, %ld) of %ld parameters",
+             opt->offset, end, p.size);
+    if (p.master && (opt->offset < p.master_offset || end > p.master_offset + p.master_count))
+        fail("adamw_update: the master copy holds [%ld, %ld), the optimizer updates [%ld, %ld)",
+             p.master_offset, p.master_offset + p.master_count, opt->offset, end);
     opt->step++;
     AdamWStep s{lr,
                 real(opt->beta1),
@@ -3554,9 +3593,12 @@ void adamw_update(AdamW* opt, Parameters& p, real lr, const real* norm, real max
                 real(opt->weight_decay),
                 real(1 - std::pow(double(opt->beta1), double(opt->step))),
                 real(1 - std::pow(double(opt->beta2), double(opt->step))),
-                random_bits(0x5eed, uint64_t(opt->step))};
-    launch(adamw_kernel, element_blocks(opt->n / 4), element_threads, 0, p.data, p.master, p.grad,
-           opt->m, opt->v, opt->n, p.num_decayed, s, norm, max_norm);
+                random_bits(0x5eed, uint64_t(opt->step)),
+                opt->offset};
+    if (opt->n == 0) return;  // an empty shard
+    real* master = p.master ? p.master + (opt->offset - p.master_offset) : nullptr;
+    launch(adamw_kernel, element_blocks(opt->n / 4), element_threads, 0, p.data + opt->offset,
+           master, p.grad + opt->offset, opt->m, opt->v, opt->n, p.num_decayed, s, norm, max_norm);
 }
 
 // SGD with momentum:  u = momentum * u + clip * grad,  w -= lr * u  (w: the master weight, as in
@@ -3585,6 +3627,8 @@ void sgd_update(SGD* opt, Parameters& p, real lr, const real* norm, real max_nor
     PhaseScope phase("optimizer");
     if (opt->n != p.size)
         fail("sgd_update: the optimizer holds %ld velocities for %ld parameters", opt->n, p.size);
+    if (p.master && (p.master_offset != 0 || p.master_count < p.size))
+        fail("sgd_update: the master copy holds a shard, SGD updates every parameter");
     opt->step++;
     launch(sgd_kernel, element_blocks(opt->n), element_threads, 0, p.data, p.master, p.grad,
            opt->velocity, opt->n, lr, real(opt->momentum), random_bits(0x5eed, uint64_t(opt->step)),

@@ -299,7 +299,9 @@ void fill_uniform(floatX* out, long n, uint64_t seed, real low, real high);
 struct Parameters {
     floatX* data = nullptr;
     floatX* grad = nullptr;
-    real* master = nullptr;       // null when floatX is real
+    real* master = nullptr;  // null when floatX is real
+    // master[i] is parameter master_offset + i: all of them, or one rank's shard (ZeRO-1)
+    long master_offset = 0, master_count = 0;
     long capacity = 0, size = 0;  // allocated, handed out
     long num_decayed = 0;
 
@@ -312,6 +314,14 @@ void parameters_create(Parameters* p, long capacity);  // gradients zeroed
 Tensor parameter(Parameters* p, Shape shape);          // the next values, with their gradient
 void parameters_zero_grad(Parameters& p);
 void parameters_sync_master(Parameters& p);  // master = data, after filling data
+// Keeps the master values of parameters [offset, offset + count) only: under ZeRO-1 a rank's
+// optimizer updates just its shard, and the rest of the float copy would be dead weight.
+void parameters_shard_master(Parameters& p, long offset, long count);
+// Gradients summed in float over a step's micro-batches (the bfloat16 build; train_gpt): each
+// micro-batch's gradients are added into sum (n = p.size floats) and zeroed, so that the step's sum
+// is the same however the micro-batches are split among processes; then rounded back into grad.
+void parameters_add_grad_to(Parameters& p, real* sum);      // sum += grad, grad = 0
+void parameters_grad_from(Parameters& p, const real* sum);  // grad = sum, rounded to nearest
 
 // ====================================================================================================
 // 4. The tape
@@ -781,6 +791,7 @@ void gradient_norm(real* norm, const floatX* gradients, long n);
 struct AdamW {
     float beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.1f;
     long step = 0, n = 0;
+    long offset = 0;  // m and v belong to parameters [offset, offset + n): all, or a shard (ZeRO-1)
     real *m = nullptr, *v = nullptr;
 
     AdamW() = default;
@@ -788,8 +799,9 @@ struct AdamW {
     AdamW& operator=(const AdamW&) = delete;
     ~AdamW();
 };
-void adamw_create(AdamW* opt, long n);
-// One step over p's size parameters, through their float master copy when there is one.
+void adamw_create(AdamW* opt, long n, long offset = 0);
+// One step over the optimizer's n parameters of p, through their float master copy when there is
+// one. A shard's update is the same, value for value, as that part of a whole-buffer update.
 void adamw_update(AdamW* opt, Parameters& p, real lr, const real* norm = nullptr,
                   real max_norm = 0);
 

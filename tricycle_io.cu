@@ -256,8 +256,8 @@ static void append(std::string& out, const void* data, size_t bytes) {
     out.append(static_cast<const char*>(data), bytes);
 }
 
-std::string parameters_section(const GPT& model, const real* device) {
-    std::vector<float> values = gpt_file_order(model.config, download(device, model.params.size));
+std::string parameters_section(const GPTConfig& config, const std::vector<real>& buffer) {
+    std::vector<float> values = gpt_file_order(config, buffer);
     std::string bytes;
     append(bytes, values.data(), values.size() * sizeof(float));
     return bytes;
@@ -438,9 +438,9 @@ void gpt_load(GPT* model, const char* path, std::vector<FileSection>* sections) 
     if (model->params.master) upload(model->params.master, host.data(), model->params.size);
 }
 
-void parameters_from_section(const GPT& model, real* device, const FileSection& section,
-                             const char* path) {
-    long n = gpt_parameter_count(model.config);
+std::vector<real> parameters_from_section(const GPTConfig& config, const FileSection& section,
+                                          const char* path) {
+    long n = gpt_parameter_count(config);
     if (long(section.bytes.size()) != n * long(sizeof(float)))
         fail("model file '%s': section '%.4s' holds %zu bytes, expected %ld", path, section.tag,
              section.bytes.size(), n * long(sizeof(float)));
@@ -450,8 +450,7 @@ void parameters_from_section(const GPT& model, real* device, const FileSection& 
         if (!std::isfinite(values[i]))
             fail("model file '%s': section '%.4s' value %ld is %g, not finite", path, section.tag,
                  i, values[i]);
-    std::vector<real> host = gpt_buffer_order(model.config, values);
-    upload(device, host.data(), model.params.size);
+    return gpt_buffer_order(config, values);
 }
 
 // ====================================================================================================
@@ -1281,6 +1280,11 @@ void dataloader_open(DataLoader* loader, const char* path, int B, int T, int voc
 void dataloader_reset(DataLoader* loader) {
     loader->rng_state = loader->seed;
     loader->sweep_next = 0;
+}
+
+// Window w of the sweep starts at token (w mod sweep_windows) * T.
+void dataloader_seek_batch(DataLoader* loader, size_t batch) {
+    loader->sweep_next = batch * size_t(loader->B) % loader->sweep_windows * size_t(loader->T);
 }
 
 void dataloader_next_batch(DataLoader* loader) {

@@ -64,12 +64,12 @@ struct FileSection {
 void gpt_save(GPT& model, const char* path, const std::vector<FileSection>& sections = {});
 // Creates the model from the file; the sections come back when asked for.
 void gpt_load(GPT* model, const char* path, std::vector<FileSection>* sections = nullptr);
-// A device buffer in the model's parameter order (optimizer moments, master weights, gradients)
-// -> float32 bytes in the files' order (the real vocabulary, as the parameters are stored).
-std::string parameters_section(const GPT& model, const real* device);
-// And back: the section must hold exactly gpt_parameter_count finite values.
-void parameters_from_section(const GPT& model, real* device, const FileSection& section,
-                             const char* path);
+// Optimizer moments and master weights are stored like the parameters: in their order and count
+// (gpt_parameter_count, the real vocabulary). A host buffer in the model's parameter order
+// (padding included) -> a section's float32 bytes, and back (exactly that many finite values).
+std::string parameters_section(const GPTConfig& config, const std::vector<real>& buffer);
+std::vector<real> parameters_from_section(const GPTConfig& config, const FileSection& section,
+                                          const char* path);
 
 // ====================================================================================================
 // 4-6. The tokenizer, token files and the data loader (host code)
@@ -282,6 +282,9 @@ void dataloader_open(DataLoader* loader, const char* path, int B, int T, int voc
 void dataloader_next_batch(DataLoader* loader);
 // Back to the state right after open: the sweep restarts at token 0, the RNG at the seed.
 void dataloader_reset(DataLoader* loader);
+// Sweep mode: the next batch is the sweep's batch number `batch` counted from the start (wrapping
+// as the sweep does), so that ranks can each evaluate their share of the batches.
+void dataloader_seek_batch(DataLoader* loader, size_t batch);
 // Save / restore the random-window stream, to resume a training run exactly.
 uint64_t dataloader_get_rng_state(const DataLoader* loader);
 void dataloader_set_rng_state(DataLoader* loader, uint64_t state);
