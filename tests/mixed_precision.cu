@@ -4,11 +4,14 @@
 //   tests/mixed_precision_fp32 write FILE     computes the reference and writes it to FILE
 //   tests/mixed_precision_bf16 compare FILE   computes the same in bfloat16 and checks it against
 //   FILE
+//   tests/mixed_precision_bf16 tensor-cores  checks the tensor-core flash attention against plain
+//   attention (run also with TRICYCLE_LAUNCH_SHAPES=gpu)
 // Both also check the loss, the gradient norm and clipping against plain loops, and that training
 // steps after the first make no new matrix-product primitive.
 //
 // The same things both times, from the same seeds: the outputs of single layers (linear, layernorm,
-// GELU, both attention kernels, cross-entropy), greedy generation and the losses of 20 AdamW steps
+// GELU, both attention kernels (flash also at a head size the bfloat16 build runs on tensor
+// cores), cross-entropy), greedy generation and the losses of 20 AdamW steps
 // of a small GPT (trained the way train_gpt trains, with gpt_forward and gpt_backward). Outputs
 // must agree to within bfloat16's precision (8 bits of mantissa: 2^-8 relative per rounding, a few
 // roundings deep), losses to within 2%.
@@ -57,6 +60,10 @@ static Results compute() {
         results[flash ? "flash attention" : "plain attention"] =
             to_host(attention(qkv, 4, false, 0, 0));
     }
+    // Heads of 64: in bfloat16 the flash kernels run on tensor cores, in float on the scalar path.
+    use_flash_attention = true;
+    results["flash attention, heads of 64, T=130"] =
+        to_host(attention(random({2, 130, 3 * 128}, 9), 2, false, 0, 0));
     use_flash_attention = false;
     Tensor logits = random({64, 70}, 7, 2);
     std::vector<int> host_targets(64);
@@ -183,6 +190,49 @@ static void check_float_statistics() {
           precision, loss_value, plain);
 }
 
+// Flash attention on tensor cores (the bfloat16 build, heads of 64 and 128) against plain
+// attention in the same build: outputs, and the gradients of sum(out * w) with respect to qkv, for
+// T from one query to four 64-row tiles, B * NH = 4 heads. Both round to bfloat16 at different
+// points (plain: the attention matrix and its gradient are stored; tensor cores: P, dS, q, k, v and
+// dout enter the products rounded), each rounding 2^-9 relative, so they agree to a few 2^-9 of the
+// largest value: the bound is 1e-2 (2.6 * 2^-8) of the largest, outputs and gradients alike.
+static void check_tensor_core_attention() {
+    struct Case {
+        int hs, T;
+        bool rotary;
+    };
+    std::vector<Case> cases;
+    for (int hs : {64, 128})
+        for (int T : {1, 17, 64, 130, 256}) cases.push_back({hs, T, false});
+    cases.push_back({64, 130, true});
+    for (const Case& c : cases) {
+        const int B = 2, NH = 2, C = NH * c.hs;
+        Tensor qkv = requires_grad(randn({B, c.T, 3 * C}, 40 + c.T + c.hs));
+        Tensor weights = randn({B, c.T, C}, 41 + c.T + c.hs);
+        std::vector<real> outputs[2], grads[2];
+        for (int flash = 0; flash < 2; flash++) {
+            use_flash_attention = flash;
+            zero_grad(qkv);
+            Tensor out = attention(qkv, NH, c.rotary, 0, 0);
+            outputs[flash] = to_host(out);
+            backward(sum(mul(out, weights)));
+            grads[flash] = to_host(grad(qkv));
+        }
+        use_flash_attention = false;
+        double largest_out = 0, largest_grad = 0;
+        for (real x : outputs[0]) largest_out = std::max(largest_out, std::fabs(double(x)));
+        for (real x : grads[0]) largest_grad = std::max(largest_grad, std::fabs(double(x)));
+        double out_error = max_difference(outputs[0], outputs[1]) / largest_out,
+               grad_error = max_difference(grads[0], grads[1]) / largest_grad;
+        check(out_error <= 1e-2 && grad_error <= 1e-2,
+              "%s: tensor-core flash attention, head %d, T=%d, B=2, NH=2%s%s: output within %.1e "
+              "and qkv gradient within %.1e of plain attention's largest (%.2f, %.2f; <= 1e-2)",
+              precision_name(), c.hs, c.T, c.rotary ? ", rotary" : "",
+              launching_gpu_shapes() ? ", GPU launch shapes" : "", out_error, grad_error,
+              largest_out, largest_grad);
+    }
+}
+
 static void write(const Results& results, const char* path) {
     std::string bytes;
     for (const auto& [name, values] : results) {
@@ -213,8 +263,12 @@ static Results read(const char* path) {
 }
 
 static int run(int argc, char** argv) {
+    if (argc == 2 && !strcmp(argv[1], "tensor-cores")) {
+        check_tensor_core_attention();
+        return finish();
+    }
     if (argc != 3 || (strcmp(argv[1], "write") && strcmp(argv[1], "compare")))
-        fail("usage: mixed_precision write|compare FILE");
+        fail("usage: mixed_precision write|compare FILE, or mixed_precision tensor-cores");
     Results results = compute();
     generate_and_train(results);
     check_float_statistics();
@@ -257,6 +311,7 @@ static int run(int argc, char** argv) {
 
 int main(int argc, char** argv) {
     return run_program("mixed_precision",
-                       "usage: tests/mixed_precision_{fp32,bf16} write|compare FILE\n", argc, argv,
-                       run);
+                       "usage: tests/mixed_precision_{fp32,bf16} write|compare FILE\n"
+                       "       tests/mixed_precision_bf16 tensor-cores\n",
+                       argc, argv, run);
 }
