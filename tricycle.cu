@@ -9,7 +9,8 @@
 //    6. Matrix products: gemm (cuBLAS / oneDNN), matmul
 //    7. Layers: column sums, embedding, linear, LayerNorm and RMSNorm, GELU and SwiGLU, dropout,
 //       residual, rotary positions
-//    8. Attention: plain (matrix products around a (T, T) matrix), flash (tiles, online softmax)
+//    8. Attention: plain (matrix products around a (T, T) matrix), flash (tiles, online softmax;
+//       on tensor cores in the bfloat16 build)
 //    9. Losses: the classifier (softmax + cross-entropy, fused with its backward), mean squared
 //    error
 //   10. The GPT: parameters, as a tape expression, written out (gpt_forward and gpt_backward)
@@ -2237,9 +2238,9 @@ void attention_backward(floatX* dqkv, const floatX* dout, AttentionSaved saved,
 // Each thread keeps its share of a head vector, the elements d = threadIdx.x + i * blockDim.x for
 // i < PER_THREAD, in registers; PER_THREAD is a template parameter so the arrays stay in registers.
 
-// Plain attention is the default everywhere: on the CPU its matrix products are faster, and on a
-// GPU these flash kernels (one warp per query, no tensor cores) would be slower than cuBLAS's
-// products.
+// Plain attention is the default everywhere: on the CPU its matrix products are faster; on a GPU
+// these scalar flash kernels (one warp per query, no tensor cores) would be slower than cuBLAS's
+// products, and the tensor-core ones further down (bfloat16 build) have not run on a GPU yet.
 bool use_flash_attention = false;
 
 constexpr int flash_tile = 32;  // keys (or queries) per shared-memory tile

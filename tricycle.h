@@ -552,7 +552,8 @@ Tensor rotary(Tensor x);  // x (B, T, NH, hs)
 // - flash: one kernel pair with tiles in shared memory and an online softmax, no (T, T) matrix; the
 //   forward saves lse, the log-sum-exp of each query's scores, (B, NH, T).
 // With rotary positions both also save the rotated q and k, (B, T, C) each. The tape version and
-// gpt_forward use flash when use_flash_attention (default false: plain).
+// gpt_forward use flash when use_flash_attention (default false: plain). In the bfloat16 build,
+// flash attention without attention dropout runs on tensor cores for heads of 64 and 128 values.
 struct AttentionSaved {
     floatX *q, *k, *att, *att_dropped;
     real* lse;
