@@ -2506,8 +2506,8 @@ static void allow_shared_memory(void (*kernel)(Params...), size_t bytes, int hs)
 
 // ----------------------------------------------------------------------------------------------------
 // Flash attention on tensor cores (FlashAttention-2's scheme): the bfloat16 build's flash attention
-// for heads of 64 or 128 values without attention dropout (the scalar kernels above take every
-// other case, rotary positions included here: only q's and k's addresses change). A block of 4
+// for heads of 64 or 128 values without attention dropout, with or without rotary positions (they
+// only change where q and k are read); the scalar kernels above take every other case. A block of 4
 // warps takes 64 queries (keys, in the dk/dv pass), 16 rows per warp; tiles of 64 keys (queries)
 // pass through shared memory in bfloat16, and every product is a run of warp-wide mma_bf16_16x8x16
 // calls (16 rows by 8 columns, 16 deep, accumulated in float). Per warp:
