@@ -13,6 +13,8 @@
 // What a GPU silently gets wrong and this emulator reports (naming kernel, block and thread):
 //   - barrier divergence: a thread exits, or waits at a different __syncthreads, while others wait;
 //   - a warp operation whose mask names a lane that has exited (or does not exist);
+//   - an mma.sync (tensor cores) that not every lane of the warp makes, or in a block of partial
+//   warps;
 //   - a read of dynamic shared memory that no thread of the block has written;
 //   - shared memory indexed out of bounds, and deadlock (threads waiting on each other forever).
 // The launch then fails: cudaGetLastError() returns cudaErrorLaunchFailure and the message is kept
@@ -77,6 +79,7 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
     return __nv_bfloat16{uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16)};
 }
 inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short bits) { return __nv_bfloat16{bits}; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
 inline float __bfloat162float(__nv_bfloat16 b) {
     uint32_t u = uint32_t(b.bits) << 16;
     float f;
@@ -246,7 +249,8 @@ constexpr size_t fiber_stack_bytes = 64 << 10;
 #endif
 
 enum ThreadState : uint8_t { not_started, running, at_barrier, at_warp_op, ready, exited };
-enum WarpOpKind : uint8_t { warp_sync, warp_shuffle, warp_ballot };
+enum WarpOpKind : uint8_t { warp_sync, warp_shuffle, warp_ballot, warp_mma };
+inline const char* const warp_op_names[] = {"__syncwarp", "a shuffle", "a vote", "mma.sync"};
 
 // A fiber stack with a guard page below it, so an overflow faults instead of corrupting memory.
 struct Stack {
@@ -262,6 +266,9 @@ struct WarpOp {
     uint64_t value[32];
     int source[32];
     uint64_t result[32];
+    // mma.sync: each lane's fragments of A, B and C, and its fragment of D
+    uint32_t a[32][4], b[32][2];
+    float c[32][4], d[32][4];
 };
 
 // Dynamic shared memory comes in 16-byte words, so any type up to 16 bytes can be laid over it.
@@ -416,10 +423,8 @@ inline void thread_exit(Block& b, int linear) {
     WarpOp& w = b.warp[linear / 32];
     unsigned lane_bit = 1u << (linear % 32);
     if (w.arrived && (w.mask & lane_bit))
-        kernel_bug(
-            b,
-            "thread exited while lanes of its warp wait for it in a warp operation (mask 0x%08x)",
-            w.mask);
+        kernel_bug(b, "thread exited while lanes of its warp wait for it in %s (mask 0x%08x)",
+                   warp_op_names[w.kind], w.mask);
     w.exited |= lane_bit;
     b.state[linear] = exited;
     b.exited_count++;
@@ -636,6 +641,43 @@ inline void syncthreads(const char* file, int line) {
 
 // --- warp collectives ---
 
+// --- warp-level matrix multiply-accumulate (tensor cores) ---
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32: D = A B + C with A (16, 16) and B (16, 8) in
+// bfloat16, C and D (16, 8) in float, spread over the 32 lanes of a warp as the PTX ISA lays them
+// out ("Matrix Fragments for mma.m16n8k16 with floating point type"). With g = lane / 4 and
+// t = lane % 4, a lane holds (a 32-bit register packs two bfloat16, the lower index in the low
+// half):
+//   A, 4 registers: (row g, columns 2t, 2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)
+//   B, 2 registers: (rows 2t, 2t+1, column g), (rows 2t+8, 2t+9, column g)
+//   C and D, 4 floats: (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)
+inline float bfloat16_half(uint32_t word, int high) {
+    return __bfloat162float(__nv_bfloat16{uint16_t(word >> (16 * high))});
+}
+
+// Run by the last lane to arrive: gathers the warp's fragments into whole matrices, multiplies in
+// float (a product of two bfloat16 is exact in float) and scatters D back.
+inline void multiply_fragments(WarpOp& w) {
+    float A[16][16], B[16][8];
+    for (int lane = 0; lane < 32; lane++) {
+        int g = lane / 4, t = lane % 4;
+        for (int r = 0; r < 4; r++)
+            for (int half = 0; half < 2; half++)
+                A[g + 8 * (r % 2)][2 * t + half + 8 * (r / 2)] = bfloat16_half(w.a[lane][r], half);
+        for (int r = 0; r < 2; r++)
+            for (int half = 0; half < 2; half++)
+                B[2 * t + half + 8 * r][g] = bfloat16_half(w.b[lane][r], half);
+    }
+    for (int lane = 0; lane < 32; lane++) {
+        int g = lane / 4, t = lane % 4;
+        for (int i = 0; i < 4; i++) {
+            int row = g + 8 * (i / 2), column = 2 * t + i % 2;
+            float sum = w.c[lane][i];
+            for (int k = 0; k < 16; k++) sum += A[row][k] * B[k][column];
+            w.d[lane][i] = sum;
+        }
+    }
+}
+
 inline uint64_t warp_collective(WarpOpKind kind, unsigned mask, uint64_t value, int source_lane) {
     Block& b = block_state;
     int lane = b.current % 32;
@@ -652,9 +694,9 @@ inline uint64_t warp_collective(WarpOpKind kind, unsigned mask, uint64_t value, 
         w.mask = mask, w.kind = kind;
     } else if (w.mask != mask || w.kind != kind) {
         kernel_bug(b,
-                   "warp divergence: lanes of one warp are in different warp operations (masks "
-                   "0x%08x and 0x%08x)",
-                   w.mask, mask);
+                   "warp divergence: lanes of one warp are in different warp operations (%s with "
+                   "mask 0x%08x, %s with mask 0x%08x)",
+                   warp_op_names[w.kind], w.mask, warp_op_names[kind], mask);
     }
     if (!(mask & (1u << source_lane)))
         kernel_bug(b, "shuffle reads lane %d, which is not in the mask 0x%08x", source_lane, mask);
@@ -662,6 +704,7 @@ inline uint64_t warp_collective(WarpOpKind kind, unsigned mask, uint64_t value, 
     w.source[lane] = source_lane;
     w.arrived |= 1u << lane;
     if (w.arrived == mask) {  // last lane: compute all results and release the others
+        if (kind == warp_mma) multiply_fragments(w);
         uint64_t ballot = 0;
         for (int l = 0; l < 32; l++)
             if ((mask >> l & 1) && w.value[l]) ballot |= 1u << l;
@@ -691,6 +734,24 @@ inline T shuffle(unsigned mask, T var, int source_lane) {
 }
 
 inline int lane_id() { return block_state.current % 32; }
+
+// One mma.sync by this lane: the whole warp must make the same call (it is `.aligned`), so the
+// block must consist of whole warps.
+inline void mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[2],
+                              const float c[4]) {
+    Block& block = block_state;
+    if (block.n_threads % 32)
+        kernel_bug(block,
+                   "mma.sync needs whole warps: the block has %d threads, not a multiple of 32",
+                   block.n_threads);
+    int lane = lane_id();
+    WarpOp& w = block.warp[block.current / 32];
+    memcpy(w.a[lane], a, sizeof w.a[lane]);
+    memcpy(w.b[lane], b, sizeof w.b[lane]);
+    memcpy(w.c[lane], c, sizeof w.c[lane]);
+    warp_collective(warp_mma, 0xffffffffu, 0, lane);
+    memcpy(d, w.d[lane], sizeof w.d[lane]);
+}
 
 // A shuffle's width must be a power of two from 1 to 32.
 inline void check_width(int width) {

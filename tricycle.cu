@@ -9,7 +9,8 @@
 //    6. Matrix products: gemm (cuBLAS / oneDNN), matmul
 //    7. Layers: column sums, embedding, linear, LayerNorm and RMSNorm, GELU and SwiGLU, dropout,
 //       residual, rotary positions
-//    8. Attention: plain (matrix products around a (T, T) matrix), flash (tiles, online softmax)
+//    8. Attention: plain (matrix products around a (T, T) matrix), flash (tiles, online softmax;
+//       on tensor cores in the bfloat16 build)
 //    9. Losses: the classifier (softmax + cross-entropy, fused with its backward), mean squared
 //    error
 //   10. The GPT: parameters, as a tape expression, written out (gpt_forward and gpt_backward)
@@ -2273,9 +2274,9 @@ void attention_backward(floatX* dqkv, const floatX* dout, AttentionSaved saved,
 // Each thread keeps its share of a head vector, the elements d = threadIdx.x + i * blockDim.x for
 // i < PER_THREAD, in registers; PER_THREAD is a template parameter so the arrays stay in registers.
 
-// Plain attention is the default everywhere: on the CPU its matrix products are faster, and on a
-// GPU these flash kernels (one warp per query, no tensor cores) would be slower than cuBLAS's
-// products.
+// Plain attention is the default everywhere: on the CPU its matrix products are faster; on a GPU
+// these scalar flash kernels (one warp per query, no tensor cores) would be slower than cuBLAS's
+// products, and the tensor-core ones further down (bfloat16 build) have not run on a GPU yet.
 bool use_flash_attention = false;
 
 constexpr int flash_tile = 32;  // keys (or queries) per shared-memory tile
@@ -2539,11 +2540,388 @@ static void allow_shared_memory(void (*kernel)(Params...), size_t bytes, int hs)
             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
 }
 
+// ----------------------------------------------------------------------------------------------------
+// Flash attention on tensor cores (FlashAttention-2's scheme): the bfloat16 build's flash attention
+// for heads of 64 or 128 values without attention dropout, with or without rotary positions (they
+// only change where q and k are read); the scalar kernels above take every other case. A block of 4
+// warps takes 64 queries (keys, in the dk/dv pass), 16 rows per warp; tiles of 64 keys (queries)
+// pass through shared memory in bfloat16, and every product is a run of warp-wide mma_bf16_16x8x16
+// calls (16 rows by 8 columns, 16 deep, accumulated in float). Per warp:
+//   forward:  S = Q K^T (16, 64) per key tile; the online softmax on S in registers (float); P
+//             rounded to bfloat16; O += P V. Saves lse per query, as the scalar kernels do.
+//   dq:       over key tiles, 16 keys at a time: S, P = exp(S scale - lse), dP = dO V^T,
+//             dS = P (dP - D), dQ += dS K scale                      (one owner per dq row)
+//   dk, dv:   over query tiles, 16 queries at a time: S^T = K Q^T, P^T, dP^T = V dO^T, dS^T,
+//             dV += P^T dO, dK += dS^T Q scale                        (one owner per dk, dv row)
+// so, as with the scalar kernels, nothing is added atomically and the results are deterministic.
+// Causal: tiles past a block's last query are never loaded; in the diagonal tile a warp skips the
+// 16-key (16-query) chunks wholly outside its triangle; the rest is masked element by element.
+//
+// Fragments (see mma_bf16_16x8x16, with g = lane / 4, t = lane % 4): an accumulator of 16 rows by 8
+// columns holds (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1). The two accumulators of columns
+// 16c..16c+15, rounded to bfloat16, are exactly the A fragment of those 16 columns: that is how P
+// and dS feed the next product without leaving registers.
+
+constexpr int tc_rows = 64;  // queries (keys) per block and rows per shared tile: 4 warps of 16
+constexpr int tc_threads = 128;
+
+// A shared tile holds tc_rows rows of a head, HS bfloat16 each, then 8 of padding: row r starts 4
+// banks after row r - 1, so the 32 lanes of a fragment load hit 32 different banks.
+template <int HS>
+constexpr int tc_stride = HS + 8;
+template <int HS>
+constexpr size_t tc_tile_bytes = size_t(tc_rows) * tc_stride<HS> * 2;
+
+// Copies rows first..first+63 of head h of sequence b (zeros past T) from x (rows ld apart) into a
+// shared tile, as pairs of bfloat16 in 32-bit words: all the block's threads share the copying.
+template <int HS, typename Words>
+__device__ inline void load_tc_tile(Words tile, const floatX* x, int ld, const FlashShape& s, int b,
+                                    int h, int first) {
+    for (int e = threadIdx.x; e < tc_rows * HS / 2; e += blockDim.x) {
+        int r = e / (HS / 2), d = 2 * (e % (HS / 2)), row = first + r;
+        uint32_t pair = 0;
+        if (row < s.T) {
+            const floatX* from = x + (long(b) * s.T + row) * ld + h * HS + d;
+            pair = pack_bf16x2(from[0], from[1]);
+        }
+        tile[(r * tc_stride<HS> + d) / 2] = pair;
+    }
+}
+
+// The A fragments of 16 rows of a head (rows first.., zeros past T), straight from global memory:
+// a[kk] holds columns 16kk..16kk+15.
+template <int HS>
+__device__ inline void load_a_fragments(uint32_t (&a)[HS / 16][4], const floatX* x, int ld,
+                                        const FlashShape& s, int b, int h, int first) {
+    int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    for (int half = 0; half < 2; half++) {  // rows g and g + 8
+        int row = first + g + 8 * half;
+        const floatX* from = x + (long(b) * s.T + row) * ld + h * HS + 2 * t;
+        for (int kk = 0; kk < HS / 16; kk++)
+            for (int c = 0; c < 2; c++)  // columns 2t, 2t+1 and 2t+8, 2t+9
+                a[kk][half + 2 * c] =
+                    row < s.T ? pack_bf16x2(from[16 * kk + 8 * c], from[16 * kk + 8 * c + 1]) : 0u;
+    }
+}
+
+// The B fragment (16 deep, 8 wide) whose element (k, n) is tile[n0 + n][k0 + k]: K^T from the rows
+// of K (each register a pair along a row, one 32-bit load).
+template <int HS, typename Words>
+__device__ __forceinline__ void b_from_rows(uint32_t (&bf)[2], Words tile, int n0, int k0) {
+    int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    int at = ((n0 + g) * tc_stride<HS> + k0 + 2 * t) / 2;
+    bf[0] = tile[at], bf[1] = tile[at + 4];
+}
+
+// The B fragment whose element (k, n) is tile[k0 + k][n0 + n]: V from the rows of V (each register
+// a pair down a column, two 16-bit loads).
+template <int HS, typename Halves>
+__device__ __forceinline__ void b_from_columns(uint32_t (&bf)[2], Halves tile, int k0, int n0) {
+    int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4, at = (k0 + 2 * t) * tc_stride<HS> + n0 + g;
+    for (int r = 0; r < 2; r++, at += 8 * tc_stride<HS>)
+        bf[r] = uint32_t(tile[at]) | uint32_t(tile[at + tc_stride<HS>]) << 16;
+}
+
+// The accumulators of columns 16c..16c+7 (left) and 16c+8..16c+15 (right), rounded to bfloat16, as
+// the A fragment of those 16 columns.
+__device__ __forceinline__ void a_from_accumulators(uint32_t (&a)[4], const float (&left)[4],
+                                                    const float (&right)[4]) {
+    a[0] = pack_bf16x2(left[0], left[1]), a[1] = pack_bf16x2(left[2], left[3]);
+    a[2] = pack_bf16x2(right[0], right[1]), a[3] = pack_bf16x2(right[2], right[3]);
+}
+
+// The maximum (sum) of a row's values over the 4 lanes of a quad, which hold the row between them.
+__device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// One key tile of the forward for one warp: S = Q K^T for the `chunks` 16-key chunks any of its
+// queries see, scaled and masked; the running max m and sum l of each of the lane's two rows (g,
+// g+8) move on and rescale O; then O += P V.
+template <int HS, typename Words, typename Halves>
+__device__ inline void tc_forward_tile(float (&o)[HS / 8][4], float (&m)[2], float (&l)[2],
+                                       const uint32_t (&query)[HS / 16][4], Words keys,
+                                       Halves values, int first_key, int chunks, int row0,
+                                       const FlashShape& s) {
+    int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    float score[8][4] = {}, tile_max[2] = {-INFINITY, -INFINITY};  // (16, 64): 8 accumulators
+    for (int n = 0; n < 8; n++) {
+        if (n >= 2 * chunks) break;
+        for (int kk = 0; kk < HS / 16; kk++) {
+            uint32_t bf[2];
+            b_from_rows<HS>(bf, keys, 8 * n, 16 * kk);
+            mma_bf16_16x8x16(score[n], query[kk], bf);
+        }
+        for (int i = 0; i < 4; i++) {
+            int row = row0 + g + 8 * (i / 2), key = first_key + 8 * n + 2 * t + i % 2;
+            score[n][i] = key <= row && key < s.T ? score[n][i] * s.scale : -INFINITY;
+            tile_max[i / 2] = fmaxf(tile_max[i / 2], score[n][i]);
+        }
+    }
+    float rescale[2];
+    for (int r = 0; r < 2; r++) {  // every row sees key first_key, so the new maximum is finite
+        float m_new = fmaxf(m[r], quad_max(tile_max[r]));
+        rescale[r] = fast_exp(m[r] - m_new), l[r] *= rescale[r], m[r] = m_new;
+    }
+    for (int n = 0; n < HS / 8; n++)
+        for (int i = 0; i < 4; i++) o[n][i] *= rescale[i / 2];
+    for (int c = 0; c < 4; c++) {
+        if (c >= chunks) break;
+        for (int j = 2 * c; j < 2 * c + 2; j++)
+            for (int i = 0; i < 4; i++) {
+                float p = score[j][i] == -INFINITY ? 0 : fast_exp(score[j][i] - m[i / 2]);
+                score[j][i] = p, l[i / 2] += p;  // this lane's part of the row sum
+            }
+        uint32_t p_fragment[4];
+        a_from_accumulators(p_fragment, score[2 * c], score[2 * c + 1]);
+        for (int n = 0; n < HS / 8; n++) {
+            uint32_t bf[2];
+            b_from_columns<HS>(bf, values, 16 * c, 8 * n);
+            mma_bf16_16x8x16(o[n], p_fragment, bf);
+        }
+    }
+}
+
+template <int HS>
+__global__ void __launch_bounds__(tc_threads)
+    tc_attention_forward_kernel(floatX* out, real* lse, const floatX* q, const floatX* k,
+                                const floatX* v, FlashShape s) {
+    int b = blockIdx.x / s.NH, h = blockIdx.x % s.NH, warp = threadIdx.x / 32;
+    int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    int first = blockIdx.y * tc_rows, row0 = first + 16 * warp;  // the warp's rows: row0..row0+15
+    auto keys = shared_memory<uint32_t>();
+    auto values = shared_memory<uint32_t>(tc_tile_bytes<HS>);
+    auto value_halves = shared_memory<unsigned short>(tc_tile_bytes<HS>);
+    uint32_t query[HS / 16][4];
+    load_a_fragments<HS>(query, q, s.ld_qk, s, b, h, row0);
+    float o[HS / 8][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};
+    for (int first_key = 0; first_key <= first; first_key += tc_rows) {  // up to the diagonal
+        __syncthreads();  // everyone is done with the previous tile
+        load_tc_tile<HS>(keys, k, s.ld_qk, s, b, h, first_key);
+        load_tc_tile<HS>(values, v, 3 * s.C, s, b, h, first_key);
+        __syncthreads();
+        int chunks = first_key == first ? warp + 1 : 4;  // the diagonal tile: keys up to row0 + 15
+        tc_forward_tile<HS>(o, m, l, query, keys, value_halves, first_key, chunks, row0, s);
+    }
+    for (int r = 0; r < 2; r++) {
+        float total = quad_sum(l[r]);  // (all lanes: the shuffle needs the whole warp)
+        int row = row0 + g + 8 * r;
+        if (row >= s.T) continue;
+        floatX* to = out + (long(b) * s.T + row) * s.C + h * HS + 2 * t;
+        for (int n = 0; n < HS / 8; n++)
+            to[8 * n] = o[n][2 * r] / total, to[8 * n + 1] = o[n][2 * r + 1] / total;
+        if (t == 0) lse[(long(b) * s.NH + h) * s.T + row] = m[r] + logf(total);
+    }
+}
+
+// D = dout . out and lse of the lane's two rows (zero past T).
+__device__ inline void row_statistics(float (&lse_rows)[2], float (&D_rows)[2], const real* lse,
+                                      const real* D, const FlashShape& s, int b, int h, int row0) {
+    for (int r = 0; r < 2; r++) {
+        int row = row0 + threadIdx.x % 32 / 4 + 8 * r;
+        long at = (long(b) * s.NH + h) * s.T + row;
+        lse_rows[r] = row < s.T ? lse[at] : 0, D_rows[r] = row < s.T ? D[at] : 0;
+    }
+}
+
+// Writes (or adds, when `accumulate`) this lane's part of 16 rows of a head gradient, times
+// `scale`.
+template <int HS>
+__device__ inline void store_rows(floatX* x, int ld, bool accumulate,
+                                  const float (&grad)[HS / 8][4], real scale, const FlashShape& s,
+                                  int b, int h, int row0) {
+    int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    for (int r = 0; r < 2; r++) {
+        int row = row0 + g + 8 * r;
+        if (row >= s.T) continue;
+        floatX* to = x + (long(b) * s.T + row) * ld + h * HS + 2 * t;
+        for (int n = 0; n < HS / 8; n++)
+            for (int e = 0; e < 2; e++)
+                to[8 * n + e] = (accumulate ? real(to[8 * n + e]) : 0) + grad[n][2 * r + e] * scale;
+    }
+}
+
+// dq for 64 queries per block, over the key tiles up to the diagonal, 16 keys at a time.
+template <int HS>
+__global__ void __launch_bounds__(tc_threads)
+    tc_attention_dq_kernel(floatX* dq, int ld_dq, bool accumulate, const floatX* dout,
+                           const real* lse, const real* D, const floatX* q, const floatX* k,
+                           const floatX* v, FlashShape s) {
+    int b = blockIdx.x / s.NH, h = blockIdx.x % s.NH, warp = threadIdx.x / 32;
+    int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    int first = blockIdx.y * tc_rows, row0 = first + 16 * warp;
+    auto keys = shared_memory<uint32_t>();
+    auto key_halves = shared_memory<unsigned short>();
+    auto values = shared_memory<uint32_t>(tc_tile_bytes<HS>);
+    uint32_t query[HS / 16][4], dy[HS / 16][4];
+    load_a_fragments<HS>(query, q, s.ld_qk, s, b, h, row0);
+    load_a_fragments<HS>(dy, dout, s.C, s, b, h, row0);
+    float lse_rows[2], D_rows[2], grad[HS / 8][4] = {};
+    row_statistics(lse_rows, D_rows, lse, D, s, b, h, row0);
+    for (int first_key = 0; first_key <= first; first_key += tc_rows) {
+        __syncthreads();
+        load_tc_tile<HS>(keys, k, s.ld_qk, s, b, h, first_key);
+        load_tc_tile<HS>(values, v, 3 * s.C, s, b, h, first_key);
+        __syncthreads();
+        int chunks = first_key == first ? warp + 1 : 4;
+        for (int c = 0; c < chunks; c++) {
+            float score[2][4] = {}, dp[2][4] = {};  // S and dP of 16 queries x 16 keys
+            for (int j = 0; j < 2; j++)
+                for (int kk = 0; kk < HS / 16; kk++) {
+                    uint32_t bf[2];
+                    b_from_rows<HS>(bf, keys, 16 * c + 8 * j, 16 * kk);
+                    mma_bf16_16x8x16(score[j], query[kk], bf);
+                    b_from_rows<HS>(bf, values, 16 * c + 8 * j, 16 * kk);
+                    mma_bf16_16x8x16(dp[j], dy[kk], bf);
+                }
+            for (int j = 0; j < 2; j++)
+                for (int i = 0; i < 4; i++) {
+                    int row = row0 + g + 8 * (i / 2),
+                        key = first_key + 16 * c + 8 * j + 2 * t + i % 2;
+                    float p = key <= row && key < s.T
+                                  ? fast_exp(score[j][i] * s.scale - lse_rows[i / 2])
+                                  : 0;
+                    score[j][i] = p * (dp[j][i] - D_rows[i / 2]);  // dS
+                }
+            uint32_t ds[4];
+            a_from_accumulators(ds, score[0], score[1]);
+            for (int n = 0; n < HS / 8; n++) {
+                uint32_t bf[2];
+                b_from_columns<HS>(bf, key_halves, 16 * c, 8 * n);
+                mma_bf16_16x8x16(grad[n], ds, bf);
+            }
+        }
+    }
+    store_rows<HS>(dq, ld_dq, accumulate, grad, s.scale, s, b, h, row0);
+}
+
+// One 16-query chunk of the dk/dv pass for one warp (16 keys): S^T, dP^T, then dV += P^T dO and
+// dK += dS^T Q (unscaled). stats holds the tile's lse values, then its D values.
+template <int HS, typename Words, typename Halves, typename Stats>
+__device__ inline void tc_dkdv_chunk(float (&grad_k)[HS / 8][4], float (&grad_v)[HS / 8][4],
+                                     const uint32_t (&key)[HS / 16][4],
+                                     const uint32_t (&value)[HS / 16][4], Words queries,
+                                     Halves query_halves, Words dys, Halves dy_halves, Stats stats,
+                                     int first_query, int c, int key0, const FlashShape& s) {
+    int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    float score[2][4] = {}, dp[2][4] = {};  // S^T and dP^T of 16 keys x 16 queries
+    for (int j = 0; j < 2; j++)
+        for (int kk = 0; kk < HS / 16; kk++) {
+            uint32_t bf[2];
+            b_from_rows<HS>(bf, queries, 16 * c + 8 * j, 16 * kk);
+            mma_bf16_16x8x16(score[j], key[kk], bf);
+            b_from_rows<HS>(bf, dys, 16 * c + 8 * j, 16 * kk);
+            mma_bf16_16x8x16(dp[j], value[kk], bf);
+        }
+    for (int j = 0; j < 2; j++)
+        for (int i = 0; i < 4; i++) {
+            int column = 16 * c + 8 * j + 2 * t + i % 2, query = first_query + column;
+            int key_row = key0 + g + 8 * (i / 2);
+            float p = query >= key_row && query < s.T
+                          ? fast_exp(score[j][i] * s.scale - stats[column])
+                          : 0;
+            score[j][i] = p, dp[j][i] = p * (dp[j][i] - stats[tc_rows + column]);
+        }
+    uint32_t p_fragment[4], ds_fragment[4];
+    a_from_accumulators(p_fragment, score[0], score[1]);
+    a_from_accumulators(ds_fragment, dp[0], dp[1]);
+    for (int n = 0; n < HS / 8; n++) {
+        uint32_t bf[2];
+        b_from_columns<HS>(bf, dy_halves, 16 * c, 8 * n);
+        mma_bf16_16x8x16(grad_v[n], p_fragment, bf);
+        b_from_columns<HS>(bf, query_halves, 16 * c, 8 * n);
+        mma_bf16_16x8x16(grad_k[n], ds_fragment, bf);
+    }
+}
+
+// dk and dv for 64 keys per block, over the query tiles from the diagonal on.
+template <int HS>
+__global__ void __launch_bounds__(tc_threads)
+    tc_attention_dkdv_kernel(floatX* dk, int ld_dk, bool accumulate, floatX* dv, bool accumulate_v,
+                             const floatX* dout, const real* lse, const real* D, const floatX* q,
+                             const floatX* k, const floatX* v, FlashShape s) {
+    int b = blockIdx.x / s.NH, h = blockIdx.x % s.NH, warp = threadIdx.x / 32;
+    int first = blockIdx.y * tc_rows, key0 = first + 16 * warp;  // the warp's keys
+    auto queries = shared_memory<uint32_t>();
+    auto query_halves = shared_memory<unsigned short>();
+    auto dys = shared_memory<uint32_t>(tc_tile_bytes<HS>);
+    auto dy_halves = shared_memory<unsigned short>(tc_tile_bytes<HS>);
+    auto stats = shared_memory<real>(2 * tc_tile_bytes<HS>);  // lse (64), then D (64)
+    uint32_t key[HS / 16][4], value[HS / 16][4];
+    load_a_fragments<HS>(key, k, s.ld_qk, s, b, h, key0);
+    load_a_fragments<HS>(value, v, 3 * s.C, s, b, h, key0);
+    float grad_k[HS / 8][4] = {}, grad_v[HS / 8][4] = {};
+    for (int first_query = first; first_query < s.T; first_query += tc_rows) {
+        __syncthreads();
+        load_tc_tile<HS>(queries, q, s.ld_qk, s, b, h, first_query);
+        load_tc_tile<HS>(dys, dout, s.C, s, b, h, first_query);
+        for (int j = threadIdx.x; j < tc_rows; j += blockDim.x) {
+            int row = first_query + j;
+            long at = (long(b) * s.NH + h) * s.T + row;
+            stats[j] = row < s.T ? lse[at] : 0, stats[tc_rows + j] = row < s.T ? D[at] : 0;
+        }
+        __syncthreads();
+        // the diagonal tile: queries before key0 see none of the warp's keys
+        for (int c = first_query == first ? warp : 0; c < 4; c++)
+            tc_dkdv_chunk<HS>(grad_k, grad_v, key, value, queries, query_halves, dys, dy_halves,
+                              stats, first_query, c, key0, s);
+    }
+    store_rows<HS>(dk, ld_dk, accumulate, grad_k, s.scale, s, b, h, key0);
+    store_rows<HS>(dv, 3 * s.C, accumulate_v, grad_v, 1, s, b, h, key0);
+}
+
+// The tensor-core kernels take a flash attention when the build stores bfloat16 (floatX is 2
+// bytes), the head has 64 or 128 values and there is no attention dropout.
+static bool tensor_core_attention(int hs, real dropout_p) {
+    return sizeof(floatX) == 2 && (hs == 64 || hs == 128) && dropout_p == 0;
+}
+
+// Calls f(std::integral_constant<int, HS>()) for the head size (64 or 128).
+template <typename F>
+static void with_tc_head_size(int hs, F f) {
+    if (hs == 64) f(std::integral_constant<int, 64>());
+    else f(std::integral_constant<int, 128>());
+}
+
+static dim3 tc_grid(const FlashShape& s) {
+    return dim3(unsigned(s.B * s.NH), unsigned((s.T + tc_rows - 1) / tc_rows));
+}
+
+static void tc_attention_forward(floatX* out, real* lse, const floatX* q, const floatX* k,
+                                 const floatX* v, const FlashShape& s) {
+    with_tc_head_size(s.C / s.NH, [&](auto hs) {
+        constexpr int HS = decltype(hs)::value;
+        launch(tc_attention_forward_kernel<HS>, tc_grid(s), tc_threads, 2 * tc_tile_bytes<HS>, out,
+               lse, q, k, v, s);
+    });
+}
+
+static void tc_attention_backward(floatX* dq, floatX* dk, int ld_grad, bool accumulate_qk,
+                                  floatX* dv, bool accumulate_v, const floatX* dout,
+                                  const real* lse, const real* D, const floatX* q, const floatX* k,
+                                  const floatX* v, const FlashShape& s) {
+    with_tc_head_size(s.C / s.NH, [&](auto hs) {
+        constexpr int HS = decltype(hs)::value;
+        size_t tiles = 2 * tc_tile_bytes<HS>, stats = 2 * tc_rows * sizeof(real);
+        launch(tc_attention_dq_kernel<HS>, tc_grid(s), tc_threads, tiles, dq, ld_grad,
+               accumulate_qk, dout, lse, D, q, k, v, s);
+        launch(tc_attention_dkdv_kernel<HS>, tc_grid(s), tc_threads, tiles + stats, dk, ld_grad,
+               accumulate_qk, dv, accumulate_v, dout, lse, D, q, k, v, s);
+    });
+}
+
 void flash_attention_forward(floatX* out, AttentionSaved saved, const floatX* qkv, int B, int T,
                              int C, int NH, bool rotary, real dropout_p, uint64_t seed) {
     int hs = C / NH;
     auto [q, k, ld] = rotate_queries_keys(saved, qkv, B, T, C, NH, rotary);
     FlashShape s = flash_shape(B, T, C, NH, rotary, dropout_p, seed);
+    if (tensor_core_attention(hs, dropout_p))
+        return tc_attention_forward(out, saved.lse, q, k, qkv + 2 * C, s);
     with_values_per_thread(
         hs,
         [&](auto per_thread) {
@@ -2568,21 +2946,25 @@ void flash_attention_backward(floatX* dqkv, const floatX* dout, const floatX* ou
     launch(attention_row_dot_kernel, row_grid(long(B) * NH * T), row_block(), 0, scratch.D, dout,
            out, s);
     bool accumulate = mode == InputGrad::add;
-    with_values_per_thread(
-        hs,
-        [&](auto per_thread) {
-            constexpr int n = decltype(per_thread)::value;
-            size_t tiles = 2 * flash_tile * hs * sizeof(real),
-                   stats = 2 * flash_tile * sizeof(real);
-            allow_shared_memory(flash_attention_dq_kernel<n>, tiles, hs);
-            allow_shared_memory(flash_attention_dkdv_kernel<n>, tiles + stats, hs);
-            launch(flash_attention_dq_kernel<n>, flash_grid(s), row_block(), tiles, dq, ld_grad,
-                   accumulate && !rotary, dout, saved.lse, scratch.D, q, k, v, s);
-            launch(flash_attention_dkdv_kernel<n>, flash_grid(s), row_block(), tiles + stats, dk,
-                   ld_grad, accumulate && !rotary, dqkv + 2 * C, accumulate, dout, saved.lse,
-                   scratch.D, q, k, v, s);
-        },
-        FlashSizes());
+    if (tensor_core_attention(hs, dropout_p))
+        tc_attention_backward(dq, dk, ld_grad, accumulate && !rotary, dqkv + 2 * C, accumulate,
+                              dout, saved.lse, scratch.D, q, k, v, s);
+    else
+        with_values_per_thread(
+            hs,
+            [&](auto per_thread) {
+                constexpr int n = decltype(per_thread)::value;
+                size_t tiles = 2 * flash_tile * hs * sizeof(real),
+                       stats = 2 * flash_tile * sizeof(real);
+                allow_shared_memory(flash_attention_dq_kernel<n>, tiles, hs);
+                allow_shared_memory(flash_attention_dkdv_kernel<n>, tiles + stats, hs);
+                launch(flash_attention_dq_kernel<n>, flash_grid(s), row_block(), tiles, dq, ld_grad,
+                       accumulate && !rotary, dout, saved.lse, scratch.D, q, k, v, s);
+                launch(flash_attention_dkdv_kernel<n>, flash_grid(s), row_block(), tiles + stats,
+                       dk, ld_grad, accumulate && !rotary, dqkv + 2 * C, accumulate, dout,
+                       saved.lse, scratch.D, q, k, v, s);
+            },
+            FlashSizes());
     if (rotary) rotary_gradients_back(dqkv, scratch, B, T, C, NH, mode);
 }
 

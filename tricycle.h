@@ -567,7 +567,8 @@ Tensor rotary(Tensor x);  // x (B, T, NH, hs)
 // - flash: one kernel pair with tiles in shared memory and an online softmax, no (T, T) matrix; the
 //   forward saves lse, the log-sum-exp of each query's scores, (B, NH, T).
 // With rotary positions both also save the rotated q and k, (B, T, C) each. The tape version and
-// gpt_forward use flash when use_flash_attention (default false: plain).
+// gpt_forward use flash when use_flash_attention (default false: plain). In the bfloat16 build,
+// flash attention without attention dropout runs on tensor cores for heads of 64 and 128 values.
 struct AttentionSaved {
     floatX *q, *k, *att, *att_dropped;
     real* lse;
@@ -592,6 +593,29 @@ void flash_attention_backward(floatX* dqkv, const floatX* dout, const floatX* ou
                               int B, int T, int C, int NH, bool rotary, real dropout_p,
                               uint64_t seed, InputGrad mode);
 Tensor attention(Tensor qkv, int heads, bool rotary, real dropout_p, uint64_t seed);
+
+// Tensor cores, for the flash kernels in the bfloat16 build (and the emulator's test): one warp
+// computes d += a b, a (16, 16) and b (16, 8) in bfloat16, d (16, 8) in float, each lane holding
+// the fragments the PTX ISA lays out for mma.m16n8k16 (described in cuda_cpu.h, which emulates it).
+// On a GPU it is the instruction itself (sm_80 and newer); all 32 lanes of the warp must call it.
+__device__ __forceinline__ void mma_bf16_16x8x16(float (&d)[4], const uint32_t (&a)[4],
+                                                 const uint32_t (&b)[2]) {
+#ifdef __CUDACC__
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    emu::mma_m16n8k16_bf16(d, a, b, d);
+#endif
+}
+
+// Two values rounded to bfloat16 in one 32-bit register, `low` in the low half: the element with
+// the lower index in an mma fragment.
+__device__ __forceinline__ uint32_t pack_bf16x2(float low, float high) {
+    return uint32_t(__bfloat16_as_ushort(__float2bfloat16(low))) |
+           uint32_t(__bfloat16_as_ushort(__float2bfloat16(high))) << 16;
+}
 // A causal self-attention layer for models built by hand: x (B, T, dim) -> (B, T, dim), the qkv
 // and output projections around attention().
 struct MultiHeadAttention {

@@ -4,11 +4,14 @@
 //   tests/mixed_precision_fp32 write FILE     computes the reference and writes it to FILE
 //   tests/mixed_precision_bf16 compare FILE   computes the same in bfloat16 and checks it against
 //   FILE
+//   tests/mixed_precision_bf16 tensor-cores  checks the tensor-core flash attention against plain
+//   attention (run also with TRICYCLE_LAUNCH_SHAPES=gpu)
 // Both also check the loss, the gradient norm and clipping against plain loops, and that training
 // steps after the first make no new matrix-product primitive.
 //
 // The same things both times, from the same seeds: the outputs of single layers (linear, layernorm,
-// GELU, both attention kernels, cross-entropy), greedy generation and the losses of 20 AdamW steps
+// GELU, both attention kernels (flash also at a head size the bfloat16 build runs on tensor
+// cores), cross-entropy), greedy generation and the losses of 20 AdamW steps
 // of a small GPT (trained the way train_gpt trains, with gpt_forward and gpt_backward). Outputs
 // must agree to within bfloat16's precision (8 bits of mantissa: 2^-8 relative per rounding, a few
 // roundings deep), losses to within 2%.
@@ -57,6 +60,10 @@ static Results compute() {
         results[flash ? "flash attention" : "plain attention"] =
             to_host(attention(qkv, 4, false, 0, 0));
     }
+    // Heads of 64: in bfloat16 the flash kernels run on tensor cores, in float on the scalar path.
+    use_flash_attention = true;
+    results["flash attention, heads of 64, T=130"] =
+        to_host(attention(random({2, 130, 3 * 128}, 9), 2, false, 0, 0));
     use_flash_attention = false;
     Tensor logits = random({64, 70}, 7, 2);
     std::vector<int> host_targets(64);
@@ -183,6 +190,188 @@ static void check_float_statistics() {
           precision, loss_value, plain);
 }
 
+// Causal attention in double on the host, head by head, from the stored values of qkv (B, T, 3C)
+// and of dout (B, T, C): out and dqkv = the gradient of sum(out * dout) with respect to qkv.
+static void reference_attention(std::vector<double>& out, std::vector<double>& dqkv,
+                                const std::vector<real>& qkv, const std::vector<real>& dout, int B,
+                                int T, int C, int NH) {
+    int hs = C / NH;
+    double scale = 1 / std::sqrt(double(hs));
+    out.assign(long(B) * T * C, 0), dqkv.assign(long(B) * T * 3 * C, 0);
+    std::vector<double> p(T), dp(T);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++) {
+            auto at = [&](int t, int part, int d) {
+                return (long(b) * T + t) * 3 * C + part * C + h * hs + d;
+            };
+            auto dy = [&](int t, int d) {
+                return double(dout[(long(b) * T + t) * C + h * hs + d]);
+            };
+            for (int t = 0; t < T; t++) {
+                double largest = -INFINITY, total = 0, dot = 0;
+                for (int s = 0; s <= t; s++) {
+                    p[s] = 0;
+                    for (int d = 0; d < hs; d++)
+                        p[s] += double(qkv[at(t, 0, d)]) * qkv[at(s, 1, d)] * scale;
+                    largest = std::max(largest, p[s]);
+                }
+                for (int s = 0; s <= t; s++) total += p[s] = std::exp(p[s] - largest);
+                for (int s = 0; s <= t; s++) {
+                    p[s] /= total, dp[s] = 0;
+                    for (int d = 0; d < hs; d++) {
+                        out[(long(b) * T + t) * C + h * hs + d] += p[s] * qkv[at(s, 2, d)];
+                        dp[s] += dy(t, d) * qkv[at(s, 2, d)];
+                        dqkv[at(s, 2, d)] += p[s] * dy(t, d);  // dv
+                    }
+                    dot += p[s] * dp[s];
+                }
+                for (int s = 0; s <= t; s++) {
+                    double ds = p[s] * (dp[s] - dot) * scale;  // d(score) / sqrt(hs)
+                    for (int d = 0; d < hs; d++) {
+                        dqkv[at(t, 0, d)] += ds * qkv[at(s, 1, d)];
+                        dqkv[at(s, 1, d)] += ds * qkv[at(t, 0, d)];
+                    }
+                }
+            }
+        }
+}
+
+// The largest difference between got and a reference, relative to the reference's largest value.
+static double relative_error(const std::vector<real>& got, const std::vector<double>& reference) {
+    double worst = 0, largest = 0;
+    for (size_t i = 0; i < reference.size(); i++) {
+        worst = std::max(worst, std::fabs(got[i] - reference[i]));
+        largest = std::max(largest, std::fabs(reference[i]));
+    }
+    return got.size() == reference.size() ? worst / largest : INFINITY;
+}
+
+// Flash attention on tensor cores (the bfloat16 build, heads of 64 and 128), and plain attention in
+// the same build, against attention computed in double from the same stored bfloat16 values:
+// outputs, and the gradients of sum(out * w) with respect to qkv, for T from one query to four
+// 64-row tiles, B * NH = 4 heads. The tensor cores round P, dS and the results to bfloat16 (2^-9
+// relative each), plain attention its stored attention matrix, its gradient and the results: both
+// land within a few 2^-9 of the largest value, and the bound is 1e-2 (2.6 * 2^-8) for both.
+static void check_tensor_core_attention() {
+    struct Case {
+        int hs, T;
+        bool rotary;
+    };
+    std::vector<Case> cases;
+    for (int hs : {64, 128})
+        for (int T : {1, 17, 64, 130, 256}) cases.push_back({hs, T, false});
+    cases.push_back({64, 130, true});
+    for (const Case& c : cases) {
+        const int B = 2, NH = 2, C = NH * c.hs;
+        Tensor qkv = requires_grad(randn({B, c.T, 3 * C}, 40 + c.T + c.hs));
+        Tensor weights = randn({B, c.T, C}, 41 + c.T + c.hs);
+        std::vector<double> out, dqkv;
+        if (!c.rotary)
+            reference_attention(out, dqkv, to_host(qkv), to_host(weights), B, c.T, C, NH);
+        double out_error[2], grad_error[2];  // plain, flash
+        std::vector<real> outputs[2], grads[2];
+        for (int flash = 0; flash < 2; flash++) {
+            use_flash_attention = flash;
+            zero_grad(qkv);
+            Tensor result = attention(qkv, NH, c.rotary, 0, 0);
+            outputs[flash] = to_host(result);
+            backward(sum(mul(result, weights)));
+            grads[flash] = to_host(grad(qkv));
+            if (!c.rotary) {
+                out_error[flash] = relative_error(outputs[flash], out);
+                grad_error[flash] = relative_error(grads[flash], dqkv);
+            }
+        }
+        use_flash_attention = false;
+        const char* shapes = launching_gpu_shapes() ? ", GPU launch shapes" : "";
+        if (c.rotary) {  // the rotation is the same for both: plain attention is the reference
+            std::vector<double> plain_out(outputs[0].begin(), outputs[0].end()),
+                plain_grad(grads[0].begin(), grads[0].end());
+            double o = relative_error(outputs[1], plain_out),
+                   g = relative_error(grads[1], plain_grad);
+            check(o <= 2e-2 && g <= 2e-2,
+                  "%s: tensor-core flash attention, head %d, T=%d, B=2, NH=2, rotary%s: output and "
+                  "qkv gradient within %.1e and %.1e of plain attention's largest (<= 2e-2, both "
+                  "round)",
+                  precision_name(), c.hs, c.T, shapes, o, g);
+            continue;
+        }
+        check(out_error[1] <= 1e-2 && grad_error[1] <= 1e-2 && out_error[0] <= 1e-2 &&
+                  grad_error[0] <= 1e-2,
+              "%s: tensor-core flash attention, head %d, T=%d, B=2, NH=2%s: output within %.1e and "
+              "qkv gradient within %.1e of the largest in double (plain attention: %.1e, %.1e; <= "
+              "1e-2)",
+              precision_name(), c.hs, c.T, shapes, out_error[1], grad_error[1], out_error[0],
+              grad_error[0]);
+    }
+}
+
+// With attention dropout, flash attention at a head of 64 takes the scalar kernels, which draw the
+// same mask as plain attention: the two agree to bfloat16's rounding.
+static void check_dropout_fallback() {
+    const int B = 2, T = 130, NH = 2, C = NH * 64;
+    Tensor qkv = requires_grad(randn({B, T, 3 * C}, 51));
+    Tensor weights = randn({B, T, C}, 52);
+    std::vector<real> outputs[2], grads[2];
+    for (int flash = 0; flash < 2; flash++) {
+        use_flash_attention = flash;
+        zero_grad(qkv);
+        Tensor result = attention(qkv, NH, false, 0.1, 7);
+        outputs[flash] = to_host(result);
+        backward(sum(mul(result, weights)));
+        grads[flash] = to_host(grad(qkv));
+    }
+    use_flash_attention = false;
+    std::vector<double> plain_out(outputs[0].begin(), outputs[0].end()),
+        plain_grad(grads[0].begin(), grads[0].end());
+    double o = relative_error(outputs[1], plain_out), g = relative_error(grads[1], plain_grad);
+    check(o <= 2e-2 && g <= 2e-2,
+          "%s: flash attention with dropout 0.1 on the probabilities, head 64, T=130 (the scalar "
+          "kernels): output and qkv gradient within %.1e and %.1e of plain attention's largest (<= "
+          "2e-2)",
+          precision_name(), o, g);
+}
+
+// The GPT's written-out backward (which writes dqkv rather than adding to it) with the tensor-core
+// flash attention against plain attention: 2 layers, 2 heads of 64, T = 130 (three tiles). The loss
+// and every parameter gradient, relative to the largest gradient; the whole model is in bfloat16 on
+// both sides, so the bound is twice the single layer's, 2e-2.
+static void check_tensor_core_gpt() {
+    GPTConfig config;
+    config.vocab_size = 97, config.context = 130, config.dim = 128, config.layers = 2,
+    config.heads = 2;
+    GPT model;
+    gpt_create(&model, config);
+    gpt_init(&model, 13);
+    const int B = 2, T = 130;
+    std::vector<int> host(2 * B * T);
+    for (int i = 0; i < 2 * B * T; i++) host[i] = int(random_bits(14, i) % 97);
+    int* tokens = device_alloc<int>(host.size());
+    cuda_check(cudaMemcpy(tokens, host.data(), host.size() * sizeof(int), cudaMemcpyHostToDevice));
+    std::vector<real> grads[2];
+    double losses[2];
+    for (int flash = 0; flash < 2; flash++) {
+        use_flash_attention = flash;
+        parameters_zero_grad(model.params);
+        MemoryMark mark = memory_mark();
+        GPTActivations acts;
+        gpt_forward(model, acts, tokens, B, T, true, 0);
+        gpt_backward(model, acts, tokens + B * T, 1);
+        losses[flash] = download_value(acts.loss);
+        grads[flash] = download(model.params.grad, model.params.size);
+        memory_release(mark);
+    }
+    use_flash_attention = false;
+    double largest = 0;
+    for (real g : grads[0]) largest = std::max(largest, std::fabs(double(g)));
+    double error = max_difference(grads[0], grads[1]) / largest;
+    check(error <= 2e-2 && std::fabs(losses[1] - losses[0]) <= 1e-2 * losses[0],
+          "%s: a GPT (2 layers, 2 heads of 64, T=130) with tensor-core flash attention: loss %.4f "
+          "(plain %.4f), parameter gradients within %.1e of the largest (<= 2e-2)%s",
+          precision_name(), losses[1], losses[0], error,
+          launching_gpu_shapes() ? ", GPU launch shapes" : "");
+}
+
 static void write(const Results& results, const char* path) {
     std::string bytes;
     for (const auto& [name, values] : results) {
@@ -213,8 +402,14 @@ static Results read(const char* path) {
 }
 
 static int run(int argc, char** argv) {
+    if (argc == 2 && !strcmp(argv[1], "tensor-cores")) {
+        check_tensor_core_attention();
+        check_dropout_fallback();
+        check_tensor_core_gpt();
+        return finish();
+    }
     if (argc != 3 || (strcmp(argv[1], "write") && strcmp(argv[1], "compare")))
-        fail("usage: mixed_precision write|compare FILE");
+        fail("usage: mixed_precision write|compare FILE, or mixed_precision tensor-cores");
     Results results = compute();
     generate_and_train(results);
     check_float_statistics();
@@ -257,6 +452,7 @@ static int run(int argc, char** argv) {
 
 int main(int argc, char** argv) {
     return run_program("mixed_precision",
-                       "usage: tests/mixed_precision_{fp32,bf16} write|compare FILE\n", argc, argv,
-                       run);
+                       "usage: tests/mixed_precision_{fp32,bf16} write|compare FILE\n"
+                       "       tests/mixed_precision_bf16 tensor-cores\n",
+                       argc, argv, run);
 }

@@ -107,6 +107,65 @@ __global__ void shuffle_width_kernel(int* out, int width) {
     out[threadIdx.x] = __shfl_xor_sync(0xffffffff, int(threadIdx.x), 1, width);
 }
 
+// Tensor cores: each warp multiplies its own A (16, 16) by B (16, 8) and adds C (16, 8), all
+// row-major, loading its fragments by the PTX ISA's layout for mma.m16n8k16 (g = lane / 4, t =
+// lane % 4), written out here element by element, independently of the emulator's own code.
+// With `lanes` < 32 only that many lanes of each warp take part (a broken kernel).
+__global__ void mma_kernel(float* d, const float* a, const float* b, const float* c, int lanes) {
+    int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, warp = threadIdx.x / 32;
+    const float *A = a + warp * 256, *B = b + warp * 128, *C = c + warp * 128;
+    uint32_t a_fragment[4] = {
+        pack_bf16x2(A[g * 16 + 2 * t], A[g * 16 + 2 * t + 1]),
+        pack_bf16x2(A[(g + 8) * 16 + 2 * t], A[(g + 8) * 16 + 2 * t + 1]),
+        pack_bf16x2(A[g * 16 + 2 * t + 8], A[g * 16 + 2 * t + 9]),
+        pack_bf16x2(A[(g + 8) * 16 + 2 * t + 8], A[(g + 8) * 16 + 2 * t + 9])};
+    uint32_t b_fragment[2] = {pack_bf16x2(B[2 * t * 8 + g], B[(2 * t + 1) * 8 + g]),
+                              pack_bf16x2(B[(2 * t + 8) * 8 + g], B[(2 * t + 9) * 8 + g])};
+    float accumulator[4] = {C[g * 8 + 2 * t], C[g * 8 + 2 * t + 1], C[(g + 8) * 8 + 2 * t],
+                            C[(g + 8) * 8 + 2 * t + 1]};
+    if (lane >= lanes) return;
+    mma_bf16_16x8x16(accumulator, a_fragment, b_fragment);
+    float* D = d + warp * 128;
+    D[g * 8 + 2 * t] = accumulator[0], D[g * 8 + 2 * t + 1] = accumulator[1];
+    D[(g + 8) * 8 + 2 * t] = accumulator[2], D[(g + 8) * 8 + 2 * t + 1] = accumulator[3];
+}
+
+// Small integers, exact in bfloat16, so the product is exact too: any misplaced fragment element
+// shows as a wrong value.
+static std::vector<float> small_integers(int n, uint64_t seed) {
+    std::vector<float> values(n);
+    for (int i = 0; i < n; i++) values[i] = float(int(random_bits(seed, i) % 9) - 4);
+    return values;
+}
+
+static float* upload_floats(const std::vector<float>& host) {
+    float* device = device_alloc<float>(host.size());
+    cuda_check(
+        cudaMemcpy(device, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
+    return device;
+}
+
+// Two warps, each its own matrices, against a plain loop: the number of elements of D that differ.
+static int mma_mismatches() {
+    const int warps = 2;
+    std::vector<float> a = small_integers(warps * 256, 31), b = small_integers(warps * 128, 32),
+                       c = small_integers(warps * 128, 33), d(warps * 128);
+    float* device_d = device_alloc<float>(d.size());
+    launch(mma_kernel, 1, 32 * warps, 0, device_d, upload_floats(a), upload_floats(b),
+           upload_floats(c), 32);
+    cuda_check(cudaMemcpy(d.data(), device_d, d.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    int wrong = 0;
+    for (int w = 0; w < warps; w++)
+        for (int i = 0; i < 16; i++)
+            for (int j = 0; j < 8; j++) {
+                float expected = c[w * 128 + i * 8 + j];
+                for (int k = 0; k < 16; k++)
+                    expected += a[w * 256 + i * 16 + k] * b[w * 128 + k * 8 + j];
+                wrong += d[w * 128 + i * 8 + j] != expected;
+            }
+    return wrong;
+}
+
 // The tree reduction over 37 rows of 1000 against a plain loop.
 static bool block_sums_right() {
     Tensor x = randn({37, 1000}, 3);
@@ -168,6 +227,12 @@ static void test_emulator() {
     check(hf == 32000 && hd == 16000 && hi == 64000,
           "atomicAdd on float, double and int from 64000 threads in 500 blocks: %g %g %d", hf, hd,
           hi);
+
+    int wrong = mma_mismatches();
+    check(wrong == 0,
+          "mma.sync m16n8k16 bf16 -> f32 in 2 warps, fragments laid out as the PTX ISA documents: "
+          "%d of 256 elements differ from a plain matrix product",
+          wrong);
 }
 
 // The deliberately broken kernels: each launch must fail with the emulator's report.
@@ -196,6 +261,13 @@ static void test_broken_kernels() {
                 [=] { launch(shared_out_of_bounds_kernel, 1, 32, 32 * sizeof(real), out); });
     check_fails("emulator: a lane waits at a shuffle while the rest wait at a barrier", "deadlock",
                 [=] { launch(deadlock_kernel, 1, 32, 0, ints); });
+    float* floats = device_alloc<float>(1024);  // room for two warps' matrices
+    cuda_check(cudaMemset(floats, 0, 1024 * sizeof(float)));
+    check_fails("emulator: an mma.sync that only 16 lanes of the warp make", "mma.sync",
+                [=] { launch(mma_kernel, 1, 32, 0, floats, floats, floats, floats, 16); });
+    check_fails("emulator: an mma.sync in a block of 48 threads (a warp and a half)",
+                "not a multiple of 32",
+                [=] { launch(mma_kernel, 1, 48, 0, floats, floats, floats, floats, 32); });
     check(block_sums_right(), "emulator: a correct kernel runs cleanly right after the failures");
 #endif
 }
