@@ -87,7 +87,7 @@ LIBRARY = $(OBJ)/$(1)/tricycle.o $(OBJ)/$(1)/tricycle_io.o
 PROGRAMS := train_gpt inference tokenizer
 TESTS := test_gradients tests/test_emulator tests/test_tokenizer tests/gpt_parity tests/mixed_precision_fp32 tests/mixed_precision_bf16
 
-.PHONY: all test test-bf16 clean train bench kernel-report bench-emulator bench-tokenizer
+.PHONY: all test test-bf16 test-gpu-shapes clean train bench kernel-report bench-emulator bench-tokenizer
 all: $(PROGRAMS) $(TESTS)
 
 # Binaries go to the repository root whatever the build; this stamp relinks them when it changes.
@@ -133,6 +133,12 @@ test: $(TESTS) $(PROGRAMS) bench/bench_gpt
 	@bash tests/run_tests.sh test_gradients tests/test_emulator tests/test_tokenizer tests/test_launch_types.sh tests/test_parity.sh \
 	    tests/test_mixed_precision.sh tests/test_programs.sh tests/test_distributed.py tests/test_files.py tests/test_hf.sh \
 	    tests/check_style.py
+
+# The tests again with the GPU build's launch shapes under the emulator (32 threads per row,
+# 256-thread element blocks, the GPU's grids), so the kernels' GPU configuration runs in CI too.
+test-gpu-shapes: $(TESTS) $(PROGRAMS) bench/bench_gpt
+	@TRICYCLE_LAUNCH_SHAPES=gpu bash tests/run_tests.sh test_gradients tests/test_emulator \
+	    tests/test_parity.sh tests/test_mixed_precision.sh tests/test_programs.sh
 
 # The programs' end-to-end tests again, with the programs built in mixed precision.
 test-bf16:
