@@ -55,7 +55,7 @@ ifeq ($(BACKEND),gpu)
   COMPILE := $(NVCC) -std=c++20 -O3 -x cu $(foreach a,$(CUDA_ARCH),-gencode arch=compute_$(a),code=sm_$(a)) \
              -Xcompiler -Wall,-Wextra -Werror all-warnings
   LINKER := $(NVCC)
-  LIBS := -lcublas
+  LIBS := -lcublas -lcublasLt
 else
   OPT := -O3 -march=native -fno-math-errno -fno-trapping-math
   ifeq ($(BACKEND),cpu-sanitize)

@@ -1119,10 +1119,87 @@ __global__ void broadcast_rows_kernel(floatX* out, const floatX* row, long rows,
     for_each_in_row(columns, [&](int c) { o[c] = row[c]; });
 }
 
+#ifdef TRICYCLE_BF16
+// cuBLASLt, for the epilogues (see gemm_epilogue in tricycle.h). In cuBLAS's column-major view
+// (see cublas_gemm) D^T (N, M) = op(B)^T op(A)^T: the bias runs along D^T's N rows, the bias
+// gradient is a reduction over K of cuBLAS's second operand (our A), one value per column (our M).
+static cublasLtHandle_t cublaslt_handle() {
+    static cublasLtHandle_t handle = nullptr;
+    if (!handle) cublas_check(cublasLtCreate(&handle));
+    return handle;
+}
+
+template <typename T>
+static void set_attribute(cublasLtMatmulDesc_t description, cublasLtMatmulDescAttributes_t name,
+                          const T& value) {
+    cublas_check(cublasLtMatmulDescSetAttribute(description, name, &value, sizeof value));
+}
+
+static cublasLtMatrixLayout_t cublaslt_layout(int rows, int columns, long ld) {
+    cublasLtMatrixLayout_t layout;
+    cublas_check(cublasLtMatrixLayoutCreate(&layout, CUDA_R_16BF, rows, columns, ld));
+    return layout;
+}
+
+bool gemm_epilogue(Epilogue epilogue, GemmShape s, GemmInput A, GemmInput B, real beta,
+                   GemmOutput C, floatX* aux, floatX* bias_grad) {
+    if (s.outer * s.inner != 1) return false;
+    static void* workspace = nullptr;
+    const size_t workspace_bytes = 32 << 20;
+    if (!workspace) cuda_check(cudaMalloc(&workspace, workspace_bytes));
+    cublasLtMatmulDesc_t description;
+    cublas_check(cublasLtMatmulDescCreate(&description, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    cublasOperation_t op_a = A.transpose ? CUBLAS_OP_T : CUBLAS_OP_N,
+                      op_b = B.transpose ? CUBLAS_OP_T : CUBLAS_OP_N;
+    set_attribute(description, CUBLASLT_MATMUL_DESC_TRANSA, op_b);  // cuBLAS's first operand: B
+    set_attribute(description, CUBLASLT_MATMUL_DESC_TRANSB, op_a);
+    cublasLtEpilogue_t kind = epilogue == Epilogue::bias        ? CUBLASLT_EPILOGUE_BIAS
+                              : epilogue == Epilogue::gelu_bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS
+                                                                : CUBLASLT_EPILOGUE_BGRADB;
+    set_attribute(description, CUBLASLT_MATMUL_DESC_EPILOGUE, kind);
+    const void* bias = epilogue == Epilogue::bias_grad ? bias_grad : C.bias;
+    set_attribute(description, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
+    if (epilogue == Epilogue::gelu_bias) {
+        set_attribute(description, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, (void*)aux);
+        set_attribute(description, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, int64_t(s.N));
+    }
+    cublasLtMatrixLayout_t b = B.transpose ? cublaslt_layout(s.K, s.N, B.ld)
+                                           : cublaslt_layout(s.N, s.K, B.ld),
+                           a = A.transpose ? cublaslt_layout(s.M, s.K, A.ld)
+                                           : cublaslt_layout(s.K, s.M, A.ld),
+                           c = cublaslt_layout(s.N, s.M, C.ld);
+    cublasLtMatmulPreference_t preference;
+    cublas_check(cublasLtMatmulPreferenceCreate(&preference));
+    cublas_check(cublasLtMatmulPreferenceSetAttribute(preference,
+                                                      CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                      &workspace_bytes, sizeof workspace_bytes));
+    cublasLtMatmulHeuristicResult_t found;
+    int count = 0;
+    cublas_check(cublasLtMatmulAlgoGetHeuristic(cublaslt_handle(), description, b, a, c, c,
+                                                preference, 1, &found, &count));
+    float alpha = 1, beta_value = float(beta);
+    if (count > 0)
+        cublas_check(cublasLtMatmul(cublaslt_handle(), description, &alpha, B.data, b, A.data, a,
+                                    &beta_value, C.data, c, C.data, c, &found.algo, workspace,
+                                    workspace_bytes, 0));
+    cublas_check(cublasLtMatmulPreferenceDestroy(preference));
+    for (cublasLtMatrixLayout_t layout : {a, b, c})
+        cublas_check(cublasLtMatrixLayoutDestroy(layout));
+    cublas_check(cublasLtMatmulDescDestroy(description));
+    return count > 0;
+}
+#else
+bool gemm_epilogue(Epilogue, GemmShape, GemmInput, GemmInput, real, GemmOutput, floatX*, floatX*) {
+    return false;
+}
+#endif
+
 // cuBLAS is column-major: it computes C^T = op(B)^T op(A)^T, which is C in row-major. A bias is
-// copied into every row of C first, and the product added to it.
+// added by the product's epilogue (bfloat16 build), else copied into every row of C first and the
+// product added to it.
 static void cublas_gemm(const GemmShape& s, real alpha, GemmInput A, GemmInput B, real beta,
                         GemmOutput C) {
+    if (C.bias && gemm_epilogue(Epilogue::bias, s, A, B, 0, C, nullptr, nullptr)) return;
     if (C.bias) {
         launch(broadcast_rows_kernel, row_grid(s.M), row_block(), 0, C.data, C.bias, long(s.M),
                s.N);
@@ -1386,6 +1463,12 @@ std::string gemm_engine() {
     return "oneDNN, float";
 #endif
 }
+
+#ifndef __CUDACC__
+bool gemm_epilogue(Epilogue, GemmShape, GemmInput, GemmInput, real, GemmOutput, floatX*, floatX*) {
+    return false;  // oneDNN's bias is applied by gemm itself; the other passes stay kernels here
+}
+#endif
 
 long gemm_layouts_made() {
 #ifdef __CUDACC__
@@ -1668,10 +1751,21 @@ void linear_backward(floatX* dx, floatX* dweight, floatX* dbias, const floatX* d
     if (dx)  // dx (N, in) = dout (N, out) @ W (out, in)
         gemm({.M = int(N), .N = in, .K = out_features}, 1, {.data = dout, .ld = out_features},
              {.data = weight, .ld = in}, mode == InputGrad::add ? 1 : 0, {.data = dx, .ld = in});
-    if (dweight)  // dW (out, in) += dout^T (out, N) @ x (N, in)
-        gemm({.M = out_features, .N = in, .K = int(N)}, 1,
-             {.data = dout, .ld = out_features, .transpose = true}, {.data = x, .ld = in}, 1,
-             {.data = dweight, .ld = in});
+    // dW (out, in) += dout^T (out, N) @ x (N, in); db += column sums of dout, by the product's
+    // epilogue into scratch when it can (it writes, we add), else by column_sums.
+    GemmShape shape{.M = out_features, .N = in, .K = int(N)};
+    GemmInput dout_t{.data = dout, .ld = out_features, .transpose = true},
+        x_rows{.data = x, .ld = in};
+    MemoryMark mark = memory_mark();
+    floatX* bias_sums = dweight && dbias ? device_alloc<floatX>(out_features) : nullptr;
+    if (bias_sums && gemm_epilogue(Epilogue::bias_grad, shape, dout_t, x_rows, 1,
+                                   {.data = dweight, .ld = in}, nullptr, bias_sums)) {
+        residual_forward(dbias, dbias, bias_sums, out_features);
+        dbias = nullptr;
+    } else if (dweight) {
+        gemm(shape, 1, dout_t, x_rows, 1, {.data = dweight, .ld = in});
+    }
+    memory_release(mark);
     if (dbias) column_sums(dbias, nullptr, dout, nullptr, nullptr, nullptr, N, out_features);
 }
 
@@ -1887,8 +1981,12 @@ __global__ void gelu_gradient_kernel(floatX* dpre, const floatX* dout, const flo
 
 void linear_gelu_forward(floatX* out, floatX* pre, const floatX* x, const floatX* weight,
                          const floatX* bias, long N, int in, int out_features) {
-    gemm({.M = int(N), .N = out_features, .K = in}, 1, {.data = x, .ld = in},
-         {.data = weight, .ld = in, .transpose = true}, 0, {.data = pre, .ld = out_features});
+    GemmShape shape{.M = int(N), .N = out_features, .K = in};
+    GemmInput x_rows{.data = x, .ld = in}, weight_t{.data = weight, .ld = in, .transpose = true};
+    if (gemm_epilogue(Epilogue::gelu_bias, shape, x_rows, weight_t, 0,
+                      {.data = out, .ld = out_features, .bias = bias}, pre, nullptr))
+        return;
+    gemm(shape, 1, x_rows, weight_t, 0, {.data = pre, .ld = out_features});
     launch(bias_gelu_forward_kernel, row_grid(N), row_block(), 0, out, pre, bias, N, out_features);
 }
 

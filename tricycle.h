@@ -26,6 +26,7 @@
 
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #else
@@ -463,6 +464,16 @@ void gemm(GemmShape shape, real alpha, GemmInput A, GemmInput B, real beta, Gemm
 // so the tests compare exact float products; the programs turn it on (--tf32 0 turns it off). The
 // CPU and bfloat16 builds ignore it.
 extern bool use_tf32;
+// GPU bfloat16 build: products whose epilogue also does the next small pass (cuBLASLt), so that
+// pass needs no kernel of its own:
+//   bias:       C = A B + bias                        (bias (N))
+//   gelu_bias:  aux = A B + bias,  C = gelu(aux)      (aux (M, N), the pre-activation, ld N)
+//   bias_grad:  C = A B + beta C,  and bias_grad (M) = the sums of op(A)'s rows (over K)
+// Unbatched products only. Returns false where it does not apply (other builds, or no cuBLASLt
+// algorithm for the shape): the caller then runs the plain product and its own pass.
+enum class Epilogue { bias, gelu_bias, bias_grad };
+bool gemm_epilogue(Epilogue epilogue, GemmShape shape, GemmInput A, GemmInput B, real beta,
+                   GemmOutput C, floatX* aux, floatX* bias_grad);
 long gemm_layouts_made();  // CPU build: oneDNN primitives made so far (one per product layout)
 std::string
 gemm_engine();  // what runs the products, e.g. "oneDNN, bfloat16 with float accumulation"
