@@ -2844,6 +2844,24 @@ __device__ inline void store_rows(floatX* x, int ld, bool accumulate,
     }
 }
 
+// Both backward passes need, for a 16 x 16 chunk, the scores and their gradients before softmax:
+// score += A_s rows_s^T and dp += A_dp rows_dp^T, with the A fragments in the warp's registers and
+// the 16 rows from 16c of two shared tiles (dq: Q K^T and dO V^T; dk/dv: their transposes).
+template <int HS, typename Words>
+__device__ inline void scores_and_gradients(float (&score)[2][4], float (&dp)[2][4],
+                                            const uint32_t (&a_s)[HS / 16][4], Words rows_s,
+                                            const uint32_t (&a_dp)[HS / 16][4], Words rows_dp,
+                                            int c) {
+    for (int j = 0; j < 2; j++)
+        for (int kk = 0; kk < HS / 16; kk++) {
+            uint32_t bf[2];
+            b_from_rows<HS>(bf, rows_s, 16 * c + 8 * j, 16 * kk);
+            mma_bf16_16x8x16(score[j], a_s[kk], bf);
+            b_from_rows<HS>(bf, rows_dp, 16 * c + 8 * j, 16 * kk);
+            mma_bf16_16x8x16(dp[j], a_dp[kk], bf);
+        }
+}
+
 // dq for 64 queries per block, over the key tiles up to the diagonal, 16 keys at a time.
 template <int HS>
 __global__ void __launch_bounds__(tc_threads)
@@ -2869,14 +2887,7 @@ __global__ void __launch_bounds__(tc_threads)
         int chunks = first_key == first ? warp + 1 : 4;
         for (int c = 0; c < chunks; c++) {
             float score[2][4] = {}, dp[2][4] = {};  // S and dP of 16 queries x 16 keys
-            for (int j = 0; j < 2; j++)
-                for (int kk = 0; kk < HS / 16; kk++) {
-                    uint32_t bf[2];
-                    b_from_rows<HS>(bf, keys, 16 * c + 8 * j, 16 * kk);
-                    mma_bf16_16x8x16(score[j], query[kk], bf);
-                    b_from_rows<HS>(bf, values, 16 * c + 8 * j, 16 * kk);
-                    mma_bf16_16x8x16(dp[j], dy[kk], bf);
-                }
+            scores_and_gradients<HS>(score, dp, query, keys, dy, values, c);
             for (int j = 0; j < 2; j++)
                 for (int i = 0; i < 4; i++) {
                     int row = row0 + g + 8 * (i / 2),
@@ -2908,14 +2919,7 @@ __device__ inline void tc_dkdv_chunk(float (&grad_k)[HS / 8][4], float (&grad_v)
                                      int first_query, int c, int key0, const FlashShape& s) {
     int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
     float score[2][4] = {}, dp[2][4] = {};  // S^T and dP^T of 16 keys x 16 queries
-    for (int j = 0; j < 2; j++)
-        for (int kk = 0; kk < HS / 16; kk++) {
-            uint32_t bf[2];
-            b_from_rows<HS>(bf, queries, 16 * c + 8 * j, 16 * kk);
-            mma_bf16_16x8x16(score[j], key[kk], bf);
-            b_from_rows<HS>(bf, dys, 16 * c + 8 * j, 16 * kk);
-            mma_bf16_16x8x16(dp[j], value[kk], bf);
-        }
+    scores_and_gradients<HS>(score, dp, key, queries, value, dys, c);
     for (int j = 0; j < 2; j++)
         for (int i = 0; i < 4; i++) {
             int column = 16 * c + 8 * j + 2 * t + i % 2, query = first_query + column;
