@@ -12,11 +12,14 @@
 // H100's chip with 4.8 TB/s of HBM3e). The H100's SM clock here, 1.83 GHz, is the one its bf16 peak
 // implies (4096 FLOPs a clock per SM). Efficiencies assumed. Products: cuBLAS reaches about three
 // quarters of the A100's bf16 peak on products of this size (B*T rows, inner sizes of 768 to 3072),
-// less of the H100's, whose peak needs bigger tiles than these shapes feed it. FlashAttention-2
-// reports 50-73% of the A100's peak forward and less backward, at the low end for heads of 64 at T
-// = 1024; an mma.sync kernel without Hopper's warpgroup instructions (FlashAttention-3's) reaches
-// about a third of the H100's. The library's kernels: streaming copies reach 80-90% of the
-// bandwidth, and these load one value per thread at a time, so 70%.
+// less of the H100's, whose peak needs bigger tiles than these shapes feed it. The tensor-core
+// flash kernels are FlashAttention-2's scheme, whose own kernels report 50-73% of the A100's peak
+// forward and less backward, at the low end for heads of 64 at T = 1024: the model takes that low
+// end, though these kernels lack FlashAttention-2's asynchronous copies (cp.async, double-buffered
+// tiles) and ldmatrix loads, so they likely reach less; on the H100 an mma.sync kernel without
+// Hopper's warpgroup instructions (FlashAttention-3's) reaches about a third of the peak. The
+// library's kernels: streaming copies reach 80-90% of the bandwidth, and these load one value per
+// thread at a time, so 70%.
 static const DeviceModel devices[] = {
     {"a100", "A100 80GB SXM", 2.04e12, 312e12, 156e12, 19.5e12, 108, 1.41e9, 0.75, 0.50, 0.40,
      0.70},
@@ -33,10 +36,11 @@ constexpr double one_warp_bandwidth = 2e9;
 // The host's sort of the token ids (group_tokens), per comparison of N log2 N: measured as 1.3 ms
 // for 16384 ids with std::stable_sort on this project's 2-core EPYC machine.
 constexpr double host_seconds_per_comparison = 5.6e-9;
-// A FlashAttention-2 works on (query, key) tiles of 64 x 64 and skips the tiles fully above the
-// diagonal.
-constexpr int fa2_tile = 64;
-// The flash kernels as written (tricycle.cu, GPU launch shapes): a warp per query (or key), 8 of
+// The tensor-core flash kernels (bfloat16 build, heads of 64 or 128): a block of 4 warps takes 64
+// queries (keys) and walks tiles of 64 keys (queries) up to (from) the diagonal, each warp 16 rows;
+// in the diagonal tile warp w computes only the 16-wide chunks its rows can see (w + 1 of 4).
+constexpr int tc_rows = 64, tc_warp_rows = 16;
+// The scalar flash kernels (tricycle.cu, GPU launch shapes): a warp per query (or key), 8 of
 // them a block, keys (or queries) through shared memory 32 at a time.
 constexpr int flash_rows_per_block = 8, flash_key_tile = 32, warp = 32;
 // Warp instructions each issues per (query, key) pair it evaluates, counted from the code with P
@@ -73,22 +77,40 @@ namespace {
 // The sizes the formulas use, as doubles (their products overflow int).
 struct Sizes {
     double B, T, C, NH, hs, H, V, Vp, L, P;
-    double N;         // B T positions
-    double e, f = 4;  // bytes of a stored value (2 in bf16, 4 in float) and of a float
-    bool bf16;        // float master weights and bf16 products, or float and TF32
-    double heads;     // B NH attention heads of the batch
-    double att;       // B NH T T: the elements of a layer's attention matrices
-    double below;     // the fraction of a causal (T, T) matrix on or below the diagonal
-    double
-        fa2_tiles;  // the fraction of (T, T) that FlashAttention-2's tiles not fully masked cover
+    double N;           // B T positions
+    double e, f = 4;    // bytes of a stored value (2 in bf16, 4 in float) and of a float
+    bool bf16;          // float master weights and bf16 products, or float and TF32
+    double heads;       // B NH attention heads of the batch
+    double att;         // B NH T T: the elements of a layer's attention matrices
+    double below;       // the fraction of a causal (T, T) matrix on or below the diagonal
+    bool tensor_cores;  // flash attention runs the tensor-core kernels (bf16, heads of 64 or 128)
+    double tc_pairs;    // (query, key) pairs each tensor-core kernel computes per head
+    double tc_key_rows, tc_query_rows;  // rows of key (query) tiles the forward and dq (dk/dv)
+                                        // kernels load per head: each block re-reads its tiles
     double per_thread;              // P: values of a head per thread of the flash kernels' warps
     double query_pairs, key_pairs;  // (query, key) pairs the flash kernels evaluate per head
     double slabs;                   // the slabs of 32 rows a column sum adds up in (N / 32)
     bool dropout;
 };
 
-// The (query, key) pairs the flash kernels evaluate for one head: the forward and dq kernels take
-// a block of 8 queries over every key tile up to their last query (the whole tile, the masked
+// The tensor-core kernels' work for one head: the pairs their products compute (whole tiles below
+// the diagonal, (1 + 2 + 3 + 4) chunks of 16 x 16 in the diagonal tile) and the tile rows they
+// load (rows past T are not read).
+void tensor_core_counts(Sizes& s) {
+    int T = int(s.T), blocks = (T + tc_rows - 1) / tc_rows;
+    double diagonal = tc_warp_rows * tc_warp_rows * (1 + 2 + 3 + 4);
+    s.tc_pairs = s.tc_key_rows = s.tc_query_rows = 0;
+    for (int block = 0; block < blocks; block++) {
+        s.tc_pairs += double(block) * tc_rows * tc_rows + diagonal;
+        for (int tile = 0; tile <= block; tile++)  // forward, dq: key tiles up to the diagonal
+            s.tc_key_rows += std::min(tc_rows, T - tile * tc_rows);
+        for (int tile = block; tile < blocks; tile++)  // dk/dv: query tiles from the diagonal
+            s.tc_query_rows += std::min(tc_rows, T - tile * tc_rows);
+    }
+}
+
+// The (query, key) pairs the scalar flash kernels evaluate for one head: the forward and dq kernels
+// take a block of 8 queries over every key tile up to their last query (the whole tile, the masked
 // keys' dots included); the dk/dv kernel takes a block of 8 keys over the query tiles from its own.
 void flash_pairs(Sizes& s) {
     int T = int(s.T);
@@ -112,9 +134,8 @@ Sizes sizes_of(const GPTConfig& c, int B, int T, bool bf16) {
     s.N = s.B * s.T, s.heads = s.B * s.NH, s.att = s.heads * s.T * s.T;
     s.e = bf16 ? 2 : 4, s.bf16 = bf16;
     s.below = (s.T + 1) / (2 * s.T);
-    double row_tiles = std::ceil(s.T / fa2_tile);
-    s.fa2_tiles =
-        std::min(1.0, row_tiles * (row_tiles + 1) / 2 * fa2_tile * fa2_tile / (s.T * s.T));
+    s.tensor_cores = bf16 && (s.hs == 64 || s.hs == 128);
+    tensor_core_counts(s);
     s.per_thread = 1;
     while (s.per_thread * warp < s.hs) s.per_thread *= 2;
     flash_pairs(s);
@@ -140,15 +161,33 @@ struct Step {
         double bytes = s.e * (M * K + K * N + M * N * (accumulate ? 2 : 1));
         add(name, launches, count * bytes, count * 2 * M * N * K, Engine::gemm);
     }
-    // A linear layer's forward, `count` of them: the bias copied into every row of the output
-    // (broadcast_rows_kernel writes (N, out)), then the product added to it (beta = 1).
+    // A linear layer's forward, `count` of them. bf16: the product's epilogue adds the bias (read
+    // once). float: the bias copied into every row of the output (broadcast_rows_kernel writes
+    // (N, out)), then the product added to it (beta = 1).
     void linear(const std::string& name, double count, double in, double out) {
+        if (s.bf16) {
+            add(name + " (bias in the epilogue)", count,
+                count * s.e * (s.N * in + in * out + s.N * out + out), count * 2 * s.N * out * in,
+                Engine::gemm);
+            return;
+        }
         add(name + ": bias into rows", count, count * s.e * (s.N * out + out), 0, Engine::kernel);
         product(name, count, count, s.N, out, in, true);
     }
-    // A bias gradient, `count` of them (column_sums): blocks of 32 rows write float partial sums
-    // of dout (N, out), then a pass adds the slabs up into dbias.
-    void bias_gradient(const std::string& name, double count, double out) {
+    // dW (out, in) += dout^T x: (out, N) @ (N, in), and the bias gradient, `count` of each. bf16:
+    // the product's epilogue sums dout's columns as it reads them into a scratch (out), then a
+    // kernel adds it into dbias. float: column_sums: blocks of 32 rows write float partial sums of
+    // dout (N, out), then a pass adds the slabs up into dbias.
+    void weight_bias_gradient(const std::string& name, double count, double in, double out) {
+        if (s.bf16) {
+            double bytes = s.e * (out * s.N + s.N * in + 2 * out * in + out);
+            add(name + " dW + db sums (epilogue)", count, count * bytes, count * 2 * out * in * s.N,
+                Engine::gemm);
+            add(name + " db += the sums", count, count * s.e * 3 * out, count * out,
+                Engine::kernel);
+            return;
+        }
+        product(name + " dW", count, count, out, in, s.N, true);
         add(name + " db (partial sums)", count, count * (s.e * s.N * out + s.f * s.slabs * out),
             count * s.N * out, Engine::kernel);
         add(name + " db (slabs added)", count, count * (s.f * s.slabs * out + s.e * 2 * out),
@@ -159,19 +198,22 @@ struct Step {
 void attention_forward_costs(Step& step, AttentionKind kind) {
     const Sizes& s = step.s;
     double N = s.N, C = s.C, L = s.L, T = s.T, e = s.e;
-    // every flash kind reads q, k, v (N, 3C), writes out (N, C) and lse (B, NH, T) floats
-    double flash_bytes = L * (e * 4 * N * C + s.f * s.heads * T);
-    if (kind == AttentionKind::fa2) {
-        // q k^T and p v per head on the tiles not fully masked: 2 products of 2 T T hs
-        step.add("FA-2 attention forward", L, flash_bytes,
-                 L * 2 * 2 * s.heads * T * T * s.hs * s.fa2_tiles, Engine::fa2_forward);
+    if (kind == AttentionKind::flash && s.tensor_cores) {
+        // per head: reads q once (T, hs), k and v once per query block (tc_key_rows rows each),
+        // writes out (T, hs) and lse (T floats); S = q k^T and o += p v on the pairs computed, 2
+        // products of 2 hs FLOPs per pair
+        double bytes = L * s.heads * (e * s.hs * (2 * T + 2 * s.tc_key_rows) + s.f * T);
+        step.add("flash attention forward (tensor cores)", L, bytes,
+                 L * s.heads * s.tc_pairs * 2 * 2 * s.hs, Engine::tc_forward);
         return;
     }
     if (kind == AttentionKind::flash) {
-        // per pair: the dot and the output update, 2 hs FLOPs each
+        // reads q, k, v (N, 3C), writes out (N, C) and lse (B, NH, T) floats; per pair: the dot
+        // and the output update, 2 hs FLOPs each
+        double flash_bytes = L * (e * 4 * N * C + s.f * s.heads * T);
         FlashInstructions i = flash_forward_instructions;
         double pairs = L * s.heads * s.query_pairs;
-        step.add("flash attention forward (as written)", L, flash_bytes, pairs * 4 * s.hs,
+        step.add("flash attention forward (scalar)", L, flash_bytes, pairs * 4 * s.hs,
                  Engine::warp_issue,
                  pairs * (i.per_value * s.per_thread + i.fixed) / issue_per_clock);
         return;
@@ -211,10 +253,17 @@ void forward_costs(Step& step, AttentionKind attention) {
     // writes 2 of (N, C), 2 floats per row; ~9 FLOPs per value
     step.add("residual + layernorm", 2 * L, 2 * L * (e * 4 * N * C + f * 2 * N + e * 2 * C),
              2 * L * 9 * N * C, Engine::kernel);
-    // pre = h Wfc^T: (N, C) @ (C, H), written (no bias in the product)
-    step.product("mlp fc linear", L, L, N, H, C, false);
-    // pre += b, act = gelu(pre): reads pre, writes pre and act (N, H); ~15 FLOPs per value
-    step.add("bias + GELU", L, L * e * 3 * N * H, L * 15 * N * H, Engine::kernel);
+    if (s.bf16) {
+        // pre = h Wfc^T + b, act = gelu(pre) in the epilogue: (N, C) @ (C, H), writes pre and act
+        // (N, H); the epilogue's ~15 FLOPs per value are left out of the product's
+        step.add("mlp fc linear (bias + GELU in the epilogue)", L,
+                 L * e * (N * C + C * H + 2 * N * H + H), L * 2 * N * H * C, Engine::gemm);
+    } else {
+        // pre = h Wfc^T: (N, C) @ (C, H), written (no bias in the product)
+        step.product("mlp fc linear", L, L, N, H, C, false);
+        // pre += b, act = gelu(pre): reads pre, writes pre and act (N, H); ~15 FLOPs per value
+        step.add("bias + GELU", L, L * e * 3 * N * H, L * 15 * N * H, Engine::kernel);
+    }
     // act Wproj2^T + b: (N, H) @ (H, C)
     step.linear("mlp projection", L, H, C);
     // dropout on the embedding and on both branches of every layer: reads and writes (N, C); ~20
@@ -235,23 +284,31 @@ void attention_backward_costs(Step& step, AttentionKind kind) {
                  L * 2 * N * C, Engine::kernel);
     }
     // both flash kinds recompute p from q, k and lse, then dv = p^T dout, dp = dout v^T,
-    // ds = p (dp - D), dq = ds k, dk = ds^T q: they read q, k, v, dout (N, 4C), lse and D, and
-    // write dq, dk, dv (N, 3C)
-    double flash_bytes = L * (e * 7 * N * C + s.f * 2 * s.heads * T);
-    if (kind == AttentionKind::fa2) {
-        // 5 products of 2 T T hs per head on the tiles not fully masked
-        step.add("FA-2 attention backward", L, flash_bytes,
-                 L * 5 * 2 * s.heads * T * T * s.hs * s.fa2_tiles, Engine::fa2_backward);
+    // ds = p (dp - D), dq = ds k, dk = ds^T q, in a dq kernel and a dk/dv kernel
+    if (kind == AttentionKind::flash && s.tensor_cores) {
+        // dq, per head: reads q, dout (T, hs), lse and D once, k and v once per query block,
+        // writes dq; S, dP = dout v^T and dq += dS k: 3 products of 2 hs FLOPs per pair
+        double heads = L * s.heads, hs = s.hs;
+        step.add("flash attention dq (tensor cores)", L,
+                 heads * (e * hs * (3 * T + 2 * s.tc_key_rows) + s.f * 2 * T),
+                 heads * s.tc_pairs * 3 * 2 * hs, Engine::tc_backward);
+        // dk, dv, per head: reads k, v once, q, dout and their lse and D once per key block,
+        // writes dk, dv; S^T, dP^T, dv += P^T dout, dk += dS^T q: 4 products of 2 hs per pair
+        step.add("flash attention dk, dv (tensor cores)", L,
+                 heads * (e * hs * (4 * T + 2 * s.tc_query_rows) + s.f * 2 * s.tc_query_rows),
+                 heads * s.tc_pairs * 4 * 2 * hs, Engine::tc_backward);
         return;
     }
     if (kind == AttentionKind::flash) {
+        // they read q, k, v, dout (N, 4C), lse and D, and write dq, dk, dv (N, 3C)
+        double flash_bytes = L * (e * 7 * N * C + s.f * 2 * s.heads * T);
         // dq: 3 products of 2 hs per pair; dk and dv: 4 (each kernel reads its share of the bytes)
         FlashInstructions q = flash_dq_instructions, k = flash_dkdv_instructions;
         double query_pairs = L * s.heads * s.query_pairs, key_pairs = L * s.heads * s.key_pairs;
-        step.add("flash attention dq (as written)", L, flash_bytes / 2, query_pairs * 6 * s.hs,
+        step.add("flash attention dq (scalar)", L, flash_bytes / 2, query_pairs * 6 * s.hs,
                  Engine::warp_issue,
                  query_pairs * (q.per_value * s.per_thread + q.fixed) / issue_per_clock);
-        step.add("flash attention dk, dv (as written)", L, flash_bytes / 2, key_pairs * 8 * s.hs,
+        step.add("flash attention dk, dv (scalar)", L, flash_bytes / 2, key_pairs * 8 * s.hs,
                  Engine::warp_issue,
                  key_pairs * (k.per_value * s.per_thread + k.fixed) / issue_per_clock);
         return;
@@ -293,18 +350,15 @@ void linear_backward_costs(Step& step) {
     double N = s.N, C = s.C, H = s.H, L = s.L, e = s.e;
     // dact = dbranch Wproj2: (N, C) @ (C, H); dWproj2 += dbranch^T act: (C, N) @ (N, H)
     step.product("mlp projection dx", L, L, N, H, C, false);
-    step.product("mlp projection dW", L, L, C, H, N, true);
-    step.bias_gradient("mlp projection", L, C);
+    step.weight_bias_gradient("mlp projection", L, H, C);
     // dfc = dact gelu'(pre): reads 2 and writes 1 of (N, H); ~20 FLOPs per value
     step.add("GELU backward", L, L * e * 3 * N * H, L * 20 * N * H, Engine::kernel);
     // dh = dfc Wfc: (N, H) @ (H, C); dWfc += dfc^T h: (H, N) @ (N, C)
     step.product("mlp fc dx", L, L, N, C, H, false);
-    step.product("mlp fc dW", L, L, H, C, N, true);
-    step.bias_gradient("mlp fc", L, H);
+    step.weight_bias_gradient("mlp fc", L, C, H);
     // dy = dbranch Wproj: (N, C) @ (C, C); dWproj += dbranch^T y: (C, N) @ (N, C)
     step.product("attention projection dx", L, L, N, C, C, false);
-    step.product("attention projection dW", L, L, C, C, N, true);
-    step.bias_gradient("attention projection", L, C);
+    step.weight_bias_gradient("attention projection", L, C, C);
 }
 
 // The backward pass as gpt_backward runs it.
@@ -330,8 +384,7 @@ void backward_costs(Step& step, AttentionKind attention) {
     step.attention = false;
     // dh = dqkv Wqkv: (N, 3C) @ (3C, C); dWqkv += dqkv^T h: (3C, N) @ (N, C)
     step.product("qkv dx", L, L, N, C, 3 * C, false);
-    step.product("qkv dW", L, L, 3 * C, C, N, true);
-    step.bias_gradient("qkv", L, 3 * C);
+    step.weight_bias_gradient("qkv", L, C, 3 * C);
     // the final norm writes dx; each layer's two norms add into the stream's gradient
     layernorm_backward_costs(step, 1 + 2 * L, 2 * L);
     // dropout's backward at each site: reads and writes (N, C)
@@ -368,7 +421,7 @@ struct RowTime {
 };
 
 // Roofline: the larger of bytes / bandwidth and FLOPs / peak (tensor cores: bf16, or TF32 for the
-// float build; the flash kernels as written: the clocks their instructions take to issue; host
+// float build; the scalar flash kernels: the clocks their instructions take to issue; host
 // rows: no GPU time). Adjusted: the same at the assumed efficiencies, plus the launches.
 RowTime row_time(const KernelCost& k, const DeviceModel& d, bool bf16) {
     if (k.engine == Engine::host) return {0, k.flops * host_seconds_per_comparison, false};
@@ -378,10 +431,10 @@ RowTime row_time(const KernelCost& k, const DeviceModel& d, bool bf16) {
         case Engine::gemm:
             compute = k.flops / tensor_peak, efficiency = d.gemm;
             break;
-        case Engine::fa2_forward:
+        case Engine::tc_forward:
             compute = k.flops / tensor_peak, efficiency = d.attention_forward;
             break;
-        case Engine::fa2_backward:
+        case Engine::tc_backward:
             compute = k.flops / tensor_peak, efficiency = d.attention_backward;
             break;
         case Engine::warp_issue:
@@ -396,20 +449,26 @@ RowTime row_time(const KernelCost& k, const DeviceModel& d, bool bf16) {
     return {std::max(memory, compute), adjusted, memory >= compute};
 }
 
-void print_assumptions(const DeviceModel& d, bool bf16) {
+void print_assumptions(const DeviceModel& d, bool bf16, bool tensor_core_flash) {
     printf(
         "device: %s: HBM %.2f TB/s, tensor cores %.0f TFLOPS bf16 / %.0f TF32, FP32 %.1f TFLOPS "
         "(dense), %d SMs at %.2f GHz\n",
         d.name, d.bandwidth / 1e12, d.bf16_flops / 1e12, d.tf32_flops / 1e12, d.fp32_flops / 1e12,
         d.sms, d.clock / 1e9);
     printf(
-        "assumed: cuBLAS products at %.0f%% of the %s peak; FA-2 at %.0f%% (forward) and %.0f%% "
-        "(backward); the library's kernels at %.0f%% of the bandwidth; %.0f us per launch; "
-        "one-warp kernels at %.0f GB/s; the host's token sort at %.1f ns per comparison (N log2 "
-        "N); the flash kernels as written issue %.0f warp instructions a clock per SM\n",
-        100 * d.gemm, bf16 ? "bf16" : "TF32", 100 * d.attention_forward, 100 * d.attention_backward,
-        100 * d.memory, launch_seconds * 1e6, one_warp_bandwidth / 1e9,
-        host_seconds_per_comparison * 1e9, issue_per_clock);
+        "assumed: cuBLAS products at %.0f%% of the %s peak; the library's kernels at %.0f%% of the "
+        "bandwidth; %.0f us per launch; one-warp kernels at %.0f GB/s; the host's token sort at "
+        "%.1f ns per comparison (N log2 N); ",
+        100 * d.gemm, bf16 ? "bf16" : "TF32", 100 * d.memory, launch_seconds * 1e6,
+        one_warp_bandwidth / 1e9, host_seconds_per_comparison * 1e9);
+    if (tensor_core_flash)
+        printf(
+            "the tensor-core flash kernels at %.0f%% (forward) and %.0f%% (backward) of the bf16 "
+            "peak, every k, v (q, dout) tile re-read from device memory\n",
+            100 * d.attention_forward, 100 * d.attention_backward);
+    else
+        printf("the scalar flash kernels issue %.0f warp instructions a clock per SM\n",
+               issue_per_clock);
 }
 
 const char* engine_bound(const KernelCost& k, const RowTime& t) {
@@ -422,7 +481,7 @@ const char* engine_bound(const KernelCost& k, const RowTime& t) {
 }  // namespace
 
 const char* attention_name(AttentionKind kind) {
-    return kind == AttentionKind::plain ? "plain" : kind == AttentionKind::flash ? "flash" : "fa2";
+    return kind == AttentionKind::plain ? "plain" : "flash";
 }
 
 std::vector<KernelCost> training_step_costs(const GPTConfig& config, int B, int T,
@@ -453,8 +512,8 @@ double& time_of_kind(Totals& total, const KernelCost& k) {
     switch (k.engine) {
         case Engine::gemm:
             return total.products;
-        case Engine::fa2_forward:
-        case Engine::fa2_backward:
+        case Engine::tc_forward:
+        case Engine::tc_backward:
         case Engine::warp_issue:
         case Engine::one_warp:
             return total.one_warp;
@@ -471,8 +530,8 @@ Totals step_totals(const std::vector<KernelCost>& rows, const DeviceModel& d, bo
     for (const KernelCost& k : rows) {
         RowTime t = row_time(k, d, bf16);
         total.roofline += t.roofline, total.adjusted += t.adjusted, total.launches += k.launches;
-        if (k.engine == Engine::gemm || k.engine == Engine::fa2_forward ||
-            k.engine == Engine::fa2_backward)
+        if (k.engine == Engine::gemm || k.engine == Engine::tc_forward ||
+            k.engine == Engine::tc_backward)
             total.tensor_flops += k.flops;
         time_of_kind(total, k) += t.adjusted - k.launches * launch_seconds;
     }
@@ -514,7 +573,8 @@ void print_estimate(const GPTConfig& c, int B, int T, AttentionKind attention, b
         c.layers, c.heads, c.dim, c.vocab_size, padded, B, T,
         bf16 ? "bf16 storage, bf16 products" : "float storage, TF32 products",
         attention_name(attention));
-    print_assumptions(d, bf16);
+    bool tensor_core_flash = sizes_of(c, B, T, bf16).tensor_cores;
+    print_assumptions(d, bf16, tensor_core_flash);
     print_table(rows, d, bf16);
     Totals t = step_totals(rows, d, bf16);
     double tokens = double(B) * T, model_flops = model_flops_per_token(c, T) * tokens;
@@ -532,8 +592,8 @@ void print_estimate(const GPTConfig& c, int B, int T, AttentionKind attention, b
            tokens / t.roofline, mfu(t.roofline), bf16 ? "bf16" : "TF32");
     printf("with the assumptions: %.2f ms/step, %.0f tokens/s, MFU %.1f%%\n", t.adjusted * 1e3,
            tokens / t.adjusted, mfu(t.adjusted));
-    double step_ms[3];
-    for (AttentionKind kind : {AttentionKind::plain, AttentionKind::flash, AttentionKind::fa2}) {
+    double step_ms[2];
+    for (AttentionKind kind : {AttentionKind::plain, AttentionKind::flash}) {
         Totals k = step_totals(training_step_costs(c, B, T, kind, bf16), d, bf16);
         step_ms[int(kind)] = k.adjusted * 1e3;
         printf(
@@ -541,16 +601,15 @@ void print_estimate(const GPTConfig& c, int B, int T, AttentionKind attention, b
             "%.2f ms)%s\n",
             attention_name(kind), k.adjusted * 1e3, tokens / k.adjusted, mfu(k.adjusted),
             k.attention * 1e3,
-            kind == AttentionKind::plain ? ", today's default"
-            : kind == AttentionKind::flash
-                ? ", the flash kernels as written (--flash), an issue-bound floor"
-                : ", a tensor-core FlashAttention-2 (not written yet)");
+            kind == AttentionKind::plain ? ", the default"
+            : tensor_core_flash          ? ", the tensor-core flash kernels (--flash)"
+                                : ", the scalar flash kernels (--flash), an issue-bound floor");
     }
     printf(
         "ESTIMATE device=%s attention=%s precision=%s B=%d T=%d roofline_ms=%.2f ms_per_step=%.2f "
         "tokens_per_s=%.0f mfu=%.1f%% roofline_mfu=%.1f%% plain_ms=%.2f flash_ms=%.2f "
-        "fa2_ms=%.2f tensor_tflop=%.4f\n",
+        "flash_kernels=%s tensor_tflop=%.4f\n",
         d.key, attention_name(attention), bf16 ? "bf16" : "float", B, T, t.roofline * 1e3,
         t.adjusted * 1e3, tokens / t.adjusted, mfu(t.adjusted), mfu(t.roofline), step_ms[0],
-        step_ms[1], step_ms[2], t.tensor_flops / 1e12);
+        step_ms[1], tensor_core_flash ? "tensor_cores" : "scalar", t.tensor_flops / 1e12);
 }

@@ -3,16 +3,19 @@
 //
 // Every kernel and matrix product of a step (forward, backward, gradient norm, AdamW) is listed
 // with the bytes it moves through device memory and the FLOPs it does, both derived from the shapes
-// (B, T, C, NH, V, layers), as the code runs them today: cuBLAS products (the float build in TF32
-// tensor-op math, bf16 with float accumulation), a bias copied into the output rows before its
-// product, bias + GELU in a pass of their own, bias and norm-weight gradients as two-stage column
-// sums, the fused classifier, the lm-head products on the vocabulary padded to a multiple of 128.
-// Its roofline time is the larger of bytes / bandwidth and FLOPs / peak; the adjusted time divides
-// by the fractions of bandwidth and peak that real kernels reach (stated per device) and adds a
-// launch overhead per kernel. Attention is modelled three ways: the plain kernels (cuBLAS products
-// and a causal softmax, the default), the flash kernels as written (a warp per query on the CUDA
-// cores, timed by the instructions they issue), and a tensor-core FlashAttention-2 (not written
-// yet).
+// (B, T, C, NH, V, layers), as the code runs them today. The bfloat16 build: cuBLAS products with
+// float accumulation, the linear biases in the products' cuBLASLt epilogues (bias; bias + GELU
+// writing the pre-activation too; the bias gradient beside the weight gradient, then added into
+// dbias). The float build: the products in TF32 tensor-op math, a bias copied into the output rows
+// before its product, bias + GELU in a pass of their own, bias gradients as two-stage column sums.
+// Both: the norm weights' gradients as column sums, the fused classifier, the lm-head products on
+// the vocabulary padded to a multiple of 128. Its roofline time is the larger of bytes / bandwidth
+// and FLOPs / peak; the adjusted time divides by the fractions of bandwidth and peak that real
+// kernels reach (stated per device) and adds a launch overhead per kernel. Attention is modelled
+// two ways, as the code runs them: plain (cuBLAS products and a causal softmax, the default) and
+// flash: in the bfloat16 build at heads of 64 or 128 the tensor-core kernels (FlashAttention-2's
+// scheme on mma.sync), otherwise the scalar kernels (a warp per query on the CUDA cores, timed by
+// the instructions they issue).
 #pragma once
 
 #include "tricycle.h"
@@ -32,21 +35,21 @@ struct DeviceModel {
     double clock;       // Hz: the SM clock the bf16 peak implies
     // Fractions of the peaks reached (assumptions, printed with every estimate):
     double gemm;                // cuBLAS on the step's product shapes, of the tensor-core peak
-    double attention_forward;   // a FlashAttention-2 forward, of the bf16 peak
-    double attention_backward;  // and its backward
+    double attention_forward;   // the tensor-core flash forward, of the bf16 peak
+    double attention_backward;  // and its two backward kernels
     double memory;              // the library's memory-bound kernels, of the bandwidth
 };
 // "a100", "h100" or "h200"; fails naming the known ones.
 const DeviceModel& device_model(const std::string& key);
 
-enum class AttentionKind { plain, flash, fa2 };
+enum class AttentionKind { plain, flash };
 const char* attention_name(AttentionKind kind);
 
-// What limits a kernel: the tensor cores (cuBLAS products, FlashAttention-2), the instructions a
-// warp issues (the flash kernels as written), the CUDA cores and bandwidth (the library's
-// elementwise and row kernels), a single warp (kernels of one block that add up a short list), or
-// the host (the stream waits for it).
-enum class Engine { gemm, fa2_forward, fa2_backward, warp_issue, kernel, one_warp, host };
+// What limits a kernel: the tensor cores (cuBLAS products, the tensor-core flash kernels forward
+// and backward), the instructions a warp issues (the scalar flash kernels), the CUDA cores and
+// bandwidth (the library's elementwise and row kernels), a single warp (kernels of one block that
+// add up a short list), or the host (the stream waits for it).
+enum class Engine { gemm, tc_forward, tc_backward, warp_issue, kernel, one_warp, host };
 
 // One kernel (or product) of the step, all its launches together.
 struct KernelCost {

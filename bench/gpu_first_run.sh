@@ -109,7 +109,7 @@ for attention in plain flash; do
     part "bench-gpt2-$attention" 90 "$bench_bf16" "${gpt2[@]}" --steps 5 --"$attention"
     part "bench-shakespeare-$attention" 60 "$bench_bf16" "${shakespeare[@]}" --steps 10 --"$attention"
 done
-# The estimates need no GPU; each prints its attention's table and the step with all three kinds.
+# The estimates need no GPU; each prints its attention's table and the step with both kinds.
 for attention in plain flash; do
     for device in $devices; do
         part "estimate-gpt2-$attention-$device" 20 "$bench_bf16" --estimate "$device" "${gpt2[@]}" --"$attention"
@@ -142,20 +142,20 @@ field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p" "$2" 2>/dev/null | tail -n 1; }
 {
     echo
     echo "== measured (bf16 build) against the cost model"
-    echo "(predicted: the cost model's adjusted step for that attention; FA-2 ms: the same step with a"
-    echo " tensor-core FlashAttention-2, which the library does not have yet)"
-    printf '%-12s %-6s %-6s %12s %12s %12s %10s %14s %12s %10s\n' shape attention model "measured ms" \
-        "predicted ms" "roofline ms" "measured" "tokens/s pred." "memory GiB" "FA-2 ms"
+    echo "(predicted: the cost model's adjusted step for that attention; flash kernels: the ones the"
+    echo " model times for --flash, tensor_cores in bf16 at heads of 64 or 128, else scalar)"
+    printf '%-12s %-6s %-6s %12s %12s %12s %10s %14s %12s %13s\n' shape attention model "measured ms" \
+        "predicted ms" "roofline ms" "measured" "tokens/s pred." "memory GiB" "flash kernels"
     for shape in gpt2 shakespeare; do
         for attention in plain flash; do
             measured=$work/bench-$shape-$attention.log
             for device in $devices; do
                 predicted=$work/estimate-$shape-$attention-$device.log
-                printf '%-12s %-6s %-6s %12s %12s %12s %10s %14s %12s %10s\n' "$shape" "$attention" "$device" \
+                printf '%-12s %-6s %-6s %12s %12s %12s %10s %14s %12s %13s\n' "$shape" "$attention" "$device" \
                     "$(field ms_per_step "$measured")" "$(field ms_per_step "$predicted")" \
                     "$(field roofline_ms "$predicted")" "$(field tokens_per_s "$measured")" \
                     "$(field tokens_per_s "$predicted")" "$(field peak_memory_gib "$measured")" \
-                    "$(field fa2_ms "$predicted")"
+                    "$(field flash_kernels "$predicted")"
             done
         done
     done

@@ -137,17 +137,38 @@ expected=$(awk 'BEGIN { L = 12; C = 768; T = 1024; N = 16 * T
                         printf "%.4f", N * (6 * (12 * L * C * C + 50304 * C) + 12 * L * T * C) / 1e12 }')
 check "the cost model's products (plain attention) do 6 FLOPs per weight and 12 L T C per position ($plain_tflop, $expected TFLOP)" \
     awk -v a="${plain_tflop:-0}" -v b="$expected" 'BEGIN { exit !(a - b < 1e-3 && b - a < 1e-3) }'
-# A FlashAttention-2 skips the masked tiles and the (T, T) matrices in memory; the flash kernels as
-# written issue ~30-50 warp instructions per (query, key) pair on the CUDA cores.
-read -r plain_ms flash_ms fa2_ms <<< "$(estimate plain_ms) $(estimate flash_ms) $(estimate fa2_ms)"
-check "the cost model orders the attention kinds for GPT-2 124M: FA-2 < plain < flash as written ($fa2_ms < $plain_ms < $flash_ms ms)" \
-    awk -v a="${fa2_ms:-0}" -v b="${plain_ms:-0}" -v c="${flash_ms:-0}" 'BEGIN { exit !(a > 0 && a < b && b < c) }'
-# The float build's step: the same products in TF32 (half the bf16 peak) and twice the bytes.
-float_ms=$(estimate ms_per_step --precision float)
+# bf16, heads of 64: flash is the tensor-core kernels, whose products compute per head and layer
+# the tiles below the diagonal and 10 of the diagonal tile's 16 chunks of 16 x 16 (pairs), 2 + 3
+# + 4 products of 2 hs FLOPs per pair (forward, dq, dk/dv), beside the products outside attention.
+flash_tflop=$(estimate tensor_tflop --flash)
+expected=$(awk 'BEGIN { L = 12; C = 768; T = 1024; N = 16 * T; heads = 16 * 12; hs = 64
+                        for (b = 0; b < T / 64; b++) pairs += b * 64 * 64 + 16 * 16 * 10
+                        products = N * 6 * (12 * L * C * C + 50304 * C)
+                        printf "%.4f", (products + L * heads * pairs * 18 * hs) / 1e12 }')
+check "the cost model's tensor-core flash skips the masked tiles and chunks ($flash_tflop, $expected TFLOP)" \
+    awk -v a="${flash_tflop:-0}" -v b="$expected" 'BEGIN { exit !(a - b < 1e-3 && b - a < 1e-3) }'
+read -r plain_ms flash_ms kernels <<< "$(estimate plain_ms) $(estimate flash_ms) $(estimate flash_kernels)"
+check "the cost model's bf16 flash for GPT-2 124M is the tensor-core kernels, faster than plain ($kernels: $flash_ms < $plain_ms ms)" \
+    awk -v k="$kernels" -v a="${flash_ms:-0}" -v b="${plain_ms:-0}" 'BEGIN { exit !(k == "tensor_cores" && a > 0 && a < b) }'
+# The float build's step: the same products in TF32 (half the bf16 peak) and twice the bytes; its
+# flash is the scalar kernels (~30-50 warp instructions per (query, key) pair on the CUDA cores).
+read -r float_ms float_flash_ms float_kernels <<< \
+    "$(estimate ms_per_step --precision float) $(estimate flash_ms --precision float) $(estimate flash_kernels --precision float)"
 check "the cost model's float (TF32) step is slower than its bf16 one ($float_ms > $plain_ms ms)" \
     awk -v a="${float_ms:-0}" -v b="${plain_ms:-0}" 'BEGIN { exit !(b > 0 && a > b) }'
-fails_with "bench_gpt --fa2 without --estimate says there is no such kernel" "only with --estimate" \
-    ./bench/bench_gpt --fa2
+check "the cost model's float flash is the scalar kernels, slower than plain ($float_kernels: $float_flash_ms > $float_ms ms)" \
+    awk -v k="$float_kernels" -v a="${float_flash_ms:-0}" -v b="${float_ms:-0}" 'BEGIN { exit !(k == "scalar" && b > 0 && a > b) }'
+# bf16: the linear biases ride in the products' epilogues (no bias copies, no bias + GELU pass, no
+# column sums but the norms'); the float build keeps those passes.
+./bench/bench_gpt --estimate a100 > "$dir/estimate_bf16.log"
+./bench/bench_gpt --estimate a100 --precision float > "$dir/estimate_float.log"
+# Rows of those passes: bias copies, bias + GELU, column sums (the norms' one row included).
+passes() { grep -cE 'bias into rows|bias \+ GELU +[0-9]|db \(partial sums\)' "$1"; }
+read -r bf16_passes float_passes <<< "$(passes "$dir/estimate_bf16.log") $(passes "$dir/estimate_float.log")"
+check "the cost model's bf16 step has the norms' column sums only (1 row: $bf16_passes), the float step 3 bias copies, bias + GELU and 4 bias column sums too (9: $float_passes)" \
+    test "$bf16_passes,$float_passes" = "1,9"
+fails_with "bench_gpt has no --fa2 any more (flash is the tensor-core kernels in bf16)" "unknown flag '--fa2'" \
+    ./bench/bench_gpt --estimate a100 --fa2
 fails_with "bench_gpt --precision names the two it knows" "expected bf16 or float" \
     ./bench/bench_gpt --estimate a100 --precision fp8
 fails_with "bench_gpt --estimate names the devices it knows" "expected a100, h100 or h200" ./bench/bench_gpt --estimate tpu
