@@ -129,8 +129,10 @@ for tool in memcheck racecheck initcheck; do
 done
 
 # The test suite, one program at a time (the list make test runs), each with its own limit. (Not
-# the variables of a make that may have started this script, e.g. SANITIZE=1 from `make test`.)
-tests=$(env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL make -n GPU=1 CUDA_ARCH="$arch" test 2>/dev/null | sed -e ':join' -e '/\\$/{N;s/\\\n//;b join' -e '}' |
+# with the variables of a make that may have started this script: `make test SANITIZE=1` puts
+# SANITIZE=1 in the environment and in MAKEFLAGS.)
+tests=$(env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL \
+    make -n GPU=1 SANITIZE= CPU= CUDA_ARCH="$arch" test 2>/dev/null | sed -e ':join' -e '/\\$/{N;s/\\\n//;b join' -e '}' |
     sed -n 's/.*tests\/run_tests.sh //p' | tail -n 1)
 [ -n "$tests" ] || tests="(make -n test printed no list)"
 for test in $tests; do
