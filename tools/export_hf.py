@@ -17,8 +17,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hf_files import END_OF_TEXT, HfError, gpt2_from_tok, read_model_file, read_tok, safetensors_bytes, \
-    write_atomic  # noqa: E402
+from hf_files import END_OF_TEXT, HfError, command_line, gpt2_from_tok, read_model_file, read_tok, run_tool, \
+    safetensors_bytes, write_atomic  # noqa: E402
 
 
 def refuse_unrepresentable(config, path):
@@ -64,15 +64,7 @@ def gpt2_tensors(config, params):
 
 
 def main(argv):
-    if "--help" in argv or "-h" in argv:
-        print(__doc__.strip())
-        return
-    unknown = [a for a in argv if a.startswith("-")]
-    if unknown:
-        raise HfError(f"unknown flag {unknown[0]} (see --help)")
-    if len(argv) != 2:
-        raise HfError("usage: tools/export_hf.py IN.bin DIR (see --help)")
-    path, directory = argv
+    (path, directory), _ = command_line(argv, "tools/export_hf.py IN.bin DIR")
     try:
         config, params, sections = read_model_file(path)
     except OSError as error:
@@ -95,8 +87,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except HfError as error:
-        print(f"export_hf: error: {error}", file=sys.stderr)
-        sys.exit(1)
+    run_tool(main, __doc__)

@@ -6,7 +6,9 @@ Needs only numpy. Every error is a HfError whose text is one line naming the fil
 import json
 import math
 import os
+import re
 import struct
+import sys
 import zlib
 
 import numpy as np
@@ -14,6 +16,39 @@ import numpy as np
 
 class HfError(Exception):
     pass
+
+
+def command_line(argv, usage, options=()):
+    """(the positional arguments, {option: value}) of a tool's command line: `options` are the
+    flags that take a value; any other flag, or a count of positional arguments other than
+    `usage` names, is a HfError. usage: e.g. "tools/export_hf.py IN.bin DIR"."""
+    argv, values = list(argv), {}
+    for option in options:
+        if option in argv:
+            i = argv.index(option)
+            if i + 1 >= len(argv):
+                raise HfError(f"{option} needs a value (see --help)")
+            values[option] = argv.pop(i + 1)
+            argv.pop(i)
+    unknown = [a for a in argv if a.startswith("-")]
+    if unknown:
+        raise HfError(f"unknown flag {unknown[0]} (see --help)")
+    if len(argv) != len(re.sub(r"\[.*?\]", "", usage).split()) - 1:
+        raise HfError(f"usage: {usage} (see --help)")
+    return argv, values
+
+
+def run_tool(main, doc):
+    """Runs main(argv) for a tool: --help prints `doc`; a HfError is one line on stderr, exit 1."""
+    name = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        print(doc.strip())
+        return
+    try:
+        main(sys.argv[1:])
+    except HfError as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 def write_atomic(path, data):

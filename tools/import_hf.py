@@ -20,7 +20,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hf_files import HfError, model_file_bytes, read_safetensors, tok_from_gpt2, write_atomic  # noqa: E402
+from hf_files import HfError, command_line, model_file_bytes, read_safetensors, run_tool, tok_from_gpt2, \
+    write_atomic  # noqa: E402
 
 # GPT-2 config fields whose only value Tricycle can represent, with that value (None: absent).
 REQUIRED = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
@@ -136,22 +137,9 @@ def tokenizer_bytes(directory, out, tokenizer):
 
 
 def main(argv):
-    if "--help" in argv or "-h" in argv:
-        print(__doc__.strip())
-        return
-    tokenizer = None
-    if "--tokenizer" in argv:
-        i = argv.index("--tokenizer")
-        if i + 1 >= len(argv):
-            raise HfError("--tokenizer needs a value (FILE.tok)")
-        tokenizer = argv.pop(i + 1)
-        argv.pop(i)
-    unknown = [a for a in argv if a.startswith("-")]
-    if unknown:
-        raise HfError(f"unknown flag {unknown[0]} (see --help)")
-    if len(argv) != 2:
-        raise HfError("usage: tools/import_hf.py DIR OUT.bin [--tokenizer FILE.tok] (see --help)")
-    directory, out = argv
+    (directory, out), options = command_line(argv, "tools/import_hf.py DIR OUT.bin [--tokenizer FILE.tok]",
+                                             ["--tokenizer"])
+    tokenizer = options.get("--tokenizer")
     config_path = os.path.join(directory, "config.json")
     try:
         hf = json.load(open(config_path))
@@ -176,8 +164,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except HfError as error:
-        print(f"import_hf: error: {error}", file=sys.stderr)
-        sys.exit(1)
+    run_tool(main, __doc__)
