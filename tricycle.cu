@@ -1141,52 +1141,91 @@ static cublasLtMatrixLayout_t cublaslt_layout(int rows, int columns, long ld) {
     return layout;
 }
 
+// The alignment of a pointer in bytes, up to 256: cuBLASLt's algorithms may need aligned operands,
+// so a plan is chosen for each alignment it meets.
+static long alignment(const void* pointer) {
+    uintptr_t address = uintptr_t(pointer) | 256;
+    return long(address & (~address + 1));
+}
+
+// One product layout's cuBLASLt plan: the descriptor, the operands' layouts and the algorithm the
+// heuristic chose (none: `found` false), made on the layout's first use and kept, as the CPU build
+// keeps its oneDNN primitives. A call sets only the epilogue's pointers. Plans live as long as the
+// process (one per layout: a training run makes a few dozen).
+struct CublasLtPlan {
+    cublasLtMatmulDesc_t description;
+    cublasLtMatrixLayout_t a, b, c;
+    cublasLtMatmulAlgo_t algorithm;
+    bool found;
+};
+
+static const size_t cublaslt_workspace_bytes = 32 << 20;
+
+// The epilogue's pointers, set on the descriptor before each product (and before the heuristic).
+static void set_epilogue_pointers(cublasLtMatmulDesc_t description, Epilogue epilogue,
+                                  const void* bias, floatX* aux) {
+    set_attribute(description, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
+    if (epilogue == Epilogue::gelu_bias)
+        set_attribute(description, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, (void*)aux);
+}
+
+static CublasLtPlan make_cublaslt_plan(Epilogue epilogue, const GemmShape& s, const GemmInput& A,
+                                       const GemmInput& B, const GemmOutput& C, const void* bias,
+                                       floatX* aux) {
+    CublasLtPlan plan;
+    cublas_check(cublasLtMatmulDescCreate(&plan.description, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    cublasOperation_t op_a = A.transpose ? CUBLAS_OP_T : CUBLAS_OP_N,
+                      op_b = B.transpose ? CUBLAS_OP_T : CUBLAS_OP_N;
+    set_attribute(plan.description, CUBLASLT_MATMUL_DESC_TRANSA, op_b);  // cuBLAS's first: B
+    set_attribute(plan.description, CUBLASLT_MATMUL_DESC_TRANSB, op_a);
+    cublasLtEpilogue_t kind = epilogue == Epilogue::bias        ? CUBLASLT_EPILOGUE_BIAS
+                              : epilogue == Epilogue::gelu_bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS
+                                                                : CUBLASLT_EPILOGUE_BGRADB;
+    set_attribute(plan.description, CUBLASLT_MATMUL_DESC_EPILOGUE, kind);
+    if (epilogue == Epilogue::gelu_bias)
+        set_attribute(plan.description, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, int64_t(s.N));
+    set_epilogue_pointers(plan.description, epilogue, bias, aux);
+    plan.b = B.transpose ? cublaslt_layout(s.K, s.N, B.ld) : cublaslt_layout(s.N, s.K, B.ld);
+    plan.a = A.transpose ? cublaslt_layout(s.M, s.K, A.ld) : cublaslt_layout(s.K, s.M, A.ld);
+    plan.c = cublaslt_layout(s.N, s.M, C.ld);
+    cublasLtMatmulPreference_t preference;
+    cublas_check(cublasLtMatmulPreferenceCreate(&preference));
+    cublas_check(cublasLtMatmulPreferenceSetAttribute(
+        preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &cublaslt_workspace_bytes,
+        sizeof cublaslt_workspace_bytes));
+    cublasLtMatmulHeuristicResult_t result;
+    int count = 0;
+    cublas_check(cublasLtMatmulAlgoGetHeuristic(cublaslt_handle(), plan.description, plan.b, plan.a,
+                                                plan.c, plan.c, preference, 1, &result, &count));
+    cublas_check(cublasLtMatmulPreferenceDestroy(preference));
+    plan.found = count > 0;
+    if (plan.found) plan.algorithm = result.algo;
+    return plan;
+}
+
 bool gemm_epilogue(Epilogue epilogue, GemmShape s, GemmInput A, GemmInput B, real beta,
                    GemmOutput C, floatX* aux, floatX* bias_grad) {
     if (s.outer * s.inner != 1) return false;
     static void* workspace = nullptr;
-    const size_t workspace_bytes = 32 << 20;
-    if (!workspace) cuda_check(cudaMalloc(&workspace, workspace_bytes));
-    cublasLtMatmulDesc_t description;
-    cublas_check(cublasLtMatmulDescCreate(&description, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-    cublasOperation_t op_a = A.transpose ? CUBLAS_OP_T : CUBLAS_OP_N,
-                      op_b = B.transpose ? CUBLAS_OP_T : CUBLAS_OP_N;
-    set_attribute(description, CUBLASLT_MATMUL_DESC_TRANSA, op_b);  // cuBLAS's first operand: B
-    set_attribute(description, CUBLASLT_MATMUL_DESC_TRANSB, op_a);
-    cublasLtEpilogue_t kind = epilogue == Epilogue::bias        ? CUBLASLT_EPILOGUE_BIAS
-                              : epilogue == Epilogue::gelu_bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS
-                                                                : CUBLASLT_EPILOGUE_BGRADB;
-    set_attribute(description, CUBLASLT_MATMUL_DESC_EPILOGUE, kind);
+    if (!workspace) cuda_check(cudaMalloc(&workspace, cublaslt_workspace_bytes));
     const void* bias = epilogue == Epilogue::bias_grad ? bias_grad : C.bias;
-    set_attribute(description, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
-    if (epilogue == Epilogue::gelu_bias) {
-        set_attribute(description, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, (void*)aux);
-        set_attribute(description, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, int64_t(s.N));
-    }
-    cublasLtMatrixLayout_t b = B.transpose ? cublaslt_layout(s.K, s.N, B.ld)
-                                           : cublaslt_layout(s.N, s.K, B.ld),
-                           a = A.transpose ? cublaslt_layout(s.M, s.K, A.ld)
-                                           : cublaslt_layout(s.K, s.M, A.ld),
-                           c = cublaslt_layout(s.N, s.M, C.ld);
-    cublasLtMatmulPreference_t preference;
-    cublas_check(cublasLtMatmulPreferenceCreate(&preference));
-    cublas_check(cublasLtMatmulPreferenceSetAttribute(preference,
-                                                      CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                      &workspace_bytes, sizeof workspace_bytes));
-    cublasLtMatmulHeuristicResult_t found;
-    int count = 0;
-    cublas_check(cublasLtMatmulAlgoGetHeuristic(cublaslt_handle(), description, b, a, c, c,
-                                                preference, 1, &found, &count));
+    static std::map<std::vector<long>, CublasLtPlan> plans;
+    std::vector<long> key = {long(epilogue), s.M,  s.N,         s.K, A.ld,
+                             A.transpose,    B.ld, B.transpose, C.ld};
+    for (const void* pointer :
+         {(const void*)A.data, (const void*)B.data, (const void*)C.data, bias, (const void*)aux})
+        key.push_back(alignment(pointer));
+    auto known = plans.find(key);
+    if (known == plans.end())
+        known = plans.emplace(key, make_cublaslt_plan(epilogue, s, A, B, C, bias, aux)).first;
+    CublasLtPlan& plan = known->second;
+    if (!plan.found) return false;
+    set_epilogue_pointers(plan.description, epilogue, bias, aux);
     float alpha = 1, beta_value = float(beta);
-    if (count > 0)
-        cublas_check(cublasLtMatmul(cublaslt_handle(), description, &alpha, B.data, b, A.data, a,
-                                    &beta_value, C.data, c, C.data, c, &found.algo, workspace,
-                                    workspace_bytes, 0));
-    cublas_check(cublasLtMatmulPreferenceDestroy(preference));
-    for (cublasLtMatrixLayout_t layout : {a, b, c})
-        cublas_check(cublasLtMatrixLayoutDestroy(layout));
-    cublas_check(cublasLtMatmulDescDestroy(description));
-    return count > 0;
+    cublas_check(cublasLtMatmul(cublaslt_handle(), plan.description, &alpha, B.data, plan.b, A.data,
+                                plan.a, &beta_value, C.data, plan.c, C.data, plan.c,
+                                &plan.algorithm, workspace, cublaslt_workspace_bytes, 0));
+    return true;
 }
 #else
 bool gemm_epilogue(Epilogue, GemmShape, GemmInput, GemmInput, real, GemmOutput, floatX*, floatX*) {
@@ -1752,20 +1791,21 @@ void linear_backward(floatX* dx, floatX* dweight, floatX* dbias, const floatX* d
         gemm({.M = int(N), .N = in, .K = out_features}, 1, {.data = dout, .ld = out_features},
              {.data = weight, .ld = in}, mode == InputGrad::add ? 1 : 0, {.data = dx, .ld = in});
     // dW (out, in) += dout^T (out, N) @ x (N, in); db += column sums of dout, by the product's
-    // epilogue into scratch when it can (it writes, we add), else by column_sums.
+    // epilogue when the build has one (it writes the sums into scratch, we add them), else by
+    // column_sums.
     GemmShape shape{.M = out_features, .N = in, .K = int(N)};
     GemmInput dout_t{.data = dout, .ld = out_features, .transpose = true},
         x_rows{.data = x, .ld = in};
-    MemoryMark mark = memory_mark();
-    floatX* bias_sums = dweight && dbias ? device_alloc<floatX>(out_features) : nullptr;
-    if (bias_sums && gemm_epilogue(Epilogue::bias_grad, shape, dout_t, x_rows, 1,
-                                   {.data = dweight, .ld = in}, nullptr, bias_sums)) {
-        residual_forward(dbias, dbias, bias_sums, out_features);
-        dbias = nullptr;
-    } else if (dweight) {
-        gemm(shape, 1, dout_t, x_rows, 1, {.data = dweight, .ld = in});
+    if (gemm_has_epilogues && dweight && dbias) {
+        MemoryMark mark = memory_mark();
+        floatX* bias_sums = device_alloc<floatX>(out_features);
+        bool summed = gemm_epilogue(Epilogue::bias_grad, shape, dout_t, x_rows, 1,
+                                    {.data = dweight, .ld = in}, nullptr, bias_sums);
+        if (summed) residual_forward(dbias, dbias, bias_sums, out_features);
+        memory_release(mark);
+        if (summed) return;
     }
-    memory_release(mark);
+    if (dweight) gemm(shape, 1, dout_t, x_rows, 1, {.data = dweight, .ld = in});
     if (dbias) column_sums(dbias, nullptr, dout, nullptr, nullptr, nullptr, N, out_features);
 }
 

@@ -472,6 +472,11 @@ extern bool use_tf32;
 // Unbatched products only. Returns false where it does not apply (other builds, or no cuBLASLt
 // algorithm for the shape): the caller then runs the plain product and its own pass.
 enum class Epilogue { bias, gelu_bias, bias_grad };
+#if defined(__CUDACC__) && defined(TRICYCLE_BF16)
+constexpr bool gemm_has_epilogues = true;
+#else
+constexpr bool gemm_has_epilogues = false;  // callers skip what only an epilogue would need
+#endif
 bool gemm_epilogue(Epilogue epilogue, GemmShape shape, GemmInput A, GemmInput B, real beta,
                    GemmOutput C, floatX* aux, floatX* bias_grad);
 long gemm_layouts_made();  // CPU build: oneDNN primitives made so far (one per product layout)
