@@ -11,8 +11,10 @@
 #
 # Precision of the programs: BF16=1 stores every tensor in bfloat16 (mixed precision, see tricycle.h),
 # BF16=0 in float. The CPU build picks bfloat16 by itself where the CPU multiplies bfloat16 matrices
-# natively (AMX or AVX512-BF16 in /proc/cpuinfo: there its products are several times faster), float
-# elsewhere; the GPU build picks float. The tests build the precisions they test whatever is picked.
+# natively (amx_bf16 or avx512_bf16 among the flags of /proc/cpuinfo: there its products are several
+# times faster), float elsewhere; the GPU build picks float. CPU_FLAGS="..." replaces the flags read
+# from /proc/cpuinfo, to see the choice another CPU would get (`make config CPU_FLAGS=avx2`). The
+# tests build the precisions they test whatever is picked. `make config` prints what was picked.
 
 ifeq ($(GPU),1)
   BACKEND := gpu
@@ -27,10 +29,12 @@ ifeq ($(SANITIZE),1)
   endif
   BACKEND := cpu-sanitize
 endif
+CPU_FLAGS ?= $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+BF16_PRODUCTS := $(filter amx_bf16 avx512_bf16,$(CPU_FLAGS))
 ifeq ($(BACKEND),gpu)
   BF16 ?= 0
 else
-  BF16 ?= $(shell grep -qwE 'amx_bf16|avx512_bf16' /proc/cpuinfo 2>/dev/null && echo 1 || echo 0)
+  BF16 ?= $(if $(BF16_PRODUCTS),1,0)
 endif
 PRECISION := $(if $(filter 1,$(BF16)),bf16,float)
 
@@ -87,8 +91,15 @@ LIBRARY = $(OBJ)/$(1)/tricycle.o $(OBJ)/$(1)/tricycle_io.o
 PROGRAMS := train_gpt inference tokenizer
 TESTS := test_gradients tests/test_emulator tests/test_tokenizer tests/gpt_parity tests/mixed_precision_fp32 tests/mixed_precision_bf16
 
-.PHONY: all test test-bf16 test-gpu-shapes clean train bench kernel-report bench-emulator bench-tokenizer
+.PHONY: all config test test-gpu-shapes clean train bench kernel-report bench-emulator bench-tokenizer
 all: $(PROGRAMS) $(TESTS)
+
+PRECISION_WHY := $(if $(filter command line environment,$(origin BF16)),given as BF16=$(BF16),$(if \
+  $(filter gpu,$(BACKEND)),the GPU build's default,$(if $(BF16_PRODUCTS),the CPU multiplies bfloat16 \
+  natively: $(BF16_PRODUCTS),the CPU has neither amx_bf16 nor avx512_bf16)))
+config:
+	@echo "build $(BUILD): backend $(BACKEND), precision $(PRECISION) ($(PRECISION_WHY)), MPI $(MPI)"
+
 
 # Binaries go to the repository root whatever the build; this stamp relinks them when it changes.
 STAMP := build/.selected-$(BUILD)
@@ -106,10 +117,23 @@ $(OBJ)/%/distributed-mpi.o: distributed.cu $(HEADERS) Makefile
 	@mkdir -p $(dir $@)
 	$(COMPILE) $(FLAGS_$*) $(MPI_FLAGS) -I. -c $< -o $@
 
-train_gpt: $(OBJ)/$(PRECISION)/train_gpt.o $(call LIBRARY,$(PRECISION)) $(call DISTRIBUTED,$(PRECISION)) $(STAMP)
-	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS) $(MPI_LIBS)
+# Each precision's programs in a folder of their own, so that a test can run the precision it checks
+# whatever the default is; the programs at the repository root are copies of the default's.
+PROGRAM_DIR = $(OBJ)/$(1)/programs$(if $(filter 1,$(MPI)),-mpi)
+define programs_rule
+$(call PROGRAM_DIR,$(1))/train_gpt: $(OBJ)/$(1)/train_gpt.o $(call LIBRARY,$(1)) $(call DISTRIBUTED,$(1))
+	@mkdir -p $$(dir $$@)
+	$(LINKER) $$(filter %.o,$$^) -o $$@ $(LIBS) $(MPI_LIBS)
+$(call PROGRAM_DIR,$(1))/inference $(call PROGRAM_DIR,$(1))/tokenizer: $(call PROGRAM_DIR,$(1))/%: $(OBJ)/$(1)/%.o $(call LIBRARY,$(1))
+	@mkdir -p $$(dir $$@)
+	$(LINKER) $$(filter %.o,$$^) -o $$@ $(LIBS)
+endef
+$(foreach p,float bf16,$(eval $(call programs_rule,$(p))))
 
-inference tokenizer bench/emulator bench/bench_gpt: %: $(OBJ)/$(PRECISION)/%.o $(call LIBRARY,$(PRECISION)) $(STAMP)
+$(PROGRAMS): %: $(call PROGRAM_DIR,$(PRECISION))/% $(STAMP)
+	cp $< $@
+
+bench/emulator bench/bench_gpt: %: $(OBJ)/$(PRECISION)/%.o $(call LIBRARY,$(PRECISION)) $(STAMP)
 	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
 
 # bench_gpt links in the cost model of a GPU training step (bench/cost_model.cu).
@@ -129,21 +153,22 @@ tests/mixed_precision_fp32: $(OBJ)/float/tests/mixed_precision.o $(call LIBRARY,
 tests/mixed_precision_bf16: $(OBJ)/bf16/tests/mixed_precision.o $(call LIBRARY,bf16) $(STAMP)
 	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
 
-test: $(TESTS) $(PROGRAMS) bench/bench_gpt
+# The programs of both precisions, for the tests that check each (tests/test_hf.py) whatever the
+# default is.
+PRECISION_PROGRAMS := $(foreach p,float bf16,$(addprefix $(call PROGRAM_DIR,$(p))/,train_gpt inference))
+export TRICYCLE_PROGRAMS_FLOAT := $(call PROGRAM_DIR,float)
+export TRICYCLE_PROGRAMS_BF16 := $(call PROGRAM_DIR,bf16)
+
+test: $(TESTS) $(PROGRAMS) $(PRECISION_PROGRAMS) bench/bench_gpt
 	@bash tests/run_tests.sh test_gradients tests/test_emulator tests/test_tokenizer tests/test_launch_types.sh tests/test_parity.sh \
 	    tests/test_mixed_precision.sh tests/test_programs.sh tests/test_distributed.py tests/test_files.py tests/test_hf.sh \
 	    tests/check_style.py
 
 # The tests again with the GPU build's launch shapes under the emulator (32 threads per row,
 # 256-thread element blocks, the GPU's grids), so the kernels' GPU configuration runs in CI too.
-test-gpu-shapes: $(TESTS) $(PROGRAMS) bench/bench_gpt
+test-gpu-shapes: $(TESTS) $(PROGRAMS) $(PRECISION_PROGRAMS) bench/bench_gpt
 	@TRICYCLE_LAUNCH_SHAPES=gpu bash tests/run_tests.sh test_gradients tests/test_emulator \
 	    tests/test_parity.sh tests/test_mixed_precision.sh tests/test_programs.sh
-
-# The programs' end-to-end tests again, with the programs built in mixed precision.
-test-bf16:
-	$(MAKE) BF16=1 $(PROGRAMS)
-	@bash tests/run_tests.sh tests/test_programs.sh tests/test_distributed.py
 
 clean:
 	rm -rf build $(PROGRAMS) $(TESTS) bench/emulator bench/bench_gpt

@@ -11,7 +11,7 @@
   different flags, --grad-accum that the ranks do not divide. Each ends the job with a non-zero
   status within seconds, naming the rank; after the kill the last checkpoint still loads.
 
-Run by `make test` and `make test-bf16`, with whatever precision the programs were built in. Its
+Run by `make test` (`make test BF16=0|1`), with whatever precision the programs were built in. Its
 checks are skipped (and counted as such) where mpirun is missing or train_gpt was built without MPI.
 OpenMPI refuses to run as root unless told twice that it may; the test tells it. Leak detection is
 off for the ranks of the sanitizer build: OpenMPI keeps memory until exit on purpose (its other

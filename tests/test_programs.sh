@@ -121,6 +121,18 @@ fails_with "make with DATA= naming a missing file says so" "DATA=$dir/none.txt: 
     make -s -C "$dir/make2" -f "$PWD/Makefile" data/tinyshakespeare.txt DATA="$dir/none.txt"
 check "make train VOCAB=512 makes data/shakespeare_512.tok, not the 1024-token one" \
     bash -c "make -n train VOCAB=512 CPU=1 2>/dev/null | grep -q 'vocab-size 512 --output data/shakespeare_512.tok'"
+# make's choice of precision for CPUs of each class (CPU_FLAGS stands in for /proc/cpuinfo's flags).
+picks() {  # picks PRECISION make-arguments...: `make config` with those arguments says PRECISION
+    local expected=$1
+    shift  # (not the variables of a calling make, e.g. make test BF16=0)
+    env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL -u BF16 -u CPU_FLAGS make -s config "$@" 2>/dev/null |
+        grep -q "precision $expected ("
+}
+check "make picks float for an AVX2-only CPU" picks float CPU=1 CPU_FLAGS="fpu sse2 avx avx2 fma"
+check "make picks bf16 for a CPU with AVX512-BF16" picks bf16 CPU=1 CPU_FLAGS="avx2 avx512f avx512_bf16"
+check "make picks bf16 for a CPU with AMX-BF16" picks bf16 CPU=1 CPU_FLAGS="avx2 avx512f amx_tile amx_bf16"
+check "make picks float on a bfloat16 CPU when given BF16=0" picks float CPU=1 CPU_FLAGS="avx512_bf16" BF16=0
+check "make picks float for the GPU build" picks float GPU=1 CPU_FLAGS="amx_bf16"
 # bench_gpt: a step of the debug preset with the memory it holds, and the cost model's estimates.
 ./bench/bench_gpt --preset debug --batch 2 --seq 32 --steps 1 > "$dir/bench.log" 2>&1
 check "bench_gpt times a step and reports the memory a step holds" \
