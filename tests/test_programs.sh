@@ -124,8 +124,10 @@ check "make train VOCAB=512 makes data/shakespeare_512.tok, not the 1024-token o
 # make's choice of precision for CPUs of each class (CPU_FLAGS stands in for /proc/cpuinfo's flags).
 picks() {  # picks PRECISION make-arguments...: `make config` with those arguments says PRECISION
     local expected=$1
-    shift  # (not the variables of a calling make, e.g. make test BF16=0)
-    env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL -u BF16 -u CPU_FLAGS make -s config "$@" 2>/dev/null |
+    shift  # (not the variables of a calling make, e.g. make test BF16=0 or SANITIZE=1, which make
+    # passes on in MAKEFLAGS and in the environment)
+    env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL -u BF16 -u CPU_FLAGS -u SANITIZE -u GPU -u CPU -u MPI \
+        make -s config "$@" 2>/dev/null |
         grep -q "precision $expected ("
 }
 check "make picks float for an AVX2-only CPU" picks float CPU=1 CPU_FLAGS="fpu sse2 avx avx2 fma"
