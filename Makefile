@@ -127,6 +127,10 @@ $(call PROGRAM_DIR,$(1))/train_gpt: $(OBJ)/$(1)/train_gpt.o $(call LIBRARY,$(1))
 $(call PROGRAM_DIR,$(1))/inference $(call PROGRAM_DIR,$(1))/tokenizer: $(call PROGRAM_DIR,$(1))/%: $(OBJ)/$(1)/%.o $(call LIBRARY,$(1))
 	@mkdir -p $$(dir $$@)
 	$(LINKER) $$(filter %.o,$$^) -o $$@ $(LIBS)
+$(call PROGRAM_DIR,$(1))/bench_gpt: $(OBJ)/$(1)/bench/bench_gpt.o $(OBJ)/$(1)/bench/cost_model.o $(call LIBRARY,$(1))
+	@mkdir -p $$(dir $$@)
+	$(LINKER) $$(filter %.o,$$^) -o $$@ $(LIBS)
+$(OBJ)/$(1)/bench/bench_gpt.o $(OBJ)/$(1)/bench/cost_model.o: bench/cost_model.h
 endef
 $(foreach p,float bf16,$(eval $(call programs_rule,$(p))))
 
@@ -138,7 +142,6 @@ bench/emulator bench/bench_gpt: %: $(OBJ)/$(PRECISION)/%.o $(call LIBRARY,$(PREC
 
 # bench_gpt links in the cost model of a GPU training step (bench/cost_model.cu).
 bench/bench_gpt: $(OBJ)/$(PRECISION)/bench/cost_model.o
-$(OBJ)/$(PRECISION)/bench/bench_gpt.o $(OBJ)/$(PRECISION)/bench/cost_model.o: bench/cost_model.h
 
 # The tests build the precision they check: gradients in double, parity in float, mixed precision both.
 test_gradients tests/test_emulator: %: $(OBJ)/double/%.o $(call LIBRARY,double) $(STAMP)
@@ -255,10 +258,11 @@ PRESET_NOTE_debug := 2 layers, dim 32: a quick check that everything runs.
 # ----------------------------------------------------------------------------------------------------
 # Benchmarks (not tests): each prints its figures.
 
-# Tricycle against PyTorch on nanoGPT's CPU recipe, a per-kernel profile, the GPT-2 124M shape, and
-# the GPU kernels' registers and spills. BENCH_STEPS=N shortens the recipe. On a GPU build: tokens/s,
+# Tricycle against PyTorch on nanoGPT's CPU recipe, the step against its product floor and the
+# product peak in both precisions, a per-kernel profile, the GPT-2 124M shape, and the GPU kernels'
+# registers and spills. BENCH_STEPS=N shortens the recipe. On a GPU build: tokens/s,
 # MFU and per-kernel times on the GPU for the GPT-2 124M shape and the shakespeare preset.
-bench: $(SHAKESPEARE) train_gpt tokenizer bench/bench_gpt
+bench: $(SHAKESPEARE) train_gpt tokenizer bench/bench_gpt $(foreach p,float bf16,$(call PROGRAM_DIR,$(p))/bench_gpt)
 	BUILD=$(BUILD) DATA=$(SHAKESPEARE) bash bench/run_bench.sh
 
 kernel-report:

@@ -28,6 +28,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <math.h>  // (not only <cmath>: as under CUDA, sqrt, exp, tanh... of a float are float)
+
 #include <cmath>
 #include <cstdarg>
 #include <cstdint>
@@ -68,15 +70,17 @@ struct dim3 {
 };
 
 // bfloat16 (for the mixed-precision build): the top 16 bits of a float, rounded to nearest even.
+// A NaN stays a (quiet) NaN. Both results are computed and one is selected, with no branch, so
+// that loops storing bfloat16 vectorise.
 struct __nv_bfloat16 {
     uint16_t bits;
 };
 inline __nv_bfloat16 __float2bfloat16(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000)
-        return __nv_bfloat16{uint16_t((u >> 16) | 0x40)};  // NaN stays a (quiet) NaN
-    return __nv_bfloat16{uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16)};
+    uint16_t rounded = uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16),
+             quiet = uint16_t((u >> 16) | 0x40);
+    return __nv_bfloat16{(u & 0x7fffffff) > 0x7f800000 ? quiet : rounded};
 }
 inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short bits) { return __nv_bfloat16{bits}; }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }

@@ -152,11 +152,14 @@ static dim3 row_grid(long rows) {
 }
 
 // Calls body(i) for the i in [begin, end) that thread `thread` of `threads` handles: begin +
-// thread, then every threads-th. A lone thread takes them all in a unit-stride loop (vectorisable).
+// thread, then every threads-th. A lone thread takes them all in a unit-stride loop, declared a
+// SIMD loop: the bodies are independent of each other (with more threads they run at once), which
+// the CPU compiler cannot always prove by itself (e.g. through bfloat16 stores and selects).
 template <typename F>
 __device__ __forceinline__ void for_each_strided(long begin, long end, int thread, int threads,
                                                  F body) {
     if (threads == 1) {
+#pragma omp simd
         for (long i = begin; i < end; i++) body(i);
     } else {
         for (long i = begin + thread; i < end; i += threads) body(i);
@@ -1203,8 +1206,8 @@ static CublasLtPlan make_cublaslt_plan(Epilogue epilogue, const GemmShape& s, co
     return plan;
 }
 
-bool gemm_epilogue(Epilogue epilogue, GemmShape s, GemmInput A, GemmInput B, real beta,
-                   GemmOutput C, floatX* aux, floatX* bias_grad) {
+static bool cublaslt_epilogue(Epilogue epilogue, GemmShape s, GemmInput A, GemmInput B, real beta,
+                              GemmOutput C, floatX* aux, floatX* bias_grad) {
     if (s.outer * s.inner != 1) return false;
     static void* workspace = nullptr;
     if (!workspace) cuda_check(cudaMalloc(&workspace, cublaslt_workspace_bytes));
@@ -1227,18 +1230,27 @@ bool gemm_epilogue(Epilogue epilogue, GemmShape s, GemmInput A, GemmInput B, rea
                                 &plan.algorithm, workspace, cublaslt_workspace_bytes, 0));
     return true;
 }
+
 #else
-bool gemm_epilogue(Epilogue, GemmShape, GemmInput, GemmInput, real, GemmOutput, floatX*, floatX*) {
+static bool cublaslt_epilogue(Epilogue, GemmShape, GemmInput, GemmInput, real, GemmOutput, floatX*,
+                              floatX*) {
     return false;
 }
 #endif
+
+bool gemm_epilogue(Epilogue epilogue, GemmShape s, GemmInput A, GemmInput B, real beta,
+                   GemmOutput C, floatX* aux, floatX* bias_grad) {
+    bool ran = cublaslt_epilogue(epilogue, s, A, B, beta, C, aux, bias_grad);
+    if (ran && gemm_record) gemm_record->push_back(GemmCall{s, 1, A, B, beta, C});
+    return ran;
+}
 
 // cuBLAS is column-major: it computes C^T = op(B)^T op(A)^T, which is C in row-major. A bias is
 // added by the product's epilogue (bfloat16 build), else copied into every row of C first and the
 // product added to it.
 static void cublas_gemm(const GemmShape& s, real alpha, GemmInput A, GemmInput B, real beta,
                         GemmOutput C) {
-    if (C.bias && gemm_epilogue(Epilogue::bias, s, A, B, 0, C, nullptr, nullptr)) return;
+    if (C.bias && cublaslt_epilogue(Epilogue::bias, s, A, B, 0, C, nullptr, nullptr)) return;
     if (C.bias) {
         launch(broadcast_rows_kernel, row_grid(s.M), row_block(), 0, C.data, C.bias, long(s.M),
                s.N);
@@ -1517,6 +1529,8 @@ long gemm_layouts_made() {
 #endif
 }
 
+std::vector<GemmCall>* gemm_record = nullptr;
+
 void gemm(GemmShape shape, real alpha, GemmInput A, GemmInput B, real beta, GemmOutput C) {
     if (profiling) {
         char name[96];
@@ -1535,6 +1549,7 @@ void gemm(GemmShape shape, real alpha, GemmInput A, GemmInput B, real beta, Gemm
 #else
     cpu_gemm(shape, alpha, A, B, beta, C);
 #endif
+    if (gemm_record) gemm_record->push_back(GemmCall{shape, alpha, A, B, beta, C});
 }
 
 // out = a @ b. a is (..., M, K); b is (K, N), shared by every matrix of a, or (..., K, N) with the

@@ -480,6 +480,16 @@ constexpr bool gemm_has_epilogues = false;  // callers skip what only an epilogu
 bool gemm_epilogue(Epilogue epilogue, GemmShape shape, GemmInput A, GemmInput B, real beta,
                    GemmOutput C, floatX* aux, floatX* bias_grad);
 long gemm_layouts_made();  // CPU build: oneDNN primitives made so far (one per product layout)
+// While gemm_record points at a list, every product (gemm and each gemm_epilogue that ran) is
+// appended to it: bench_gpt runs one step's products again on their own, the step's product floor.
+struct GemmCall {
+    GemmShape shape;
+    real alpha;
+    GemmInput A, B;
+    real beta;
+    GemmOutput C;
+};
+extern std::vector<GemmCall>* gemm_record;
 std::string
 gemm_engine();  // what runs the products, e.g. "oneDNN, bfloat16 with float accumulation"
 

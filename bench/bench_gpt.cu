@@ -9,6 +9,12 @@
 // twice the forward) plus 12 L T C for attention's two products of every layer — the usual
 // estimate, which counts the masked half of causal attention too. The peak is bf16 dense (H100 and
 // H200 SXM 989 TFLOPS, A100 312), looked up from the device name, or --peak-tflops.
+//
+// Beside the step it measures what the step aims at: the product floor, the step's own matrix
+// products (recorded by gemm during the first step) run again alone, back to back, and the product
+// peak, a large square product through the same engine and precision. The RESULT line gives both
+// (floor_ms, peak_gflops), the step over its floor (floor_ratio) and the step's model FLOPs per
+// second over the peak (peak_share: on a CPU, what MFU means on a GPU).
 #include "tricycle.h"
 
 #include "cost_model.h"
@@ -132,14 +138,82 @@ static double print_memory(const GPT& model, const AdamW& adam, const GPTActivat
     return total / GiB;
 }
 
+// The elements a matrix operand spans: `count` matrices `stride` apart, of rows x cols stored with
+// `ld` between rows (transposed: cols x rows).
+static long operand_span(long outer, long outer_stride, long inner, long inner_stride, int rows,
+                         int cols, long ld, bool transpose) {
+    int stored_rows = transpose ? cols : rows, stored_cols = transpose ? rows : cols;
+    return (outer - 1) * outer_stride + (inner - 1) * inner_stride + (stored_rows - 1) * ld +
+           stored_cols;
+}
+
+// Seconds to run these products once, back to back (the median of 5 runs after one to warm up),
+// each on scratch buffers laid out as its own operands were: the same shapes, strides and batches,
+// so the same cached primitives (CPU) or algorithms (GPU), with nothing else in between.
+static double products_seconds(const std::vector<GemmCall>& calls) {
+    long largest = 0;
+    for (const GemmCall& c : calls) {
+        const GemmShape& s = c.shape;
+        long a = operand_span(s.outer, c.A.outer, s.inner, c.A.inner, s.M, s.K, c.A.ld,
+                              c.A.transpose),
+             b = operand_span(s.outer, c.B.outer, s.inner, c.B.inner, s.K, s.N, c.B.ld,
+                              c.B.transpose),
+             out = operand_span(s.outer, c.C.outer, s.inner, c.C.inner, s.M, s.N, c.C.ld, false);
+        largest = std::max(largest, a + b + out + s.N);
+    }
+    MemoryMark mark = memory_mark();
+    floatX* scratch = device_alloc<floatX>(size_t(largest));
+    fill_uniform(scratch, largest, 3, -1, 1);
+    std::vector<double> times;
+    for (int run = 0; run < 6; run++) {
+        cuda_check(cudaDeviceSynchronize());
+        double start = seconds_now();
+        for (const GemmCall& c : calls) {
+            const GemmShape& s = c.shape;
+            GemmInput A = c.A, B = c.B;
+            GemmOutput C = c.C;
+            A.data = scratch;
+            B.data = scratch +
+                     operand_span(s.outer, A.outer, s.inner, A.inner, s.M, s.K, A.ld, A.transpose);
+            C.data = const_cast<floatX*>(B.data) +
+                     operand_span(s.outer, B.outer, s.inner, B.inner, s.K, s.N, B.ld, B.transpose);
+            if (C.bias)
+                C.bias = C.data +
+                         operand_span(s.outer, C.outer, s.inner, C.inner, s.M, s.N, C.ld, false);
+            gemm(s, c.alpha, A, B, c.beta, C);
+        }
+        cuda_check(cudaDeviceSynchronize());
+        if (run > 0) times.push_back(seconds_now() - start);
+    }
+    memory_release(mark);
+    std::sort(times.begin(), times.end());
+    return times[times.size() / 2];
+}
+
+// The product peak in FLOPs per second: a large square product (2048 on the CPU, 8192 on a GPU)
+// through the same engine and precision as the step's products.
+static double product_peak() {
+#ifdef __CUDACC__
+    const int n = 8192;
+#else
+    const int n = 2048;
+#endif
+    GemmCall square{{.M = n, .N = n, .K = n},   1, {.data = nullptr, .ld = n},
+                    {.data = nullptr, .ld = n}, 0, {.data = nullptr, .ld = n}};
+    return 2.0 * n * n * double(n) / products_seconds({square});
+}
+
 // Runs steps + 1 training steps (the first warms up); their times in seconds, the first left out.
+// The products of the first are recorded in `products`.
 static std::vector<double> run_steps(const BenchOptions& o, GPT& model, AdamW& adam,
-                                     GPTActivations& acts, const int* tokens, size_t* arena_peak) {
+                                     GPTActivations& acts, const int* tokens, size_t* arena_peak,
+                                     std::vector<GemmCall>* products) {
     int B = o.B, T = o.T;
     real* norm = device_alloc<real>(1);
     std::vector<double> times;
     for (int step = 0; step <= o.steps; step++) {
         profiling = o.profile && step > 0;
+        gemm_record = step == 0 ? products : nullptr;
         double start = seconds_now();
         parameters_zero_grad(model.params);
         MemoryMark mark = memory_mark();
@@ -159,6 +233,7 @@ static std::vector<double> run_steps(const BenchOptions& o, GPT& model, AdamW& a
         *arena_peak = std::max(*arena_peak, memory_in_use());
         memory_release(mark);
         profiling = false;
+        gemm_record = nullptr;
         double seconds = seconds_now() - start;
         if (step > 0) times.push_back(seconds);
         printf("step %d: loss %.4f, %.1f ms\n", step, double(value), seconds * 1e3);
@@ -195,10 +270,19 @@ static int bench(int argc, char** argv) {
     printf("matrix products: %s\n", gemm_engine().c_str());
     GPTActivations acts;
     size_t arena_peak = 0;
-    std::vector<double> times = run_steps(o, model, adam, acts, tokens, &arena_peak);
+    std::vector<GemmCall> products;
+    std::vector<double> times = run_steps(o, model, adam, acts, tokens, &arena_peak, &products);
     std::sort(times.begin(), times.end());
     double median = times[times.size() / 2], tokens_per_second = o.B * o.T / median;
     double flops_per_token = model_flops_per_token(config, o.T);
+    double memory_gib = print_memory(model, adam, acts, arena_peak, free_at_start);
+    double floor = products_seconds(products), peak = product_peak();  // (scratch of their own)
+    double peak_share = flops_per_token * tokens_per_second / peak;
+    printf(
+        "product floor: the step's %zu matrix products alone take %.2f ms; the step is %.2fx that\n"
+        "product peak: %.1f GFLOPS (a 2048^3 product on the CPU, 8192^3 on a GPU); the step runs "
+        "its model FLOPs at %.1f%% of it\n",
+        products.size(), floor * 1e3, median / floor, peak / 1e9, 100 * peak_share);
     double peak_tflops = o.peak_tflops > 0 ? o.peak_tflops : known_peak_tflops();
     std::string mfu =
         peak_tflops > 0
@@ -206,12 +290,11 @@ static int bench(int argc, char** argv) {
                   std::to_string(100 * flops_per_token * tokens_per_second / (peak_tflops * 1e12)) +
                   "%"
             : "";
-    double memory_gib = print_memory(model, adam, acts, arena_peak, free_at_start);
     printf(
-        "RESULT name=bench_gpt steps=%d ms_per_step=%.1f tokens_per_s=%.0f model_tflops=%.3f%s "
-        "peak_memory_gib=%.3f\n",
+        "RESULT name=bench_gpt steps=%d ms_per_step=%.2f tokens_per_s=%.0f model_tflops=%.3f%s "
+        "peak_gflops=%.1f peak_share=%.3f floor_ms=%.2f floor_ratio=%.2f peak_memory_gib=%.3f\n",
         o.steps, median * 1e3, tokens_per_second, flops_per_token * tokens_per_second / 1e12,
-        mfu.c_str(), memory_gib);
+        mfu.c_str(), peak / 1e9, peak_share, floor * 1e3, median / floor, memory_gib);
     if (o.profile) profile_report(stdout, o.steps);
     return 0;
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make bench: Tricycle against PyTorch on nanoGPT's CPU recipe, side by side in one invocation, then
-# where Tricycle's time goes (per kernel), the GPT-2 124M shape, and the kernels' register report.
+# where Tricycle's time goes (per kernel), the recipe's and the GPT-2 124M shape's steps against
+# their product floor and the product peak in both precisions, and the kernels' register report.
 #
 # The recipe: character-level tinyshakespeare (first 90% train, last 10% val), 4 layers, 4 heads,
 # 128 dim, context 64, batch 12, AdamW lr 1e-3 with 100 warmup steps and cosine decay to 1e-4,
@@ -82,8 +83,25 @@ echo "== where the time goes: one training step of the recipe, per kernel and ma
     --steps 100 --eval-interval 0 --profile | sed -n '/^profile over/,$p' | grep -v '^done'
 
 echo
-echo "== GPT-2 124M shape (12 layers, 768 dim, 12 heads, vocab 50257), B=4, T=64 (llm.c's CPU train_gpt2.c, 2 threads: ~5.5 s/step here)"
-./bench/bench_gpt --steps 5 | tail -n 1
+echo "== each step against its product floor (the step's own matrix products run alone, primitives cached)"
+echo "   and the product peak (a 2048^3 product through the same engine), in both precisions (bench_gpt)"
+printf "%-34s %-6s %10s %10s %11s %12s %11s  %s\n" "shape" "build" "ms/step" "floor ms" "step/floor" "peak GFLOPS" "peak share" "products"
+recipe_shape=(--layers 4 --heads 4 --dim 128 --vocab 257 --context 64 --batch 12 --seq 64 --steps 30)
+for shape in recipe gpt2; do
+    if [ "$shape" = recipe ]; then label="the recipe (4L 128d, B=12 T=64)" args=("${recipe_shape[@]}")
+    else label="GPT-2 124M, B=4 T=64" args=(--steps 5); fi
+    for precision in bf16 float; do
+        programs=$TRICYCLE_PROGRAMS_FLOAT
+        [ "$precision" = bf16 ] && programs=$TRICYCLE_PROGRAMS_BF16
+        log=$("$programs/bench_gpt" "${args[@]}")
+        result=$(grep '^RESULT' <<< "$log")
+        field() { sed "s/.* $1=\([^ ]*\).*/\1/" <<< "$result"; }
+        printf "%-34s %-6s %10s %10s %11s %12s %11s  %s\n" "$label" "$precision" "$(field ms_per_step)" "$(field floor_ms)" \
+            "$(field floor_ratio)" "$(field peak_gflops)" "$(field peak_share)" "$(sed -n 's/^matrix products: //p' <<< "$log")"
+    done
+done
+echo "targets: the recipe's step at most 2x its floor; GPT-2 124M at a peak share of 0.85 or more"
+echo "(llm.c's CPU train_gpt2.c, 2 threads, runs the GPT-2 124M shape at ~5.5 s/step here)"
 
 echo
 echo "== GPU build: registers and spills per kernel (nvcc -Xptxas -v; nothing runs)"

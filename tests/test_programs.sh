@@ -139,6 +139,18 @@ check "make picks float for the GPU build" picks float GPU=1 CPU_FLAGS="amx_bf16
 ./bench/bench_gpt --preset debug --batch 2 --seq 32 --steps 1 > "$dir/bench.log" 2>&1
 check "bench_gpt times a step and reports the memory a step holds" \
     bash -c "grep -q '^memory held by a step' '$dir/bench.log' && grep -q 'peak_memory_gib=' '$dir/bench.log'"
+# Its product floor replays exactly the step's products: per layer 4 linear layers of 3 products
+# each (forward, input and weight gradients) and attention's 2 forward and 4 backward batched ones,
+# plus the tied lm head's 3 (the debug preset: 2 layers, so 39). The RESULT line's ratios are those
+# of its own figures.
+bench_field() { sed -n "s/^RESULT .* $1=\([^ ]*\).*/\1/p" "$dir/bench.log"; }
+check "bench_gpt's product floor runs the step's 39 products again" \
+    grep -q "^product floor: the step's 39 matrix products alone take" "$dir/bench.log"
+check "bench_gpt reports a product peak and floor, and the step over each ($(bench_field peak_gflops) GFLOPS, $(bench_field floor_ms) ms)" \
+    awk -v peak="$(bench_field peak_gflops)" -v share="$(bench_field peak_share)" -v floor="$(bench_field floor_ms)" \
+        -v ratio="$(bench_field floor_ratio)" -v ms="$(bench_field ms_per_step)" -v tflops="$(bench_field model_tflops)" \
+        'function near(a, b) { return a - b < 0.02 * b + 0.01 && b - a < 0.02 * b + 0.01 }
+         BEGIN { exit !(peak > 0 && floor > 0 && near(ratio, ms / floor) && near(share, tflops * 1000 / peak)) }'
 estimate() {  # prints a field of the ESTIMATE line of an A100 estimate
     local field=$1
     shift
