@@ -156,15 +156,15 @@ tests/mixed_precision_fp32: $(OBJ)/float/tests/mixed_precision.o $(call LIBRARY,
 tests/mixed_precision_bf16: $(OBJ)/bf16/tests/mixed_precision.o $(call LIBRARY,bf16) $(STAMP)
 	$(LINKER) $(filter %.o,$^) -o $@ $(LIBS)
 
-# The programs of both precisions, for the tests that check each (tests/test_hf.py) whatever the
-# default is.
-PRECISION_PROGRAMS := $(foreach p,float bf16,$(addprefix $(call PROGRAM_DIR,$(p))/,train_gpt inference))
+# The programs of both precisions, for the tests that check each (tests/test_hf.py, the loss
+# comparison of tests/test_programs.sh) whatever the default is.
+PRECISION_PROGRAMS := $(foreach p,float bf16,$(addprefix $(call PROGRAM_DIR,$(p))/,train_gpt inference bench_gpt))
 export TRICYCLE_PROGRAMS_FLOAT := $(call PROGRAM_DIR,float)
 export TRICYCLE_PROGRAMS_BF16 := $(call PROGRAM_DIR,bf16)
 
 test: $(TESTS) $(PROGRAMS) $(PRECISION_PROGRAMS) bench/bench_gpt
 	@bash tests/run_tests.sh test_gradients tests/test_emulator tests/test_tokenizer tests/test_launch_types.sh tests/test_parity.sh \
-	    tests/test_mixed_precision.sh tests/test_programs.sh tests/test_distributed.py tests/test_files.py tests/test_hf.sh \
+	    tests/test_mixed_precision.sh tests/test_programs.sh tests/test_cost_model.sh tests/test_distributed.py tests/test_files.py tests/test_hf.sh \
 	    tests/check_style.py
 
 # The tests again with the GPU build's launch shapes under the emulator (32 threads per row,
@@ -262,7 +262,7 @@ PRESET_NOTE_debug := 2 layers, dim 32: a quick check that everything runs.
 # product peak in both precisions, a per-kernel profile, the GPT-2 124M shape, and the GPU kernels'
 # registers and spills. BENCH_STEPS=N shortens the recipe. On a GPU build: tokens/s,
 # MFU and per-kernel times on the GPU for the GPT-2 124M shape and the shakespeare preset.
-bench: $(SHAKESPEARE) train_gpt tokenizer bench/bench_gpt $(foreach p,float bf16,$(call PROGRAM_DIR,$(p))/bench_gpt)
+bench: $(SHAKESPEARE) train_gpt tokenizer bench/bench_gpt $(PRECISION_PROGRAMS)
 	BUILD=$(BUILD) DATA=$(SHAKESPEARE) bash bench/run_bench.sh
 
 kernel-report:

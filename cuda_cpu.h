@@ -213,6 +213,36 @@ inline cudaError_t cudaMemset(void* dst, int value, size_t bytes) {
     return cudaSuccess;
 }
 inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+// One stream, and every kernel has finished when its launch returns: an asynchronous copy is a
+// copy, an event has always passed, and pinned host memory is host memory.
+using cudaStream_t = void*;
+inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
+                                   cudaStream_t = nullptr) {
+    return cudaMemcpy(dst, src, bytes, kind);
+}
+inline cudaError_t cudaMallocHost(void** pointer, size_t bytes) {
+    return cudaMalloc(pointer, bytes);
+}
+template <typename T>
+inline cudaError_t cudaMallocHost(T** pointer, size_t bytes) {
+    return cudaMalloc(reinterpret_cast<void**>(pointer), bytes);
+}
+inline cudaError_t cudaFreeHost(void* pointer) { return cudaFree(pointer); }
+struct CUevent_st {};
+using cudaEvent_t = CUevent_st*;
+constexpr unsigned cudaEventDisableTiming = 2;
+inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned) {
+    *event = new CUevent_st;
+    return cudaSuccess;
+}
+inline cudaError_t cudaEventDestroy(cudaEvent_t event) {
+    delete event;
+    return cudaSuccess;
+}
+inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t = nullptr) { return cudaSuccess; }
+inline cudaError_t cudaEventSynchronize(cudaEvent_t event) {
+    return event ? cudaSuccess : cudaErrorInvalidValue;
+}
 // "Device" memory is the machine's: free and total are its physical memory.
 inline cudaError_t cudaMemGetInfo(size_t* free, size_t* total) {
     *free = *total = size_t(sysconf(_SC_PHYS_PAGES)) * size_t(sysconf(_SC_PAGE_SIZE));

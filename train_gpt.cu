@@ -527,6 +527,10 @@ struct Run {
     Tokenizer tokenizer;
     AdamW adam;  // over the whole parameter buffer, or this rank's shard of it (ZeRO-1)
     real* grad_sum = nullptr;  // bfloat16 build: a step's gradients summed in float
+    // A training micro-batch's inputs and targets on their way to the device: pinned, so that the
+    // copy is queued like a kernel; reused once the event says the last copy is done.
+    int* host_batch = nullptr;
+    cudaEvent_t batch_copied = nullptr;
     TrainingState state;
     uint64_t micro_batches = 0;  // training micro-batches drawn so far, by all ranks together
     DataLoader train, val;
@@ -541,6 +545,8 @@ struct Run {
     ~Run() {
         if (metrics) fclose(metrics);
         (void)cudaFree(grad_sum);
+        (void)cudaFreeHost(host_batch);
+        if (batch_copied) (void)cudaEventDestroy(batch_copied);
     }
 };
 
@@ -578,25 +584,37 @@ static void load_micro_batch(Run& r, uint64_t g, int* device_batch) {
     size_t n = size_t(loader.B) * loader.T;
     dataloader_set_rng_state(&loader, window_stream(r.o.seed, g));
     dataloader_next_batch(&loader);
+    if (!r.host_batch) {
+        cuda_check(cudaMallocHost(&r.host_batch, 2 * n * sizeof(int)));
+        cuda_check(cudaEventCreateWithFlags(&r.batch_copied, cudaEventDisableTiming));
+    } else {
+        cuda_check(cudaEventSynchronize(r.batch_copied));
+    }
+    std::copy(loader.inputs.begin(), loader.inputs.end(), r.host_batch);
+    std::copy(loader.targets.begin(), loader.targets.end(), r.host_batch + n);
     cuda_check(
-        cudaMemcpy(device_batch, loader.inputs.data(), n * sizeof(int), cudaMemcpyHostToDevice));
-    cuda_check(cudaMemcpy(device_batch + n, loader.targets.data(), n * sizeof(int),
-                          cudaMemcpyHostToDevice));
+        cudaMemcpyAsync(device_batch, r.host_batch, 2 * n * sizeof(int), cudaMemcpyHostToDevice));
+    cuda_check(cudaEventRecord(r.batch_copied));
 }
 
 // One optimizer step of grad_accum micro-batches, each contributing 1/grad_accum of the loss. Rank
 // r runs the step's micro-batches r * local ... (r + 1) * local - 1 (local = grad_accum / ranks;
-// after each, on_micro_batch(micro-batches done by all ranks)); the gradients are summed over the
-// ranks; then the norm of the whole gradient, and AdamW with clipping over this rank's part of the
-// buffer, whose new values go to every rank when that is a shard. Returns the loss; the norm is
-// left in grad_norm.
-static double train_step(Run& r, int* device_batch, real* norm, long step, real* grad_norm,
+// after each is queued, on_micro_batch(micro-batches done by all ranks)); the gradients are summed
+// over the ranks; then the norm of the whole gradient, and AdamW with clipping over this rank's
+// part of the buffer, whose new values go to every rank when that is a shard. The host queues all
+// of it without waiting for the device: the micro-batches' losses add up on the device
+// (step_values[0]), and AdamW leaves the parameters alone when the norm (step_values[1]) is not
+// finite. The one wait is at the end, reading both. Returns the loss; the norm is left in
+// grad_norm.
+static double train_step(Run& r, int* device_batch, real* step_values, long step, real* grad_norm,
                          const std::function<void(int)>& on_micro_batch) {
     const Options& o = r.o;
     Parameters& params = r.model.params;
     int local = o.grad_accum / r.job.ranks;
-    double loss_sum = 0;
+    real* loss_sum = step_values;
+    real* norm = step_values + 1;
     parameters_zero_grad(params);
+    cuda_check(cudaMemset(loss_sum, 0, sizeof(real)));
     if (r.grad_sum) cuda_check(cudaMemset(r.grad_sum, 0, params.size * sizeof(real)));
     for (int micro = 0; micro < local; micro++) {
         uint64_t g = r.micro_batches + uint64_t(r.job.rank) * local + micro;
@@ -606,9 +624,7 @@ static double train_step(Run& r, int* device_batch, real* norm, long step, real*
                     random_bits(o.seed, g));
         gpt_backward(r.model, r.acts, device_batch + r.train.B * r.train.T,
                      real(1.0 / o.grad_accum));
-        real loss;
-        cuda_check(cudaMemcpy(&loss, r.acts.loss, sizeof loss, cudaMemcpyDeviceToHost));
-        loss_sum += double(loss) / o.grad_accum;
+        add_loss(loss_sum, r.acts.loss, real(1.0 / o.grad_accum));
         if (r.grad_sum) parameters_add_grad_to(params, r.grad_sum);
         memory_release(mark);
         on_micro_batch((micro + 1) * r.job.ranks);
@@ -618,19 +634,20 @@ static double train_step(Run& r, int* device_batch, real* norm, long step, real*
     // grad_sum, rounded once into the gradients when every rank's part is in.
     all_reduce_sum(r.grad_sum ? r.grad_sum : reinterpret_cast<real*>(params.grad), params.size);
     if (r.grad_sum) parameters_grad_from(params, r.grad_sum);
-    loss_sum = all_reduce_sum(loss_sum);
     gradient_norm(norm, params.grad, params.size);
-    cuda_check(cudaMemcpy(grad_norm, norm, sizeof *grad_norm, cudaMemcpyDeviceToHost));
-    if (!std::isfinite(loss_sum) || !std::isfinite(*grad_norm))
-        fail(
-            "step %ld: the loss is %g and the gradient norm %g; stopping before the update (the "
-            "last good checkpoint is in %s)",
-            step + 1, loss_sum, double(*grad_norm), o.out.c_str());
     float lr = learning_rate(step, o.warmup, o.steps, o.lr, o.min_lr);
     adamw_update(&r.adam, params, lr, norm, o.clip);
     if (r.adam.n < params.size) all_gather_shards(params.data, params.size);
-    cuda_check(cudaDeviceSynchronize());
-    return loss_sum;
+    real values[2];
+    cuda_check(cudaMemcpy(values, step_values, sizeof values, cudaMemcpyDeviceToHost));
+    double loss_sum_host = all_reduce_sum(double(values[0]));
+    *grad_norm = values[1];
+    if (!std::isfinite(loss_sum_host) || !std::isfinite(*grad_norm))
+        fail(
+            "step %ld: the loss is %g and the gradient norm %g; stopping without a checkpoint of "
+            "it (the last good one is in %s)",
+            step + 1, loss_sum_host, double(*grad_norm), o.out.c_str());
+    return loss_sum_host;
 }
 
 static void print_sample(GPT& model, Tokenizer& tokenizer, int tokens, uint64_t seed) {
@@ -826,7 +843,7 @@ static void run_training(Run& r) {
     const GPTConfig& c = r.model.config;
     long tokens_per_step = long(o.batch) * c.context * o.grad_accum;
     int* device_batch = device_alloc<int>(2 * size_t(o.batch) * c.context);
-    real* norm = device_alloc<real>(1);
+    real* step_values = device_alloc<real>(2);  // the step's loss and gradient norm
     r.run_start = seconds_now(), r.elapsed_before = r.state.elapsed_seconds,
     r.first_step = r.state.step;
     MetricRow& row = r.row;
@@ -848,7 +865,7 @@ static void run_training(Run& r) {
         profiling = o.profile && step > r.first_step;  // the first step warms up
         double step_start = seconds_now();
         real grad_norm;
-        double loss = train_step(r, device_batch, norm, step, &grad_norm,
+        double loss = train_step(r, device_batch, step_values, step, &grad_norm,
                                  micro_batch_progress(r, step, step_start));
         float lr = learning_rate(step, o.warmup, o.steps, o.lr, o.min_lr);
         profiling = false;

@@ -1738,25 +1738,29 @@ void embedding_forward(floatX* out, const int* tokens, const floatX* wte, const 
            B, T, C);
 }
 
-// Sorts the n positions by token (then position) and writes the groups into buffers of the
-// caller's: group_token (n), group_start (n + 1), positions (n). Returns the number of groups.
-int group_tokens(TokenGroups* groups, const int* tokens, long n) {
-    std::vector<int> host(n), order(n);
-    cuda_check(cudaMemcpy(host.data(), tokens, n * sizeof(int), cudaMemcpyDeviceToHost));
-    for (long i = 0; i < n; i++) order[i] = int(i);
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return host[a] < host[b]; });
-    std::vector<int> token, start;
+TokenGroups token_groups_at(int* buffer, long n) {
+    return {buffer, buffer + n, buffer + 2 * n + 1, 0};
+}
+
+int sort_by_token(const int* host_tokens, long n, int* token, int* start, int* positions) {
+    for (long i = 0; i < n; i++) positions[i] = int(i);
+    std::stable_sort(positions, positions + n,
+                     [&](int a, int b) { return host_tokens[a] < host_tokens[b]; });
+    int count = 0;
     for (long i = 0; i < n; i++)
-        if (i == 0 || host[order[i]] != host[order[i - 1]])
-            token.push_back(host[order[i]]), start.push_back(int(i));
-    start.push_back(int(n));
-    cuda_check(cudaMemcpy(groups->token, token.data(), token.size() * sizeof(int),
+        if (i == 0 || host_tokens[positions[i]] != host_tokens[positions[i - 1]])
+            token[count] = host_tokens[positions[i]], start[count++] = int(i);
+    start[count] = int(n);
+    return count;
+}
+
+void group_tokens(TokenGroups* groups, const int* tokens, long n) {
+    std::vector<int> host(n), sorted(3 * n + 1);
+    cuda_check(cudaMemcpy(host.data(), tokens, n * sizeof(int), cudaMemcpyDeviceToHost));
+    groups->count =
+        sort_by_token(host.data(), n, sorted.data(), sorted.data() + n, sorted.data() + 2 * n + 1);
+    cuda_check(cudaMemcpy(groups->token, sorted.data(), sorted.size() * sizeof(int),
                           cudaMemcpyHostToDevice));
-    cuda_check(cudaMemcpy(groups->start, start.data(), start.size() * sizeof(int),
-                          cudaMemcpyHostToDevice));
-    cuda_check(
-        cudaMemcpy(groups->positions, order.data(), n * sizeof(int), cudaMemcpyHostToDevice));
-    return groups->count = int(token.size());
 }
 
 void embedding_backward(floatX* dwte, floatX* dwpe, const floatX* dout, const TokenGroups& groups,
@@ -1780,7 +1784,7 @@ Tensor embedding(const int* tokens, int B, int T, Tensor wte, Tensor wpe) {
     embedding_forward(out.data, tokens, wte.data, wpe.data, B, T, C);
     if (out.grad) {
         long n = long(B) * T;
-        TokenGroups groups{device_alloc<int>(n), device_alloc<int>(n + 1), device_alloc<int>(n), 0};
+        TokenGroups groups = token_groups_at(device_alloc<int>(3 * n + 1), n);
         group_tokens(&groups, tokens, n);
         record({out}, {wte, wpe},
                [=] { embedding_backward(wte.grad, wpe.grad, out.grad, groups, B, T, C); });
@@ -3309,6 +3313,14 @@ Tensor mse(Tensor a, Tensor b) {
     return out;
 }
 
+__global__ void add_loss_kernel(real* sum, const real* loss, real scale) {
+    sum[0] += scale * loss[0];
+}
+
+void add_loss(real* sum, const real* loss, real scale) {
+    launch(add_loss_kernel, 1, 1, 0, sum, loss, scale);
+}
+
 // ====================================================================================================
 // 10. The GPT
 
@@ -3577,8 +3589,7 @@ static void carve_activations(GPTActivations& a, const GPTConfig& c, BufferCarve
         s.fc = carve.take<floatX>(N * F), s.activation = carve.take<floatX>(N * H);
     }
     a.logits = carve.take<floatX>(N * padded_vocab(c.vocab_size));
-    a.token_groups.token = carve.take<int>(N), a.token_groups.start = carve.take<int>(N + 1),
-    a.token_groups.positions = carve.take<int>(N);
+    a.token_groups = token_groups_at(carve.take<int>(3 * N + 1), N);
     a.losses = carve.take<real>(N), a.loss = carve.take<real>(1), a.count = carve.take<real>(1);
     a.branch = carve.take<floatX>(N * C), a.dropped = dropout ? carve.take<floatX>(N * C) : nullptr;
     a.dstream = carve.take<floatX>(N * C), a.dnormalized = carve.take<floatX>(N * C),
@@ -3604,9 +3615,19 @@ static void plan_activations(GPTActivations& a, const GPTConfig& c, int B, int T
     a.bytes = measure.bytes;
     BufferCarver carve{static_cast<char*>(a.memory)};
     carve_activations(a, c, carve);
+    long N = long(B) * T;
+    cuda_check(cudaFreeHost(a.host_tokens));
+    cuda_check(cudaMallocHost(&a.host_tokens, (4 * N + 1) * sizeof(int)));
+    a.host_groups = a.host_tokens + N;
+    if (!a.tokens_copied)
+        cuda_check(cudaEventCreateWithFlags(&a.tokens_copied, cudaEventDisableTiming));
 }
 
-GPTActivations::~GPTActivations() { (void)cudaFree(memory); }
+GPTActivations::~GPTActivations() {
+    (void)cudaFree(memory);
+    (void)cudaFreeHost(host_tokens);
+    if (tokens_copied) (void)cudaEventDestroy(tokens_copied);
+}
 
 double gpt_activations_bytes(const GPTConfig& config, int B, int T) {
     GPTActivations measured;
@@ -3638,7 +3659,10 @@ void gpt_forward(GPT& model, GPTActivations& a, const int* tokens, int B, int T,
     int C = c.dim, NH = c.heads, L = c.layers, H = c.mlp_ratio * C;
     int F = c.activation == Activation::swiglu ? 2 * H : H;
     long N = long(B) * T;
-    group_tokens(&a.token_groups, tokens, N);  // for the embedding's backward
+    // The tokens to the host for the embedding's backward, behind the stream's work (gpt_backward
+    // sorts them).
+    cuda_check(cudaMemcpyAsync(a.host_tokens, tokens, N * sizeof(int), cudaMemcpyDeviceToHost));
+    cuda_check(cudaEventRecord(a.tokens_copied));
     a.seed = seed;
     a.dropout = training ? c.dropout : 0;
     a.attention_dropout = training ? c.attention_dropout : 0;
@@ -3715,6 +3739,13 @@ void gpt_backward(GPT& model, GPTActivations& a, const int* targets, real loss_s
     long N = long(B) * T;
     const Tensor& head = c.tied_embeddings ? model.wte : model.lm_head;
     const InputGrad write = InputGrad::write, add = InputGrad::add;
+    // The embedding's token groups, from the tokens the forward sent to the host: the copy was the
+    // forward's first work, so the host seldom waits; the groups go back behind the work queued.
+    cuda_check(cudaEventSynchronize(a.tokens_copied));
+    a.token_groups.count = sort_by_token(a.host_tokens, N, a.host_groups, a.host_groups + N,
+                                         a.host_groups + 2 * N + 1);
+    cuda_check(cudaMemcpyAsync(a.token_groups.token, a.host_groups, (3 * N + 1) * sizeof(int),
+                               cudaMemcpyHostToDevice));
 
     // The loss; dlogits = (softmax(logits) - onehot(targets)) * loss_scale / count, written over
     // the logits (zero in the padding columns)                                 (B,T,padded V)
@@ -4082,6 +4113,9 @@ __device__ __forceinline__ void adamw_pack(long i, floatX* params, real* master,
 __global__ void adamw_kernel(floatX* params, real* master, const floatX* grads, real* m, real* v,
                              long n, long num_decayed, AdamWStep s, const real* norm,
                              real max_norm) {
+    // A non-finite gradient norm leaves everything as it was: the host, which reads the norm only
+    // at the end of the step, then stops with the parameters of the last good step.
+    if (norm && !isfinite(norm[0])) return;
     real scale = clip_scale(norm, max_norm);
     if (master)
         for_each_element(n / 4, [&](long i) {

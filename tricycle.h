@@ -506,13 +506,19 @@ enum class InputGrad { add, write };
 
 void embedding_forward(floatX* out, const int* tokens, const floatX* wte, const floatX* wpe, int B,
                        int T, int C);
-// The backward reads the positions grouped by token, made from the tokens by group_tokens (device
-// buffers of n, n + 1 and n ints).
+// The backward reads the positions grouped by token (a sort on the host): the groups' tokens,
+// where each starts (and n at the end), the positions in group order; n, n + 1 and n ints, one
+// after the other in one device buffer of 3n + 1 (token_groups_at).
 struct TokenGroups {
     int *token, *start, *positions;
     int count;
 };
-int group_tokens(TokenGroups* groups, const int* tokens, long n);
+TokenGroups token_groups_at(int* buffer, long n);
+// Sorts the n positions of host_tokens by token, then position, into the host arrays token, start
+// and positions laid out as in TokenGroups. Returns the number of groups.
+int sort_by_token(const int* host_tokens, long n, int* token, int* start, int* positions);
+// The groups of the device's tokens, copied down, sorted and sent back (the host waits for it).
+void group_tokens(TokenGroups* groups, const int* tokens, long n);
 void embedding_backward(floatX* dwte, floatX* dwpe, const floatX* dout, const TokenGroups& groups,
                         int B, int T, int C);
 // wpe may be empty (rotary)
@@ -670,6 +676,9 @@ void mse_forward(floatX* loss, const floatX* a, const floatX* b, long n);
 void mse_backward(floatX* da, floatX* db, const floatX* dloss, const floatX* a, const floatX* b,
                   long n);
 Tensor mse(Tensor a, Tensor b);
+// sum[0] += scale * loss[0] on the device: a micro-batch's loss into its step's without the host
+// waiting to read it.
+void add_loss(real* sum, const real* loss, real scale);
 
 // ====================================================================================================
 // 10. The GPT
@@ -757,8 +766,12 @@ struct GPTLayerActivations {
 struct GPTActivations {
     int B = 0, T = 0;
     bool flash = false;
-    // Set by the last gpt_forward, for gpt_backward:
+    // Set by the last gpt_forward, for gpt_backward: the tokens on their way to host_tokens
+    // (pinned) until the event tokens_copied, sorted there into host_groups and sent to
+    // token_groups with an asynchronous copy (neither pass stalls the stream).
     TokenGroups token_groups{};
+    int *host_tokens = nullptr, *host_groups = nullptr;  // n, then 3n + 1 ints
+    cudaEvent_t tokens_copied = nullptr;
     uint64_t seed = 0;
     real dropout = 0, attention_dropout = 0;
     // stream[l] (B, T, C) is layer l's input and stream[layers] the last layer's output;
@@ -851,7 +864,9 @@ struct AdamW {
 };
 void adamw_create(AdamW* opt, long n, long offset = 0);
 // One step over the optimizer's n parameters of p, through their float master copy when there is
-// one. A shard's update is the same, value for value, as that part of a whole-buffer update.
+// one. A shard's update is the same, value for value, as that part of a whole-buffer update. Given
+// a norm that is not finite, it leaves the parameters, master copy and moments as they were (only
+// opt->step advances), so that a program may read the norm after the step and stop on it.
 void adamw_update(AdamW* opt, Parameters& p, real lr, const real* norm = nullptr,
                   real max_norm = 0);
 

@@ -28,17 +28,22 @@
 static const char* help_text =
     "usage: bench/bench_gpt [--preset NAME] [--layers N --heads N --dim N --vocab N --context N]\n"
     "                       [--batch B --seq T] [--steps N] [--profile] [--flash | --plain]\n"
-    "                       [--tape] [--peak-tflops X]\n"
+    "                       [--tape] [--peak-tflops X] [--lr X] [--no-floor]\n"
     "       bench/bench_gpt --estimate a100|h100|h200 [shape flags] [--flash | --plain]\n"
-    "                       [--precision bf16|float]\n"
+    "                       [--precision bf16|float] [--llmc]\n"
     "Defaults: the GPT-2 124M shape (12 layers, 12 heads, 768 dim, vocab 50257, context 1024),\n"
     "B=4, T=64 (at most the context), 5 steps, plain attention. --preset starts from a train_gpt\n"
     "preset (debug, mini, shakespeare, smol); later flags override it. --tape trains through the\n"
     "tape (gpt_forward_tape and backward) instead of gpt_forward and gpt_backward.\n"
+    "Every step trains on the same random batch at learning rate --lr (default 1e-4) and prints\n"
+    "its loss. --no-floor leaves out the product floor and peak (a sanitizer run, a loss check).\n"
     "--estimate runs nothing: it prints the cost model of a training step of this shape on that\n"
     "GPU, kernel by kernel (B=16 and T=1024 unless given), for plain attention unless --flash\n"
     "(the tensor-core kernels in bf16 at heads of 64 or 128, else the scalar ones), in bf16\n"
-    "unless --precision float (TF32 products, as train_gpt runs them and this bench does).\n";
+    "unless --precision float (TF32 products, as train_gpt runs them and this bench does).\n"
+    "--llmc (with --estimate) first models llm.c's own step (karpathy/llm.c) through the same\n"
+    "efficiencies and, at its published run's shape (B=64 unless given, T=1024, a100), compares\n"
+    "it with llm.c's published throughput (a CALIBRATION line); then ours, as above.\n";
 
 // The bf16 dense peak of the GPU in TFLOPS, from its name; 0 when unknown (and on the CPU build).
 static double known_peak_tflops() {
@@ -56,11 +61,13 @@ static double known_peak_tflops() {
 struct BenchOptions {
     GPTConfig config = gpt_preset("smol");
     int B = 0, T = 0, steps = 5;  // B and T: 0 until given
-    bool profile = false, tape = false;
+    bool profile = false, tape = false, floor = true;
+    double lr = 1e-4;
     AttentionKind attention = AttentionKind::plain;
     double peak_tflops = 0;
     std::string estimate;  // a device name: print the cost model instead of running
     bool estimate_bf16 = true;
+    bool llmc = false;  // --llmc: model llm.c's step too, against its published figure
 };
 
 // --precision: true for bf16, false for float.
@@ -91,16 +98,21 @@ static BenchOptions parse_options(int argc, char** argv) {
         else if (flag == "--flash") o.attention = AttentionKind::flash;
         else if (flag == "--plain") o.attention = AttentionKind::plain;
         else if (flag == "--tape") o.tape = true;
+        else if (flag == "--no-floor") o.floor = false;
+        else if (flag == "--lr")
+            o.lr = parse_number(flag.c_str(), flag_value(argc, argv, &i), 0, 10);
         else if (flag == "--peak-tflops")
             o.peak_tflops = parse_number(flag.c_str(), flag_value(argc, argv, &i), 1e-3, 1e6);
         else if (flag == "--estimate") o.estimate = device_model(flag_value(argc, argv, &i)).key;
+        else if (flag == "--llmc") o.llmc = true;
         else if (flag == "--precision")
             o.estimate_bf16 = estimate_precision(flag_value(argc, argv, &i));
         else unknown_flag(argv[i]);
     }
     bool estimate = !o.estimate.empty();
     use_flash_attention = o.attention == AttentionKind::flash;
-    if (!o.B) o.B = estimate ? 16 : 4;
+    if (o.llmc && !estimate) fail("--llmc models a GPU's step: it needs --estimate");
+    if (!o.B) o.B = o.llmc ? 64 : estimate ? 16 : 4;  // llm.c's published run is at B=64
     if (!o.T) o.T = std::min(estimate ? 1024 : 64, config.context);
     gpt_check_config(config);
     if (o.T > config.context)
@@ -229,14 +241,14 @@ static std::vector<double> run_steps(const BenchOptions& o, GPT& model, AdamW& a
             cuda_check(cudaMemcpy(&value, acts.loss, sizeof value, cudaMemcpyDeviceToHost));
         }
         gradient_norm(norm, model.params.grad, model.params.size);
-        adamw_update(&adam, model.params, real(1e-4), norm, 1);
+        adamw_update(&adam, model.params, real(o.lr), norm, 1);
         *arena_peak = std::max(*arena_peak, memory_in_use());
         memory_release(mark);
         profiling = false;
         gemm_record = nullptr;
         double seconds = seconds_now() - start;
         if (step > 0) times.push_back(seconds);
-        printf("step %d: loss %.4f, %.1f ms\n", step, double(value), seconds * 1e3);
+        printf("step %d: loss %.6f, %.1f ms\n", step, double(value), seconds * 1e3);
     }
     return times;
 }
@@ -245,6 +257,7 @@ static int bench(int argc, char** argv) {
     BenchOptions o = parse_options(argc, argv);
     const GPTConfig& config = o.config;
     if (!o.estimate.empty()) {
+        if (o.llmc) print_llmc_calibration(config, o.B, o.T, device_model(o.estimate));
         print_estimate(config, o.B, o.T, o.attention, o.estimate_bf16, device_model(o.estimate));
         return 0;
     }
@@ -276,13 +289,6 @@ static int bench(int argc, char** argv) {
     double median = times[times.size() / 2], tokens_per_second = o.B * o.T / median;
     double flops_per_token = model_flops_per_token(config, o.T);
     double memory_gib = print_memory(model, adam, acts, arena_peak, free_at_start);
-    double floor = products_seconds(products), peak = product_peak();  // (scratch of their own)
-    double peak_share = flops_per_token * tokens_per_second / peak;
-    printf(
-        "product floor: the step's %zu matrix products alone take %.2f ms; the step is %.2fx that\n"
-        "product peak: %.1f GFLOPS (a 2048^3 product on the CPU, 8192^3 on a GPU); the step runs "
-        "its model FLOPs at %.1f%% of it\n",
-        products.size(), floor * 1e3, median / floor, peak / 1e9, 100 * peak_share);
     double peak_tflops = o.peak_tflops > 0 ? o.peak_tflops : known_peak_tflops();
     std::string mfu =
         peak_tflops > 0
@@ -290,11 +296,26 @@ static int bench(int argc, char** argv) {
                   std::to_string(100 * flops_per_token * tokens_per_second / (peak_tflops * 1e12)) +
                   "%"
             : "";
+    std::string against_floor;
+    if (o.floor) {
+        double floor = products_seconds(products), peak = product_peak();  // (own scratch)
+        double peak_share = flops_per_token * tokens_per_second / peak;
+        printf(
+            "product floor: the step's %zu matrix products alone take %.2f ms; the step is %.2fx "
+            "that\nproduct peak: %.1f GFLOPS (a 2048^3 product on the CPU, 8192^3 on a GPU); the "
+            "step runs its model FLOPs at %.1f%% of it\n",
+            products.size(), floor * 1e3, median / floor, peak / 1e9, 100 * peak_share);
+        char fields[160];
+        snprintf(fields, sizeof fields,
+                 " peak_gflops=%.1f peak_share=%.3f floor_ms=%.3f floor_ratio=%.2f", peak / 1e9,
+                 peak_share, floor * 1e3, median / floor);
+        against_floor = fields;
+    }
     printf(
-        "RESULT name=bench_gpt steps=%d ms_per_step=%.2f tokens_per_s=%.0f model_tflops=%.3f%s "
-        "peak_gflops=%.1f peak_share=%.3f floor_ms=%.2f floor_ratio=%.2f peak_memory_gib=%.3f\n",
+        "RESULT name=bench_gpt steps=%d ms_per_step=%.3f tokens_per_s=%.0f model_tflops=%.4f%s%s "
+        "peak_memory_gib=%.3f\n",
         o.steps, median * 1e3, tokens_per_second, flops_per_token * tokens_per_second / 1e12,
-        mfu.c_str(), peak / 1e9, peak_share, floor * 1e3, median / floor, memory_gib);
+        mfu.c_str(), against_floor.c_str(), memory_gib);
     if (o.profile) profile_report(stdout, o.steps);
     return 0;
 }

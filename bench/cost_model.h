@@ -73,6 +73,14 @@ std::vector<KernelCost> training_step_costs(const GPTConfig& config, int B, int 
 double model_flops_per_token(const GPTConfig& config, int T);
 
 // Prints the table of kernels, the step's totals (pure roofline and adjusted), tokens/s and MFU,
-// the step with each kind of attention, and a last line `ESTIMATE key=value ...` for scripts.
+// the step with each kind of attention, the device's assumed efficiencies as a line
+// `EFFICIENCIES key=value ...`, and a last line `ESTIMATE key=value ...` for scripts.
 void print_estimate(const GPTConfig& config, int B, int T, AttentionKind attention, bool bf16,
                     const DeviceModel& device);
+
+// llm.c's own GPT-2 training step (karpathy/llm.c train_gpt2.cu, bf16, cuDNN attention, one GPU)
+// through the same device efficiencies: its table of kernels, its modelled tokens/s, and, for the
+// shape and GPU of llm.c's published figure (GPT-2 124M, B=64, T=1024, A100), a line
+// `CALIBRATION model_tokens_per_s=... published_tokens_per_s=... ratio=...`; then a line
+// `COMPARE ...` with the bytes its memory-bound kernels move and its launches beside ours.
+void print_llmc_calibration(const GPTConfig& config, int B, int T, const DeviceModel& device);

@@ -119,7 +119,7 @@ static void generate_and_train(Results& results) {
 }
 
 // The training maths the build keeps in float, against plain loops over the stored values: the
-// gradient norm, clipping inside AdamW (its first moments are clip * g exactly), and the loss.
+// gradient norm, clipping inside AdamW (its first moments are clip * g exactly), a non-finite norm.
 static void check_float_statistics() {
     const char* precision = precision_name();
     const int n = 10007;
@@ -163,8 +163,33 @@ static void check_float_statistics() {
     gradient_norm(norm, grads, n);
     check(!std::isfinite(download_value(norm)),
           "%s: an infinite gradient makes the norm non-finite", precision);
+    // ... and AdamW, given it, leaves the parameters, master weights and moments as they were.
+    auto state = [&] {
+        std::vector<real> values = to_host(weights), moments(2 * n);
+        cuda_check(cudaMemcpy(moments.data(), adam.m, n * sizeof(real), cudaMemcpyDeviceToHost));
+        cuda_check(
+            cudaMemcpy(moments.data() + n, adam.v, n * sizeof(real), cudaMemcpyDeviceToHost));
+        values.insert(values.end(), moments.begin(), moments.end());
+        if (params.master) {
+            std::vector<real> master(n);
+            cuda_check(
+                cudaMemcpy(master.data(), params.master, n * sizeof(real), cudaMemcpyDeviceToHost));
+            values.insert(values.end(), master.begin(), master.end());
+        }
+        return values;
+    };
+    std::vector<real> before = state();
+    adamw_update(&adam, params, real(1e-3), norm, max_norm);
+    std::vector<real> after = state();
+    check(before == after,
+          "%s: AdamW with a non-finite norm changes no parameter, master weight or moment (%zu "
+          "values)",
+          precision, before.size());
+}
 
-    // The loss: float, not rounded to the storage type.
+// The loss: float, not rounded to the storage type.
+static void check_float_loss() {
+    const char* precision = precision_name();
     const int N = 64, V = 70;
     std::vector<real> logits = to_host(random({N, V}, 23, 2));
     floatX* device_logits = device_alloc<floatX>(N * V);
@@ -413,6 +438,7 @@ static int run(int argc, char** argv) {
     Results results = compute();
     generate_and_train(results);
     check_float_statistics();
+    check_float_loss();
     if (!strcmp(argv[1], "write")) {
         write(results, argv[2]);
         return finish();

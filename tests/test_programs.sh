@@ -205,11 +205,36 @@ fails_with "gpu_first_run.sh without nvidia-smi says it needs a GPU" \
     env NVIDIA_SMI="$dir/no-nvidia-smi" GPU_FIRST_RUN_OUT="$dir/first_run" bash bench/gpu_first_run.sh
 check "gpu_first_run.sh without a GPU writes no report" test ! -e "$dir/first_run"
 GPU_FIRST_RUN_DRY=1 NVIDIA_SMI="$dir/no-nvidia-smi" bash bench/gpu_first_run.sh > "$dir/plan.txt" 2>&1
-check "gpu_first_run.sh's plan has the build, the benches, the estimates, 3 sanitizer tools and the tests" \
+check "gpu_first_run.sh's plan: the builds, 4 loss comparisons, 4 sanitizer tools x 2 attentions, then the benches, estimates and tests" \
     bash -c "grep -q '^build ' '$dir/plan.txt' && grep -q '^bench-gpt2-flash ' '$dir/plan.txt' &&
              grep -q '^estimate-shakespeare-plain-a100 ' '$dir/plan.txt' &&
-             [ \$(grep -cE '^sanitizer-(memcheck|racecheck|initcheck)-' '$dir/plan.txt') = 6 ] &&
+             [ \$(grep -cE '^compare-(float|bf16)-(plain|flash) ' '$dir/plan.txt') = 4 ] &&
+             [ \$(grep -cE '^sanitizer-(memcheck|racecheck|initcheck|synccheck)-(plain|flash) ' '$dir/plan.txt') = 8 ] &&
+             [ \$(grep -n '^compare-bf16-flash ' '$dir/plan.txt' | cut -d: -f1) -lt \$(grep -n '^bench-gpt2-plain ' '$dir/plan.txt' | cut -d: -f1) ] &&
              grep -q '^test-test_gradients ' '$dir/plan.txt'"
+fails_with "gpu_first_run.sh refuses an unknown argument" "unknown argument '--fast'" bash bench/gpu_first_run.sh --fast
+
+# bench/compare_losses.sh judges the GPU's losses by the emulator's. Here it judges the emulator's
+# own: the same small GPT trained in float and bf16 with plain and flash attention.
+loss_run=(--layers 2 --heads 2 --dim 128 --vocab 512 --context 128 --no-floor --batch 4 --seq 128 --steps 10 --lr 3e-3)
+for precision in float bf16; do
+    programs=$TRICYCLE_PROGRAMS_FLOAT
+    [ "$precision" = bf16 ] && programs=$TRICYCLE_PROGRAMS_BF16
+    for attention in plain flash; do
+        "$programs/bench_gpt" "${loss_run[@]}" --"$attention" > "$dir/loss-$precision-$attention.log" 2>&1
+    done
+done
+compare() { bash bench/compare_losses.sh "$1" "$dir/$2.log" "$dir/loss-float-plain.log" "$dir/loss-bf16-plain.log"; }
+check "compare_losses: bf16 flash attention trains as bf16 plain attention does, within the bf16 tolerance" compare bf16 loss-bf16-flash
+check "compare_losses: float flash attention trains as float plain attention does, within the TF32 tolerance" compare float loss-float-flash
+check "compare_losses: the emulator's runs train (the loss halves in 10 steps)" \
+    bash -c "bash bench/compare_losses.sh bf16 '$dir/loss-bf16-plain.log' '$dir/loss-float-plain.log' '$dir/loss-bf16-plain.log' | grep -q 'emulator_trains=yes'"
+fails_with "compare_losses: bf16 losses are not float losses within the TF32 tolerance" "COMPARE FAIL precision=float" \
+    compare float loss-bf16-plain
+sed 's/^step 4: loss [0-9.]*/step 4: loss nan/' "$dir/loss-bf16-flash.log" > "$dir/loss-nan.log"
+fails_with "compare_losses: a NaN loss fails, naming its step" "step 4 has loss nan" compare bf16 loss-nan
+head -n 5 "$dir/loss-bf16-flash.log" > "$dir/loss-short.log"
+fails_with "compare_losses: a run cut short fails" "step counts differ" compare bf16 loss-short
 for program in train_gpt inference tokenizer bench/bench_gpt; do
     check "$program --help" "./$program" --help
 done
