@@ -4,18 +4,7 @@
 # of the two steps it models. Needs no GPU: run from the repository root after building
 # ./bench/bench_gpt.
 set -u
-passed=0 failed=0
-check() {  # check "what" command...: passes when the command succeeds
-    local what=$1
-    shift
-    if "$@" >/dev/null 2>&1; then
-        echo "ok   $what"
-        passed=$((passed + 1))
-    else
-        echo "FAIL $what"
-        failed=$((failed + 1))
-    fi
-}
+source "$(dirname "$0")/checks.sh"
 field() {  # field KEY LINE: the value of KEY=value in a line of key=value pairs, a trailing % cut
     tr ' ' '\n' <<< "$2" | sed -n "s/^$1=//p" | tr -d '%'
 }

@@ -3,32 +3,7 @@
 # crashes while saving, corrupt files and bad flags. Small and fast: a debug-sized model, a few dozen
 # steps, on a text made up here (6000 sentences from a tiny grammar, the same on every machine).
 set -u
-passed=0 failed=0
-check() {  # check "what" command...: passes when the command succeeds
-    local what=$1
-    shift
-    if "$@" >/dev/null 2>&1; then
-        echo "ok   $what"
-        passed=$((passed + 1))
-    else
-        echo "FAIL $what"
-        failed=$((failed + 1))
-    fi
-}
-fails_with() {  # fails_with "what" "expected message" command...: must exit non-zero mentioning it
-    local what=$1 expected=$2
-    shift 2
-    local output
-    output=$("$@" 2>&1)
-    local status=$?
-    if [ $status -ne 0 ] && grep -qF -- "$expected" <<< "$output"; then
-        echo "ok   $what: exit $status, \"$(tail -n 1 <<< "$output")\""
-        passed=$((passed + 1))
-    else
-        echo "FAIL $what: exit $status, expected an error mentioning \"$expected\", got: $(tail -n 1 <<< "$output")"
-        failed=$((failed + 1))
-    fi
-}
+source "$(dirname "$0")/checks.sh"
 
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
