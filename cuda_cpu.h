@@ -13,9 +13,12 @@
 // What a GPU silently gets wrong and this emulator reports (naming kernel, block and thread):
 //   - barrier divergence: a thread exits, or waits at a different __syncthreads, while others wait;
 //   - a warp operation whose mask names a lane that has exited (or does not exist);
-//   - an mma.sync (tensor cores) that not every lane of the warp makes, or in a block of partial
-//   warps;
+//   - an mma.sync (tensor cores) or ldmatrix that not every lane of the warp makes, or in a block
+//   of partial warps;
 //   - a read of dynamic shared memory that no thread of the block has written;
+//   - a cp.async (asynchronous copy into shared memory) whose bytes are read or written before a
+//   cp.async.wait_group has let it land, or still in flight when its thread exits;
+//   - an ldmatrix or cp.async address that is not 16-byte aligned;
 //   - shared memory indexed out of bounds, and deadlock (threads waiting on each other forever).
 // The launch then fails: cudaGetLastError() returns cudaErrorLaunchFailure and the message is kept
 // in emu::last_error_message().
@@ -283,8 +286,16 @@ constexpr size_t fiber_stack_bytes = 64 << 10;
 #endif
 
 enum ThreadState : uint8_t { not_started, running, at_barrier, at_warp_op, ready, exited };
-enum WarpOpKind : uint8_t { warp_sync, warp_shuffle, warp_ballot, warp_mma };
-inline const char* const warp_op_names[] = {"__syncwarp", "a shuffle", "a vote", "mma.sync"};
+enum WarpOpKind : uint8_t {
+    warp_sync,
+    warp_shuffle,
+    warp_ballot,
+    warp_mma,
+    warp_ldmatrix,
+    warp_ldmatrix_trans
+};
+inline const char* const warp_op_names[] = {"__syncwarp", "a shuffle",   "a vote",
+                                            "mma.sync",   "ldmatrix.x4", "ldmatrix.x4.trans"};
 
 // A fiber stack with a guard page below it, so an overflow faults instead of corrupting memory.
 struct Stack {
@@ -303,7 +314,19 @@ struct WarpOp {
     // mma.sync: each lane's fragments of A, B and C, and its fragment of D
     uint32_t a[32][4], b[32][2];
     float c[32][4], d[32][4];
+    uint32_t loaded[32][4];  // ldmatrix: each lane's four registers
 };
+
+// A cp.async in flight: 16 bytes from `from` (zeros when null) to shared memory at byte `to`, in
+// its thread's commit group `group`.
+struct AsyncCopy {
+    size_t to;
+    const void* from;
+    int group;
+};
+
+// The shadow of dynamic shared memory: one byte per byte.
+enum ShadowState : unsigned char { unwritten = 0, written = 1, in_flight = 2 };
 
 // Dynamic shared memory comes in 16-byte words, so any type up to 16 bytes can be laid over it.
 struct alignas(16) SharedWord {
@@ -331,10 +354,14 @@ struct Block {
 
     WarpOp warp[max_warps_per_block];
 
-    // Dynamic shared memory and its shadow: one byte per byte, set when written.
+    // Dynamic shared memory and its shadow (ShadowState).
     std::vector<SharedWord> shared_storage;
     std::vector<unsigned char> shadow;
     size_t shared_bytes;
+
+    // Each thread's cp.async copies not yet landed, and how many groups it has committed.
+    std::vector<AsyncCopy> async_copies[max_threads_per_block];
+    int groups_committed[max_threads_per_block];
 
     // Fibers
     ctx::fcontext_t
@@ -459,6 +486,11 @@ inline void thread_exit(Block& b, int linear) {
     if (w.arrived && (w.mask & lane_bit))
         kernel_bug(b, "thread exited while lanes of its warp wait for it in %s (mask 0x%08x)",
                    warp_op_names[w.kind], w.mask);
+    if (!b.async_copies[linear].empty())
+        kernel_bug(b,
+                   "thread exited with %zu cp.async copies in flight (cp.async.wait_group 0 lands "
+                   "them)",
+                   b.async_copies[linear].size());
     w.exited |= lane_bit;
     b.state[linear] = exited;
     b.exited_count++;
@@ -558,6 +590,7 @@ inline void run_block(Block& b) {
         b.warp[w].mask = b.warp[w].arrived = 0;
         b.warp[w].exited = lanes >= 32 ? 0u : ~0u << lanes;
     }
+    for (int i = 0; i < b.n_threads; i++) b.async_copies[i].clear(), b.groups_committed[i] = 0;
     if (b.shared_bytes) {
         memset(b.shared_storage.data(), 0xff, b.shared_bytes);  // NaN in every float and double
         memset(b.shadow.data(), 0, b.shared_bytes);
@@ -712,6 +745,25 @@ inline void multiply_fragments(WarpOp& w) {
     }
 }
 
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16, run by the last lane to arrive: lanes 8j..8j+7
+// posted the shared-memory byte offsets of rows 0..7 of matrix j (8 elements of 16 bits each). Lane
+// l receives in register j the elements (row l/4, columns 2(l%4), 2(l%4)+1) of matrix j, or with
+// .trans those of the transposed matrix, (rows 2(l%4), 2(l%4)+1, column l/4): the first in the low
+// half. (PTX ISA, "Warp-level matrix load instruction: ldmatrix".)
+inline void load_matrices(WarpOp& w, bool trans) {
+    const char* shared = reinterpret_cast<const char*>(block_state.shared_storage.data());
+    for (int lane = 0; lane < 32; lane++)
+        for (int j = 0; j < 4; j++) {
+            uint16_t element[2];
+            for (int e = 0; e < 2; e++) {
+                int row = trans ? 2 * (lane % 4) + e : lane / 4,
+                    column = trans ? lane / 4 : 2 * (lane % 4) + e;
+                memcpy(&element[e], shared + w.value[8 * j + row] + 2 * column, 2);
+            }
+            w.loaded[lane][j] = element[0] | uint32_t(element[1]) << 16;
+        }
+}
+
 inline uint64_t warp_collective(WarpOpKind kind, unsigned mask, uint64_t value, int source_lane) {
     Block& b = block_state;
     int lane = b.current % 32;
@@ -739,6 +791,8 @@ inline uint64_t warp_collective(WarpOpKind kind, unsigned mask, uint64_t value, 
     w.arrived |= 1u << lane;
     if (w.arrived == mask) {  // last lane: compute all results and release the others
         if (kind == warp_mma) multiply_fragments(w);
+        if (kind == warp_ldmatrix || kind == warp_ldmatrix_trans)
+            load_matrices(w, kind == warp_ldmatrix_trans);
         uint64_t ballot = 0;
         for (int l = 0; l < 32; l++)
             if ((mask >> l & 1) && w.value[l]) ballot |= 1u << l;
@@ -787,6 +841,97 @@ inline void mma_m16n8k16_bf16(float d[4], const uint32_t a[4], const uint32_t b[
     memcpy(d, w.d[lane], sizeof w.d[lane]);
 }
 
+// --- shared-memory checks shared by every access ---
+
+[[noreturn]] inline void shared_out_of_bounds(size_t offset, size_t bytes) {
+    Block& b = block_state;
+    kernel_bug(b, "shared memory access at byte %zu is out of bounds (the launch gave %zu bytes)",
+               offset, bytes);
+}
+
+// A read of `bytes` bytes of shared memory from byte `offset`: every byte written, none in flight.
+inline void check_shared_read(size_t offset, size_t bytes) {
+    const unsigned char* shadow = block_state.shadow.data() + offset;
+    for (size_t i = 0; i < bytes; i++) {
+        if (shadow[i] == written) continue;
+        if (shadow[i] == in_flight)
+            kernel_bug(block_state,
+                       "read of shared memory at byte %zu while a cp.async into it is in flight "
+                       "(cp.async.wait_group, then __syncthreads, before reading)",
+                       offset + i);
+        kernel_bug(block_state,
+                   "read of shared memory at byte %zu that no thread of the block has written",
+                   offset + i);
+    }
+}
+// A write: no byte may be the target of a cp.async in flight.
+inline void check_shared_write(size_t offset, size_t bytes) {
+    const unsigned char* shadow = block_state.shadow.data() + offset;
+    for (size_t i = 0; i < bytes; i++)
+        if (shadow[i] == in_flight)
+            kernel_bug(block_state,
+                       "write to shared memory at byte %zu while a cp.async into it is in flight",
+                       offset + i);
+}
+// The 16 bytes from `offset`, for ldmatrix and cp.async: inside the launch's shared memory and
+// 16-byte aligned, as both instructions require.
+inline void check_shared_16_bytes(size_t offset, const char* instruction) {
+    Block& b = block_state;
+    if (offset + 16 > b.shared_bytes) shared_out_of_bounds(offset, b.shared_bytes);
+    if (offset % 16)
+        kernel_bug(b, "%s at shared byte %zu, which is not 16-byte aligned", instruction, offset);
+}
+
+// --- ldmatrix: four 8x8 matrices from shared memory into mma fragments (see load_matrices) ---
+// `row_offset`: the byte offset of the row this lane gives. The whole warp makes the call.
+inline void ldmatrix_x4(uint32_t r[4], size_t row_offset, bool trans) {
+    Block& b = block_state;
+    const char* name = trans ? "ldmatrix.x4.trans" : "ldmatrix.x4";
+    if (b.n_threads % 32)
+        kernel_bug(b, "%s needs whole warps: the block has %d threads, not a multiple of 32", name,
+                   b.n_threads);
+    check_shared_16_bytes(row_offset, name);
+    check_shared_read(row_offset, 16);
+    int lane = lane_id();
+    warp_collective(trans ? warp_ldmatrix_trans : warp_ldmatrix, 0xffffffffu, row_offset, lane);
+    memcpy(r, b.warp[b.current / 32].loaded[lane], 4 * sizeof(uint32_t));
+}
+
+// --- cp.async: copies from global into shared memory that land later ---
+// cp.async.cg.shared.global [to], [from], 16, src_size (16, or 0 to fill zeros): the 16 bytes are
+// in flight from here until a cp.async.wait_group of this thread lets their group land; reading or
+// writing them before then is a bug. Copies join the thread's next group (cp.async.commit_group
+// closes it).
+inline void cp_async_16(size_t to, const void* from, bool fill_zeros) {
+    Block& b = block_state;
+    check_shared_16_bytes(to, "cp.async");
+    if (reinterpret_cast<uintptr_t>(from) % 16)
+        kernel_bug(b, "cp.async from global address %p, which is not 16-byte aligned", from);
+    check_shared_write(to, 16);
+    memset(b.shadow.data() + to, in_flight, 16);
+    b.async_copies[b.current].push_back(
+        AsyncCopy{to, fill_zeros ? nullptr : from, b.groups_committed[b.current]});
+}
+inline void cp_async_commit() { block_state.groups_committed[block_state.current]++; }
+// cp.async.wait_group pending: every committed group but the newest `pending` lands.
+inline void cp_async_wait(int pending) {
+    Block& b = block_state;
+    std::vector<AsyncCopy>& copies = b.async_copies[b.current];
+    int landing = b.groups_committed[b.current] - pending;  // groups below this one land
+    char* shared = reinterpret_cast<char*>(b.shared_storage.data());
+    size_t kept = 0;
+    for (const AsyncCopy& c : copies) {
+        if (c.group >= landing) {
+            copies[kept++] = c;
+            continue;
+        }
+        if (c.from) memcpy(shared + c.to, c.from, 16);
+        else memset(shared + c.to, 0, 16);
+        memset(b.shadow.data() + c.to, written, 16);
+    }
+    copies.resize(kept);
+}
+
 // A shuffle's width must be a power of two from 1 to 32.
 inline void check_width(int width) {
     if (width < 1 || width > 32 || (width & (width - 1)))
@@ -796,30 +941,22 @@ inline void check_width(int width) {
 
 // --- dynamic shared memory with an initialisation check ---
 
-[[noreturn]] inline void shared_out_of_bounds(size_t offset, size_t bytes) {
-    Block& b = block_state;
-    kernel_bug(b, "shared memory access at byte %zu is out of bounds (the launch gave %zu bytes)",
-               offset, bytes);
-}
-
-[[noreturn]] inline void shared_uninitialised(size_t offset) {
-    kernel_bug(block_state,
-               "read of shared memory at byte %zu that no thread of the block has written", offset);
-}
-
 // A reference to one element of shared memory: reading checks the shadow, writing sets it.
 template <typename T>
 struct SharedRef {
     T* pointer;
     unsigned char* shadow;
+    size_t offset() const { return size_t(shadow - block_state.shadow.data()); }
     operator T() const {
         for (size_t i = 0; i < sizeof(T); i++)
-            if (!shadow[i]) shared_uninitialised(size_t(shadow - block_state.shadow.data()));
+            if (shadow[i] != written) check_shared_read(offset(), sizeof(T));
         return *pointer;
     }
     SharedRef& operator=(T value) {
+        for (size_t i = 0; i < sizeof(T); i++)
+            if (shadow[i] == in_flight) check_shared_write(offset(), sizeof(T));
         *pointer = value;
-        memset(shadow, 1, sizeof(T));
+        memset(shadow, written, sizeof(T));
         return *this;
     }
     SharedRef& operator=(const SharedRef& other) { return *this = T(other); }

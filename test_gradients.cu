@@ -482,7 +482,7 @@ static void test_attention_and_small_layer_gradients() {
     for (int lanes : {1, 32, 8}) {
         threads_per_row = lanes;
         for (bool flash : {false, true}) {
-            use_flash_attention = flash;
+            attention_kernels = flash ? AttentionKernels::flash : AttentionKernels::plain;
             std::string kind = std::string(flash ? "flash" : "plain") + " attention";
             Tensor qkv = input({2, 5, 36}, 17);  // C = 12, 3 heads of 4
             check_gradient(kind + " (2,5,3*12), 3 heads" + lanes_note(),
@@ -498,7 +498,7 @@ static void test_attention_and_small_layer_gradients() {
             check_gradient(kind + " with T=37, 2 heads of 6, rotary, dropout 0.1" + lanes_note(),
                            [=] { return attention(longer, 2, true, 0.1, 6); }, {longer});
         }
-        use_flash_attention = false;
+        attention_kernels = AttentionKernels::fastest;
 
         Tensor logits = input({7, 37}, 19);
         int* targets = device_ints({3, 36, ignore_index, 0, 5, 5, 20});
@@ -554,14 +554,14 @@ static void test_layer_values() {
             Tensor qkv = requires_grad(randn({2, c.T, 3 * c.C}, 23));
             std::vector<real> outputs[2], grads[2];
             for (int flash = 0; flash < 2; flash++) {
-                use_flash_attention = flash;
+                attention_kernels = flash ? AttentionKernels::flash : AttentionKernels::plain;
                 zero_grad(qkv);
                 Tensor out = attention(qkv, c.heads, c.rotary, c.dropout, 9);
                 outputs[flash] = to_host(out);
                 backward(project(out));
                 grads[flash] = to_host(grad(qkv));
             }
-            use_flash_attention = false;
+            attention_kernels = AttentionKernels::fastest;
             check(max_difference(outputs[0], outputs[1]) < 1e-12 &&
                       max_difference(grads[0], grads[1]) < 1e-12,
                   "flash and plain attention agree on (2,%d,3*%d), %d heads of %d%s, dropout %.1f: "
@@ -694,7 +694,7 @@ static void test_gpt_backward_equals_tape() {
         modern.tied_embeddings = false;
         dropped.dropout = 0.2f, dropped.attention_dropout = 0.1f;
         for (bool flash : {false, true}) {
-            use_flash_attention = flash;
+            attention_kernels = flash ? AttentionKernels::flash : AttentionKernels::plain;
             std::string kind = flash ? "flash attention" : "plain attention";
             check_explicit_backward("layernorm, gelu, tied; " + kind, tiny_config(), 3, 7);
             check_explicit_backward("rmsnorm, swiglu, rotary, untied; " + kind, modern, 2, 8);
@@ -703,7 +703,7 @@ static void test_gpt_backward_equals_tape() {
                 "dropout 0.2, attention dropout 0.1, 32 threads per row; " + kind, dropped, 2, 5);
             threads_per_row = default_lanes;
         }
-        use_flash_attention = false;
+        attention_kernels = AttentionKernels::fastest;
     }
 }
 
@@ -717,11 +717,11 @@ static void test_gpt_gradients() {
     dropped.dropout = 0.2f, dropped.attention_dropout = 0.1f;
     threads_per_row = 32;
     check_gpt_gradients("dropout 0.2 and attention dropout 0.1, 32 threads per row", dropped);
-    use_flash_attention = true;
+    attention_kernels = AttentionKernels::flash;
     check_gpt_gradients("flash attention with attention dropout 0.1, 32 threads per row", dropped);
     threads_per_row = default_lanes;
     check_gpt_gradients("flash attention, rmsnorm, swiglu, rotary, untied", modern);
-    use_flash_attention = false;
+    attention_kernels = AttentionKernels::fastest;
 }
 
 // The tiny config's vocabulary padding (wte rows 37 to 127, first in the buffer): no gradient,

@@ -46,7 +46,9 @@ static const char* help_text =
     "  --dropout P           on embeddings and residual branches (--attention-dropout P: on\n"
     "                        attention probabilities)\n"
     "  --norm layernorm|rmsnorm   --activation gelu|swiglu   --rotary   --untied\n"
-    "  --attention plain|flash     attention kernels (same results; plain by default)\n"
+    "  --attention plain|flash     attention kernels (same results; by default flash where it\n"
+    "                        runs on tensor cores: the bfloat16 GPU build, heads of 64 or 128,\n"
+    "                        no attention dropout; plain elsewhere)\n"
     "  --tf32 1|0            GPU float build: float products on TF32 tensor cores (default 1)\n"
     "training:\n"
     "  --batch N  --grad-accum N  --steps N             sequences per micro-batch, micro-batches\n"
@@ -183,7 +185,7 @@ static Options parse_options(int argc, char** argv) {
         else if (flag == "--attention") {
             std::string v = value();
             choice(flag, v, "plain", "flash");
-            use_flash_attention = v == "flash";
+            attention_kernels = v == "flash" ? AttentionKernels::flash : AttentionKernels::plain;
         } else if (flag == "--tf32") use_tf32 = parse_int("--tf32", value(), 0, 1);
         else if (!parse_model_flag(flag, value, o) && !parse_training_flag(flag, value, o))
             unknown_flag(argv[i]);

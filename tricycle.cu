@@ -2431,10 +2431,9 @@ void attention_backward(floatX* dqkv, const floatX* dout, AttentionSaved saved,
 // Each thread keeps its share of a head vector, the elements d = threadIdx.x + i * blockDim.x for
 // i < PER_THREAD, in registers; PER_THREAD is a template parameter so the arrays stay in registers.
 
-// Plain attention is the default everywhere: on the CPU its matrix products are faster; on a GPU
-// these scalar flash kernels (one warp per query, no tensor cores) would be slower than cuBLAS's
-// products, and the tensor-core ones further down (bfloat16 build) have not run on a GPU yet.
-bool use_flash_attention = false;
+// These scalar kernels (one warp per query, no tensor cores) are never the default (see
+// AttentionKernels): on a GPU cuBLAS's products beat them; the tensor-core ones further down do.
+AttentionKernels attention_kernels = AttentionKernels::fastest;
 
 constexpr int flash_tile = 32;  // keys (or queries) per shared-memory tile
 
@@ -2714,6 +2713,10 @@ static void allow_shared_memory(void (*kernel)(Params...), size_t bytes, int hs)
 // Causal: tiles past a block's last query are never loaded; in the diagonal tile a warp skips the
 // 16-key (16-query) chunks wholly outside its triangle; the rest is masked element by element.
 //
+// Memory: the tiles come in by cp.async into two stages of shared memory, so that the next tile's
+// copy overlaps this tile's products (tc_pipeline), and leave shared memory as mma fragments by
+// ldmatrix, four 8x8 matrices per instruction (.trans for the operands stored the other way round).
+//
 // Fragments (see mma_bf16_16x8x16, with g = lane / 4, t = lane % 4): an accumulator of 16 rows by 8
 // columns holds (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1). The two accumulators of columns
 // 16c..16c+15, rounded to bfloat16, are exactly the A fragment of those 16 columns: that is how P
@@ -2722,26 +2725,49 @@ static void allow_shared_memory(void (*kernel)(Params...), size_t bytes, int hs)
 constexpr int tc_rows = 64;  // queries (keys) per block and rows per shared tile: 4 warps of 16
 constexpr int tc_threads = 128;
 
-// A shared tile holds tc_rows rows of a head, HS bfloat16 each, then 8 of padding: row r starts 4
-// banks after row r - 1, so the 32 lanes of a fragment load hit 32 different banks.
+// A shared tile holds tc_rows rows of a head, HS bfloat16 each, then 8 of padding: rows stay
+// 16-byte aligned (for cp.async and ldmatrix) and row r starts 4 banks after row r - 1, so the 8
+// rows of 16 bytes each phase of an ldmatrix reads hit all 32 banks once.
 template <int HS>
 constexpr int tc_stride = HS + 8;
 template <int HS>
 constexpr size_t tc_tile_bytes = size_t(tc_rows) * tc_stride<HS> * 2;
 
-// Copies rows first..first+63 of head h of sequence b (zeros past T) from x (rows ld apart) into a
-// shared tile, as pairs of bfloat16 in 32-bit words: all the block's threads share the copying.
+// Tile `which` (0 or 1) of stage `stage` (0 or 1): each stage holds the two tiles a step uses.
+template <int HS>
+__device__ inline auto tc_tile(int stage, int which) {
+    return shared_memory<uint32_t>((2 * stage + which) * tc_tile_bytes<HS>);
+}
+
+// Starts copying rows first..first+63 of head h of sequence b (zeros past T) from x (rows ld apart)
+// into a shared tile, 16 bytes (8 values) per cp.async, the block's threads sharing the rows; the
+// copies join each thread's open cp.async group.
 template <int HS, typename Words>
-__device__ inline void load_tc_tile(Words tile, const floatX* x, int ld, const FlashShape& s, int b,
-                                    int h, int first) {
-    for (int e = threadIdx.x; e < tc_rows * HS / 2; e += blockDim.x) {
-        int r = e / (HS / 2), d = 2 * (e % (HS / 2)), row = first + r;
-        uint32_t pair = 0;
-        if (row < s.T) {
-            const floatX* from = x + (long(b) * s.T + row) * ld + h * HS + d;
-            pair = pack_bf16x2(from[0], from[1]);
-        }
-        tile[(r * tc_stride<HS> + d) / 2] = pair;
+__device__ inline void start_tile_copy(Words tile, const floatX* x, int ld, const FlashShape& s,
+                                       int b, int h, int first) {
+    static_assert(sizeof(floatX) == 2 && HS % 8 == 0, "rows are copied as stored: bfloat16");
+    for (int e = threadIdx.x; e < tc_rows * HS / 8; e += blockDim.x) {
+        int r = e / (HS / 8), d = 8 * (e % (HS / 8)), row = first + r;
+        bool past_end = row >= s.T;  // zeros land; the address only has to be valid
+        const floatX* from = x + (long(b) * s.T + (past_end ? 0 : row)) * ld + h * HS + d;
+        cp_async_16(tile, (r * tc_stride<HS> + d) / 2, from, past_end);
+    }
+}
+
+// The tile loop of all three kernels, over `tiles` tiles: start(i, stage) starts the copies of
+// tile i into `stage`; use(i, stage) runs once tile i has landed there for the whole block. Tile
+// i + 1 is on its way while tile i is used.
+template <typename Start, typename Use>
+__device__ inline void tc_pipeline(int tiles, Start start, Use use) {
+    start(0, 0);
+    cp_async_commit();
+    for (int i = 0; i < tiles; i++) {
+        if (i + 1 < tiles) start(i + 1, (i + 1) % 2);
+        cp_async_commit();   // (empty after the last tile: wait_group counts groups, not copies)
+        cp_async_wait<1>();  // this thread's copies of tile i have landed,
+        __syncthreads();     // and everyone's
+        use(i, i % 2);
+        __syncthreads();  // everyone is done with the stage before tile i + 2 is copied into it
     }
 }
 
@@ -2761,22 +2787,42 @@ __device__ inline void load_a_fragments(uint32_t (&a)[HS / 16][4], const floatX*
     }
 }
 
-// The B fragment (16 deep, 8 wide) whose element (k, n) is tile[n0 + n][k0 + k]: K^T from the rows
-// of K (each register a pair along a row, one 32-bit load).
+// Two B fragments, 16 deep from k0 and 8 wide from n0 (bf[0]) and from n0 + 8 (bf[1]), whose
+// element (k, n) is tile[n][k]: K^T from the rows of K. One ldmatrix: matrix j covers rows
+// n0 + 8(j/2).. and columns k0 + 8(j%2)..
 template <int HS, typename Words>
-__device__ __forceinline__ void b_from_rows(uint32_t (&bf)[2], Words tile, int n0, int k0) {
-    int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
-    int at = ((n0 + g) * tc_stride<HS> + k0 + 2 * t) / 2;
-    bf[0] = tile[at], bf[1] = tile[at + 4];
+__device__ __forceinline__ void b_pair_from_rows(uint32_t (&bf)[2][2], Words tile, int n0, int k0) {
+    int lane = threadIdx.x % 32, j = lane / 8;
+    uint32_t r[4];
+    ldmatrix_x4<false>(r, tile,
+                       ((n0 + 8 * (j / 2) + lane % 8) * tc_stride<HS> + k0 + 8 * (j % 2)) / 2);
+    bf[0][0] = r[0], bf[0][1] = r[1], bf[1][0] = r[2], bf[1][1] = r[3];
 }
 
-// The B fragment whose element (k, n) is tile[k0 + k][n0 + n]: V from the rows of V (each register
-// a pair down a column, two 16-bit loads).
-template <int HS, typename Halves>
-__device__ __forceinline__ void b_from_columns(uint32_t (&bf)[2], Halves tile, int k0, int n0) {
-    int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4, at = (k0 + 2 * t) * tc_stride<HS> + n0 + g;
-    for (int r = 0; r < 2; r++, at += 8 * tc_stride<HS>)
-        bf[r] = uint32_t(tile[at]) | uint32_t(tile[at + tc_stride<HS>]) << 16;
+// Two B fragments as above whose element (k, n) is tile[k][n]: V from the rows of V. One
+// ldmatrix.trans: matrix j covers rows k0 + 8(j%2).. and columns n0 + 8(j/2)..
+template <int HS, typename Words>
+__device__ __forceinline__ void b_pair_from_columns(uint32_t (&bf)[2][2], Words tile, int k0,
+                                                    int n0) {
+    int lane = threadIdx.x % 32, j = lane / 8;
+    uint32_t r[4];
+    ldmatrix_x4<true>(r, tile,
+                      ((k0 + 8 * (j % 2) + lane % 8) * tc_stride<HS> + n0 + 8 * (j / 2)) / 2);
+    bf[0][0] = r[0], bf[0][1] = r[1], bf[1][0] = r[2], bf[1][1] = r[3];
+}
+
+// acc[n] += a B for the HS / 8 accumulators of 8 columns each, B taken by b_pair_from_columns from
+// the 16 tile rows from k0: the P V, dS K, P^T dO and dS^T Q products.
+template <int HS, typename Words>
+__device__ __forceinline__ void accumulate_times_columns(float (&acc)[HS / 8][4],
+                                                         const uint32_t (&a)[4], Words tile,
+                                                         int k0) {
+    for (int n = 0; n < HS / 8; n += 2) {
+        uint32_t bf[2][2];
+        b_pair_from_columns<HS>(bf, tile, k0, 8 * n);
+        mma_bf16_16x8x16(acc[n], a, bf[0]);
+        mma_bf16_16x8x16(acc[n + 1], a, bf[1]);
+    }
 }
 
 // The accumulators of columns 16c..16c+7 (left) and 16c+8..16c+15 (right), rounded to bfloat16, as
@@ -2800,25 +2846,27 @@ __device__ __forceinline__ float quad_sum(float x) {
 // One key tile of the forward for one warp: S = Q K^T for the `chunks` 16-key chunks any of its
 // queries see, scaled and masked; the running max m and sum l of each of the lane's two rows (g,
 // g+8) move on and rescale O; then O += P V.
-template <int HS, typename Words, typename Halves>
+template <int HS, typename Words>
 __device__ inline void tc_forward_tile(float (&o)[HS / 8][4], float (&m)[2], float (&l)[2],
                                        const uint32_t (&query)[HS / 16][4], Words keys,
-                                       Halves values, int first_key, int chunks, int row0,
+                                       Words values, int first_key, int chunks, int row0,
                                        const FlashShape& s) {
     int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
     float score[8][4] = {}, tile_max[2] = {-INFINITY, -INFINITY};  // (16, 64): 8 accumulators
-    for (int n = 0; n < 8; n++) {
-        if (n >= 2 * chunks) break;
+    for (int c = 0; c < 4; c++) {
+        if (c >= chunks) break;
         for (int kk = 0; kk < HS / 16; kk++) {
-            uint32_t bf[2];
-            b_from_rows<HS>(bf, keys, 8 * n, 16 * kk);
-            mma_bf16_16x8x16(score[n], query[kk], bf);
+            uint32_t bf[2][2];
+            b_pair_from_rows<HS>(bf, keys, 16 * c, 16 * kk);
+            mma_bf16_16x8x16(score[2 * c], query[kk], bf[0]);
+            mma_bf16_16x8x16(score[2 * c + 1], query[kk], bf[1]);
         }
-        for (int i = 0; i < 4; i++) {
-            int row = row0 + g + 8 * (i / 2), key = first_key + 8 * n + 2 * t + i % 2;
-            score[n][i] = key <= row && key < s.T ? score[n][i] * s.scale : -INFINITY;
-            tile_max[i / 2] = fmaxf(tile_max[i / 2], score[n][i]);
-        }
+        for (int n = 2 * c; n < 2 * c + 2; n++)
+            for (int i = 0; i < 4; i++) {
+                int row = row0 + g + 8 * (i / 2), key = first_key + 8 * n + 2 * t + i % 2;
+                score[n][i] = key <= row && key < s.T ? score[n][i] * s.scale : -INFINITY;
+                tile_max[i / 2] = fmaxf(tile_max[i / 2], score[n][i]);
+            }
     }
     float rescale[2];
     for (int r = 0; r < 2; r++) {  // every row sees key first_key, so the new maximum is finite
@@ -2836,35 +2884,33 @@ __device__ inline void tc_forward_tile(float (&o)[HS / 8][4], float (&m)[2], flo
             }
         uint32_t p_fragment[4];
         a_from_accumulators(p_fragment, score[2 * c], score[2 * c + 1]);
-        for (int n = 0; n < HS / 8; n++) {
-            uint32_t bf[2];
-            b_from_columns<HS>(bf, values, 16 * c, 8 * n);
-            mma_bf16_16x8x16(o[n], p_fragment, bf);
-        }
+        accumulate_times_columns<HS>(o, p_fragment, values, 16 * c);
     }
 }
 
+// (At least 1 block per SM: without it ptxas holds the kernel to 168 registers at heads of 128 and
+// spills on sm_80; it takes 182, and shared memory fits only two blocks per SM either way.)
 template <int HS>
-__global__ void __launch_bounds__(tc_threads)
+__global__ void __launch_bounds__(tc_threads, 1)
     tc_attention_forward_kernel(floatX* out, real* lse, const floatX* q, const floatX* k,
                                 const floatX* v, FlashShape s) {
     int b = blockIdx.x / s.NH, h = blockIdx.x % s.NH, warp = threadIdx.x / 32;
     int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
-    int first = blockIdx.y * tc_rows, row0 = first + 16 * warp;  // the warp's rows: row0..row0+15
-    auto keys = shared_memory<uint32_t>();
-    auto values = shared_memory<uint32_t>(tc_tile_bytes<HS>);
-    auto value_halves = shared_memory<unsigned short>(tc_tile_bytes<HS>);
+    int diagonal = blockIdx.y, row0 = diagonal * tc_rows + 16 * warp;  // the warp's rows
     uint32_t query[HS / 16][4];
     load_a_fragments<HS>(query, q, s.ld_qk, s, b, h, row0);
     float o[HS / 8][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};
-    for (int first_key = 0; first_key <= first; first_key += tc_rows) {  // up to the diagonal
-        __syncthreads();  // everyone is done with the previous tile
-        load_tc_tile<HS>(keys, k, s.ld_qk, s, b, h, first_key);
-        load_tc_tile<HS>(values, v, 3 * s.C, s, b, h, first_key);
-        __syncthreads();
-        int chunks = first_key == first ? warp + 1 : 4;  // the diagonal tile: keys up to row0 + 15
-        tc_forward_tile<HS>(o, m, l, query, keys, value_halves, first_key, chunks, row0, s);
-    }
+    tc_pipeline(  // key tiles up to the diagonal
+        diagonal + 1,
+        [&](int i, int stage) {
+            start_tile_copy<HS>(tc_tile<HS>(stage, 0), k, s.ld_qk, s, b, h, i * tc_rows);
+            start_tile_copy<HS>(tc_tile<HS>(stage, 1), v, 3 * s.C, s, b, h, i * tc_rows);
+        },
+        [&](int i, int stage) {
+            int chunks = i == diagonal ? warp + 1 : 4;  // the diagonal: keys up to row0 + 15
+            tc_forward_tile<HS>(o, m, l, query, tc_tile<HS>(stage, 0), tc_tile<HS>(stage, 1),
+                                i * tc_rows, chunks, row0, s);
+        });
     for (int r = 0; r < 2; r++) {
         float total = quad_sum(l[r]);  // (all lanes: the shuffle needs the whole warp)
         int row = row0 + g + 8 * r;
@@ -2903,22 +2949,18 @@ __device__ inline void store_rows(floatX* x, int ld, bool accumulate,
     }
 }
 
-// Both backward passes need, for a 16 x 16 chunk, the scores and their gradients before softmax:
-// score += A_s rows_s^T and dp += A_dp rows_dp^T, with the A fragments in the warp's registers and
-// the 16 rows from 16c of two shared tiles (dq: Q K^T and dO V^T; dk/dv: their transposes).
+// Both backward passes need, for a 16 x 16 chunk, the scores and their gradients before softmax,
+// each a product acc += A rows^T of A fragments in the warp's registers and the 16 rows from 16c of
+// a shared tile (dq: S = Q K^T and dP = dO V^T; dk/dv: their transposes).
 template <int HS, typename Words>
-__device__ inline void scores_and_gradients(float (&score)[2][4], float (&dp)[2][4],
-                                            const uint32_t (&a_s)[HS / 16][4], Words rows_s,
-                                            const uint32_t (&a_dp)[HS / 16][4], Words rows_dp,
-                                            int c) {
-    for (int j = 0; j < 2; j++)
-        for (int kk = 0; kk < HS / 16; kk++) {
-            uint32_t bf[2];
-            b_from_rows<HS>(bf, rows_s, 16 * c + 8 * j, 16 * kk);
-            mma_bf16_16x8x16(score[j], a_s[kk], bf);
-            b_from_rows<HS>(bf, rows_dp, 16 * c + 8 * j, 16 * kk);
-            mma_bf16_16x8x16(dp[j], a_dp[kk], bf);
-        }
+__device__ inline void add_times_rows(float (&acc)[2][4], const uint32_t (&a)[HS / 16][4],
+                                      Words rows, int c) {
+    for (int kk = 0; kk < HS / 16; kk++) {
+        uint32_t bf[2][2];
+        b_pair_from_rows<HS>(bf, rows, 16 * c, 16 * kk);
+        mma_bf16_16x8x16(acc[0], a[kk], bf[0]);
+        mma_bf16_16x8x16(acc[1], a[kk], bf[1]);
+    }
 }
 
 // dq for 64 queries per block, over the key tiles up to the diagonal, 16 keys at a time.
@@ -2929,56 +2971,64 @@ __global__ void __launch_bounds__(tc_threads)
                            const floatX* v, FlashShape s) {
     int b = blockIdx.x / s.NH, h = blockIdx.x % s.NH, warp = threadIdx.x / 32;
     int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
-    int first = blockIdx.y * tc_rows, row0 = first + 16 * warp;
-    auto keys = shared_memory<uint32_t>();
-    auto key_halves = shared_memory<unsigned short>();
-    auto values = shared_memory<uint32_t>(tc_tile_bytes<HS>);
+    int diagonal = blockIdx.y, row0 = diagonal * tc_rows + 16 * warp;
     uint32_t query[HS / 16][4], dy[HS / 16][4];
     load_a_fragments<HS>(query, q, s.ld_qk, s, b, h, row0);
     load_a_fragments<HS>(dy, dout, s.C, s, b, h, row0);
     float lse_rows[2], D_rows[2], grad[HS / 8][4] = {};
     row_statistics(lse_rows, D_rows, lse, D, s, b, h, row0);
-    for (int first_key = 0; first_key <= first; first_key += tc_rows) {
-        __syncthreads();
-        load_tc_tile<HS>(keys, k, s.ld_qk, s, b, h, first_key);
-        load_tc_tile<HS>(values, v, 3 * s.C, s, b, h, first_key);
-        __syncthreads();
-        int chunks = first_key == first ? warp + 1 : 4;
-        for (int c = 0; c < chunks; c++) {
-            float score[2][4] = {}, dp[2][4] = {};  // S and dP of 16 queries x 16 keys
-            scores_and_gradients<HS>(score, dp, query, keys, dy, values, c);
-            for (int j = 0; j < 2; j++)
-                for (int i = 0; i < 4; i++) {
-                    int row = row0 + g + 8 * (i / 2),
-                        key = first_key + 16 * c + 8 * j + 2 * t + i % 2;
-                    float p = key <= row && key < s.T
-                                  ? fast_exp(score[j][i] * s.scale - lse_rows[i / 2])
-                                  : 0;
-                    score[j][i] = p * (dp[j][i] - D_rows[i / 2]);  // dS
-                }
-            uint32_t ds[4];
-            a_from_accumulators(ds, score[0], score[1]);
-            for (int n = 0; n < HS / 8; n++) {
-                uint32_t bf[2];
-                b_from_columns<HS>(bf, key_halves, 16 * c, 8 * n);
-                mma_bf16_16x8x16(grad[n], ds, bf);
+    tc_pipeline(
+        diagonal + 1,
+        [&](int i, int stage) {
+            start_tile_copy<HS>(tc_tile<HS>(stage, 0), k, s.ld_qk, s, b, h, i * tc_rows);
+            start_tile_copy<HS>(tc_tile<HS>(stage, 1), v, 3 * s.C, s, b, h, i * tc_rows);
+        },
+        [&](int i, int stage) {
+            auto keys = tc_tile<HS>(stage, 0), values = tc_tile<HS>(stage, 1);
+            int chunks = i == diagonal ? warp + 1 : 4;
+            for (int c = 0; c < chunks; c++) {
+                float score[2][4] = {}, dp[2][4] = {};  // S and dP of 16 queries x 16 keys
+                add_times_rows<HS>(score, query, keys, c);
+                add_times_rows<HS>(dp, dy, values, c);
+                for (int j = 0; j < 2; j++)
+                    for (int e = 0; e < 4; e++) {
+                        int row = row0 + g + 8 * (e / 2),
+                            key = i * tc_rows + 16 * c + 8 * j + 2 * t + e % 2;
+                        float p = key <= row && key < s.T
+                                      ? fast_exp(score[j][e] * s.scale - lse_rows[e / 2])
+                                      : 0;
+                        score[j][e] = p * (dp[j][e] - D_rows[e / 2]);  // dS
+                    }
+                uint32_t ds[4];
+                a_from_accumulators(ds, score[0], score[1]);
+                accumulate_times_columns<HS>(grad, ds, keys, 16 * c);
             }
-        }
-    }
+        });
     store_rows<HS>(dq, ld_dq, accumulate, grad, s.scale, s, b, h, row0);
 }
 
+// What a dk/dv kernel computes. At heads of 64 one kernel makes both. At heads of 128, dK and dV
+// (128 floats a lane) with the K and V fragments (64 registers) leave too few of the 255 registers
+// for the rest, so two kernels split the work: the dV one recomputes S^T, and the dK one makes five
+// products a chunk where one kernel made four, with no spills.
+enum class KeyGrads { both, values, keys };
+template <int HS>
+constexpr bool split_key_grads = HS > 64;
+
 // One 16-query chunk of the dk/dv pass for one warp (16 keys): S^T, dP^T, then dV += P^T dO and
-// dK += dS^T Q (unscaled). stats holds the tile's lse values, then its D values.
-template <int HS, typename Words, typename Halves, typename Stats>
+// dK += dS^T Q (unscaled), or what `part` of that needs. stats holds the tile's lse values, then
+// its D values.
+template <int HS, KeyGrads part, typename Words, typename Stats>
 __device__ inline void tc_dkdv_chunk(float (&grad_k)[HS / 8][4], float (&grad_v)[HS / 8][4],
                                      const uint32_t (&key)[HS / 16][4],
-                                     const uint32_t (&value)[HS / 16][4], Words queries,
-                                     Halves query_halves, Words dys, Halves dy_halves, Stats stats,
-                                     int first_query, int c, int key0, const FlashShape& s) {
+                                     const uint32_t (&value)[HS / 16][4], Words queries, Words dys,
+                                     Stats stats, int first_query, int c, int key0,
+                                     const FlashShape& s) {
+    constexpr bool keys = part != KeyGrads::values, values = part != KeyGrads::keys;
     int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
     float score[2][4] = {}, dp[2][4] = {};  // S^T and dP^T of 16 keys x 16 queries
-    scores_and_gradients<HS>(score, dp, key, queries, value, dys, c);
+    add_times_rows<HS>(score, key, queries, c);
+    if constexpr (keys) add_times_rows<HS>(dp, value, dys, c);
     for (int j = 0; j < 2; j++)
         for (int i = 0; i < 4; i++) {
             int column = 16 * c + 8 * j + 2 * t + i % 2, query = first_query + column;
@@ -2986,67 +3036,96 @@ __device__ inline void tc_dkdv_chunk(float (&grad_k)[HS / 8][4], float (&grad_v)
             float p = query >= key_row && query < s.T
                           ? fast_exp(score[j][i] * s.scale - stats[column])
                           : 0;
-            score[j][i] = p, dp[j][i] = p * (dp[j][i] - stats[tc_rows + column]);
+            score[j][i] = p;
+            if constexpr (keys) dp[j][i] = p * (dp[j][i] - stats[tc_rows + column]);
         }
-    uint32_t p_fragment[4], ds_fragment[4];
-    a_from_accumulators(p_fragment, score[0], score[1]);
-    a_from_accumulators(ds_fragment, dp[0], dp[1]);
-    for (int n = 0; n < HS / 8; n++) {
-        uint32_t bf[2];
-        b_from_columns<HS>(bf, dy_halves, 16 * c, 8 * n);
-        mma_bf16_16x8x16(grad_v[n], p_fragment, bf);
-        b_from_columns<HS>(bf, query_halves, 16 * c, 8 * n);
-        mma_bf16_16x8x16(grad_k[n], ds_fragment, bf);
+    uint32_t fragment[4];
+    if constexpr (values) {
+        a_from_accumulators(fragment, score[0], score[1]);  // P^T
+        accumulate_times_columns<HS>(grad_v, fragment, dys, 16 * c);
+    }
+    if constexpr (keys) {
+        a_from_accumulators(fragment, dp[0], dp[1]);  // dS^T
+        accumulate_times_columns<HS>(grad_k, fragment, queries, 16 * c);
     }
 }
 
-// dk and dv for 64 keys per block, over the query tiles from the diagonal on.
+// The dk/dv kernel's lse and D values of one query tile (2 * tc_rows reals) in `stage`, after the
+// four tiles.
 template <int HS>
+__device__ inline auto tc_stats(int stage) {
+    return shared_memory<real>(4 * tc_tile_bytes<HS> + stage * 2 * tc_rows * sizeof(real));
+}
+
+// dk and dv (or one of them: `part`) for 64 keys per block, over the query tiles from the diagonal
+// on.
+template <int HS, KeyGrads part>
 __global__ void __launch_bounds__(tc_threads)
     tc_attention_dkdv_kernel(floatX* dk, int ld_dk, bool accumulate, floatX* dv, bool accumulate_v,
                              const floatX* dout, const real* lse, const real* D, const floatX* q,
                              const floatX* k, const floatX* v, FlashShape s) {
     int b = blockIdx.x / s.NH, h = blockIdx.x % s.NH, warp = threadIdx.x / 32;
     int first = blockIdx.y * tc_rows, key0 = first + 16 * warp;  // the warp's keys
-    auto queries = shared_memory<uint32_t>();
-    auto query_halves = shared_memory<unsigned short>();
-    auto dys = shared_memory<uint32_t>(tc_tile_bytes<HS>);
-    auto dy_halves = shared_memory<unsigned short>(tc_tile_bytes<HS>);
-    auto stats = shared_memory<real>(2 * tc_tile_bytes<HS>);  // lse (64), then D (64)
     uint32_t key[HS / 16][4], value[HS / 16][4];
     load_a_fragments<HS>(key, k, s.ld_qk, s, b, h, key0);
-    load_a_fragments<HS>(value, v, 3 * s.C, s, b, h, key0);
+    if constexpr (part != KeyGrads::values) load_a_fragments<HS>(value, v, 3 * s.C, s, b, h, key0);
     float grad_k[HS / 8][4] = {}, grad_v[HS / 8][4] = {};
-    for (int first_query = first; first_query < s.T; first_query += tc_rows) {
-        __syncthreads();
-        load_tc_tile<HS>(queries, q, s.ld_qk, s, b, h, first_query);
-        load_tc_tile<HS>(dys, dout, s.C, s, b, h, first_query);
-        for (int j = threadIdx.x; j < tc_rows; j += blockDim.x) {
-            int row = first_query + j;
-            long at = (long(b) * s.NH + h) * s.T + row;
-            stats[j] = row < s.T ? lse[at] : 0, stats[tc_rows + j] = row < s.T ? D[at] : 0;
-        }
-        __syncthreads();
-        // the diagonal tile: queries before key0 see none of the warp's keys
-        for (int c = first_query == first ? warp : 0; c < 4; c++)
-            tc_dkdv_chunk<HS>(grad_k, grad_v, key, value, queries, query_halves, dys, dy_halves,
-                              stats, first_query, c, key0, s);
-    }
-    store_rows<HS>(dk, ld_dk, accumulate, grad_k, s.scale, s, b, h, key0);
-    store_rows<HS>(dv, 3 * s.C, accumulate_v, grad_v, 1, s, b, h, key0);
+    tc_pipeline(
+        (s.T - first + tc_rows - 1) / tc_rows,
+        [&](int i, int stage) {
+            int first_query = first + i * tc_rows;
+            start_tile_copy<HS>(tc_tile<HS>(stage, 0), q, s.ld_qk, s, b, h, first_query);
+            start_tile_copy<HS>(tc_tile<HS>(stage, 1), dout, s.C, s, b, h, first_query);
+            auto stats = tc_stats<HS>(stage);  // plain stores: the barrier before use shows them
+            for (int j = threadIdx.x; j < tc_rows; j += blockDim.x) {
+                int row = first_query + j;
+                long at = (long(b) * s.NH + h) * s.T + row;
+                stats[j] = row < s.T ? lse[at] : 0, stats[tc_rows + j] = row < s.T ? D[at] : 0;
+            }
+        },
+        [&](int i, int stage) {
+            // the diagonal tile: queries before key0 see none of the warp's keys
+            for (int c = i == 0 ? warp : 0; c < 4; c++)
+                tc_dkdv_chunk<HS, part>(grad_k, grad_v, key, value, tc_tile<HS>(stage, 0),
+                                        tc_tile<HS>(stage, 1), tc_stats<HS>(stage),
+                                        first + i * tc_rows, c, key0, s);
+        });
+    if constexpr (part != KeyGrads::values)
+        store_rows<HS>(dk, ld_dk, accumulate, grad_k, s.scale, s, b, h, key0);
+    if constexpr (part != KeyGrads::keys)
+        store_rows<HS>(dv, 3 * s.C, accumulate_v, grad_v, 1, s, b, h, key0);
 }
 
 // The tensor-core kernels take a flash attention when the build stores bfloat16 (floatX is 2
-// bytes), the head has 64 or 128 values and there is no attention dropout.
+// bytes), the head size is one of tensor_core_head_sizes (the ones tests/mixed_precision.cu checks
+// them at under the emulator, in both launch shapes) and there is no attention dropout.
 static bool tensor_core_attention(int hs, real dropout_p) {
-    return sizeof(floatX) == 2 && (hs == 64 || hs == 128) && dropout_p == 0;
+    return sizeof(floatX) == 2 && is_tensor_core_head_size(hs) && dropout_p == 0;
 }
 
-// Calls f(std::integral_constant<int, HS>()) for the head size (64 or 128).
+// Calls f(std::integral_constant<int, HS>()) for the head size, one of tensor_core_head_sizes;
+// nothing in the float build, which has no tensor-core kernels.
 template <typename F>
 static void with_tc_head_size(int hs, F f) {
-    if (hs == 64) f(std::integral_constant<int, 64>());
-    else f(std::integral_constant<int, 128>());
+    if constexpr (sizeof(floatX) == 2) {
+        static_assert(sizeof tensor_core_head_sizes / sizeof(int) == 2 &&
+                          tensor_core_head_sizes[0] == 64 && tensor_core_head_sizes[1] == 128,
+                      "with_tc_head_size instantiates the kernels for each checked head size");
+        if (hs == 64) f(std::integral_constant<int, 64>());
+        else f(std::integral_constant<int, 128>());
+    } else {
+        (void)hs, (void)f;
+    }
+}
+
+bool use_flash_attention(int head_size, real dropout_p) {
+    if (attention_kernels != AttentionKernels::fastest)
+        return attention_kernels == AttentionKernels::flash;
+#ifdef __CUDACC__
+    return tensor_core_attention(head_size, dropout_p);
+#else
+    return (void)head_size, (void)dropout_p, false;
+#endif
 }
 
 static dim3 tc_grid(const FlashShape& s) {
@@ -3057,8 +3136,10 @@ static void tc_attention_forward(floatX* out, real* lse, const floatX* q, const 
                                  const floatX* v, const FlashShape& s) {
     with_tc_head_size(s.C / s.NH, [&](auto hs) {
         constexpr int HS = decltype(hs)::value;
-        launch(tc_attention_forward_kernel<HS>, tc_grid(s), tc_threads, 2 * tc_tile_bytes<HS>, out,
-               lse, q, k, v, s);
+        size_t tiles = 4 * tc_tile_bytes<HS>;  // two stages of two
+        allow_shared_memory(tc_attention_forward_kernel<HS>, tiles, HS);
+        launch(tc_attention_forward_kernel<HS>, tc_grid(s), tc_threads, tiles, out, lse, q, k, v,
+               s);
     });
 }
 
@@ -3068,11 +3149,21 @@ static void tc_attention_backward(floatX* dq, floatX* dk, int ld_grad, bool accu
                                   const floatX* v, const FlashShape& s) {
     with_tc_head_size(s.C / s.NH, [&](auto hs) {
         constexpr int HS = decltype(hs)::value;
-        size_t tiles = 2 * tc_tile_bytes<HS>, stats = 2 * tc_rows * sizeof(real);
+        size_t tiles = 4 * tc_tile_bytes<HS>, stats = 2 * 2 * tc_rows * sizeof(real);
+        allow_shared_memory(tc_attention_dq_kernel<HS>, tiles, HS);
         launch(tc_attention_dq_kernel<HS>, tc_grid(s), tc_threads, tiles, dq, ld_grad,
                accumulate_qk, dout, lse, D, q, k, v, s);
-        launch(tc_attention_dkdv_kernel<HS>, tc_grid(s), tc_threads, tiles + stats, dk, ld_grad,
-               accumulate_qk, dv, accumulate_v, dout, lse, D, q, k, v, s);
+        auto key_grads = [&](auto kernel) {
+            allow_shared_memory(kernel, tiles + stats, HS);
+            launch(kernel, tc_grid(s), tc_threads, tiles + stats, dk, ld_grad, accumulate_qk, dv,
+                   accumulate_v, dout, lse, D, q, k, v, s);
+        };
+        if constexpr (split_key_grads<HS>) {
+            key_grads(tc_attention_dkdv_kernel<HS, KeyGrads::values>);
+            key_grads(tc_attention_dkdv_kernel<HS, KeyGrads::keys>);
+        } else {
+            key_grads(tc_attention_dkdv_kernel<HS, KeyGrads::both>);
+        }
     });
 }
 
@@ -3140,7 +3231,7 @@ Tensor attention(Tensor qkv, int heads, bool rotary, real dropout_p, uint64_t se
     like.shape[2] = C;
     Tensor out = new_result(like, {qkv});
     long n = long(B) * T * C, att_size = long(B) * heads * T * T;
-    bool flash = use_flash_attention;
+    bool flash = use_flash_attention(C / heads, dropout_p);
     AttentionSaved saved{rotary ? device_alloc<floatX>(n) : nullptr,
                          rotary ? device_alloc<floatX>(n) : nullptr,
                          flash ? nullptr : device_alloc<floatX>(att_size),
@@ -3606,9 +3697,10 @@ static void carve_activations(GPTActivations& a, const GPTConfig& c, BufferCarve
 
 // (Re)plans the buffers when the shape or the attention kind changes; otherwise they are reused.
 static void plan_activations(GPTActivations& a, const GPTConfig& c, int B, int T) {
-    if (a.memory && a.B == B && a.T == T && a.flash == use_flash_attention) return;
+    bool flash = use_flash_attention(c.dim / c.heads, c.attention_dropout);
+    if (a.memory && a.B == B && a.T == T && a.flash == flash) return;
     cuda_check(cudaFree(a.memory));
-    a.memory = nullptr, a.B = B, a.T = T, a.flash = use_flash_attention;
+    a.memory = nullptr, a.B = B, a.T = T, a.flash = flash;
     BufferCarver measure{nullptr};
     carve_activations(a, c, measure);
     cuda_check(cudaMalloc(&a.memory, measure.bytes));
@@ -3631,7 +3723,8 @@ GPTActivations::~GPTActivations() {
 
 double gpt_activations_bytes(const GPTConfig& config, int B, int T) {
     GPTActivations measured;
-    measured.B = B, measured.T = T, measured.flash = use_flash_attention;
+    measured.B = B, measured.T = T;
+    measured.flash = use_flash_attention(config.dim / config.heads, config.attention_dropout);
     BufferCarver measure{nullptr};
     carve_activations(measured, config, measure);
     return measure.total;

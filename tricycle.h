@@ -598,9 +598,23 @@ Tensor rotary(Tensor x);  // x (B, T, NH, hs)
 //   att_dropped when dropout_p > 0);
 // - flash: one kernel pair with tiles in shared memory and an online softmax, no (T, T) matrix; the
 //   forward saves lse, the log-sum-exp of each query's scores, (B, NH, T).
-// With rotary positions both also save the rotated q and k, (B, T, C) each. The tape version and
-// gpt_forward use flash when use_flash_attention (default false: plain). In the bfloat16 build,
-// flash attention without attention dropout runs on tensor cores for heads of 64 and 128 values.
+// With rotary positions both also save the rotated q and k, (B, T, C) each. In the bfloat16 build,
+// flash attention without attention dropout runs on tensor cores for the head sizes below, the ones
+// the emulator checks those kernels at (the GPU build picks them for no other).
+constexpr int tensor_core_head_sizes[] = {64, 128};
+constexpr bool is_tensor_core_head_size(int head_size) {
+    for (int checked : tensor_core_head_sizes)
+        if (head_size == checked) return true;
+    return false;
+}
+// Which kernels the tape version and gpt_forward run. `fastest`, the default, takes flash where it
+// runs on tensor cores (the bfloat16 GPU build, a head size above, no attention dropout) and plain
+// everywhere else: on the CPU plain's matrix products are faster, and on a GPU the scalar flash
+// kernels lose to cuBLAS's products. `plain` and `flash` force one (train_gpt --attention).
+enum class AttentionKernels { fastest, plain, flash };
+extern AttentionKernels attention_kernels;
+// Whether a layer with heads of head_size values and this attention dropout runs flash attention.
+bool use_flash_attention(int head_size, real dropout_p);
 struct AttentionSaved {
     floatX *q, *k, *att, *att_dropped;
     real* lse;
@@ -612,7 +626,6 @@ struct AttentionScratch {
 // The backward's scratch buffers, from the arena.
 AttentionScratch attention_scratch(int B, int T, int C, int NH, bool rotary, real dropout_p,
                                    bool flash);
-extern bool use_flash_attention;
 void attention_forward(floatX* out, AttentionSaved saved, const floatX* qkv, int B, int T, int C,
                        int NH, bool rotary, real dropout_p, uint64_t seed);
 void attention_backward(floatX* dqkv, const floatX* dout, AttentionSaved saved,
@@ -639,6 +652,60 @@ __device__ __forceinline__ void mma_bf16_16x8x16(float (&d)[4], const uint32_t (
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #else
     emu::mma_m16n8k16_bf16(d, a, b, d);
+#endif
+}
+
+// The fragments' loads from shared memory (sm_80 and newer, emulated with the PTX ISA's semantics
+// in cuda_cpu.h). `tile` is a shared_memory<uint32_t>() array and `word` the index of the 16 bytes
+// this lane addresses, which must be 16-byte aligned. ldmatrix.x4: the warp loads four 8x8 matrices
+// of bfloat16, lanes 8j..8j+7 giving the rows of matrix j; lane l gets in r[j] matrix j's (row l/4,
+// columns 2(l%4), 2(l%4)+1), as an mma fragment wants. With `transpose`, it gets (rows 2(l%4),
+// 2(l%4)+1, column l/4): a B fragment from a tile stored the other way round.
+template <bool transpose, typename Words>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], Words tile, int word) {
+#ifdef __CUDACC__
+    unsigned address = unsigned(__cvta_generic_to_shared(tile + word));
+    if constexpr (transpose)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(address));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(address));
+#else
+    emu::ldmatrix_x4(r, (tile + word).byte_offset, transpose);
+#endif
+}
+
+// cp.async: 16 bytes from global memory (16-byte aligned) into shared memory without passing
+// through registers, landing later; with `zeros` nothing is read and 16 zero bytes land. Copies
+// gather into a group until cp_async_commit(); cp_async_wait<N>() lands every committed group but
+// the newest N, for this thread only: other threads see the bytes after a __syncthreads.
+template <typename Words>
+__device__ __forceinline__ void cp_async_16(Words tile, int word, const void* from, bool zeros) {
+#ifdef __CUDACC__
+    unsigned address = unsigned(__cvta_generic_to_shared(tile + word));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(address), "l"(from),
+                 "r"(zeros ? 0 : 16)
+                 : "memory");
+#else
+    emu::cp_async_16((tile + word).byte_offset, from, zeros);
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef __CUDACC__
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#else
+    emu::cp_async_commit();
+#endif
+}
+template <int pending>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef __CUDACC__
+    asm volatile("cp.async.wait_group %0;" ::"n"(pending) : "memory");
+#else
+    emu::cp_async_wait(pending);
 #endif
 }
 

@@ -32,14 +32,17 @@ static const char* help_text =
     "       bench/bench_gpt --estimate a100|h100|h200 [shape flags] [--flash | --plain]\n"
     "                       [--precision bf16|float] [--llmc]\n"
     "Defaults: the GPT-2 124M shape (12 layers, 12 heads, 768 dim, vocab 50257, context 1024),\n"
-    "B=4, T=64 (at most the context), 5 steps, plain attention. --preset starts from a train_gpt\n"
+    "B=4, T=64 (at most the context), 5 steps, the default attention (flash where it runs on\n"
+    "tensor cores: bf16 GPU build, heads of 64 or 128; plain elsewhere; --flash or --plain forces\n"
+    "one). --preset starts from a train_gpt\n"
     "preset (debug, mini, shakespeare, smol); later flags override it. --tape trains through the\n"
     "tape (gpt_forward_tape and backward) instead of gpt_forward and gpt_backward.\n"
     "Every step trains on the same random batch at learning rate --lr (default 1e-4) and prints\n"
     "its loss. --no-floor leaves out the product floor and peak (a sanitizer run, a loss check).\n"
     "--estimate runs nothing: it prints the cost model of a training step of this shape on that\n"
-    "GPU, kernel by kernel (B=16 and T=1024 unless given), for plain attention unless --flash\n"
-    "(the tensor-core kernels in bf16 at heads of 64 or 128, else the scalar ones), in bf16\n"
+    "GPU, kernel by kernel (B=16 and T=1024 unless given), for the GPU build's default attention\n"
+    "(--flash: the tensor-core kernels in bf16 at heads of 64 or 128, else the scalar ones), in "
+    "bf16\n"
     "unless --precision float (TF32 products, as train_gpt runs them and this bench does).\n"
     "--llmc (with --estimate) first models llm.c's own step (karpathy/llm.c) through the same\n"
     "efficiencies and, at its published run's shape (B=64 unless given, T=1024, a100), compares\n"
@@ -63,7 +66,7 @@ struct BenchOptions {
     int B = 0, T = 0, steps = 5;  // B and T: 0 until given
     bool profile = false, tape = false, floor = true;
     double lr = 1e-4;
-    AttentionKind attention = AttentionKind::plain;
+    AttentionKernels attention = AttentionKernels::fastest;
     double peak_tflops = 0;
     std::string estimate;  // a device name: print the cost model instead of running
     bool estimate_bf16 = true;
@@ -95,8 +98,8 @@ static BenchOptions parse_options(int argc, char** argv) {
         else if (flag == "--seq") o.T = integer(1 << 17);
         else if (flag == "--steps") o.steps = integer(1 << 20);
         else if (flag == "--profile") o.profile = true;
-        else if (flag == "--flash") o.attention = AttentionKind::flash;
-        else if (flag == "--plain") o.attention = AttentionKind::plain;
+        else if (flag == "--flash") o.attention = AttentionKernels::flash;
+        else if (flag == "--plain") o.attention = AttentionKernels::plain;
         else if (flag == "--tape") o.tape = true;
         else if (flag == "--no-floor") o.floor = false;
         else if (flag == "--lr")
@@ -110,7 +113,7 @@ static BenchOptions parse_options(int argc, char** argv) {
         else unknown_flag(argv[i]);
     }
     bool estimate = !o.estimate.empty();
-    use_flash_attention = o.attention == AttentionKind::flash;
+    attention_kernels = o.attention;
     if (o.llmc && !estimate) fail("--llmc models a GPU's step: it needs --estimate");
     if (!o.B) o.B = o.llmc ? 64 : estimate ? 16 : 4;  // llm.c's published run is at B=64
     if (!o.T) o.T = std::min(estimate ? 1024 : 64, config.context);
@@ -258,7 +261,8 @@ static int bench(int argc, char** argv) {
     const GPTConfig& config = o.config;
     if (!o.estimate.empty()) {
         if (o.llmc) print_llmc_calibration(config, o.B, o.T, device_model(o.estimate));
-        print_estimate(config, o.B, o.T, o.attention, o.estimate_bf16, device_model(o.estimate));
+        print_estimate(config, o.B, o.T, gpu_attention(config, o.attention, o.estimate_bf16),
+                       o.estimate_bf16, device_model(o.estimate));
         return 0;
     }
     use_tf32 = true;  // the float build's products on TF32 tensor cores, as train_gpt runs them
@@ -279,7 +283,8 @@ static int bench(int argc, char** argv) {
         "attention\n",
         config.layers, config.heads, config.dim, config.vocab_size, model.params.size / 1e6, o.B,
         o.T, o.tape ? "through the tape" : "gpt_forward and gpt_backward",
-        use_flash_attention ? "flash" : "plain");
+        use_flash_attention(config.dim / config.heads, config.attention_dropout) ? "flash"
+                                                                                 : "plain");
     printf("matrix products: %s\n", gemm_engine().c_str());
     GPTActivations acts;
     size_t arena_peak = 0;

@@ -30,9 +30,9 @@
 //   heads of 64 at T = 1024 are likely that range's short, narrow end: the model takes its low end.
 //   The FLOPs it divides are FlashAttention-2's own count (4 T^2 hs per head, halved for the causal
 //   mask; the backward 2.5 times that). Our tensor-core kernels follow FlashAttention-2's scheme on
-//   mma.sync but have no ldmatrix loads and no cp.async double buffering (a tile's loads are not
-//   overlapped with the products on the tile before it): the value is not lowered for that, so for
-//   them it is an upper bound (llm.c's cuDNN kernels have both and cannot test it).
+//   mma.sync, with its ldmatrix loads and cp.async double buffering (a tile's copy overlaps the
+//   products on the tile before it), but smaller tiles (64 x 64, 4 warps) and no measurement: the
+//   figure is FlashAttention-2's, not theirs, until a GPU times them (bench/gpu_first_run.sh).
 // - attention_backward, A100 0.40: an assumption, below that range's low end because the backward
 //   is FlashAttention-2's harder pass (it "still requires some synchronization" between warps, and
 //   its dq goes through atomic adds), not read off a figure (the paper gives its backward speeds
@@ -164,7 +164,7 @@ Sizes sizes_of(const GPTConfig& c, int B, int T, bool bf16) {
     s.N = s.B * s.T, s.heads = s.B * s.NH, s.att = s.heads * s.T * s.T;
     s.e = bf16 ? 2 : 4, s.bf16 = bf16;
     s.below = (s.T + 1) / (2 * s.T);
-    s.tensor_cores = bf16 && (s.hs == 64 || s.hs == 128);
+    s.tensor_cores = bf16 && c.dim % c.heads == 0 && is_tensor_core_head_size(c.dim / c.heads);
     tensor_core_counts(s);
     s.per_thread = 1;
     while (s.per_thread * warp < s.hs) s.per_thread *= 2;
@@ -325,10 +325,14 @@ void attention_backward_costs(Step& step, AttentionKind kind) {
                  heads * (e * hs * (3 * T + 2 * s.tc_key_rows) + s.f * 2 * T),
                  heads * s.tc_pairs * 3 * 2 * hs, Engine::tc_backward);
         // dk, dv, per head: reads k, v once, q, dout and their lse and D once per key block,
-        // writes dk, dv; S^T, dP^T, dv += P^T dout, dk += dS^T q: 4 products of 2 hs per pair
-        step.add("flash attention dk, dv (tensor cores)", L,
-                 heads * (e * hs * (4 * T + 2 * s.tc_query_rows) + s.f * 2 * s.tc_query_rows),
-                 heads * s.tc_pairs * 4 * 2 * hs, Engine::tc_backward);
+        // writes dk, dv; S^T, dP^T, dv += P^T dout, dk += dS^T q: 4 products of 2 hs per pair.
+        // Above heads of 64 two kernels share the work (split_key_grads in tricycle.cu): the dv
+        // one reads k, the dk one k and v, both the q and dout tiles; 5 products (S^T twice).
+        double kernels = s.hs > 64 ? 2 : 1;
+        step.add("flash attention dk, dv (tensor cores)", L * kernels,
+                 heads * (e * hs * ((3 + kernels) * T + kernels * 2 * s.tc_query_rows) +
+                          s.f * 2 * kernels * s.tc_query_rows),
+                 heads * s.tc_pairs * (3 + kernels) * 2 * hs, Engine::tc_backward);
         return;
     }
     if (kind == AttentionKind::flash) {
@@ -637,6 +641,15 @@ const char* engine_bound(const KernelCost& k, const RowTime& t) {
 
 const char* attention_name(AttentionKind kind) {
     return kind == AttentionKind::plain ? "plain" : "flash";
+}
+
+AttentionKind gpu_attention(const GPTConfig& config, AttentionKernels choice, bool bf16) {
+    if (choice != AttentionKernels::fastest)
+        return choice == AttentionKernels::flash ? AttentionKind::flash : AttentionKind::plain;
+    bool tensor_cores = bf16 && config.dim % config.heads == 0 &&
+                        is_tensor_core_head_size(config.dim / config.heads) &&
+                        config.attention_dropout == 0;
+    return tensor_cores ? AttentionKind::flash : AttentionKind::plain;
 }
 
 std::vector<KernelCost> training_step_costs(const GPTConfig& config, int B, int T,

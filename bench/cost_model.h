@@ -44,6 +44,9 @@ const DeviceModel& device_model(const std::string& key);
 
 enum class AttentionKind { plain, flash };
 const char* attention_name(AttentionKind kind);
+// The attention a GPU build with this precision runs for `choice` (what `fastest` picks there: see
+// AttentionKernels).
+AttentionKind gpu_attention(const GPTConfig& config, AttentionKernels choice, bool bf16);
 
 // What limits a kernel: the tensor cores (cuBLAS products, the tensor-core flash kernels forward
 // and backward), the instructions a warp issues (the scalar flash kernels), the CUDA cores and

@@ -11,13 +11,14 @@ archs=("$@")
 [ ${#archs[@]} -gt 0 ] || archs=(80 90)
 total_spills=0
 
-# occupancy ARCH REGS SMEM_BYTES: resident warps per SM of a 256-thread block (the attention
-# kernels' launch shape: a warp per row, 8 rows), as "warps/64 (what limits it)". Both sm_80 and
+# occupancy ARCH REGS SMEM_BYTES [WARPS]: resident warps per SM of a block of WARPS warps (default
+# 8, the scalar attention kernels' launch shape: a warp per row, 8 rows; the tensor-core ones have
+# 4), as "warps/64 (what limits it)". Both sm_80 and
 # sm_90 give an SM 65536 registers, allocated 256 a warp, 64 warps and 32 blocks at most, and 1 KB
 # of shared memory reserved per block; shared memory per SM is 164 KB on sm_80 and 228 KB on sm_90.
 occupancy() {
-    local arch=$1 regs=$2 smem=$3
-    local shared=$((arch >= 90 ? 233472 : 167936)) warps_per_block=8
+    local arch=$1 regs=$2 smem=$3 warps_per_block=${4:-8}
+    local shared=$((arch >= 90 ? 233472 : 167936))
     local warp_regs=$(((regs * 32 + 255) / 256 * 256))
     local by_regs=$((65536 / warp_regs / warps_per_block)) by_smem=$((shared / (smem + 1024)))
     local by_threads=$((64 / warps_per_block)) blocks limit
@@ -47,7 +48,8 @@ for precision in float bfloat16; do
             }' "$log")
         attention=""
         while read -r name regs smem spills; do
-            pretty=$(echo "$name" | c++filt | sed 's/(.*//; s/^void //')
+            pretty=$(echo "$name" | c++filt |
+                sed 's/(KeyGrads)0/both/; s/(KeyGrads)1/values/; s/(KeyGrads)2/keys/; s/(.*//; s/^void //')
             printf "%-52s %5s %7s %12s\n" "${pretty:0:52}" "$regs" "$smem" "$spills"
             total_spills=$((total_spills + spills))
             # The flash kernels for heads of 64 (2 values a thread) and 128 (4): key and value (or
@@ -60,13 +62,22 @@ for precision in float bfloat16; do
                     [[ $pretty == *dkdv* ]] && dynamic=$((dynamic + 256))
                     attention+=$(printf "%-44s %5s %7s  %s" "$pretty (hs $((32 * per_thread)))" "$regs" \
                         "$((smem + dynamic))" "$(occupancy "$arch" "$regs" "$((smem + dynamic))")")$'\n' ;;
+                # The tensor-core kernels (4 warps): two stages of two tiles of 64 rows of hs + 8
+                # bfloat16, dk/dv's lse and D (2 stages x 128 floats) more.
+                tc_attention_*_kernel\<*)
+                    hs=${pretty#*<}
+                    hs=${hs%%[,>]*}
+                    dynamic=$((4 * 64 * (hs + 8) * 2))
+                    [[ $pretty == *dkdv* ]] && dynamic=$((dynamic + 1024))
+                    attention+=$(printf "%-44s %5s %7s  %s" "$pretty" "$regs" "$((smem + dynamic))" \
+                        "$(occupancy "$arch" "$regs" "$((smem + dynamic))" 4)")$'\n' ;;
                 causal_softmax_*_kernel | attention_row_dot_kernel)
                     attention+=$(printf "%-44s %5s %7s  %s" "$pretty" "$regs" "$smem" \
                         "$(occupancy "$arch" "$regs" "$smem")")$'\n' ;;
             esac
         done <<< "$rows"
         echo "$(wc -l <<< "$rows") kernels compiled for sm_$arch, $precision"
-        echo "-- occupancy of the attention kernels, sm_$arch, $precision (256 threads a block)"
+        echo "-- occupancy of the attention kernels, sm_$arch, $precision (256 threads a block; tc_: 128)"
         printf "%-44s %5s %7s  %s\n" "kernel" "regs" "smem" "occupancy"
         printf "%s" "$attention"
         rm -f "$log"

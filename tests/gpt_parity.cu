@@ -32,7 +32,7 @@ static int write_parity_files(int argc, char** argv) {
         else if (!strcmp(argv[i], "--swiglu")) config.activation = Activation::swiglu;
         else if (!strcmp(argv[i], "--rotary")) config.rotary = true;
         else if (!strcmp(argv[i], "--untied")) config.tied_embeddings = false;
-        else if (!strcmp(argv[i], "--flash")) use_flash_attention = true;
+        else if (!strcmp(argv[i], "--flash")) attention_kernels = AttentionKernels::flash;
         else unknown_flag(argv[i]);
     }
     GPT model;

@@ -56,15 +56,15 @@ static Results compute() {
     results["gelu"] = to_host(gelu(x));
     Tensor qkv = random({2, 40, 3 * 32}, 6);
     for (bool flash : {false, true}) {
-        use_flash_attention = flash;
+        attention_kernels = flash ? AttentionKernels::flash : AttentionKernels::plain;
         results[flash ? "flash attention" : "plain attention"] =
             to_host(attention(qkv, 4, false, 0, 0));
     }
     // Heads of 64: in bfloat16 the flash kernels run on tensor cores, in float on the scalar path.
-    use_flash_attention = true;
+    attention_kernels = AttentionKernels::flash;
     results["flash attention, heads of 64, T=130"] =
         to_host(attention(random({2, 130, 3 * 128}, 9), 2, false, 0, 0));
-    use_flash_attention = false;
+    attention_kernels = AttentionKernels::fastest;
     Tensor logits = random({64, 70}, 7, 2);
     std::vector<int> host_targets(64);
     for (int i = 0; i < 64; i++) host_targets[i] = int(random_bits(8, i) % 70);
@@ -283,7 +283,7 @@ static void check_tensor_core_attention() {
         bool rotary;
     };
     std::vector<Case> cases;
-    for (int hs : {64, 128})
+    for (int hs : tensor_core_head_sizes)  // every head size dispatch sends to tensor cores
         for (int T : {1, 17, 64, 130, 256}) cases.push_back({hs, T, false});
     cases.push_back({64, 130, true});
     for (const Case& c : cases) {
@@ -296,7 +296,7 @@ static void check_tensor_core_attention() {
         double out_error[2], grad_error[2];  // plain, flash
         std::vector<real> outputs[2], grads[2];
         for (int flash = 0; flash < 2; flash++) {
-            use_flash_attention = flash;
+            attention_kernels = flash ? AttentionKernels::flash : AttentionKernels::plain;
             zero_grad(qkv);
             Tensor result = attention(qkv, NH, c.rotary, 0, 0);
             outputs[flash] = to_host(result);
@@ -307,7 +307,7 @@ static void check_tensor_core_attention() {
                 grad_error[flash] = relative_error(grads[flash], dqkv);
             }
         }
-        use_flash_attention = false;
+        attention_kernels = AttentionKernels::fastest;
         const char* shapes = launching_gpu_shapes() ? ", GPU launch shapes" : "";
         if (c.rotary) {  // the rotation is the same for both: plain attention is the reference
             std::vector<double> plain_out(outputs[0].begin(), outputs[0].end()),
@@ -339,14 +339,14 @@ static void check_dropout_fallback() {
     Tensor weights = randn({B, T, C}, 52);
     std::vector<real> outputs[2], grads[2];
     for (int flash = 0; flash < 2; flash++) {
-        use_flash_attention = flash;
+        attention_kernels = flash ? AttentionKernels::flash : AttentionKernels::plain;
         zero_grad(qkv);
         Tensor result = attention(qkv, NH, false, 0.1, 7);
         outputs[flash] = to_host(result);
         backward(sum(mul(result, weights)));
         grads[flash] = to_host(grad(qkv));
     }
-    use_flash_attention = false;
+    attention_kernels = AttentionKernels::fastest;
     std::vector<double> plain_out(outputs[0].begin(), outputs[0].end()),
         plain_grad(grads[0].begin(), grads[0].end());
     double o = relative_error(outputs[1], plain_out), g = relative_error(grads[1], plain_grad);
@@ -376,7 +376,7 @@ static void check_tensor_core_gpt() {
     std::vector<real> grads[2];
     double losses[2];
     for (int flash = 0; flash < 2; flash++) {
-        use_flash_attention = flash;
+        attention_kernels = flash ? AttentionKernels::flash : AttentionKernels::plain;
         parameters_zero_grad(model.params);
         MemoryMark mark = memory_mark();
         GPTActivations acts;
@@ -386,7 +386,7 @@ static void check_tensor_core_gpt() {
         grads[flash] = download(model.params.grad, model.params.size);
         memory_release(mark);
     }
-    use_flash_attention = false;
+    attention_kernels = AttentionKernels::fastest;
     double largest = 0;
     for (real g : grads[0]) largest = std::max(largest, std::fabs(double(g)));
     double error = max_difference(grads[0], grads[1]) / largest;

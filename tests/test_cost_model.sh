@@ -56,8 +56,17 @@ check "llm.c's step has no plain-attention softmax and runs cuDNN attention both
 
 # Ours, at the default B=16 T=1024: the tensor-core flash step is faster than the plain one, and
 # neither is faster than llm.c's modelled step at the same shape.
-plain=$(./bench/bench_gpt --estimate a100 2>&1 | grep '^ESTIMATE ')
+plain=$(./bench/bench_gpt --estimate a100 --plain 2>&1 | grep '^ESTIMATE ')
 flash=$(./bench/bench_gpt --estimate a100 --flash 2>&1 | grep '^ESTIMATE ')
+# Without --flash or --plain the estimate is of the GPU build's default: flash in bf16 at heads of
+# 64 (GPT-2's), plain in the float build.
+default=$(./bench/bench_gpt --estimate a100 2>&1 | grep '^ESTIMATE ')
+default_float=$(./bench/bench_gpt --estimate a100 --precision float 2>&1 | grep '^ESTIMATE ')
+plain_float=$(./bench/bench_gpt --estimate a100 --precision float --plain 2>&1 | grep '^ESTIMATE ')
+check "a100 bf16: the default kernels are the tensor-core flash ones ($(field tokens_per_s "$default") vs $(field tokens_per_s "$flash") tokens/s)" \
+    test "$(field tokens_per_s "$default")" = "$(field tokens_per_s "$flash")" -a -n "$flash"
+check "a100 float: the default kernels are the plain ones ($(field tokens_per_s "$default_float") vs $(field tokens_per_s "$plain_float") tokens/s)" \
+    test "$(field tokens_per_s "$default_float")" = "$(field tokens_per_s "$plain_float")" -a -n "$plain_float"
 check "a100: flash beats plain ($(field tokens_per_s "$flash") vs $(field tokens_per_s "$plain") tokens/s)" \
     awk -v f="$(field tokens_per_s "$flash")" -v p="$(field tokens_per_s "$plain")" 'BEGIN { exit !(f > p) }'
 llmc16=$(sed -n 's/^llm.c modelled: .* ms\/step, \([0-9]*\) tokens\/s.*/\1/p' "$dir/llmc16.log")

@@ -130,6 +130,92 @@ __global__ void mma_kernel(float* d, const float* a, const float* b, const float
     D[(g + 8) * 8 + 2 * t] = accumulator[2], D[(g + 8) * 8 + 2 * t + 1] = accumulator[3];
 }
 
+// ldmatrix.x4 element by element: a shared table of 32 rows of 8 bfloat16 values, row r holding
+// 100r + c; lane l gives row (5l + 3) % 32, so matrix j's row i is table row (5(8j + i) + 3) % 32.
+// Lane l writes its four registers to out[4l..4l+3].
+__global__ void ldmatrix_kernel(uint32_t* out) {
+    auto table = shared_memory<uint32_t>();
+    auto halves = shared_memory<unsigned short>();
+    for (int e = threadIdx.x; e < 32 * 8; e += blockDim.x) halves[e] = (e / 8) * 100 + e % 8;
+    __syncthreads();
+    int lane = threadIdx.x % 32;
+    uint32_t r[4];
+    ldmatrix_x4<false>(r, table, (5 * lane + 3) % 32 * 4);
+    for (int j = 0; j < 4; j++) out[4 * lane + j] = r[j];
+}
+
+// The tensor-core kernels' use of ldmatrix: A (16, 16) and B (16, 16), row-major bfloat16 in shared
+// memory, loaded as mma fragments by ldmatrix.x4 (A) and ldmatrix.x4.trans (B, two 8-wide halves),
+// then D = A B by two mma.sync. One warp; d is (16, 16) row-major.
+__global__ void ldmatrix_mma_kernel(float* d, const float* a, const float* b) {
+    auto a_words = shared_memory<uint32_t>(), b_words = shared_memory<uint32_t>(512);
+    auto a_halves = shared_memory<unsigned short>(), b_halves = shared_memory<unsigned short>(512);
+    for (int e = threadIdx.x; e < 256; e += 32) {
+        a_halves[e] = __bfloat16_as_ushort(__float2bfloat16(a[e]));
+        b_halves[e] = __bfloat16_as_ushort(__float2bfloat16(b[e]));
+    }
+    __syncthreads();
+    int lane = threadIdx.x, j = lane / 8, row = lane % 8 + 8 * (j % 2), column = 8 * (j / 2);
+    uint32_t a_fragment[4], b_fragments[4];
+    ldmatrix_x4<false>(a_fragment, a_words, (row * 16 + column) / 2);
+    ldmatrix_x4<true>(b_fragments, b_words, (row * 16 + column) / 2);
+    int g = lane / 4, t = lane % 4;
+    for (int half = 0; half < 2; half++) {
+        float accumulator[4] = {};
+        const uint32_t b_fragment[2] = {b_fragments[2 * half], b_fragments[2 * half + 1]};
+        mma_bf16_16x8x16(accumulator, a_fragment, b_fragment);
+        for (int i = 0; i < 4; i++)
+            d[(g + 8 * (i / 2)) * 16 + 8 * half + 2 * t + i % 2] = accumulator[i];
+    }
+}
+
+// cp.async: 64 threads copy 128 chunks of 16 bytes into shared memory in two groups, chunk i from
+// in[4i..4i+3], chunks 64 + t zero-filled for t >= valid. After cp.async.wait_group 1 and a barrier
+// the first group has landed for every thread; after wait_group 0 the second. Thread t writes
+// chunk 63 - t, then chunk 127 - t (as 4 ints each) to out.
+__global__ void cp_async_kernel(int* out, const int* in, int valid) {
+    auto chunks = shared_memory<uint32_t>();
+    int t = threadIdx.x;
+    cp_async_16(chunks, 4 * t, in + 4 * t, false);
+    cp_async_commit();
+    cp_async_16(chunks, 4 * (64 + t), in + 4 * (64 + t), t >= valid);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    for (int k = 0; k < 4; k++) out[4 * t + k] = int(chunks[4 * (63 - t) + k]);
+    cp_async_wait<0>();
+    __syncthreads();
+    for (int k = 0; k < 4; k++) out[4 * (64 + t) + k] = int(chunks[4 * (127 - t) + k]);
+}
+
+// Broken: cp.async.wait_group 1 with only one group committed lands nothing, and the read after
+// the barrier meets bytes still in flight.
+__global__ void cp_async_read_in_flight_kernel(int* out, const int* in) {
+    auto chunks = shared_memory<uint32_t>();
+    cp_async_16(chunks, 4 * threadIdx.x, in + 4 * threadIdx.x, false);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    out[threadIdx.x] = int(chunks[4 * threadIdx.x]);
+}
+
+// Broken: the thread never waits for its copy.
+__global__ void cp_async_never_waited_kernel(const int* in) {
+    auto chunks = shared_memory<uint32_t>();
+    cp_async_16(chunks, 4 * threadIdx.x, in + 4 * threadIdx.x, false);
+    cp_async_commit();
+}
+
+// Broken: ldmatrix rows must start on 16 bytes; lane 0's starts 4 bytes in.
+__global__ void ldmatrix_misaligned_kernel(uint32_t* out) {
+    auto table = shared_memory<uint32_t>();
+    for (int e = threadIdx.x; e < 33 * 4; e += blockDim.x) table[e] = e;
+    __syncthreads();
+    uint32_t r[4];
+    ldmatrix_x4<false>(r, table, threadIdx.x == 0 ? 1 : 4 * threadIdx.x);
+    out[threadIdx.x] = r[0];
+}
+
 // Small integers, exact in bfloat16, so the product is exact too: any misplaced fragment element
 // shows as a wrong value.
 static std::vector<float> small_integers(int n, uint64_t seed) {
@@ -163,6 +249,59 @@ static int mma_mismatches() {
                     expected += a[w * 256 + i * 16 + k] * b[w * 128 + k * 8 + j];
                 wrong += d[w * 128 + i * 8 + j] != expected;
             }
+    return wrong;
+}
+
+// ldmatrix.x4 against the PTX ISA's layout: the number of the 128 registers that differ.
+static int ldmatrix_mismatches() {
+    uint32_t* device_out = device_alloc<uint32_t>(128);
+    launch(ldmatrix_kernel, 1, 32, 32 * 16, device_out);
+    std::vector<uint32_t> out(128);
+    cuda_check(cudaMemcpy(out.data(), device_out, 128 * 4, cudaMemcpyDeviceToHost));
+    int wrong = 0;
+    for (int lane = 0; lane < 32; lane++)
+        for (int j = 0; j < 4; j++) {
+            int table_row = (5 * (8 * j + lane / 4) + 3) % 32, column = 2 * (lane % 4);
+            uint32_t expected =
+                uint32_t(table_row * 100 + column) | uint32_t(table_row * 100 + column + 1) << 16;
+            wrong += out[4 * lane + j] != expected;
+        }
+    return wrong;
+}
+
+// ldmatrix fragments into mma against a plain product: the number of the 256 elements that differ.
+static int ldmatrix_mma_mismatches() {
+    std::vector<float> a = small_integers(256, 34), b = small_integers(256, 35), d(256);
+    float* device_d = device_alloc<float>(256);
+    launch(ldmatrix_mma_kernel, 1, 32, 1024, device_d, upload_floats(a), upload_floats(b));
+    cuda_check(cudaMemcpy(d.data(), device_d, 256 * sizeof(float), cudaMemcpyDeviceToHost));
+    int wrong = 0;
+    for (int i = 0; i < 16; i++)
+        for (int j = 0; j < 16; j++) {
+            float expected = 0;
+            for (int k = 0; k < 16; k++) expected += a[i * 16 + k] * b[k * 16 + j];
+            wrong += d[i * 16 + j] != expected;
+        }
+    return wrong;
+}
+
+// cp.async in two groups, with zero fill: the number of the 512 ints that differ.
+static int cp_async_mismatches() {
+    const int valid = 40;
+    std::vector<int> in(512), out(512);
+    for (int i = 0; i < 512; i++) in[i] = 7 * i + 1;
+    int* device_in = device_alloc<int>(512);
+    int* device_out = device_alloc<int>(512);
+    cuda_check(cudaMemcpy(device_in, in.data(), 512 * sizeof(int), cudaMemcpyHostToDevice));
+    launch(cp_async_kernel, 1, 64, 128 * 16, device_out, device_in, valid);
+    cuda_check(cudaMemcpy(out.data(), device_out, 512 * sizeof(int), cudaMemcpyDeviceToHost));
+    int wrong = 0;
+    for (int t = 0; t < 64; t++)
+        for (int k = 0; k < 4; k++) {
+            int first = 63 - t, second = 127 - t;
+            wrong += out[4 * t + k] != in[4 * first + k];
+            wrong += out[4 * (64 + t) + k] != (second - 64 >= valid ? 0 : in[4 * second + k]);
+        }
     return wrong;
 }
 
@@ -233,6 +372,21 @@ static void test_emulator() {
           "mma.sync m16n8k16 bf16 -> f32 in 2 warps, fragments laid out as the PTX ISA documents: "
           "%d of 256 elements differ from a plain matrix product",
           wrong);
+    wrong = ldmatrix_mismatches();
+    check(wrong == 0,
+          "ldmatrix.x4: each lane gets matrix j's row l/4, columns 2(l%%4) and 2(l%%4)+1, from "
+          "the rows lanes 8j..8j+7 address: %d of 128 registers differ",
+          wrong);
+    wrong = ldmatrix_mma_mismatches();
+    check(wrong == 0,
+          "ldmatrix.x4 (A) and ldmatrix.x4.trans (B) give mma.sync's fragments: %d of 256 "
+          "elements of A B differ from a plain matrix product",
+          wrong);
+    wrong = cp_async_mismatches();
+    check(wrong == 0,
+          "cp.async in two commit groups, wait_group 1 then 0, with zero fill: %d of 512 values "
+          "differ",
+          wrong);
 }
 
 // The deliberately broken kernels: each launch must fail with the emulator's report.
@@ -268,6 +422,17 @@ static void test_broken_kernels() {
     check_fails("emulator: an mma.sync in a block of 48 threads (a warp and a half)",
                 "not a multiple of 32",
                 [=] { launch(mma_kernel, 1, 48, 0, floats, floats, floats, floats, 32); });
+    int* chunks = device_alloc<int>(4 * 32);  // 32 chunks of 16 bytes
+    cuda_check(cudaMemset(chunks, 0, 4 * 32 * sizeof(int)));
+    check_fails("emulator: a read of shared memory while a cp.async into it is in flight",
+                "while a cp.async into it is in flight",
+                [=] { launch(cp_async_read_in_flight_kernel, 1, 32, 32 * 16, ints, chunks); });
+    check_fails("emulator: a thread exits without waiting for its cp.async",
+                "exited with 1 cp.async copies in flight",
+                [=] { launch(cp_async_never_waited_kernel, 1, 32, 32 * 16, chunks); });
+    uint32_t* words = device_alloc<uint32_t>(32);
+    check_fails("emulator: an ldmatrix row address not 16-byte aligned", "not 16-byte aligned",
+                [=] { launch(ldmatrix_misaligned_kernel, 1, 32, 33 * 16, words); });
     check(block_sums_right(), "emulator: a correct kernel runs cleanly right after the failures");
 #endif
 }
