@@ -279,6 +279,38 @@ __device__ __forceinline__ float fast_exp(float x) {
 }
 __device__ __forceinline__ double fast_exp(double x) { return exp(x); }
 
+// logsumexp of f over a row, for a row kernel: this thread's largest value and its sum of
+// e^(value - largest), then the group's. A GPU thread reads each of its elements once, rescaling
+// its sum when its largest value grows (the online softmax): the row is read once, not twice. A
+// lone CPU thread reads it twice, largest then sum, since the row stays in its cache and those two
+// loops vectorise where the rescaling one does not.
+struct LargestAndSum {
+    real largest, sum;
+};
+
+template <typename F>
+__device__ __forceinline__ LargestAndSum row_largest_and_sum(int count, F f) {
+    if (blockDim.x == 1) {
+        real largest = row_max(count, f);
+        return {largest, row_sum(count, [&](int i) { return fast_exp(f(i) - largest); })};
+    }
+    real largest = -INFINITY, sum = 0;
+    for (int i = threadIdx.x; i < count; i += blockDim.x) {
+        real value = f(i);
+        if (value > largest) {
+            sum *= fast_exp(largest - value);
+            largest = value;
+        }
+        sum += fast_exp(value - largest);
+    }
+    return {largest, sum};
+}
+
+__device__ __forceinline__ real group_logsumexp(LargestAndSum part) {
+    real largest = group_max(part.largest);
+    return largest + log(group_sum(part.sum * fast_exp(part.largest - largest)));
+}
+
 // ====================================================================================================
 // 2. Memory
 // Memory: two bump arenas, one of device memory for tensors and one of host memory for tape
@@ -1065,7 +1097,8 @@ Tensor transpose(Tensor x, int dim0, int dim1) {
 }
 
 // ----------------------------------------------------------------------------------------------------
-// Softmax over the last axis (rows of n): y = exp(x - max) / sum(exp(x - max)).
+// Softmax over the last axis (rows of n): y = exp(x - max) / sum(exp(x - max)) = exp(x - lse),
+// lse = logsumexp(x) found in one read of the row.
 // Backward: dx = y * (dy - sum(dy * y)), the sum taken over the row.
 
 __global__ void softmax_forward_kernel(floatX* out, const floatX* x, long rows, int n) {
@@ -1073,9 +1106,8 @@ __global__ void softmax_forward_kernel(floatX* out, const floatX* x, long rows, 
     long row = group_row(rows, &active);
     const floatX* xr = x + row * n;
     floatX* yr = out + row * n;
-    real largest = group_max(row_max(n, [&](int i) { return xr[i]; }));
-    real total = group_sum(row_sum(n, [&](int i) { return fast_exp(xr[i] - largest); }));
-    if (active) for_each_in_row(n, [&](int i) { yr[i] = fast_exp(xr[i] - largest) / total; });
+    real lse = group_logsumexp(row_largest_and_sum(n, [&](int i) { return xr[i]; }));
+    if (active) for_each_in_row(n, [&](int i) { yr[i] = fast_exp(xr[i] - lse); });
 }
 
 __global__ void softmax_backward_kernel(floatX* dx, const floatX* dout, const floatX* out,
@@ -1168,7 +1200,7 @@ static const size_t cublaslt_workspace_bytes = 32 << 20;
 static void set_epilogue_pointers(cublasLtMatmulDesc_t description, Epilogue epilogue,
                                   const void* bias, floatX* aux) {
     set_attribute(description, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
-    if (epilogue == Epilogue::gelu_bias)
+    if (epilogue == Epilogue::gelu_bias || epilogue == Epilogue::gelu_grad_bias_grad)
         set_attribute(description, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, (void*)aux);
 }
 
@@ -1183,9 +1215,10 @@ static CublasLtPlan make_cublaslt_plan(Epilogue epilogue, const GemmShape& s, co
     set_attribute(plan.description, CUBLASLT_MATMUL_DESC_TRANSB, op_a);
     cublasLtEpilogue_t kind = epilogue == Epilogue::bias        ? CUBLASLT_EPILOGUE_BIAS
                               : epilogue == Epilogue::gelu_bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS
-                                                                : CUBLASLT_EPILOGUE_BGRADB;
+                              : epilogue == Epilogue::bias_grad ? CUBLASLT_EPILOGUE_BGRADB
+                                                                : CUBLASLT_EPILOGUE_DGELU_BGRAD;
     set_attribute(plan.description, CUBLASLT_MATMUL_DESC_EPILOGUE, kind);
-    if (epilogue == Epilogue::gelu_bias)
+    if (epilogue == Epilogue::gelu_bias || epilogue == Epilogue::gelu_grad_bias_grad)
         set_attribute(plan.description, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, int64_t(s.N));
     set_epilogue_pointers(plan.description, epilogue, bias, aux);
     plan.b = B.transpose ? cublaslt_layout(s.K, s.N, B.ld) : cublaslt_layout(s.N, s.K, B.ld);
@@ -1211,7 +1244,8 @@ static bool cublaslt_epilogue(Epilogue epilogue, GemmShape s, GemmInput A, GemmI
     if (s.outer * s.inner != 1) return false;
     static void* workspace = nullptr;
     if (!workspace) cuda_check(cudaMalloc(&workspace, cublaslt_workspace_bytes));
-    const void* bias = epilogue == Epilogue::bias_grad ? bias_grad : C.bias;
+    if (epilogue == Epilogue::gelu_grad_bias_grad && beta != 0) return false;  // gelu' of A B only
+    const void* bias = epilogue == Epilogue::bias ? C.bias : bias_grad;
     static std::map<std::vector<long>, CublasLtPlan> plans;
     std::vector<long> key = {long(epilogue), s.M,  s.N,         s.K, A.ld,
                              A.transpose,    B.ld, B.transpose, C.ld};
@@ -2058,6 +2092,26 @@ void linear_gelu_backward(floatX* dx, floatX* dweight, floatX* dbias, floatX* dp
     linear_backward(dx, dweight, dbias, dpre, x, weight, N, in, out_features, mode);
 }
 
+bool linear_backward_through_gelu(floatX* dpre, floatX* dpre_bias, floatX* dact, const floatX* dout,
+                                  const floatX* pre, const floatX* weight, long N, int in,
+                                  int out_features) {
+    GemmShape shape{.M = int(N), .N = in, .K = out_features};
+    GemmInput dout_rows{.data = dout, .ld = out_features}, weight_rows{.data = weight, .ld = in};
+    if (gemm_has_epilogues && dpre_bias) {  // the bias sums go to scratch, then are added
+        MemoryMark mark = memory_mark();
+        floatX* bias_sums = device_alloc<floatX>(in);
+        bool fused = gemm_epilogue(Epilogue::gelu_grad_bias_grad, shape, dout_rows, weight_rows, 0,
+                                   {.data = dpre, .ld = in}, const_cast<floatX*>(pre), bias_sums);
+        if (fused) residual_forward(dpre_bias, dpre_bias, bias_sums, in);
+        memory_release(mark);
+        if (fused) return true;
+    }
+    gemm(shape, 1, dout_rows, weight_rows, 0, {.data = dact, .ld = in});
+    launch(gelu_gradient_kernel, element_blocks(N * in), element_threads, 0, dpre, dact, pre,
+           N * in);
+    return false;
+}
+
 Tensor linear_gelu(Tensor x, Tensor weight, Tensor bias) {
     int in = x.dim(-1), out_features = weight.dim(0);
     if (weight.ndim != 2 || weight.dim(1) != in || bias.size() != out_features)
@@ -2725,6 +2779,20 @@ static void allow_shared_memory(void (*kernel)(Params...), size_t bytes, int hs)
 constexpr int tc_rows = 64;  // queries (keys) per block and rows per shared tile: 4 warps of 16
 constexpr int tc_threads = 128;
 
+// The head (b, h) and the block of 64 rows a block takes. The grid is one line of blocks with a
+// head's blocks next to each other, so they run side by side and the tiles each of them reads
+// again (K and V, or q and dout) come from L2 rather than device memory. With `longest_first` a
+// head's blocks are taken from its last: the forward's and dq's last query block reads every key
+// tile, and starting the long blocks first leaves the short ones to fill the launch's tail.
+struct TcBlock {
+    int b, h, block;
+};
+
+__device__ inline TcBlock tc_block(const FlashShape& s, bool longest_first) {
+    int blocks = (s.T + tc_rows - 1) / tc_rows, head = blockIdx.x / blocks, i = blockIdx.x % blocks;
+    return {head / s.NH, head % s.NH, longest_first ? blocks - 1 - i : i};
+}
+
 // A shared tile holds tc_rows rows of a head, HS bfloat16 each, then 8 of padding: rows stay
 // 16-byte aligned (for cp.async and ldmatrix) and row r starts 4 banks after row r - 1, so the 8
 // rows of 16 bytes each phase of an ldmatrix reads hit all 32 banks once.
@@ -2894,9 +2962,10 @@ template <int HS>
 __global__ void __launch_bounds__(tc_threads, 1)
     tc_attention_forward_kernel(floatX* out, real* lse, const floatX* q, const floatX* k,
                                 const floatX* v, FlashShape s) {
-    int b = blockIdx.x / s.NH, h = blockIdx.x % s.NH, warp = threadIdx.x / 32;
-    int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
-    int diagonal = blockIdx.y, row0 = diagonal * tc_rows + 16 * warp;  // the warp's rows
+    TcBlock at = tc_block(s, true);
+    int b = at.b, h = at.h, diagonal = at.block;
+    int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    int row0 = diagonal * tc_rows + 16 * warp;  // the warp's rows
     uint32_t query[HS / 16][4];
     load_a_fragments<HS>(query, q, s.ld_qk, s, b, h, row0);
     float o[HS / 8][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};
@@ -2969,9 +3038,10 @@ __global__ void __launch_bounds__(tc_threads)
     tc_attention_dq_kernel(floatX* dq, int ld_dq, bool accumulate, const floatX* dout,
                            const real* lse, const real* D, const floatX* q, const floatX* k,
                            const floatX* v, FlashShape s) {
-    int b = blockIdx.x / s.NH, h = blockIdx.x % s.NH, warp = threadIdx.x / 32;
-    int g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
-    int diagonal = blockIdx.y, row0 = diagonal * tc_rows + 16 * warp;
+    TcBlock at = tc_block(s, true);
+    int b = at.b, h = at.h, diagonal = at.block;
+    int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    int row0 = diagonal * tc_rows + 16 * warp;
     uint32_t query[HS / 16][4], dy[HS / 16][4];
     load_a_fragments<HS>(query, q, s.ld_qk, s, b, h, row0);
     load_a_fragments<HS>(dy, dout, s.C, s, b, h, row0);
@@ -3064,8 +3134,9 @@ __global__ void __launch_bounds__(tc_threads)
     tc_attention_dkdv_kernel(floatX* dk, int ld_dk, bool accumulate, floatX* dv, bool accumulate_v,
                              const floatX* dout, const real* lse, const real* D, const floatX* q,
                              const floatX* k, const floatX* v, FlashShape s) {
-    int b = blockIdx.x / s.NH, h = blockIdx.x % s.NH, warp = threadIdx.x / 32;
-    int first = blockIdx.y * tc_rows, key0 = first + 16 * warp;  // the warp's keys
+    TcBlock at = tc_block(s, false);  // the first key block reads every query tile
+    int b = at.b, h = at.h, warp = threadIdx.x / 32;
+    int first = at.block * tc_rows, key0 = first + 16 * warp;  // the warp's keys
     uint32_t key[HS / 16][4], value[HS / 16][4];
     load_a_fragments<HS>(key, k, s.ld_qk, s, b, h, key0);
     if constexpr (part != KeyGrads::values) load_a_fragments<HS>(value, v, 3 * s.C, s, b, h, key0);
@@ -3128,8 +3199,8 @@ bool use_flash_attention(int head_size, real dropout_p) {
 #endif
 }
 
-static dim3 tc_grid(const FlashShape& s) {
-    return dim3(unsigned(s.B * s.NH), unsigned((s.T + tc_rows - 1) / tc_rows));
+static dim3 tc_grid(const FlashShape& s) {  // see tc_block
+    return dim3(unsigned(s.B * s.NH) * unsigned((s.T + tc_rows - 1) / tc_rows));
 }
 
 static void tc_attention_forward(floatX* out, real* lse, const floatX* q, const floatX* k,
@@ -3269,8 +3340,9 @@ Tensor multi_head_attention(Tensor x, const MultiHeadAttention& layer) {
 // Softmax + cross-entropy over the vocabulary: logits (N, V), targets (N) -> the mean loss over
 // rows whose target is not ignore_index:  loss_n = logsumexp(logits_n) - logits_n[target_n].
 // Backward: dlogits_n = (softmax(logits_n) - onehot(target_n)) * dloss / count, 0 for ignored rows.
-// The classifier computes both in one pass and writes the gradient over the logits; the tape
-// version saves logsumexp per row and its backward recomputes the softmax from it.
+// The classifier computes both in one kernel and writes the gradient over the logits: three passes
+// over the (N, V) logits in all (a read for logsumexp, a read and a write for the gradient); the
+// tape version saves logsumexp per row and its backward recomputes the softmax from it.
 
 // The positions whose target counts (is not ignore_index), added up by one row group.
 __global__ void count_targets_kernel(real* count, const int* targets, long N) {
@@ -3294,9 +3366,7 @@ __global__ void classifier_kernel(floatX* logits, real* losses, real* logsumexp,
     bool counted = target != ignore_index, valid = target >= 0 && target < V;
     real target_logit =
         valid ? real(l[target]) : 0;  // read before any thread of the group overwrites it
-    real largest = group_max(row_max(V, [&](int v) { return l[v]; }));
-    real lse =
-        largest + log(group_sum(row_sum(V, [&](int v) { return fast_exp(l[v] - largest); })));
+    real lse = group_logsumexp(row_largest_and_sum(V, [&](int v) { return l[v]; }));
     if (!active) return;
     if (write_gradient) {
         real factor = counted ? scale / count[0] : 0;
@@ -3858,15 +3928,22 @@ void gpt_backward(GPT& model, GPTActivations& a, const int* targets, real loss_s
         // The MLP branch gets the stream's gradient, through its dropout              (B,T,C)
         const floatX* dbranch = dropout_site_backward(a.dstream, a.dbranch, N * C, a.dropout,
                                                       random_bits(a.seed, 3 * l + 3));
-        // dact = dbranch @ Wproj2                                                     (B,T,H)
-        linear_backward(a.dactivation, w.mlp_proj_weight.grad, w.mlp_proj_bias.grad, dbranch,
-                        s.activation, w.mlp_proj_weight.data, N, H, C, write);
-        // dh2 = dfc @ Wfc, dfc = dact * gelu'(fc)  (or SwiGLU's backward)             (B,T,C)
         if (c.activation == Activation::gelu) {
-            linear_gelu_backward(a.dnormalized, w.fc_weight.grad, w.fc_bias.grad, a.dfc,
-                                 a.dactivation, s.fc, s.normalized, w.fc_weight.data, N, C, F,
-                                 write);
+            // dfc = (dbranch @ Wproj2) * gelu'(fc), in the product's epilogue where it can
+            // be, which then also gives the fc bias's gradient; dWproj2, dbproj2        (B,T,H)
+            bool fc_bias_done =
+                linear_backward_through_gelu(a.dfc, w.fc_bias.grad, a.dactivation, dbranch, s.fc,
+                                             w.mlp_proj_weight.data, N, H, C);
+            linear_backward(nullptr, w.mlp_proj_weight.grad, w.mlp_proj_bias.grad, dbranch,
+                            s.activation, w.mlp_proj_weight.data, N, H, C, write);
+            // dh2 = dfc @ Wfc, dWfc, dbfc (unless done above)                            (B,T,C)
+            linear_backward(a.dnormalized, w.fc_weight.grad,
+                            fc_bias_done ? nullptr : w.fc_bias.grad, a.dfc, s.normalized,
+                            w.fc_weight.data, N, C, F, write);
         } else {
+            // dact = dbranch @ Wproj2, then SwiGLU's backward, dh2 = dfc @ Wfc          (B,T,C)
+            linear_backward(a.dactivation, w.mlp_proj_weight.grad, w.mlp_proj_bias.grad, dbranch,
+                            s.activation, w.mlp_proj_weight.data, N, H, C, write);
             swiglu_backward(a.dfc, a.dactivation, s.fc, N, H, write);
             linear_backward(a.dnormalized, w.fc_weight.grad, w.fc_bias.grad, a.dfc, s.normalized,
                             w.fc_weight.data, N, C, F, write);

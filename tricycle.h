@@ -469,9 +469,11 @@ extern bool use_tf32;
 //   bias:       C = A B + bias                        (bias (N))
 //   gelu_bias:  aux = A B + bias,  C = gelu(aux)      (aux (M, N), the pre-activation, ld N)
 //   bias_grad:  C = A B + beta C,  and bias_grad (M) = the sums of op(A)'s rows (over K)
+//   gelu_grad_bias_grad:  C = (A B) * gelu'(aux),  and bias_grad (N) = the sums of C's columns
+//               (aux (M, N), the pre-activation gelu_bias saved, ld N, only read; beta 0)
 // Unbatched products only. Returns false where it does not apply (other builds, or no cuBLASLt
 // algorithm for the shape): the caller then runs the plain product and its own pass.
-enum class Epilogue { bias, gelu_bias, bias_grad };
+enum class Epilogue { bias, gelu_bias, bias_grad, gelu_grad_bias_grad };
 #if defined(__CUDACC__) && defined(TRICYCLE_BF16)
 constexpr bool gemm_has_epilogues = true;
 #else
@@ -569,6 +571,13 @@ void linear_gelu_backward(floatX* dx, floatX* dweight, floatX* dbias, floatX* dp
                           const floatX* dout, const floatX* pre, const floatX* x,
                           const floatX* weight, long N, int in, int out_features, InputGrad mode);
 Tensor linear_gelu(Tensor x, Tensor weight, Tensor bias);
+// The input gradient of a linear layer whose input is gelu(pre), the MLP's middle: dpre (N, in) =
+// (dout (N, out_features) @ weight) * gelu'(pre), written. Where the product's epilogue does it
+// (gelu_grad_bias_grad) it also adds dpre's column sums into dpre_bias and returns true; else the
+// product goes into dact (scratch, N x in), a kernel applies gelu', and it returns false.
+bool linear_backward_through_gelu(floatX* dpre, floatX* dpre_bias, floatX* dact, const floatX* dout,
+                                  const floatX* pre, const floatX* weight, long N, int in,
+                                  int out_features);
 void swiglu_forward(floatX* out, const floatX* x, long N, int H);
 void swiglu_backward(floatX* dx, const floatX* dout, const floatX* x, long N, int H,
                      InputGrad mode);

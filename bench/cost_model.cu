@@ -115,28 +115,27 @@ struct Sizes {
     double below;       // the fraction of a causal (T, T) matrix on or below the diagonal
     bool tensor_cores;  // flash attention runs the tensor-core kernels (bf16, heads of 64 or 128)
     double tc_pairs;    // (query, key) pairs each tensor-core kernel computes per head
-    double tc_key_rows, tc_query_rows;  // rows of key (query) tiles the forward and dq (dk/dv)
-                                        // kernels load per head: each block re-reads its tiles
-    double per_thread;              // P: values of a head per thread of the flash kernels' warps
+    double per_thread;  // P: values of a head per thread of the flash kernels' warps
     double query_pairs, key_pairs;  // (query, key) pairs the flash kernels evaluate per head
     double slabs;                   // the slabs of 32 rows a column sum adds up in (N / 32)
     bool dropout;
 };
 
 // The tensor-core kernels' work for one head: the pairs their products compute (whole tiles below
-// the diagonal, (1 + 2 + 3 + 4) chunks of 16 x 16 in the diagonal tile) and the tile rows they
-// load (rows past T are not read).
+// the diagonal, (1 + 2 + 3 + 4) chunks of 16 x 16 in the diagonal tile).
+//
+// Their bytes: each block reads again the tiles of its head's other operand (the forward and dq
+// blocks every key tile up to the diagonal, the dk/dv blocks every query tile from it), 8.5 times
+// a head's K and V at T = 1024. A head's blocks run side by side (tc_block in tricycle.cu), so all
+// but the first read of a tile come from L2: device memory is charged one pass over each operand,
+// as the llm.c model charges cuDNN's flash attention, and the re-reads are left inside the
+// kernels' assumed efficiency (FlashAttention-2's figure, whose kernels re-read the same way).
 void tensor_core_counts(Sizes& s) {
-    int T = int(s.T), blocks = (T + tc_rows - 1) / tc_rows;
+    int blocks = (int(s.T) + tc_rows - 1) / tc_rows;
     double diagonal = tc_warp_rows * tc_warp_rows * (1 + 2 + 3 + 4);
-    s.tc_pairs = s.tc_key_rows = s.tc_query_rows = 0;
-    for (int block = 0; block < blocks; block++) {
+    s.tc_pairs = 0;
+    for (int block = 0; block < blocks; block++)
         s.tc_pairs += double(block) * tc_rows * tc_rows + diagonal;
-        for (int tile = 0; tile <= block; tile++)  // forward, dq: key tiles up to the diagonal
-            s.tc_key_rows += std::min(tc_rows, T - tile * tc_rows);
-        for (int tile = block; tile < blocks; tile++)  // dk/dv: query tiles from the diagonal
-            s.tc_query_rows += std::min(tc_rows, T - tile * tc_rows);
-    }
 }
 
 // The (query, key) pairs the scalar flash kernels evaluate for one head: the forward and dq kernels
@@ -229,10 +228,10 @@ void attention_forward_costs(Step& step, AttentionKind kind) {
     const Sizes& s = step.s;
     double N = s.N, C = s.C, L = s.L, T = s.T, e = s.e;
     if (kind == AttentionKind::flash && s.tensor_cores) {
-        // per head: reads q once (T, hs), k and v once per query block (tc_key_rows rows each),
+        // per head, from device memory: reads q, k, v (T, hs) once (see tensor_core_counts),
         // writes out (T, hs) and lse (T floats); S = q k^T and o += p v on the pairs computed, 2
         // products of 2 hs FLOPs per pair
-        double bytes = L * s.heads * (e * s.hs * (2 * T + 2 * s.tc_key_rows) + s.f * T);
+        double bytes = L * s.heads * (e * s.hs * 4 * T + s.f * T);
         step.add("flash attention forward (tensor cores)", L, bytes,
                  L * s.heads * s.tc_pairs * 2 * 2 * s.hs, Engine::tc_forward);
         return;
@@ -318,20 +317,18 @@ void attention_backward_costs(Step& step, AttentionKind kind) {
     // both flash kinds recompute p from q, k and lse, then dv = p^T dout, dp = dout v^T,
     // ds = p (dp - D), dq = ds k, dk = ds^T q, in a dq kernel and a dk/dv kernel
     if (kind == AttentionKind::flash && s.tensor_cores) {
-        // dq, per head: reads q, dout (T, hs), lse and D once, k and v once per query block,
-        // writes dq; S, dP = dout v^T and dq += dS k: 3 products of 2 hs FLOPs per pair
+        // dq, per head, from device memory: reads q, dout, k, v (T, hs), lse and D once, writes
+        // dq; S, dP = dout v^T and dq += dS k: 3 products of 2 hs FLOPs per pair
         double heads = L * s.heads, hs = s.hs;
-        step.add("flash attention dq (tensor cores)", L,
-                 heads * (e * hs * (3 * T + 2 * s.tc_key_rows) + s.f * 2 * T),
+        step.add("flash attention dq (tensor cores)", L, heads * (e * hs * 5 * T + s.f * 2 * T),
                  heads * s.tc_pairs * 3 * 2 * hs, Engine::tc_backward);
-        // dk, dv, per head: reads k, v once, q, dout and their lse and D once per key block,
-        // writes dk, dv; S^T, dP^T, dv += P^T dout, dk += dS^T q: 4 products of 2 hs per pair.
-        // Above heads of 64 two kernels share the work (split_key_grads in tricycle.cu): the dv
-        // one reads k, the dk one k and v, both the q and dout tiles; 5 products (S^T twice).
+        // dk, dv, per head, from device memory: reads k, v, q, dout, lse and D once, writes dk,
+        // dv; S^T, dP^T, dv += P^T dout, dk += dS^T q: 4 products of 2 hs per pair. Above heads
+        // of 64 two kernels share the work (split_key_grads in tricycle.cu): the dv one reads k,
+        // the dk one k and v, both q, dout, lse and D; 5 products (S^T twice).
         double kernels = s.hs > 64 ? 2 : 1;
         step.add("flash attention dk, dv (tensor cores)", L * kernels,
-                 heads * (e * hs * ((3 + kernels) * T + kernels * 2 * s.tc_query_rows) +
-                          s.f * 2 * kernels * s.tc_query_rows),
+                 heads * (e * hs * (3 + 3 * kernels) * T + s.f * 2 * kernels * T),
                  heads * s.tc_pairs * (3 + kernels) * 2 * hs, Engine::tc_backward);
         return;
     }
@@ -384,14 +381,27 @@ void layernorm_backward_costs(Step& step, double count, double adding) {
 void linear_backward_costs(Step& step) {
     const Sizes& s = step.s;
     double N = s.N, C = s.C, H = s.H, L = s.L, e = s.e;
-    // dact = dbranch Wproj2: (N, C) @ (C, H); dWproj2 += dbranch^T act: (C, N) @ (N, H)
-    step.product("mlp projection dx", L, L, N, H, C, false);
-    step.weight_bias_gradient("mlp projection", L, H, C);
-    // dfc = dact gelu'(pre): reads 2 and writes 1 of (N, H); ~20 FLOPs per value
-    step.add("GELU backward", L, L * e * 3 * N * H, L * 20 * N * H, Engine::kernel);
-    // dh = dfc Wfc: (N, H) @ (H, C); dWfc += dfc^T h: (H, N) @ (N, C)
-    step.product("mlp fc dx", L, L, N, C, H, false);
-    step.weight_bias_gradient("mlp fc", L, C, H);
+    if (s.bf16) {
+        // dfc = (dbranch Wproj2) gelu'(pre): (N, C) @ (C, H), its epilogue reading pre (N, H) and
+        // writing dfc and the sums of its columns (H), then a kernel adds them into dbfc
+        step.add("mlp projection dx + GELU backward and db sums (epilogue)", L,
+                 L * e * (N * C + C * H + 2 * N * H + H), L * 2 * N * H * C, Engine::gemm);
+        step.add("mlp fc db += the sums", L, L * e * 3 * H, L * H, Engine::kernel);
+        // dWproj2 += dbranch^T act: (C, N) @ (N, H)
+        step.weight_bias_gradient("mlp projection", L, H, C);
+        // dh = dfc Wfc: (N, H) @ (H, C); dWfc += dfc^T h: (H, N) @ (N, C), no bias sums
+        step.product("mlp fc dx", L, L, N, C, H, false);
+        step.product("mlp fc dW", L, L, H, C, N, true);
+    } else {
+        // dact = dbranch Wproj2: (N, C) @ (C, H); dWproj2 += dbranch^T act: (C, N) @ (N, H)
+        step.product("mlp projection dx", L, L, N, H, C, false);
+        step.weight_bias_gradient("mlp projection", L, H, C);
+        // dfc = dact gelu'(pre): reads 2 and writes 1 of (N, H); ~20 FLOPs per value
+        step.add("GELU backward", L, L * e * 3 * N * H, L * 20 * N * H, Engine::kernel);
+        // dh = dfc Wfc: (N, H) @ (H, C); dWfc += dfc^T h: (H, N) @ (N, C)
+        step.product("mlp fc dx", L, L, N, C, H, false);
+        step.weight_bias_gradient("mlp fc", L, C, H);
+    }
     // dy = dbranch Wproj: (N, C) @ (C, C); dWproj += dbranch^T y: (C, N) @ (N, C)
     step.product("attention projection dx", L, L, N, C, C, false);
     step.weight_bias_gradient("attention projection", L, C, C);
@@ -404,10 +414,10 @@ void backward_costs(Step& step, AttentionKind attention) {
     step.phase = "backward";
     // count the targets that count: one warp reads N ids
     step.add("count targets (one warp)", 1, 4 * N, N, Engine::one_warp);
-    // loss and dlogits written over the logits: the kernel reads each row 3 times (maximum, sum
-    // of exponentials, gradient) and writes it once, the padding included; ids in, losses out;
-    // ~6 FLOPs per logit
-    step.add("classifier (loss + dlogits)", 1, e * (3 * N * V + N * Vp) + 8 * N, 6 * N * V,
+    // loss and dlogits written over the logits: the kernel reads each row twice (logsumexp by the
+    // online maximum and sum, then the gradient) and writes it once, the padding included; ids
+    // in, losses out; ~6 FLOPs per logit
+    step.add("classifier (loss + dlogits)", 1, e * (2 * N * V + N * Vp) + 8 * N, 6 * N * V,
              Engine::kernel);
     // the mean loss: one warp reads N losses
     step.add("mean loss (one warp)", 1, 4 * N, N, Engine::one_warp);
@@ -623,7 +633,7 @@ void print_assumptions(const DeviceModel& d, bool bf16, bool tensor_core_flash) 
     if (tensor_core_flash)
         printf(
             "the tensor-core flash kernels at %.0f%% (forward) and %.0f%% (backward) of the bf16 "
-            "peak, every k, v (q, dout) tile re-read from device memory\n",
+            "peak, device memory read once per operand (a tile's re-reads come from L2)\n",
             100 * d.attention_forward, 100 * d.attention_backward);
     else
         printf("the scalar flash kernels issue %.0f warp instructions a clock per SM\n",
@@ -761,17 +771,19 @@ void print_estimate(const GPTConfig& c, int B, int T, AttentionKind attention, b
     printf("with the assumptions: %.2f ms/step, %.0f tokens/s, MFU %.1f%%\n", t.adjusted * 1e3,
            tokens / t.adjusted, mfu(t.adjusted));
     double step_ms[2];
+    AttentionKind default_kind = gpu_attention(c, AttentionKernels::fastest, bf16);
     for (AttentionKind kind : {AttentionKind::plain, AttentionKind::flash}) {
         Totals k = step_totals(training_step_costs(c, B, T, kind, bf16), d, bf16);
         step_ms[int(kind)] = k.adjusted * 1e3;
         printf(
             "step with %-5s attention: %8.2f ms, %7.0f tokens/s, MFU %4.1f%% (attention "
-            "%.2f ms)%s\n",
+            "%.2f ms)%s%s\n",
             attention_name(kind), k.adjusted * 1e3, tokens / k.adjusted, mfu(k.adjusted),
             k.attention * 1e3,
-            kind == AttentionKind::plain ? ", the default"
+            kind == AttentionKind::plain ? ", the plain kernels (--plain)"
             : tensor_core_flash          ? ", the tensor-core flash kernels (--flash)"
-                                : ", the scalar flash kernels (--flash), an issue-bound floor");
+                                : ", the scalar flash kernels (--flash), an issue-bound floor",
+            kind == default_kind ? ", the default" : "");
     }
     printf(
         "EFFICIENCIES device=%s gemm=%.2f attention_forward=%.2f attention_backward=%.2f "

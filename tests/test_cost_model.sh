@@ -55,7 +55,8 @@ check "llm.c's step has no plain-attention softmax and runs cuDNN attention both
              ! sed -n '1,/^COMPARE/p' '$dir/llmc.log' | grep -q 'causal softmax'"
 
 # Ours, at the default B=16 T=1024: the tensor-core flash step is faster than the plain one, and
-# neither is faster than llm.c's modelled step at the same shape.
+# within 10% of llm.c's modelled step at the same shape (the same efficiencies, the same products,
+# kernels of its class: a row lost or counted twice would show).
 plain=$(./bench/bench_gpt --estimate a100 --plain 2>&1 | grep '^ESTIMATE ')
 flash=$(./bench/bench_gpt --estimate a100 --flash 2>&1 | grep '^ESTIMATE ')
 # Without --flash or --plain the estimate is of the GPU build's default: flash in bf16 at heads of
@@ -70,8 +71,8 @@ check "a100 float: the default kernels are the plain ones ($(field tokens_per_s 
 check "a100: flash beats plain ($(field tokens_per_s "$flash") vs $(field tokens_per_s "$plain") tokens/s)" \
     awk -v f="$(field tokens_per_s "$flash")" -v p="$(field tokens_per_s "$plain")" 'BEGIN { exit !(f > p) }'
 llmc16=$(sed -n 's/^llm.c modelled: .* ms\/step, \([0-9]*\) tokens\/s.*/\1/p' "$dir/llmc16.log")
-check "a100 B=16: llm.c's modelled step is faster than our flash step ($llmc16 vs $(field tokens_per_s "$flash") tokens/s)" \
-    awk -v l="$llmc16" -v f="$(field tokens_per_s "$flash")" 'BEGIN { exit !(l > f) }'
+check "a100 B=16: our flash step is within 10% of llm.c's modelled step ($(field tokens_per_s "$flash") vs $llmc16 tokens/s)" \
+    awk -v l="$llmc16" -v f="$(field tokens_per_s "$flash")" 'BEGIN { exit !(f > 0.9 * l && f < 1.1 * l) }'
 check "--llmc without --estimate fails, naming --estimate" \
     bash -c "out=\$(./bench/bench_gpt --llmc 2>&1); [ \$? -ne 0 ] && grep -q 'needs --estimate' <<< \"\$out\""
 
