@@ -1196,6 +1196,10 @@ struct CublasLtPlan {
 
 static const size_t cublaslt_workspace_bytes = 32 << 20;
 
+// The plans made so far by epilogue and by whether cuBLASLt had an algorithm
+// (gemm_epilogue_report).
+static int epilogue_plans[4][2];
+
 // The epilogue's pointers, set on the descriptor before each product (and before the heuristic).
 static void set_epilogue_pointers(cublasLtMatmulDesc_t description, Epilogue epilogue,
                                   const void* bias, floatX* aux) {
@@ -1236,6 +1240,7 @@ static CublasLtPlan make_cublaslt_plan(Epilogue epilogue, const GemmShape& s, co
     cublas_check(cublasLtMatmulPreferenceDestroy(preference));
     plan.found = count > 0;
     if (plan.found) plan.algorithm = result.algo;
+    epilogue_plans[int(epilogue)][plan.found]++;
     return plan;
 }
 
@@ -1548,6 +1553,20 @@ std::string gemm_engine() {
     return "oneDNN, float";
 #endif
 }
+
+#if defined(__CUDACC__) && defined(TRICYCLE_BF16)
+std::string gemm_epilogue_report() {
+    const char* names[] = {"bias", "gelu_bias", "bias_grad", "gelu_grad_bias_grad"};
+    std::string report;
+    for (int kind = 0; kind < 4; kind++)
+        report += std::string(kind ? "; " : "") + names[kind] + " " +
+                  std::to_string(epilogue_plans[kind][1]) + " fused, " +
+                  std::to_string(epilogue_plans[kind][0]) + " fell back";
+    return report + " (product layouts)";
+}
+#else
+std::string gemm_epilogue_report() { return "none in this build (their passes run as kernels)"; }
+#endif
 
 #ifndef __CUDACC__
 bool gemm_epilogue(Epilogue, GemmShape, GemmInput, GemmInput, real, GemmOutput, floatX*, floatX*) {

@@ -481,6 +481,9 @@ constexpr bool gemm_has_epilogues = false;  // callers skip what only an epilogu
 #endif
 bool gemm_epilogue(Epilogue epilogue, GemmShape shape, GemmInput A, GemmInput B, real beta,
                    GemmOutput C, floatX* aux, floatX* bias_grad);
+// The epilogues' product layouts so far, by kind: how many cuBLASLt fused, and how many fell back
+// to the plain product and a kernel (no algorithm for the layout); other builds say they have none.
+std::string gemm_epilogue_report();
 long gemm_layouts_made();  // CPU build: oneDNN primitives made so far (one per product layout)
 // While gemm_record points at a list, every product (gemm and each gemm_epilogue that ran) is
 // appended to it: bench_gpt runs one step's products again on their own, the step's product floor.

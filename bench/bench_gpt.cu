@@ -290,6 +290,7 @@ static int bench(int argc, char** argv) {
     size_t arena_peak = 0;
     std::vector<GemmCall> products;
     std::vector<double> times = run_steps(o, model, adam, acts, tokens, &arena_peak, &products);
+    printf("product epilogues: %s\n", gemm_epilogue_report().c_str());
     std::sort(times.begin(), times.end());
     double median = times[times.size() / 2], tokens_per_second = o.B * o.T / median;
     double flops_per_token = model_flops_per_token(config, o.T);
