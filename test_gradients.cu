@@ -221,6 +221,27 @@ static void test_shape_and_product_gradients() {
 // ----------------------------------------------------------------------------------------------------
 // Kernel results against plain CPU loops
 
+// Masked entries (-inf) get probability 0 and leave the rest as the softmax of the others,
+// whichever thread of the row meets them first. hx: the values of a (6, 45) tensor.
+static void check_masked_softmax(const std::vector<real>& hx, int lanes) {
+    std::vector<real> masked = hx, masked_soft(hx.size(), 0);
+    for (int r = 0; r < 6; r++) {
+        double top = -INFINITY, total = 0;
+        for (int c = 0; c < 45; c++)
+            if ((c + r) % 3 == 0) masked[r * 45 + c] = -INFINITY;
+            else top = std::max(top, double(hx[r * 45 + c]));
+        for (int c = 0; c < 45; c++)
+            if ((c + r) % 3) total += std::exp(hx[r * 45 + c] - top);
+        for (int c = 0; c < 45; c++)
+            if ((c + r) % 3) masked_soft[r * 45 + c] = real(std::exp(hx[r * 45 + c] - top) / total);
+    }
+    Tensor x_masked = randn({6, 45}, 5);
+    copy_from_host(x_masked, masked.data());
+    check(max_difference(to_host(softmax(x_masked)), masked_soft) < 1e-14,
+          "softmax (6,45) with a third of each row -inf matches the CPU loop, %d threads per row",
+          lanes);
+}
+
 static void test_forward_against_loops() {
     NoGrad no_grad;
     Tensor a = randn({4, 3, 7}, 1), b = randn({3, 1}, 2);
@@ -258,6 +279,7 @@ static void test_forward_against_loops() {
         }
         check(max_difference(to_host(softmax(x)), soft) < 1e-14,
               "softmax (6,45) matches the CPU loop, %d threads per row", lanes);
+        check_masked_softmax(hx, lanes);
         check(max_difference(to_host(sum(x, 1)), row_sums) < 1e-12,
               "sum over axis 1 of (6,45) matches the CPU loop, %d threads per row", lanes);
         check(max_difference(to_host(max(x, 0)), col_max) == 0,

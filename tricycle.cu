@@ -297,6 +297,7 @@ __device__ __forceinline__ LargestAndSum row_largest_and_sum(int count, F f) {
     real largest = -INFINITY, sum = 0;
     for (int i = threadIdx.x; i < count; i += blockDim.x) {
         real value = f(i);
+        if (value == -INFINITY) continue;  // adds 0 (-inf - -inf would make the sum NaN)
         if (value > largest) {
             sum *= fast_exp(largest - value);
             largest = value;
@@ -1250,7 +1251,8 @@ static bool cublaslt_epilogue(Epilogue epilogue, GemmShape s, GemmInput A, GemmI
     static void* workspace = nullptr;
     if (!workspace) cuda_check(cudaMalloc(&workspace, cublaslt_workspace_bytes));
     if (epilogue == Epilogue::gelu_grad_bias_grad && beta != 0) return false;  // gelu' of A B only
-    const void* bias = epilogue == Epilogue::bias ? C.bias : bias_grad;
+    bool gradient = epilogue == Epilogue::bias_grad || epilogue == Epilogue::gelu_grad_bias_grad;
+    const void* bias = gradient ? bias_grad : C.bias;
     static std::map<std::vector<long>, CublasLtPlan> plans;
     std::vector<long> key = {long(epilogue), s.M,  s.N,         s.K, A.ld,
                              A.transpose,    B.ld, B.transpose, C.ld};

@@ -39,14 +39,18 @@ static bool check_fails(const char* what, const char* expected, F body) {
     return check(false, "%s: was accepted, expected an error mentioning \"%s\"", what, expected);
 }
 
-// The largest absolute difference between two vectors of numbers (infinite when their sizes
-// differ).
+// The largest absolute difference between two vectors of numbers: infinite when their sizes
+// differ or a value is NaN (std::max would pass over a NaN difference), 0 for equal infinities.
 template <typename T>
 static double max_difference(const std::vector<T>& a, const std::vector<T>& b) {
     if (a.size() != b.size()) return INFINITY;
     double worst = 0;
-    for (size_t i = 0; i < a.size(); i++)
-        worst = std::max(worst, std::fabs(double(a[i]) - double(b[i])));
+    for (size_t i = 0; i < a.size(); i++) {
+        if (a[i] == b[i]) continue;
+        double difference = std::fabs(double(a[i]) - double(b[i]));
+        if (std::isnan(difference)) return INFINITY;
+        worst = std::max(worst, difference);
+    }
     return worst;
 }
 
