@@ -1858,6 +1858,20 @@ void linear_forward(floatX* out, const floatX* x, const floatX* weight, const fl
          {.data = out, .ld = out_features, .bias = bias});
 }
 
+// gemm_epilogue for the epilogues that sum a bias gradient (bias_grad, gelu_grad_bias_grad):
+// cuBLASLt writes the n sums, so they go to scratch and are then added into dbias, as a backward
+// adds into parameter gradients. False, with nothing done, where the epilogue does not apply.
+static bool gemm_epilogue_adding_bias_grad(Epilogue epilogue, GemmShape s, GemmInput A, GemmInput B,
+                                           real beta, GemmOutput C, floatX* aux, floatX* dbias,
+                                           int n) {
+    MemoryMark mark = memory_mark();
+    floatX* sums = device_alloc<floatX>(n);
+    bool fused = gemm_epilogue(epilogue, s, A, B, beta, C, aux, sums);
+    if (fused) residual_forward(dbias, dbias, sums, n);
+    memory_release(mark);
+    return fused;
+}
+
 void linear_backward(floatX* dx, floatX* dweight, floatX* dbias, const floatX* dout,
                      const floatX* x, const floatX* weight, long N, int in, int out_features,
                      InputGrad mode) {
@@ -1870,15 +1884,10 @@ void linear_backward(floatX* dx, floatX* dweight, floatX* dbias, const floatX* d
     GemmShape shape{.M = out_features, .N = in, .K = int(N)};
     GemmInput dout_t{.data = dout, .ld = out_features, .transpose = true},
         x_rows{.data = x, .ld = in};
-    if (gemm_has_epilogues && dweight && dbias) {
-        MemoryMark mark = memory_mark();
-        floatX* bias_sums = device_alloc<floatX>(out_features);
-        bool summed = gemm_epilogue(Epilogue::bias_grad, shape, dout_t, x_rows, 1,
-                                    {.data = dweight, .ld = in}, nullptr, bias_sums);
-        if (summed) residual_forward(dbias, dbias, bias_sums, out_features);
-        memory_release(mark);
-        if (summed) return;
-    }
+    if (gemm_has_epilogues && dweight && dbias &&
+        gemm_epilogue_adding_bias_grad(Epilogue::bias_grad, shape, dout_t, x_rows, 1,
+                                       {.data = dweight, .ld = in}, nullptr, dbias, out_features))
+        return;
     if (dweight) gemm(shape, 1, dout_t, x_rows, 1, {.data = dweight, .ld = in});
     if (dbias) column_sums(dbias, nullptr, dout, nullptr, nullptr, nullptr, N, out_features);
 }
@@ -2118,15 +2127,11 @@ bool linear_backward_through_gelu(floatX* dpre, floatX* dpre_bias, floatX* dact,
                                   int out_features) {
     GemmShape shape{.M = int(N), .N = in, .K = out_features};
     GemmInput dout_rows{.data = dout, .ld = out_features}, weight_rows{.data = weight, .ld = in};
-    if (gemm_has_epilogues && dpre_bias) {  // the bias sums go to scratch, then are added
-        MemoryMark mark = memory_mark();
-        floatX* bias_sums = device_alloc<floatX>(in);
-        bool fused = gemm_epilogue(Epilogue::gelu_grad_bias_grad, shape, dout_rows, weight_rows, 0,
-                                   {.data = dpre, .ld = in}, const_cast<floatX*>(pre), bias_sums);
-        if (fused) residual_forward(dpre_bias, dpre_bias, bias_sums, in);
-        memory_release(mark);
-        if (fused) return true;
-    }
+    if (gemm_has_epilogues && dpre_bias &&
+        gemm_epilogue_adding_bias_grad(Epilogue::gelu_grad_bias_grad, shape, dout_rows, weight_rows,
+                                       0, {.data = dpre, .ld = in}, const_cast<floatX*>(pre),
+                                       dpre_bias, in))
+        return true;
     gemm(shape, 1, dout_rows, weight_rows, 0, {.data = dact, .ld = in});
     launch(gelu_gradient_kernel, element_blocks(N * in), element_threads, 0, dpre, dact, pre,
            N * in);
@@ -2809,8 +2814,10 @@ struct TcBlock {
     int b, h, block;
 };
 
+__host__ __device__ inline int tc_blocks_per_head(int T) { return (T + tc_rows - 1) / tc_rows; }
+
 __device__ inline TcBlock tc_block(const FlashShape& s, bool longest_first) {
-    int blocks = (s.T + tc_rows - 1) / tc_rows, head = blockIdx.x / blocks, i = blockIdx.x % blocks;
+    int blocks = tc_blocks_per_head(s.T), head = blockIdx.x / blocks, i = blockIdx.x % blocks;
     return {head / s.NH, head % s.NH, longest_first ? blocks - 1 - i : i};
 }
 
@@ -2978,7 +2985,7 @@ __device__ inline void tc_forward_tile(float (&o)[HS / 8][4], float (&m)[2], flo
 }
 
 // (At least 1 block per SM: without it ptxas holds the kernel to 168 registers at heads of 128 and
-// spills on sm_80; it takes 182, and shared memory fits only two blocks per SM either way.)
+// spills on sm_80; it takes under 185, and shared memory fits only two blocks per SM either way.)
 template <int HS>
 __global__ void __launch_bounds__(tc_threads, 1)
     tc_attention_forward_kernel(floatX* out, real* lse, const floatX* q, const floatX* k,
@@ -3221,7 +3228,7 @@ bool use_flash_attention(int head_size, real dropout_p) {
 }
 
 static dim3 tc_grid(const FlashShape& s) {  // see tc_block
-    return dim3(unsigned(s.B * s.NH) * unsigned((s.T + tc_rows - 1) / tc_rows));
+    return dim3(unsigned(s.B * s.NH) * unsigned(tc_blocks_per_head(s.T)));
 }
 
 static void tc_attention_forward(floatX* out, real* lse, const floatX* q, const floatX* k,
@@ -3788,7 +3795,7 @@ static void carve_activations(GPTActivations& a, const GPTConfig& c, BufferCarve
 
 // (Re)plans the buffers when the shape or the attention kind changes; otherwise they are reused.
 static void plan_activations(GPTActivations& a, const GPTConfig& c, int B, int T) {
-    bool flash = use_flash_attention(c.dim / c.heads, c.attention_dropout);
+    bool flash = use_flash_attention(c);
     if (a.memory && a.B == B && a.T == T && a.flash == flash) return;
     cuda_check(cudaFree(a.memory));
     a.memory = nullptr, a.B = B, a.T = T, a.flash = flash;
@@ -3815,7 +3822,7 @@ GPTActivations::~GPTActivations() {
 double gpt_activations_bytes(const GPTConfig& config, int B, int T) {
     GPTActivations measured;
     measured.B = B, measured.T = T;
-    measured.flash = use_flash_attention(config.dim / config.heads, config.attention_dropout);
+    measured.flash = use_flash_attention(config);
     BufferCarver measure{nullptr};
     carve_activations(measured, config, measure);
     return measure.total;

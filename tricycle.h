@@ -774,6 +774,10 @@ struct GPTConfig {
     float dropout = 0;            // on the embeddings and on each residual branch
     float attention_dropout = 0;  // on the attention probabilities
 };
+// Whether the GPT's attention layers run flash attention (use_flash_attention for its heads).
+inline bool use_flash_attention(const GPTConfig& c) {
+    return use_flash_attention(c.dim / c.heads, c.attention_dropout);
+}
 
 GPTConfig gpt_preset(const std::string& name);  // "debug", "mini", "shakespeare", "smol"
 // Every field within its range: sizes positive and at most vocab 2^24, context 2^17, dim 2^16,

@@ -34,16 +34,16 @@ static const char* help_text =
     "Defaults: the GPT-2 124M shape (12 layers, 12 heads, 768 dim, vocab 50257, context 1024),\n"
     "B=4, T=64 (at most the context), 5 steps, the default attention (flash where it runs on\n"
     "tensor cores: bf16 GPU build, heads of 64 or 128; plain elsewhere; --flash or --plain forces\n"
-    "one). --preset starts from a train_gpt\n"
-    "preset (debug, mini, shakespeare, smol); later flags override it. --tape trains through the\n"
-    "tape (gpt_forward_tape and backward) instead of gpt_forward and gpt_backward.\n"
+    "one). --preset starts from a train_gpt preset (debug, mini, shakespeare, smol); later flags\n"
+    "override it. --tape trains through the tape (gpt_forward_tape and backward) instead of\n"
+    "gpt_forward and gpt_backward.\n"
     "Every step trains on the same random batch at learning rate --lr (default 1e-4) and prints\n"
     "its loss. --no-floor leaves out the product floor and peak (a sanitizer run, a loss check).\n"
     "--estimate runs nothing: it prints the cost model of a training step of this shape on that\n"
     "GPU, kernel by kernel (B=16 and T=1024 unless given), for the GPU build's default attention\n"
-    "(--flash: the tensor-core kernels in bf16 at heads of 64 or 128, else the scalar ones), in "
-    "bf16\n"
-    "unless --precision float (TF32 products, as train_gpt runs them and this bench does).\n"
+    "(--flash: the tensor-core kernels in bf16 at heads of 64 or 128, else the scalar ones),\n"
+    "in bf16 unless --precision float (TF32 products, as train_gpt runs them and this bench "
+    "does).\n"
     "--llmc (with --estimate) first models llm.c's own step (karpathy/llm.c) through the same\n"
     "efficiencies and, at its published run's shape (B=64 unless given, T=1024, a100), compares\n"
     "it with llm.c's published throughput (a CALIBRATION line); then ours, as above.\n";
@@ -283,8 +283,7 @@ static int bench(int argc, char** argv) {
         "attention\n",
         config.layers, config.heads, config.dim, config.vocab_size, model.params.size / 1e6, o.B,
         o.T, o.tape ? "through the tape" : "gpt_forward and gpt_backward",
-        use_flash_attention(config.dim / config.heads, config.attention_dropout) ? "flash"
-                                                                                 : "plain");
+        use_flash_attention(config) ? "flash" : "plain");
     printf("matrix products: %s\n", gemm_engine().c_str());
     GPTActivations acts;
     size_t arena_peak = 0;
