@@ -477,6 +477,16 @@ static void test_layer_gradients() {
                 },
                 {h, branch, g, beta});
         }
+        // 69 rows: the backward's slabs of 32 rows, the last one partial; and a norm whose input
+        // needs no gradient (only dw and db are formed)
+        Tensor tall = input({3, 23, 11}, 10), g11 = input({11}, 11), beta11 = input({11}, 12);
+        check_gradient("layernorm (3,23,11), three slabs of rows" + lanes_note(),
+                       [=] { return layernorm(tall, g11, beta11); }, {tall, g11, beta11});
+        check_gradient("rmsnorm (3,23,11), three slabs of rows" + lanes_note(),
+                       [=] { return rmsnorm(tall, g11); }, {tall, g11});
+        Tensor fixed = randn({3, 23, 11}, 13);
+        check_gradient("layernorm (3,23,11) of an input without a gradient" + lanes_note(),
+                       [=] { return layernorm(fixed, g11, beta11); }, {g11, beta11});
     }
     threads_per_row = default_lanes;
 

@@ -1668,75 +1668,61 @@ Tensor matmul(Tensor a, Tensor b) {
 // pointers.
 
 // ----------------------------------------------------------------------------------------------------
-// Column sums, the backward of whatever is broadcast over rows. For a bias: dbias[c] += sum_r
-// dout[r, c]. For a norm's weight: dweight[c] += sum_r dout[r, c] * xhat[r, c], with xhat = (x -
-// mean) * rstd recomputed from the saved statistics (mean is null for RMSNorm). Two stages, each
-// adding in a fixed order (deterministic, no atomics): blocks of (column tile, slab of rows) write
-// partial sums, then one pass adds the slabs up. Each thread owns whole columns, so neighbouring
-// threads read neighbouring addresses.
+// Column sums, the backward of a bias broadcast over rows: dbias[c] += sum_r dout[r, c]. Two
+// stages, each adding in a fixed order (deterministic, no atomics): blocks of (column tile, slab of
+// rows) write partial sums, then one pass adds the slabs up. Each thread owns whole columns, so
+// neighbouring threads read neighbouring addresses. The norms' backward (below) writes slabs of
+// partial sums the same way and shares the second stage.
 
 constexpr int column_slab_rows = 32;
 
-__global__ void column_partial_sums_kernel(real* partial, real* partial_weighted,
-                                           const floatX* dout, const floatX* x, const real* mean,
-                                           const real* rstd, long rows, int C) {
+__global__ void column_partial_sums_kernel(real* partial, const floatX* dout, long rows, int C) {
     long r0 = long(blockIdx.x) * column_slab_rows,
          r1 = r0 + column_slab_rows < rows ? r0 + column_slab_rows : rows;
     long tile = (C + gridDim.y - 1) / gridDim.y, c0 = blockIdx.y * tile,
          c1 = c0 + tile < C ? c0 + tile : C;
-    real* sums = partial ? partial + long(blockIdx.x) * C : nullptr;
-    real* weighted_sums = partial_weighted ? partial_weighted + long(blockIdx.x) * C : nullptr;
-    auto xhat = [&](long r, long c) { return (x[r * C + c] - (mean ? mean[r] : 0)) * rstd[r]; };
+    real* sums = partial + long(blockIdx.x) * C;
     if (blockDim.x ==
         1) {  // a lone thread adds row after row into the sums: unit stride, vectorised
-        for (long c = c0; c < c1; c++) {
-            if (sums) sums[c] = 0;
-            if (weighted_sums) weighted_sums[c] = 0;
-        }
-        for (long r = r0; r < r1; r++) {
-            if (sums)
-                for (long c = c0; c < c1; c++) sums[c] += dout[r * C + c];
-            if (weighted_sums)
-                for (long c = c0; c < c1; c++) weighted_sums[c] += dout[r * C + c] * xhat(r, c);
-        }
+        for (long c = c0; c < c1; c++) sums[c] = 0;
+        for (long r = r0; r < r1; r++)
+            for (long c = c0; c < c1; c++) sums[c] += dout[r * C + c];
         return;
     }
-    for_each_strided(c0, c1, threadIdx.x, blockDim.x,
-                     [&](long c) {  // each thread sums its columns in registers
-                         real sum = 0, weighted = 0;
-                         for (long r = r0; r < r1; r++) {
-                             sum += dout[r * C + c];
-                             if (weighted_sums) weighted += dout[r * C + c] * xhat(r, c);
-                         }
-                         if (sums) sums[c] = sum;
-                         if (weighted_sums) weighted_sums[c] = weighted;
-                     });
-}
-
-__global__ void add_partial_sums_kernel(floatX* dcolumn, const real* partial, int slabs, int C) {
-    for_each_element(C, [&](long c) {
-        real total = 0;
-        for (int s = 0; s < slabs; s++) total += partial[long(s) * C + c];
-        dcolumn[c] += total;
+    for_each_strided(c0, c1, threadIdx.x, blockDim.x, [&](long c) {  // a column in a register
+        real sum = 0;
+        for (long r = r0; r < r1; r++) sum += dout[r * C + c];
+        sums[c] = sum;
     });
 }
 
-// dsum[c] += sum_r dout[r, c] and dweighted[c] += sum_r dout[r, c] * xhat[r, c]; either may be
-// null.
-static void column_sums(floatX* dsum, floatX* dweighted, const floatX* dout, const floatX* x,
-                        const real* mean, const real* rstd, long rows, int C) {
+// dfirst[c] += the sum over slabs s of partial[s * width + c], and, when there is a dsecond,
+// dsecond[c] += that of partial[s * width + C + c] (the slabs then hold 2 C sums each). A null
+// dfirst is skipped.
+__global__ void add_partial_sums_kernel(floatX* dfirst, floatX* dsecond, const real* partial,
+                                        int slabs, long width, int C) {
+    for_each_element(dsecond ? 2 * C : C, [&](long c) {
+        real total = 0;
+        for (int s = 0; s < slabs; s++) total += partial[s * width + c];
+        floatX* column = c < C ? dfirst : dsecond;
+        if (column) column[c < C ? c : c - C] += total;
+    });
+}
+
+static void add_partial_sums(floatX* dfirst, floatX* dsecond, const real* partial, int slabs,
+                             long width, int C) {
+    launch(add_partial_sums_kernel, element_blocks(dsecond ? 2L * C : C), element_threads, 0,
+           dfirst, dsecond, partial, slabs, width, C);
+}
+
+// dbias[c] += sum_r dout[r, c], dout (rows, C).
+static void column_sums(floatX* dbias, const floatX* dout, long rows, int C) {
     int slabs = int((rows + column_slab_rows - 1) / column_slab_rows);
     unsigned column_tiles = element_threads > 1 ? (C + element_threads - 1) / element_threads : 1;
-    real* partial = dsum ? device_alloc<real>(long(slabs) * C) : nullptr;
-    real* partial_weighted = dweighted ? device_alloc<real>(long(slabs) * C) : nullptr;
-    launch(column_partial_sums_kernel, dim3(slabs, column_tiles), element_threads, 0, partial,
-           partial_weighted, dout, x, mean, rstd, rows, C);
-    if (dsum)
-        launch(add_partial_sums_kernel, element_blocks(C), element_threads, 0, dsum, partial, slabs,
-               C);
-    if (dweighted)
-        launch(add_partial_sums_kernel, element_blocks(C), element_threads, 0, dweighted,
-               partial_weighted, slabs, C);
+    real* partial = device_alloc<real>(long(slabs) * C);
+    launch(column_partial_sums_kernel, dim3(slabs, column_tiles), element_threads, 0, partial, dout,
+           rows, C);
+    add_partial_sums(dbias, nullptr, partial, slabs, C, C);
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -1889,7 +1875,7 @@ void linear_backward(floatX* dx, floatX* dweight, floatX* dbias, const floatX* d
                                        {.data = dweight, .ld = in}, nullptr, dbias, out_features))
         return;
     if (dweight) gemm(shape, 1, dout_t, x_rows, 1, {.data = dweight, .ld = in});
-    if (dbias) column_sums(dbias, nullptr, dout, nullptr, nullptr, nullptr, N, out_features);
+    if (dbias) column_sums(dbias, dout, N, out_features);
 }
 
 Tensor linear(Tensor x, Tensor weight, Tensor bias) {
@@ -1959,24 +1945,66 @@ __global__ void norm_forward_kernel(Norm kind, floatX* out, real* mean_out, real
     }
 }
 
-__global__ void norm_backward_kernel(Norm kind, floatX* dx, const floatX* dout, const floatX* x,
-                                     const floatX* weight, const real* mean, const real* rstd,
-                                     long rows, int C, bool accumulate) {
-    bool active, centred = kind == Norm::layernorm;
-    long row = group_row(rows, &active);
-    const floatX *xr = x + row * C, *dr = dout + row * C;
-    floatX* dxr = dx + row * C;
-    real row_mean = centred ? mean[row] : 0, row_rstd = rstd[row];
-    real g_mean = centred ? group_sum(row_sum(C, [&](int c) { return dr[c] * weight[c]; })) / C : 0;
-    real g_xhat_mean =
-        group_sum(
-            row_sum(C, [&](int c) { return dr[c] * weight[c] * (xr[c] - row_mean) * row_rstd; })) /
-        C;
-    if (!active) return;
-    for_each_in_row(C, [&](int c) {
-        real before = accumulate ? real(dxr[c]) : 0;
-        dxr[c] = before + row_rstd * (dr[c] * weight[c] - g_mean -
-                                      (xr[c] - row_mean) * row_rstd * g_xhat_mean);
+// The backward, dx and the partial sums of dw and db in one pass over dout and x: a block takes a
+// slab of column_slab_rows rows, its row groups take every (groups)-th row of it, and each group
+// adds its rows' dout * xhat and dout into running sums of its own, 2 C of them. A lone thread (the
+// CPU's launch shape) keeps those sums in its slab's row of `partial`, which stays in its cache; a
+// GPU block keeps a pair of rows per group in shared memory and adds them up, in group order, into
+// the slab's row at the end. add_partial_sums then adds the slabs up (dw, then db: partial holds
+// 2 C sums per slab). Every group goes round the same number of times (rows past the slab's end
+// compute but write nothing), so the shuffles of a warp's groups stay together.
+template <typename Sums>  // real*, or shared memory (the CPU's checked version differs in type)
+__device__ void norm_backward_rows(Sums sums, bool centred, floatX* dx, const floatX* dout,
+                                   const floatX* x, const floatX* weight, const real* mean,
+                                   const real* rstd, long first, long end, int C, bool accumulate) {
+    for_each_in_row(C, [&](int c) { sums[c] = 0, sums[C + c] = 0; });
+    for (int step = 0; step < column_slab_rows; step += blockDim.y) {
+        long r = first + step + threadIdx.y;
+        bool active = r < end;
+        long row = active ? r : end - 1;
+        const floatX *xr = x + row * C, *dr = dout + row * C;
+        floatX* dxr = dx ? dx + row * C : nullptr;
+        real row_mean = centred ? mean[row] : 0, row_rstd = rstd[row];
+        real g_mean =
+            centred ? group_sum(row_sum(C, [&](int c) { return dr[c] * weight[c]; })) / C : 0;
+        real g_xhat_mean =
+            group_sum(row_sum(
+                C, [&](int c) { return dr[c] * weight[c] * (xr[c] - row_mean) * row_rstd; })) /
+            C;
+        if (!active) continue;
+        for_each_in_row(C, [&](int c) {
+            real d = dr[c], xhat = (xr[c] - row_mean) * row_rstd;
+            if (dxr)
+                dxr[c] = (accumulate ? real(dxr[c]) : 0) +
+                         row_rstd * (d * weight[c] - g_mean - xhat * g_xhat_mean);
+            sums[c] += d * xhat;
+            sums[C + c] += d;
+        });
+    }
+}
+
+__global__ void norm_backward_kernel(Norm kind, floatX* dx, real* partial, const floatX* dout,
+                                     const floatX* x, const floatX* weight, const real* mean,
+                                     const real* rstd, long rows, int C, bool accumulate) {
+    bool centred = kind == Norm::layernorm;
+    long first = long(blockIdx.x) * column_slab_rows,
+         end = first + column_slab_rows < rows ? first + column_slab_rows : rows;
+    real* slab_sums = partial + long(blockIdx.x) * 2 * C;  // dw sums (C), then db sums (C)
+    if (blockDim.x * blockDim.y == 1) {
+        norm_backward_rows(slab_sums, centred, dx, dout, x, weight, mean, rstd, first, end, C,
+                           accumulate);
+        return;
+    }
+    auto group_sums = shared_memory<real>();
+    norm_backward_rows(group_sums + threadIdx.y * 2 * C, centred, dx, dout, x, weight, mean, rstd,
+                       first, end, C, accumulate);
+    __syncthreads();
+    int thread = threadIdx.y * blockDim.x + threadIdx.x, threads = blockDim.x * blockDim.y;
+    for_each_strided(0, 2 * C, thread, threads, [&](long c) {
+        real total = 0;
+        for (unsigned group = 0; group < blockDim.y; group++)
+            total += group_sums[group * 2 * C + c];
+        slab_sums[c] = total;
     });
 }
 
@@ -1993,16 +2021,31 @@ void residual_norm_forward(Norm kind, floatX* sum, floatX* out, real* mean, real
            weight, bias, rows, C);
 }
 
+// A block of the backward: groups of threads_per_row threads, as many as fit their sums (2 C each)
+// in 48 KB of shared memory (more would need the kernel's opt-in), up to rows_per_block() and the
+// slab's rows. On the CPU, one thread, whose sums need no shared memory.
+static dim3 norm_backward_block(int C) {
+    if (!gpu_launch_shapes && threads_per_row == 1) return dim3(1, 1);
+    long groups = (48 << 10) / (2 * long(C) * sizeof(real));
+    if (groups < 1)
+        fail("norm backward: rows of %d values need more than 48 KB of shared memory per block", C);
+    if (groups > rows_per_block()) groups = rows_per_block();
+    if (groups > column_slab_rows) groups = column_slab_rows;
+    return dim3(threads_per_row, unsigned(groups));
+}
+
 void norm_backward(Norm kind, floatX* dx, floatX* dweight, floatX* dbias, const floatX* dout,
                    const floatX* x, const floatX* weight, const real* mean, const real* rstd,
                    long rows, int C, InputGrad mode) {
     bool centred = kind == Norm::layernorm;
-    if (dx)
-        launch(norm_backward_kernel, row_grid(rows), row_block(), 0, kind, dx, dout, x, weight,
-               mean, rstd, rows, C, mode == InputGrad::add);
+    int slabs = int((rows + column_slab_rows - 1) / column_slab_rows);
+    real* partial = device_alloc<real>(long(slabs) * 2 * C);
+    dim3 block = norm_backward_block(C);
+    size_t shared = block.x * block.y == 1 ? 0 : block.y * 2 * size_t(C) * sizeof(real);
+    launch(norm_backward_kernel, slabs, block, shared, kind, dx, partial, dout, x, weight, mean,
+           rstd, rows, C, dx && mode == InputGrad::add);
     if (dweight || (centred && dbias))
-        column_sums(centred ? dbias : nullptr, dweight, dout, x, centred ? mean : nullptr, rstd,
-                    rows, C);
+        add_partial_sums(dweight, centred ? dbias : nullptr, partial, slabs, 2L * C, C);
 }
 
 // The tape versions. bias is empty for RMSNorm.
@@ -2059,19 +2102,19 @@ ResidualNorm residual_norm(Tensor a, Tensor b, Tensor weight, Tensor bias, Norm 
 // SiLU (Swish):  silu(x) = x * sigmoid(x),  silu'(x) = s (1 + x (1 - s)),  s = sigmoid(x)
 
 struct Gelu {
-    __device__ real forward(real x) const { return x * gate(x); }
-    __device__ real derivative(real x) const {
+    __device__ __forceinline__ real forward(real x) const { return x * gate(x); }
+    __device__ __forceinline__ real derivative(real x) const {
         real s = gate(x), du = real(0.7978845608028654) * (1 + 3 * real(0.044715) * x * x);
         return s + x * s * (1 - s) * 2 * du;
     }
-    __device__ real gate(real x) const {  // sigmoid(2u)
+    __device__ __forceinline__ real gate(real x) const {  // sigmoid(2u)
         real u = real(0.7978845608028654) * (x + real(0.044715) * x * x * x);
         return 1 / (1 + fast_exp(-2 * u));
     }
 };
 struct Silu {
-    __device__ real forward(real x) const { return x / (1 + fast_exp(-x)); }
-    __device__ real derivative(real x) const {
+    __device__ __forceinline__ real forward(real x) const { return x / (1 + fast_exp(-x)); }
+    __device__ __forceinline__ real derivative(real x) const {
         real s = 1 / (1 + fast_exp(-x));
         return s * (1 + x * (1 - s));
     }
@@ -4290,12 +4333,12 @@ template <bool HAS_MASTER>
 __device__ __forceinline__ void adamw_pack(long i, floatX* params, real* master,
                                            const floatX* grads, real* m, real* v, real scale,
                                            long num_decayed, const AdamWStep& s) {
-    Pack4<floatX> p = reinterpret_cast<Pack4<floatX>*>(params)[i];
-    Pack4<floatX> g = reinterpret_cast<const Pack4<floatX>*>(grads)[i];
+    Pack4<floatX> p, g = reinterpret_cast<const Pack4<floatX>*>(grads)[i];
     Pack4<real> first = reinterpret_cast<Pack4<real>*>(m)[i],
                 second = reinterpret_cast<Pack4<real>*>(v)[i];
     Pack4<real> w;
-    if (HAS_MASTER) w = reinterpret_cast<Pack4<real>*>(master)[i];
+    if (HAS_MASTER) w = reinterpret_cast<Pack4<real>*>(master)[i];  // the parameter is only written
+    else p = reinterpret_cast<Pack4<floatX>*>(params)[i];
     for (int k = 0; k < 4; k++) {
         long index = s.first + 4 * i + k;
         real weight = adamw_weight(HAS_MASTER ? w.v[k] : real(p.v[k]), g.v[k] * scale, first.v[k],

@@ -363,17 +363,13 @@ void attention_backward_costs(Step& step, AttentionKind kind) {
 void layernorm_backward_costs(Step& step, double count, double adding) {
     const Sizes& s = step.s;
     double N = s.N, C = s.C, e = s.e, f = s.f;
-    // dx: reads dout, x, weight and 2 floats per row (and dx when adding), writes dx; ~12 FLOPs
-    // per value
-    step.add("layernorm backward dx", count,
-             count * (e * 3 * N * C + f * 2 * N + e * C) + adding * e * N * C, count * 12 * N * C,
-             Engine::kernel);
-    // dweight and dbias, stage 1: reads dout and x again, writes 2 floats per (slab, column)
-    step.add("layernorm backward dw, db (partial sums)", count,
-             count * (e * 2 * N * C + f * 2 * N + f * 2 * s.slabs * C), count * 4 * N * C,
-             Engine::kernel);
-    // stage 2, a launch each: reads the slabs' sums, reads and adds into (C)
-    step.add("layernorm backward dw, db (slabs added)", 2 * count,
+    // one pass: reads dout, x, weight and 2 floats per row (and dx when adding), writes dx and
+    // the slabs' partial sums of dw and db (2 floats per (slab, column)); ~16 FLOPs per value
+    step.add("layernorm backward (dx + dw, db partials)", count,
+             count * (e * 3 * N * C + f * 2 * N + e * C + f * 2 * s.slabs * C) + adding * e * N * C,
+             count * 16 * N * C, Engine::kernel);
+    // one launch: reads the slabs' sums, reads and adds into dw and db (C each)
+    step.add("layernorm backward dw, db (slabs added)", count,
              count * 2 * (f * s.slabs * C + e * 2 * C), count * 2 * s.slabs * C, Engine::kernel);
 }
 
@@ -456,9 +452,10 @@ void optimizer_costs(Step& step) {
     step.add("gradient norm (sums of squares)", 1, e * P + f * blocks, 2 * P, Engine::kernel);
     // one thread adds up the block sums
     step.add("gradient norm (square root, one thread)", 1, f * blocks, blocks, Engine::one_warp);
-    // reads parameter, gradient and 2 float moments (and the float master weight in bf16), writes
-    // all but the gradient: 3e + 16 bytes per parameter (+ 8 with master weights), ~20 FLOPs
-    step.add("AdamW", 1, P * (3 * e + 4 * f + (s.bf16 ? 2 * f : 0)), 20 * P, Engine::kernel);
+    // reads gradient and 2 float moments, and the parameter (float) or its float master weight
+    // (bf16), writes all but the gradient: 3e + 16 bytes per parameter in float, 2e + 24 in bf16
+    // (the parameter is then only written), ~20 FLOPs
+    step.add("AdamW", 1, P * (s.bf16 ? 2 * e + 6 * f : 3 * e + 4 * f), 20 * P, Engine::kernel);
 }
 
 // llm.c's training step (karpathy/llm.c, train_gpt2.cu and llmc/*.cuh, as its GPT-2 124M script
@@ -565,9 +562,10 @@ void llmc_optimizer_costs(Step& step) {
     // a memset of the block sums, global_norm_squared_kernel over P gradients, one block adding
     // the block sums up
     step.add("gradient norm", 3, e * P, 2 * P, Engine::kernel);
-    // adamw_kernel3, a launch per parameter tensor (16): reads bf16 parameter and gradient and the
-    // float master weight and moments, writes all but the gradient
-    step.add("AdamW (bf16 params, float master)", 16, P * (3 * e + 6 * f), 20 * P, Engine::kernel);
+    // adamw_kernel3, a launch per parameter tensor (16): reads the bf16 gradient and the float
+    // master weight and moments, writes them all but the gradient and the bf16 parameter (which it
+    // never reads: the master weight is the old value)
+    step.add("AdamW (bf16 params, float master)", 16, P * (2 * e + 6 * f), 20 * P, Engine::kernel);
 }
 
 std::vector<KernelCost> llmc_step_costs(const GPTConfig& config, int B, int T) {
