@@ -695,58 +695,62 @@ Tensor new_result(const Tensor& like, std::initializer_list<Tensor> inputs) {
 // 5. Operations
 // Elementwise functions of one tensor: out = f(x), and backward dx += dout * f'(x).
 // Each function is a small struct; the kernels are templates over it, one kernel per function.
-// The derivative is computed from x alone, so backward needs nothing saved but the input.
+// The derivative is computed from x alone, so backward needs nothing saved but the input. The
+// structs' functions are forced inline: on the CPU a call per element keeps a loop from
+// vectorising.
 
 struct Neg {
-    __device__ real forward(real x) const { return -x; }
-    __device__ real derivative(real) const { return -1; }
+    __device__ __forceinline__ real forward(real x) const { return -x; }
+    __device__ __forceinline__ real derivative(real) const { return -1; }
 };
 struct AddScalar {
     real c;
-    __device__ real forward(real x) const { return x + c; }
-    __device__ real derivative(real) const { return 1; }
+    __device__ __forceinline__ real forward(real x) const { return x + c; }
+    __device__ __forceinline__ real derivative(real) const { return 1; }
 };
 struct MulScalar {
     real c;
-    __device__ real forward(real x) const { return x * c; }
-    __device__ real derivative(real) const { return c; }
+    __device__ __forceinline__ real forward(real x) const { return x * c; }
+    __device__ __forceinline__ real derivative(real) const { return c; }
 };
 struct PowScalar {
     real p;
-    __device__ real forward(real x) const { return pow(x, p); }
-    __device__ real derivative(real x) const { return p * pow(x, p - 1); }
+    __device__ __forceinline__ real forward(real x) const { return pow(x, p); }
+    __device__ __forceinline__ real derivative(real x) const { return p * pow(x, p - 1); }
 };
 struct Exp {
-    __device__ real forward(real x) const { return fast_exp(x); }
-    __device__ real derivative(real x) const { return fast_exp(x); }
+    __device__ __forceinline__ real forward(real x) const { return fast_exp(x); }
+    __device__ __forceinline__ real derivative(real x) const { return fast_exp(x); }
 };
 struct Log {
-    __device__ real forward(real x) const { return log(x); }
-    __device__ real derivative(real x) const { return 1 / x; }
+    __device__ __forceinline__ real forward(real x) const { return log(x); }
+    __device__ __forceinline__ real derivative(real x) const { return 1 / x; }
 };
 struct Sqrt {
-    __device__ real forward(real x) const { return sqrt(x); }
-    __device__ real derivative(real x) const { return real(0.5) / sqrt(x); }
+    __device__ __forceinline__ real forward(real x) const { return sqrt(x); }
+    __device__ __forceinline__ real derivative(real x) const { return real(0.5) / sqrt(x); }
 };
 struct Sin {
-    __device__ real forward(real x) const { return sin(x); }
-    __device__ real derivative(real x) const { return cos(x); }
+    __device__ __forceinline__ real forward(real x) const { return sin(x); }
+    __device__ __forceinline__ real derivative(real x) const { return cos(x); }
 };
 struct Cos {
-    __device__ real forward(real x) const { return cos(x); }
-    __device__ real derivative(real x) const { return -sin(x); }
+    __device__ __forceinline__ real forward(real x) const { return cos(x); }
+    __device__ __forceinline__ real derivative(real x) const { return -sin(x); }
 };
 struct Tanh {
-    __device__ real forward(real x) const { return tanh(x); }
-    __device__ real derivative(real x) const { return 1 - tanh(x) * tanh(x); }
+    __device__ __forceinline__ real forward(real x) const { return tanh(x); }
+    __device__ __forceinline__ real derivative(real x) const { return 1 - tanh(x) * tanh(x); }
 };
 struct Sigmoid {
-    __device__ real forward(real x) const { return 1 / (1 + fast_exp(-x)); }
-    __device__ real derivative(real x) const { return forward(x) * (1 - forward(x)); }
+    __device__ __forceinline__ real forward(real x) const { return 1 / (1 + fast_exp(-x)); }
+    __device__ __forceinline__ real derivative(real x) const {
+        return forward(x) * (1 - forward(x));
+    }
 };
 struct Relu {
-    __device__ real forward(real x) const { return x > 0 ? x : 0; }
-    __device__ real derivative(real x) const { return x > 0 ? 1 : 0; }
+    __device__ __forceinline__ real forward(real x) const { return x > 0 ? x : 0; }
+    __device__ __forceinline__ real derivative(real x) const { return x > 0 ? 1 : 0; }
 };
 
 template <typename F>
@@ -799,34 +803,34 @@ Tensor relu(Tensor x) { return map(x, Relu{}); }
 // threads ever add into the same gradient element (no atomics).
 
 struct Add {
-    __device__ real forward(real a, real b) const { return a + b; }
-    __device__ real da(real, real) const { return 1; }
-    __device__ real db(real, real) const { return 1; }
+    __device__ __forceinline__ real forward(real a, real b) const { return a + b; }
+    __device__ __forceinline__ real da(real, real) const { return 1; }
+    __device__ __forceinline__ real db(real, real) const { return 1; }
 };
 struct Sub {
-    __device__ real forward(real a, real b) const { return a - b; }
-    __device__ real da(real, real) const { return 1; }
-    __device__ real db(real, real) const { return -1; }
+    __device__ __forceinline__ real forward(real a, real b) const { return a - b; }
+    __device__ __forceinline__ real da(real, real) const { return 1; }
+    __device__ __forceinline__ real db(real, real) const { return -1; }
 };
 struct Mul {
-    __device__ real forward(real a, real b) const { return a * b; }
-    __device__ real da(real, real b) const { return b; }
-    __device__ real db(real a, real) const { return a; }
+    __device__ __forceinline__ real forward(real a, real b) const { return a * b; }
+    __device__ __forceinline__ real da(real, real b) const { return b; }
+    __device__ __forceinline__ real db(real a, real) const { return a; }
 };
 struct Div {
-    __device__ real forward(real a, real b) const { return a / b; }
-    __device__ real da(real, real b) const { return 1 / b; }
-    __device__ real db(real a, real b) const { return -a / (b * b); }
+    __device__ __forceinline__ real forward(real a, real b) const { return a / b; }
+    __device__ __forceinline__ real da(real, real b) const { return 1 / b; }
+    __device__ __forceinline__ real db(real a, real b) const { return -a / (b * b); }
 };
 struct Maximum {  // ties send the gradient to a
-    __device__ real forward(real a, real b) const { return a >= b ? a : b; }
-    __device__ real da(real a, real b) const { return a >= b ? 1 : 0; }
-    __device__ real db(real a, real b) const { return a >= b ? 0 : 1; }
+    __device__ __forceinline__ real forward(real a, real b) const { return a >= b ? a : b; }
+    __device__ __forceinline__ real da(real a, real b) const { return a >= b ? 1 : 0; }
+    __device__ __forceinline__ real db(real a, real b) const { return a >= b ? 0 : 1; }
 };
 struct Minimum {
-    __device__ real forward(real a, real b) const { return a <= b ? a : b; }
-    __device__ real da(real a, real b) const { return a <= b ? 1 : 0; }
-    __device__ real db(real a, real b) const { return a <= b ? 0 : 1; }
+    __device__ __forceinline__ real forward(real a, real b) const { return a <= b ? a : b; }
+    __device__ __forceinline__ real da(real a, real b) const { return a <= b ? 1 : 0; }
+    __device__ __forceinline__ real db(real a, real b) const { return a <= b ? 0 : 1; }
 };
 
 struct Broadcast {
