@@ -69,6 +69,9 @@ else
     OPT := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
   endif
   COMPILE := $(CXX) -std=c++20 $(OPT) -fopenmp -Wall -Wextra -x c++
+  # g++'s notes of the calls it did not inline go beside each object (tests/test_inlining.sh reads
+  # them; g++ appends to the file, so each compile starts it afresh).
+  INLINING_NOTES := -fopt-info-inline-missed=
   LINKER := $(CXX) $(OPT) -fopenmp -rdynamic
   LIBS := -ldnnl -lopenblas -lboost_context
 endif
@@ -111,8 +114,8 @@ $(STAMP):
 
 define precision_rule
 $(OBJ)/$(1)/%.o: %.cu $(HEADERS) Makefile
-	@mkdir -p $$(dir $$@)
-	$(COMPILE) $(FLAGS_$(1)) -I. -c $$< -o $$@
+	@mkdir -p $$(dir $$@) && rm -f $$@.inline-missed
+	$(COMPILE) $(FLAGS_$(1)) $(if $(INLINING_NOTES),$(INLINING_NOTES)$$@.inline-missed) -I. -c $$< -o $$@
 endef
 $(foreach p,float bf16 double,$(eval $(call precision_rule,$(p))))
 
@@ -168,7 +171,7 @@ export TRICYCLE_PROGRAMS_BF16 := $(call PROGRAM_DIR,bf16)
 test: $(TESTS) $(PROGRAMS) $(PRECISION_PROGRAMS) bench/bench_gpt
 	@bash tests/run_tests.sh test_gradients tests/test_emulator tests/test_tokenizer tests/test_launch_types.sh tests/test_parity.sh \
 	    tests/test_mixed_precision.sh tests/test_programs.sh tests/test_cost_model.sh tests/test_distributed.py tests/test_files.py tests/test_hf.sh \
-	    tests/check_style.py
+	    tests/test_inlining.sh tests/check_style.py
 
 # The tests again with the GPU build's launch shapes under the emulator (32 threads per row,
 # 256-thread element blocks, the GPU's grids), so the kernels' GPU configuration runs in CI too.
