@@ -1679,6 +1679,7 @@ Tensor matmul(Tensor a, Tensor b) {
 // partial sums the same way and shares the second stage.
 
 constexpr int column_slab_rows = 32;
+static int column_slabs(long rows) { return int((rows + column_slab_rows - 1) / column_slab_rows); }
 
 __global__ void column_partial_sums_kernel(real* partial, const floatX* dout, long rows, int C) {
     long r0 = long(blockIdx.x) * column_slab_rows,
@@ -1721,7 +1722,7 @@ static void add_partial_sums(floatX* dfirst, floatX* dsecond, const real* partia
 
 // dbias[c] += sum_r dout[r, c], dout (rows, C).
 static void column_sums(floatX* dbias, const floatX* dout, long rows, int C) {
-    int slabs = int((rows + column_slab_rows - 1) / column_slab_rows);
+    int slabs = column_slabs(rows);
     unsigned column_tiles = element_threads > 1 ? (C + element_threads - 1) / element_threads : 1;
     real* partial = device_alloc<real>(long(slabs) * C);
     launch(column_partial_sums_kernel, dim3(slabs, column_tiles), element_threads, 0, partial, dout,
@@ -2042,7 +2043,7 @@ void norm_backward(Norm kind, floatX* dx, floatX* dweight, floatX* dbias, const 
                    const floatX* x, const floatX* weight, const real* mean, const real* rstd,
                    long rows, int C, InputGrad mode) {
     bool centred = kind == Norm::layernorm;
-    int slabs = int((rows + column_slab_rows - 1) / column_slab_rows);
+    int slabs = column_slabs(rows);
     real* partial = device_alloc<real>(long(slabs) * 2 * C);
     dim3 block = norm_backward_block(C);
     size_t shared = block.x * block.y == 1 ? 0 : block.y * 2 * size_t(C) * sizeof(real);

@@ -5,16 +5,7 @@
 # Makefile raises it. This reads the notes g++ wrote beside each object of the CPU builds (the
 # calls it did not inline, and why) and checks that none was refused for that budget.
 set -u
-passed=0 failed=0
-check() {  # check WHAT COMMAND...
-    local what=$1
-    shift
-    if "$@"; then
-        echo "ok   $what"; passed=$((passed + 1))
-    else
-        echo "FAIL $what"; failed=$((failed + 1))
-    fi
-}
+source "$(dirname "$0")/checks.sh"
 shopt -s nullglob
 notes=(build/cpu*/*/tricycle.o.inline-missed)
 check "g++ wrote its inlining notes for tricycle.cu (${#notes[@]} builds)" test ${#notes[@]} -gt 0
