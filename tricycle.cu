@@ -189,6 +189,25 @@ __device__ __forceinline__ void for_each_in_row(int count, F body) {
     for_each_strided(0, count, threadIdx.x, blockDim.x, [&](long i) { body(int(i)); });
 }
 
+// N values of T moved by one load or store (N * sizeof(T) bytes, aligned to that): AdamW's four
+// parameters at a time, the classifier's row in 32-bit words.
+template <typename T, int N>
+struct alignas(N * sizeof(T)) Pack {
+    T v[N];
+};
+
+// An empty instruction that nvcc must assume changes `word` (32 bits), for a kernel that holds
+// words of two bfloat16 in registers and reads them in several passes: called between the passes,
+// it makes the compiler unpack each word again (a shift) instead of keeping both halves as floats,
+// twice the registers (nvcc 13.0 does so for sm_90, and spills). Nothing on the CPU.
+template <typename T>
+__device__ __forceinline__ void keep_packed([[maybe_unused]] T& word) {
+    static_assert(sizeof(T) == 4 || sizeof(T) == 8, "a word of 32 or 64 bits");
+#ifdef __CUDACC__
+    if constexpr (sizeof(T) == 4) asm volatile("" : "+r"(*reinterpret_cast<uint32_t*>(&word)));
+#endif
+}
+
 // Sums and maxima of f(i) over this thread's share of [begin, end) (as for_each_strided). A lone
 // thread's loop is declared a SIMD reduction, which lets the CPU compiler vectorise it (adding in
 // another order than a plain loop would, so the last bits may differ).
@@ -254,6 +273,25 @@ __device__ __forceinline__ real group_sum(real value) {
 __device__ __forceinline__ real group_max(real value) {
     for (int offset = blockDim.x / 2; offset > 0; offset /= 2)
         value = fmax(value, __shfl_xor_sync(warp_lanes(), value, offset, blockDim.x));
+    return value;
+}
+
+// Sum or max across a whole block of whole warps, for a kernel that gives a row a block: each warp
+// combines its lanes by shuffles, then every warp combines the warps' results, which wait in the
+// first 32 reals of the block's dynamic shared memory (lanes past the last warp take `identity`);
+// every thread gets the result. The barrier after the read lets the next reduction reuse them.
+template <typename Combine>
+__device__ __forceinline__ real block_reduce(real value, real identity, Combine combine) {
+    auto partial = shared_memory<real>();
+    for (int offset = 16; offset > 0; offset /= 2)
+        value = combine(value, __shfl_xor_sync(0xffffffffu, value, offset));
+    unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    if (lane == 0) partial[warp] = value;
+    __syncthreads();
+    value = lane < warps ? partial[lane] : identity;
+    for (int offset = 16; offset > 0; offset /= 2)
+        value = combine(value, __shfl_xor_sync(0xffffffffu, value, offset));
+    __syncthreads();
     return value;
 }
 
@@ -3416,9 +3454,11 @@ Tensor multi_head_attention(Tensor x, const MultiHeadAttention& layer) {
 // Softmax + cross-entropy over the vocabulary: logits (N, V), targets (N) -> the mean loss over
 // rows whose target is not ignore_index:  loss_n = logsumexp(logits_n) - logits_n[target_n].
 // Backward: dlogits_n = (softmax(logits_n) - onehot(target_n)) * dloss / count, 0 for ignored rows.
-// The classifier computes both in one kernel and writes the gradient over the logits: three passes
-// over the (N, V) logits in all (a read for logsumexp, a read and a write for the gradient); the
-// tape version saves logsumexp per row and its backward recomputes the softmax from it.
+// The classifier computes both in one kernel and writes the gradient over the logits: on the CPU,
+// and for rows too long to hold, three passes over the (N, V) logits in all (a read for logsumexp,
+// a read and a write for the gradient); on a GPU a block holds its row in registers, and two passes
+// (a read, a write) remain. The tape version saves logsumexp per row and its backward recomputes
+// the softmax from it.
 
 // The positions whose target counts (is not ignore_index), added up by one row group.
 __global__ void count_targets_kernel(real* count, const int* targets, long N) {
@@ -3455,6 +3495,73 @@ __global__ void classifier_kernel(floatX* logits, real* losses, real* logsumexp,
     losses[row] = !counted ? 0 : valid ? lse - target_logit : NAN;
 }
 
+// The same on a GPU for a long row (GPT-2's vocabulary: 100 KB of bfloat16 logits), read once. A
+// warp per row would read its row again from device memory: an SM's 64 warps read 6 MB of other
+// rows between a row's two reads, and an A100's 108 SMs share 40 MB of L2. So a long row gets a
+// block of 1024 threads, which hold it in registers: each thread loads its 32-bit words (two
+// bfloat16 or one float) once, then the logsumexp and the gradient come from the registers, and
+// the logits are read once and written once. 32 words a thread fit the 64 registers a thread of a
+// 1024-thread block may use (nvcc keeps a word of two bfloat16 in one register; the block's size a
+// constant, the words' addresses are offsets from one register): rows of up to 65,536 bfloat16
+// logits, 32,768 floats. Rows shorter than the block (whose second read comes from cache), longer
+// than it can hold, or not whole words, and the CPU (a lone thread, its row in its cache), take
+// classifier_kernel.
+constexpr int held_threads = 1024, held_words = 32;
+constexpr int logits_per_word = sizeof(floatX) < 4 ? 4 / sizeof(floatX) : 1;
+typedef Pack<floatX, logits_per_word> LogitWord;
+
+static bool classifier_holds_rows(int padded_V) {
+    int words = padded_V / logits_per_word;
+    return gpu_launch_shapes && padded_V % logits_per_word == 0 && words >= held_threads &&
+           words <= held_threads * held_words;
+}
+
+__global__ void __launch_bounds__(held_threads)
+    classifier_held_kernel(floatX* logits, real* losses, const int* targets, const real* count,
+                           real scale, int V, int padded_V) {
+    long row = blockIdx.x;
+    floatX* l = logits + row * padded_V;
+    LogitWord* words = reinterpret_cast<LogitWord*>(l);
+    int word_count = padded_V / logits_per_word, target = targets[row];
+    bool counted = target != ignore_index, valid = target >= 0 && target < V;
+    real target_logit = valid ? real(l[target]) : 0;  // before the barriers; the writes come after
+    LogitWord held[held_words];  // this thread's words: threadIdx.x, + held_threads, ...
+    for (int k = 0; k < held_words; k++) {
+        int word = threadIdx.x + k * held_threads;
+        if (word < word_count) held[k] = words[word];
+    }
+    // Calls body(logit, v) for each of this thread's logits in the vocabulary (v < V). The loops'
+    // counts are constants, which nvcc unrolls: held[] is indexed by constants and stays in
+    // registers (ptxas reports no stack frame for the kernel).
+    auto each_held = [&](auto body) {
+        for (int k = 0; k < held_words; k++)
+            for (int j = 0; j < logits_per_word; j++) {
+                int v = (threadIdx.x + k * held_threads) * logits_per_word + j;
+                if (v < V) body(held[k].v[j], v);
+            }
+    };
+    real largest = -INFINITY, sum = 0;
+    each_held([&](real logit, int) { largest = fmax(largest, logit); });
+    largest = block_reduce(largest, -INFINITY, [](real a, real b) { return fmax(a, b); });
+    for (LogitWord& word : held) keep_packed(word);
+    each_held([&](real logit, int) { sum += fast_exp(logit - largest); });
+    real lse = largest + log(block_reduce(sum, 0, [](real a, real b) { return a + b; }));
+    for (LogitWord& word : held) keep_packed(word);
+    real factor = counted ? scale / count[0] : 0;
+    for (int k = 0; k < held_words; k++) {
+        int word = threadIdx.x + k * held_threads;
+        if (word >= word_count) continue;
+        LogitWord gradient;
+        for (int j = 0; j < logits_per_word; j++) {
+            int v = word * logits_per_word + j;  // the padding (v >= V) gets no gradient
+            gradient.v[j] =
+                v < V ? (fast_exp(held[k].v[j] - lse) - (v == target ? 1 : 0)) * factor : 0;
+        }
+        words[word] = gradient;
+    }
+    if (threadIdx.x == 0) losses[row] = !counted ? 0 : valid ? lse - target_logit : NAN;
+}
+
 // The mean over the counted positions (ignored ones have loss 0), in a fixed order. It stays in
 // `real` (float even when tensors are bfloat16: a loss rounded to 8 bits would log as 5.5625 and
 // blur the choice of the best checkpoint); `stored` gets a copy as a tensor when not null.
@@ -3485,8 +3592,13 @@ __global__ void cross_entropy_backward_kernel(floatX* dlogits, const floatX* dlo
 void classifier(floatX* logits, real* losses, real* loss, real* count, const int* targets, long N,
                 int V, int padded_V, real loss_scale, bool write_gradient) {
     launch(count_targets_kernel, 1, dim3(threads_per_row), 0, count, targets, N);
-    launch(classifier_kernel, row_grid(N), row_block(), 0, logits, losses, nullptr, targets, count,
-           loss_scale, N, V, padded_V, write_gradient);
+    if (write_gradient && classifier_holds_rows(padded_V)) {
+        launch(classifier_held_kernel, unsigned(N), held_threads, 32 * sizeof(real), logits, losses,
+               targets, count, loss_scale, V, padded_V);
+    } else {
+        launch(classifier_kernel, row_grid(N), row_block(), 0, logits, losses, nullptr, targets,
+               count, loss_scale, N, V, padded_V, write_gradient);
+    }
     launch(mean_loss_kernel, 1, dim3(threads_per_row), 0, loss, nullptr, count, losses, N);
 }
 
@@ -4290,12 +4402,8 @@ __device__ __forceinline__ real clip_scale(const real* norm, real max_norm) {
 //   num_decayed.
 // w is the float master weight when there is one (mixed precision: the stored parameter is then w
 // rounded), else the parameter itself. Memory-bound, so it moves four parameters per load and
-// store: a Pack4 of floats is one 128-bit access. The buffers come from cudaMalloc, aligned for
+// store: a Pack<float, 4> is one 128-bit access. The buffers come from cudaMalloc, aligned for
 // that; the last block takes the n % 4 left over.
-template <typename T>
-struct alignas(4 * sizeof(T)) Pack4 {
-    T v[4];
-};
 
 struct AdamWStep {
     real lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2;
@@ -4338,12 +4446,12 @@ template <bool HAS_MASTER>
 __device__ __forceinline__ void adamw_pack(long i, floatX* params, real* master,
                                            const floatX* grads, real* m, real* v, real scale,
                                            long num_decayed, const AdamWStep& s) {
-    Pack4<floatX> p, g = reinterpret_cast<const Pack4<floatX>*>(grads)[i];
-    Pack4<real> first = reinterpret_cast<Pack4<real>*>(m)[i],
-                second = reinterpret_cast<Pack4<real>*>(v)[i];
-    Pack4<real> w;
-    if (HAS_MASTER) w = reinterpret_cast<Pack4<real>*>(master)[i];  // the parameter is only written
-    else p = reinterpret_cast<Pack4<floatX>*>(params)[i];
+    Pack<floatX, 4> p, g = reinterpret_cast<const Pack<floatX, 4>*>(grads)[i];
+    Pack<real, 4> first = reinterpret_cast<Pack<real, 4>*>(m)[i],
+                  second = reinterpret_cast<Pack<real, 4>*>(v)[i];
+    Pack<real, 4> w;  // with a master weight, the parameter is only written
+    if (HAS_MASTER) w = reinterpret_cast<Pack<real, 4>*>(master)[i];
+    else p = reinterpret_cast<Pack<floatX, 4>*>(params)[i];
     for (int k = 0; k < 4; k++) {
         long index = s.first + 4 * i + k;
         real weight = adamw_weight(HAS_MASTER ? w.v[k] : real(p.v[k]), g.v[k] * scale, first.v[k],
@@ -4351,9 +4459,9 @@ __device__ __forceinline__ void adamw_pack(long i, floatX* params, real* master,
         if (HAS_MASTER) w.v[k] = weight, p.v[k] = round_stochastic(weight, s.seed, index);
         else p.v[k] = weight;
     }
-    reinterpret_cast<Pack4<floatX>*>(params)[i] = p;
-    reinterpret_cast<Pack4<real>*>(m)[i] = first, reinterpret_cast<Pack4<real>*>(v)[i] = second;
-    if (HAS_MASTER) reinterpret_cast<Pack4<real>*>(master)[i] = w;
+    reinterpret_cast<Pack<floatX, 4>*>(params)[i] = p;
+    reinterpret_cast<Pack<real, 4>*>(m)[i] = first, reinterpret_cast<Pack<real, 4>*>(v)[i] = second;
+    if (HAS_MASTER) reinterpret_cast<Pack<real, 4>*>(master)[i] = w;
 }
 
 __global__ void adamw_kernel(floatX* params, real* master, const floatX* grads, real* m, real* v,

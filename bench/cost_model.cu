@@ -410,11 +410,15 @@ void backward_costs(Step& step, AttentionKind attention) {
     step.phase = "backward";
     // count the targets that count: one warp reads N ids
     step.add("count targets (one warp)", 1, 4 * N, N, Engine::one_warp);
-    // loss and dlogits written over the logits: the kernel reads each row twice (logsumexp by the
-    // online maximum and sum, then the gradient) and writes it once, the padding included; ids
-    // in, losses out; ~6 FLOPs per logit
-    step.add("classifier (loss + dlogits)", 1, e * (2 * N * V + N * Vp) + 8 * N, 6 * N * V,
-             Engine::kernel);
+    // loss and dlogits written over the logits, the padding included; ids in, losses out; ~6
+    // FLOPs per logit. A row of 1 to 32 words (two bfloat16, or a float) per thread of a
+    // 1024-thread block is held in registers: read once (classifier_held_kernel). Another is read
+    // twice (logsumexp by the online maximum and sum, then the gradient) by a warp.
+    double words = Vp / (s.bf16 ? 2 : 1);
+    bool held = words >= 1024 && words <= 1024 * 32;
+    step.add(held ? "classifier (loss + dlogits, the row held in registers)"
+                  : "classifier (loss + dlogits, each row read twice)",
+             1, e * (held ? 2 * N * Vp : 2 * N * V + N * Vp) + 8 * N, 6 * N * V, Engine::kernel);
     // the mean loss: one warp reads N losses
     step.add("mean loss (one warp)", 1, 4 * N, N, Engine::one_warp);
     // dh = dlogits wte: (N, Vp) @ (Vp, C); dwte += dlogits^T h: (Vp, N) @ (N, C)

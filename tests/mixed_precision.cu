@@ -215,6 +215,58 @@ static void check_float_loss() {
           precision, loss_value, plain);
 }
 
+// The training classifier (the loss, and the gradient written over the logits) against plain loops
+// in double: dlogits = (softmax - onehot(target)) * scale / count, 0 for an ignored row and in the
+// padding columns. On the GPU (and in its launch shapes) a block of 1024 threads holds a row of
+// 1024 to 32,768 words (two bfloat16 or a float) in registers, and a warp reads any other row
+// twice. The shapes: a small vocabulary (read twice); a row of 2 or 3 words per thread (held); one
+// of exactly the 65,536 bfloat16 a block holds (held in bfloat16, read twice in float); one of an
+// odd number of columns (not whole bfloat16 words) and one too long to hold (both read twice).
+static void check_fused_classifier(int V, int padded_V) {
+    const char* precision = precision_name();
+    const int N = 5;
+    const real scale = 0.5;
+    floatX* device_logits = device_alloc<floatX>(long(N) * padded_V);
+    upload_values(device_logits, to_host(random({N, padded_V}, 25, 3)));
+    std::vector<real> logits = download(device_logits, long(N) * padded_V);  // as stored
+    std::vector<int> host_targets = {ignore_index, V - 1};
+    for (int i = 2; i < N; i++) host_targets.push_back(int(random_bits(26, i) % V));
+    int* targets = device_alloc<int>(N);
+    cuda_check(cudaMemcpy(targets, host_targets.data(), N * sizeof(int), cudaMemcpyHostToDevice));
+    double plain_loss = 0, factor = scale / (N - 1);
+    std::vector<double> plain_grad(long(N) * padded_V, 0);
+    for (int r = 1; r < N; r++) {
+        const real* row = logits.data() + long(r) * padded_V;
+        double largest = *std::max_element(row, row + V), total = 0;
+        for (int v = 0; v < V; v++) total += std::exp(row[v] - largest);
+        double lse = largest + std::log(total);
+        plain_loss += lse - row[host_targets[r]];
+        for (int v = 0; v < V; v++)
+            plain_grad[long(r) * padded_V + v] =
+                (std::exp(row[v] - lse) - (v == host_targets[r])) * factor;
+    }
+    plain_loss /= N - 1;
+    real *loss = device_alloc<real>(1), *count = device_alloc<real>(1);
+    classifier(device_logits, device_alloc<real>(N), loss, count, targets, N, V, padded_V, scale,
+               true);
+    double loss_value = download_value(loss);
+    std::vector<real> grad = download(device_logits, long(N) * padded_V);
+    // Each gradient within its own rounding to the stored type (and fast_exp's error); zeros exact.
+    double relative = std::is_same_v<floatX, float> ? 1e-4 : 1.0 / 128, worst = 0;
+    bool zeros_exact = true;
+    for (size_t i = 0; i < grad.size(); i++) {
+        if (plain_grad[i] == 0) zeros_exact &= grad[i] == 0;
+        else worst = std::max(worst, std::fabs(grad[i] - plain_grad[i]) / std::fabs(plain_grad[i]));
+    }
+    check(
+        std::fabs(loss_value - plain_loss) <= 1e-5 * plain_loss && worst <= relative && zeros_exact,
+        "%s: the training classifier, (%d, %d) logits of %d classes: loss %.7f (plain loops "
+        "%.7f), each gradient within %.1e of a plain loop's (worst %.1e), the ignored row and "
+        "the padding 0 (%s)",
+        precision, N, padded_V, V, loss_value, plain_loss, relative, worst,
+        zeros_exact ? "yes" : "no");
+}
+
 // Causal attention in double on the host, head by head, from the stored values of qkv (B, T, 3C)
 // and of dout (B, T, C): out and dqkv = the gradient of sum(out * dout) with respect to qkv.
 static void reference_attention(std::vector<double>& out, std::vector<double>& dqkv,
@@ -439,6 +491,9 @@ static int run(int argc, char** argv) {
     generate_and_train(results);
     check_float_statistics();
     check_float_loss();
+    for (auto [V, padded_V] :
+         {std::pair{70, 72}, {3001, 3072}, {65500, 65536}, {71, 71}, {70000, 70016}})
+        check_fused_classifier(V, padded_V);
     if (!strcmp(argv[1], "write")) {
         write(results, argv[2]);
         return finish();
