@@ -219,7 +219,7 @@ static void check_float_loss() {
 // in double: dlogits = (softmax - onehot(target)) * scale / count, 0 for an ignored row and in the
 // padding columns. On the GPU (and in its launch shapes) a block of 1024 threads holds a row of
 // 1024 to 32,768 words (two bfloat16 or a float) in registers, and a warp reads any other row
-// twice. The shapes: a small vocabulary (read twice); a row of 2 or 3 words per thread (held); one
+// twice. The shapes: a small vocabulary (read twice); a row of 1 to 3 words per thread (held); one
 // of exactly the 65,536 bfloat16 a block holds (held in bfloat16, read twice in float); one of an
 // odd number of columns (not whole bfloat16 words) and one too long to hold (both read twice).
 static void check_fused_classifier(int V, int padded_V) {
