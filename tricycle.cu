@@ -3500,14 +3500,14 @@ __global__ void classifier_kernel(floatX* logits, real* losses, real* logsumexp,
 // rows between a row's two reads, and an A100's 108 SMs share 40 MB of L2. So a long row gets a
 // block of 1024 threads, which hold it in registers: each thread loads its 32-bit words (two
 // bfloat16 or one float) once, then the logsumexp and the gradient come from the registers, and
-// the logits are read once and written once. 32 words a thread fit the 64 registers a thread of a
-// 1024-thread block may use (nvcc keeps a word of two bfloat16 in one register; the block's size a
-// constant, the words' addresses are offsets from one register): rows of up to 65,536 bfloat16
-// logits, 32,768 floats. Rows shorter than the block (whose second read comes from cache), longer
-// than it can hold, or not whole words, and the CPU (a lone thread, its row in its cache), take
-// classifier_kernel.
-constexpr int held_threads = 1024, held_words = 32;
+// the logits are read once and written once. 32 registers of logits a thread fit the 64 a thread of
+// a 1024-thread block may use (nvcc keeps a word of two bfloat16 in one register; the block's size
+// a constant, the words' addresses are offsets from one register): rows of up to 65,536 bfloat16
+// logits, 32,768 floats, 16,384 doubles (a double takes two registers, so 16 a thread). Rows
+// shorter than the block (whose second read comes from cache), longer than it can hold, or not
+// whole words, and the CPU (a lone thread, its row in its cache), take classifier_kernel.
 constexpr int logits_per_word = sizeof(floatX) < 4 ? 4 / sizeof(floatX) : 1;
+constexpr int held_threads = 1024, held_words = 32 * 4 / int(sizeof(floatX) * logits_per_word);
 typedef Pack<floatX, logits_per_word> LogitWord;
 
 static bool classifier_holds_rows(int padded_V) {
@@ -3524,7 +3524,8 @@ __global__ void __launch_bounds__(held_threads)
     LogitWord* words = reinterpret_cast<LogitWord*>(l);
     int word_count = padded_V / logits_per_word, target = targets[row];
     bool counted = target != ignore_index, valid = target >= 0 && target < V;
-    real target_logit = valid ? real(l[target]) : 0;  // before the barriers; the writes come after
+    // Thread 0 writes the loss: it reads the target's logit before the barriers, the writes after.
+    real target_logit = threadIdx.x == 0 && valid ? real(l[target]) : 0;
     LogitWord held[held_words];  // this thread's words: threadIdx.x, + held_threads, ...
     for (int k = 0; k < held_words; k++) {
         int word = threadIdx.x + k * held_threads;
