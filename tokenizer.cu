@@ -296,7 +296,13 @@ static int command_decode(int argc, char** argv) {
 
     Tokenizer tok;
     tokenizer_load(&tok, tokenizer_path);
-    std::vector<int32_t> tokens = read_token_file(input, tok.vocab_size);
+    uint32_t recorded, fingerprint = tokenizer_fingerprint(&tok);
+    std::vector<int32_t> tokens = read_token_file(input, tok.vocab_size, &recorded);
+    if (recorded != 0 && recorded != fingerprint)  // 0: not recorded (llm.c's files)
+        fail(
+            "token file '%s' was made with another tokenizer than '%s' (fingerprint %08x, "
+            "expected %08x)",
+            input, tokenizer_path, recorded, fingerprint);
     std::string text;
     tokenizer_decode(&tok, tokens.data(), tokens.size(), &text);
     if (fwrite(text.data(), 1, text.size(), stdout) != text.size() || fflush(stdout) != 0)

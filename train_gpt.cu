@@ -5,6 +5,7 @@
 #include "distributed.h"
 #include "tricycle.h"
 
+#include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -195,6 +196,9 @@ static Options parse_options(int argc, char** argv) {
     if (o.tokenizer.empty() && !o.resume)
         fail("--tokenizer is required (the .tok file the token files were made with)");
     if (o.min_lr > o.lr) fail("--min-lr %g is above --lr %g", o.min_lr, o.lr);
+    if (o.resume && !o.init.empty())
+        fail("--init '%s' with --resume: a resumed run continues from OUT/latest.bin's parameters",
+             o.init.c_str());
     return o;
 }
 
@@ -398,21 +402,35 @@ static std::string metrics_line(const MetricRow& r) {
            csv_number(r.seconds, "%.3f") + "\n";
 }
 
-// On resume, keep the rows up to the checkpoint's step (a crash may have left later ones).
+// On resume, keep the rows up to the checkpoint's step (a crash may have left later ones). The file
+// is this program's own: a line that is not one of its rows is an error, not a row to guess at.
 static std::vector<MetricRow> read_metrics(const std::string& path, long last_step) {
     std::vector<MetricRow> rows;
     std::ifstream in(path);
+    if (!in) return rows;  // none yet
     std::string line;
     std::getline(in, line);
-    while (std::getline(in, line)) {
-        std::vector<double> fields;
+    if (line != metrics_header)
+        fail("metrics file '%s': line 1 is not the header '%s'", path.c_str(), metrics_header);
+    for (long number = 2; std::getline(in, line); number++) {
+        std::vector<double> fields;  // an empty field is a value not measured (NAN)
         std::stringstream ss(line);
         std::string field;
-        while (std::getline(ss, field, ','))
-            fields.push_back(field.empty() ? NAN : atof(field.c_str()));
-        while (fields.size() < 7) fields.push_back(NAN);
-        MetricRow r{long(fields[0]), fields[1], fields[2], fields[3],
-                    fields[4],       fields[5], fields[6]};
+        bool numbers = true;
+        while (std::getline(ss, field, ',')) {
+            char* end;
+            double v = field.empty() ? NAN : strtod(field.c_str(), &end);
+            numbers &= field.empty() || (*end == 0 && std::isfinite(v));
+            fields.push_back(v);
+        }
+        while (fields.size() < 7) fields.push_back(NAN);  // getline drops trailing empty fields
+        double step = fields[0];
+        if (!numbers || fields.size() > 7 || !(step >= 0 && step <= 1e15 && step == floor(step)))
+            fail(
+                "metrics file '%s': line %ld is not a row of %s (a step, then finite numbers or "
+                "empty fields)",
+                path.c_str(), number, metrics_header);
+        MetricRow r{long(step), fields[1], fields[2], fields[3], fields[4], fields[5], fields[6]};
         if (r.step <= last_step) rows.push_back(r);
     }
     return rows;
@@ -665,6 +683,24 @@ static void print_sample(GPT& model, Tokenizer& tokenizer, int tokens, uint64_t 
     fflush(stdout);
 }
 
+// A run killed while it wrote a file leaves its temporary copy behind (write_file_atomic's
+// "latest.bin.tmp.PID"); once this run holds the folder's lock that run is over, so they go.
+static void remove_temporary_files(const Run& r) {
+    DIR* folder = opendir(r.o.out.c_str());
+    if (!folder) return;
+    while (dirent* entry = readdir(folder)) {
+        std::string name = entry->d_name;
+        for (const std::string& path : {r.latest, r.best, r.metrics_path, r.svg_path}) {
+            std::string prefix = path.substr(r.o.out.size() + 1) + ".tmp.";
+            bool left_over =
+                name.size() > prefix.size() && name.compare(0, prefix.size(), prefix) == 0 &&
+                name.find_first_not_of("0123456789", prefix.size()) == std::string::npos;
+            if (left_over) remove((r.o.out + "/" + name).c_str());
+        }
+    }
+    closedir(folder);
+}
+
 // Rank 0's output folder, created and locked; every rank knows the checkpoints' paths.
 static void open_output(Run& r) {
     const Options& o = r.o;
@@ -678,6 +714,7 @@ static void open_output(Run& r) {
             fail("cannot create the output folder '%s': %s", folder.c_str(), strerror(errno));
     }
     lock_folder(o.out.c_str(), "train_gpt");
+    remove_temporary_files(r);
 }
 
 // --resume: the checkpoint, checked against the flags.

@@ -135,19 +135,30 @@ std::string read_whole_file(const char* path, const char* kind, size_t max_bytes
     FILE* f = fopen(path, "rb");
     if (!f) fail("%s '%s': cannot open: %s", kind, path, strerror(errno));
     struct stat info;
-    if (fstat(fileno(f), &info) == 0 && S_ISREG(info.st_mode) && size_t(info.st_size) > max_bytes) {
+    if (fstat(fileno(f), &info) != 0) info.st_mode = 0;
+    size_t size = S_ISREG(info.st_mode) ? size_t(info.st_size) : 0;  // 0: not known (a pipe)
+    if (S_ISDIR(info.st_mode) || size > max_bytes) {
         fclose(f);
-        fail("%s '%s': %lld bytes, more than the %zu this program reads", kind, path,
-             (long long)info.st_size, max_bytes);
+        if (size == 0) fail("%s '%s': is a folder, expected a file", kind, path);
+        fail("%s '%s': %zu bytes, more than the %zu this program reads", kind, path, size,
+             max_bytes);
     }
     std::string data;
     char buffer[1 << 16];
     size_t n;
-    while ((n = fread(buffer, 1, sizeof(buffer), f)) > 0 && data.size() <= max_bytes)
-        data.append(buffer, n);
-    bool read_error = ferror(f) != 0;
+    int read_error = 0;
+    try {  // a file under the cap may still be more than this machine's memory
+        data.reserve(size);
+        while ((n = fread(buffer, 1, sizeof(buffer), f)) > 0 && data.size() <= max_bytes)
+            data.append(buffer, n);
+        if (ferror(f)) read_error = errno;
+    } catch (const std::bad_alloc&) {
+        fclose(f);
+        fail("%s '%s': not enough memory to read it (%zu bytes)", kind, path,
+             std::max(size, data.size()));
+    }
     fclose(f);
-    if (read_error) fail("%s '%s': read error", kind, path);
+    if (read_error) fail("%s '%s': read error: %s", kind, path, strerror(read_error));
     if (data.size() > max_bytes)
         fail("%s '%s': more than the %zu bytes this program reads", kind, path, max_bytes);
     return data;
@@ -896,8 +907,12 @@ static int32_t read_int32(ByteReader& r, const char* what) {
     return value;
 }
 
+// A vocabulary of tens of millions of tokens fits in 1 GiB (8 bytes a merge, 4 an id); a bigger
+// file is not a tokenizer, and is refused before it is read into memory.
+constexpr size_t tokenizer_file_max_bytes = size_t(1) << 30;
+
 void tokenizer_load(Tokenizer* tok, const char* path) {
-    tokenizer_parse(tok, read_whole_file(path, "tokenizer file"), path);
+    tokenizer_parse(tok, read_whole_file(path, "tokenizer file", tokenizer_file_max_bytes), path);
 }
 
 // The merges: each pair of tokens defined before it, none repeated, none making a token longer than
@@ -1206,11 +1221,14 @@ void token_file_open(TokenFile* file, const char* path, int vocab_size) {
     if (vocab_size <= 0) fail("token file '%s': vocab size %d must be positive", path, vocab_size);
     if (file->fd >= 0) close(file->fd), file->fd = -1;
     file->path = path, file->vocab_size = vocab_size;
-    file->fd = open(path, O_RDONLY | O_CLOEXEC);
+    file->fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);  // a FIFO must not block the open
     if (file->fd < 0) fail("token file '%s': cannot open: %s", path, strerror(errno));
     struct stat info;
     if (fstat(file->fd, &info) != 0)
         fail("token file '%s': cannot stat: %s", path, strerror(errno));
+    if (!S_ISREG(info.st_mode))  // its tokens are read by offset
+        fail("token file '%s': not a regular file (%s)", path,
+             S_ISDIR(info.st_mode) ? "a folder" : "a pipe, socket or device");
     size_t size = (size_t)info.st_size, header_bytes = token_file_header_ints * sizeof(int32_t);
     int32_t header[token_file_header_ints];
     if (size < header_bytes || pread(file->fd, header, header_bytes, 0) != ssize_t(header_bytes))
@@ -1246,9 +1264,11 @@ void token_file_open(TokenFile* file, const char* path, int vocab_size) {
         token_file_read(file, first, std::min(block.size(), count - first), block.data());
 }
 
-std::vector<int32_t> read_token_file(const char* path, int vocab_size) {
+std::vector<int32_t> read_token_file(const char* path, int vocab_size,
+                                     uint32_t* tokenizer_fingerprint) {
     TokenFile file;
     token_file_open(&file, path, vocab_size);
+    if (tokenizer_fingerprint) *tokenizer_fingerprint = file.tokenizer_fingerprint;
     std::vector<int32_t> tokens(file.num_tokens);
     token_file_read(&file, 0, file.num_tokens, tokens.data());
     return tokens;

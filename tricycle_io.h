@@ -250,8 +250,9 @@ struct TokenFile {
 // that every token is < vocab_size.
 void token_file_open(TokenFile* file, const char* path, int vocab_size);
 void token_file_read(const TokenFile* file, size_t first, size_t count, int32_t* out);
-// Convenience: open, read all tokens.
-std::vector<int32_t> read_token_file(const char* path, int vocab_size);
+// Convenience: open, read all tokens (and, if asked, the fingerprint the header records).
+std::vector<int32_t> read_token_file(const char* path, int vocab_size,
+                                     uint32_t* tokenizer_fingerprint = nullptr);
 
 // ====================================================================================================
 // 6. The data loader

@@ -66,8 +66,11 @@ exec 2>&3 3>&-
 check "the crash hook killed the run while saving its third checkpoint" grep -q "aborting before renaming" "$dir/b.log"
 check "after the crash, latest.bin is the intact step-20 checkpoint (inference loads it)" \
     ./inference "$dir/b/latest.bin" --tokens 5
+check "the crash left its temporary checkpoint behind" compgen -G "$dir/b/latest.bin.tmp.*"
 "${train[@]}" --out "$dir/b" --resume > "$dir/b2.log" 2>&1
 check "resume continues from step 20" grep -q "resuming from .* at step 20" "$dir/b2.log"
+check "the resumed run removed the crashed run's temporary checkpoint" \
+    bash -c "! compgen -G '$dir/b/latest.bin.tmp.*'"
 check "a resumed run gives exactly the losses of the uninterrupted one (all 60 steps and 4 evaluations)" \
     cmp <(cut -d, -f1-5 "$dir/a/metrics.csv") <(cut -d, -f1-5 "$dir/b/metrics.csv")
 
@@ -85,6 +88,15 @@ fails_with "tokenizer rejects an unknown flag" "unknown flag '--vocab'" ./tokeni
 fails_with "train_gpt rejects token files with tokens beyond the tokenizer's vocabulary" ">= vocab size 257" \
     ./train_gpt --preset debug --train "$dir/data_train.bin" --val "$dir/data_val.bin" --tokenizer "$dir/bytes.tok" --out "$dir/c"
 fails_with "train_gpt rejects a --vocab-size that differs from the tokenizer" "does not match the tokenizer" "${train[@]}" --out "$dir/c" --vocab-size 500
+fails_with "train_gpt refuses --init with --resume" "with --resume" "${train[@]}" --out "$dir/a" --resume --init "$dir/a/best.bin"
+cp -r "$dir/a" "$dir/m"
+sed -i '3s/^1,/nan,/' "$dir/m/metrics.csv"
+fails_with "resuming with a corrupt metrics.csv names the file and line" "metrics.csv': line 3" "${train[@]}" --out "$dir/m" --steps 61 --resume
+head -n 3000 "$dir/text.txt" | ./tokenizer train --input /dev/stdin --vocab-size 320 --output "$dir/other.tok" 2>/dev/null
+fails_with "tokenizer decode refuses tokens another tokenizer made" "made with another tokenizer" ./tokenizer decode --tokenizer "$dir/other.tok" --input "$dir/data_val.bin"
+fails_with "inference names a folder given as its model file" "is a folder" ./inference "$dir/a"
+mkfifo "$dir/fifo"
+fails_with "a pipe as a token file is refused, not waited on" "not a regular file" timeout 20 ./tokenizer decode --tokenizer "$dir/tok.tok" --input "$dir/fifo"
 fails_with "a diverging run (lr 1e4) stops at a non-finite loss, naming the step" "step" "${train[@]}" --out "$dir/d" --lr 1e4 --clip 0 --min-lr 0
 check "after the divergence the last good checkpoint still loads" ./inference "$dir/d/latest.bin" --tokens 3
 # make: the corpus comes from DATA= for any target; tokenizer and token files are named by VOCAB.
