@@ -5,7 +5,6 @@
 #include "distributed.h"
 #include "tricycle.h"
 
-#include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -368,15 +367,12 @@ static void check_token_files(const DataLoader& train, const DataLoader& val,
                               const Tokenizer& tokenizer, const char* tokenizer_name, bool notes) {
     uint32_t fingerprint = tokenizer_fingerprint(&tokenizer);
     for (const DataLoader* loader : {&train, &val}) {
-        uint32_t recorded = loader->file.tokenizer_fingerprint;
-        if (recorded == 0 && notes)
+        const TokenFile& file = loader->file;
+        bool recorded = check_token_file_tokenizer(file.path.c_str(), file.tokenizer_fingerprint,
+                                                   fingerprint, tokenizer_name);
+        if (!recorded && notes)
             fprintf(stderr, "train_gpt: note: token file '%s' does not record its tokenizer\n",
-                    loader->file.path.c_str());
-        else if (recorded != fingerprint)
-            fail(
-                "token file '%s' was made with another tokenizer than %s (fingerprint %08x, "
-                "expected %08x)",
-                loader->file.path.c_str(), tokenizer_name, recorded, fingerprint);
+                    file.path.c_str());
     }
 }
 
@@ -683,24 +679,6 @@ static void print_sample(GPT& model, Tokenizer& tokenizer, int tokens, uint64_t 
     fflush(stdout);
 }
 
-// A run killed while it wrote a file leaves its temporary copy behind (write_file_atomic's
-// "latest.bin.tmp.PID"); once this run holds the folder's lock that run is over, so they go.
-static void remove_temporary_files(const Run& r) {
-    DIR* folder = opendir(r.o.out.c_str());
-    if (!folder) return;
-    while (dirent* entry = readdir(folder)) {
-        std::string name = entry->d_name;
-        for (const std::string& path : {r.latest, r.best, r.metrics_path, r.svg_path}) {
-            std::string prefix = path.substr(r.o.out.size() + 1) + ".tmp.";
-            bool left_over =
-                name.size() > prefix.size() && name.compare(0, prefix.size(), prefix) == 0 &&
-                name.find_first_not_of("0123456789", prefix.size()) == std::string::npos;
-            if (left_over) remove((r.o.out + "/" + name).c_str());
-        }
-    }
-    closedir(folder);
-}
-
 // Rank 0's output folder, created and locked; every rank knows the checkpoints' paths.
 static void open_output(Run& r) {
     const Options& o = r.o;
@@ -714,7 +692,10 @@ static void open_output(Run& r) {
             fail("cannot create the output folder '%s': %s", folder.c_str(), strerror(errno));
     }
     lock_folder(o.out.c_str(), "train_gpt");
-    remove_temporary_files(r);
+    // A run killed while it saved left its temporary copy; holding the lock, this run is the only
+    // writer, so it goes.
+    for (const std::string& path : {r.latest, r.best, r.metrics_path, r.svg_path})
+        remove_temporary_copies(path.c_str());
 }
 
 // --resume: the checkpoint, checked against the flags.

@@ -3507,8 +3507,8 @@ __global__ void classifier_kernel(floatX* logits, real* losses, real* logsumexp,
 // shorter than the block (whose second read comes from cache), longer than it can hold, or not
 // whole words, and the CPU (a lone thread, its row in its cache), take classifier_kernel.
 constexpr int logits_per_word = sizeof(floatX) < 4 ? 4 / sizeof(floatX) : 1;
-constexpr int held_threads = 1024, held_words = 32 * 4 / int(sizeof(floatX) * logits_per_word);
 typedef Pack<floatX, logits_per_word> LogitWord;
+constexpr int held_threads = 1024, held_words = 32 * 4 / int(sizeof(LogitWord));
 
 static bool classifier_holds_rows(int padded_V) {
     int words = padded_V / logits_per_word;

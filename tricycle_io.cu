@@ -22,6 +22,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -139,7 +140,7 @@ std::string read_whole_file(const char* path, const char* kind, size_t max_bytes
     size_t size = S_ISREG(info.st_mode) ? size_t(info.st_size) : 0;  // 0: not known (a pipe)
     if (S_ISDIR(info.st_mode) || size > max_bytes) {
         fclose(f);
-        if (size == 0) fail("%s '%s': is a folder, expected a file", kind, path);
+        if (S_ISDIR(info.st_mode)) fail("%s '%s': is a folder, expected a file", kind, path);
         fail("%s '%s': %zu bytes, more than the %zu this program reads", kind, path, size,
              max_bytes);
     }
@@ -207,8 +208,10 @@ static void crash_here_if_asked(const char* path) {
 }
 
 // The temporary file is named after this process, so two writers never share one.
+static std::string temporary_prefix(const char* path) { return std::string(path) + ".tmp."; }
+
 void write_file_atomic(const char* path, const void* data, size_t size, const char* kind) {
-    std::string temp_path = std::string(path) + ".tmp." + std::to_string(getpid());
+    std::string temp_path = temporary_prefix(path) + std::to_string(getpid());
     FILE* f = fopen(temp_path.c_str(), "wb");
     if (!f) fail("%s '%s': cannot create '%s': %s", kind, path, temp_path.c_str(), strerror(errno));
     bool ok = fwrite(data, 1, size, f) == size;
@@ -227,6 +230,23 @@ void write_file_atomic(const char* path, const void* data, size_t size, const ch
         fail("%s '%s': cannot rename '%s' into place: %s", kind, path, temp_path.c_str(),
              strerror(error));
     }
+}
+
+void remove_temporary_copies(const char* path) {
+    std::string whole = path;
+    size_t name_start = whole.rfind('/') + 1;  // 0 without a slash (npos + 1)
+    std::string folder = name_start > 0 ? whole.substr(0, name_start - 1) : ".";
+    std::string prefix = temporary_prefix(path + name_start);
+    DIR* entries = opendir(folder.c_str());
+    if (!entries) return;
+    while (dirent* entry = readdir(entries)) {
+        std::string name = entry->d_name;
+        bool left_over = name.size() > prefix.size() &&
+                         name.compare(0, prefix.size(), prefix) == 0 &&
+                         name.find_first_not_of("0123456789", prefix.size()) == std::string::npos;
+        if (left_over) remove((folder + "/" + name).c_str());
+    }
+    closedir(entries);
 }
 
 void lock_folder(const char* folder, const char* program) {
@@ -1272,6 +1292,16 @@ std::vector<int32_t> read_token_file(const char* path, int vocab_size,
     std::vector<int32_t> tokens(file.num_tokens);
     token_file_read(&file, 0, file.num_tokens, tokens.data());
     return tokens;
+}
+
+bool check_token_file_tokenizer(const char* path, uint32_t recorded, uint32_t fingerprint,
+                                const char* tokenizer_name) {
+    if (recorded != 0 && recorded != fingerprint)
+        fail(
+            "token file '%s' was made with another tokenizer than %s (fingerprint %08x, expected "
+            "%08x)",
+            path, tokenizer_name, recorded, fingerprint);
+    return recorded != 0;
 }
 
 // ====================================================================================================

@@ -35,6 +35,9 @@ uint32_t crc32(const void* data, size_t bytes, uint32_t crc = 0);
 // Writes to "<path>.tmp.<pid>" and renames it over `path`: readers see the old file or the complete
 // new one, never a partial write, and two processes never share a temporary file.
 void write_file_atomic(const char* path, const void* data, size_t size, const char* kind);
+// Removes the "<path>.tmp.<pid>" files that writers killed before their rename left behind. Only
+// for a caller that knows no writer of `path` is alive (one holding the folder's lock).
+void remove_temporary_copies(const char* path);
 
 // Takes an exclusive lock on FOLDER/.lock for the rest of the process, or fails at once naming the
 // folder when another process holds it (flock: released when the process ends, even by a crash).
@@ -253,6 +256,11 @@ void token_file_read(const TokenFile* file, size_t first, size_t count, int32_t*
 // Convenience: open, read all tokens (and, if asked, the fingerprint the header records).
 std::vector<int32_t> read_token_file(const char* path, int vocab_size,
                                      uint32_t* tokenizer_fingerprint = nullptr);
+// Fails when the token file at `path` records (`recorded`) another tokenizer than the one with
+// `fingerprint`, named `tokenizer_name` in the message; returns false when it records none (0, as
+// llm.c's files).
+bool check_token_file_tokenizer(const char* path, uint32_t recorded, uint32_t fingerprint,
+                                const char* tokenizer_name);
 
 // ====================================================================================================
 // 6. The data loader
