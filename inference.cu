@@ -10,19 +10,17 @@
 static const char* help_text =
     "usage: inference CHECKPOINT [--prompt TEXT | --prompt-file FILE] [flags]\n"
     "\n"
-    "Generates text from a checkpoint written by train_gpt (it carries its tokenizer) and streams "
-    "it to\n"
-    "stdout as it is produced. Each new token reuses the keys and values of the earlier ones (a "
-    "KV\n"
-    "cache), so it costs one position of work. An empty prompt starts from the end-of-text token; "
-    "a\n"
-    "prompt longer than the context window keeps its last tokens (with a notice on stderr).\n"
+    "Generates text from a checkpoint written by train_gpt (it carries its tokenizer) and\n"
+    "streams it to stdout as it is produced. Each new token reuses the keys and values of the\n"
+    "earlier ones (a KV cache), so it costs one position of work. An empty prompt starts from\n"
+    "the end-of-text token; a prompt longer than the context window keeps its last tokens\n"
+    "(with a notice on stderr).\n"
     "\n"
-    "  --prompt TEXT        text to continue             --prompt-file FILE  read the prompt from "
-    "a file\n"
+    "  --prompt TEXT        text to continue\n"
+    "  --prompt-file FILE   read the prompt from a file\n"
     "  --tokens N           tokens to generate (default 256)\n"
-    "  --temperature T      0 is greedy (default 0.8)    --seed S            sampling seed "
-    "(default 42)\n"
+    "  --temperature T      0 is greedy (default 0.8)\n"
+    "  --seed S             sampling seed (default 42)\n"
     "  --top-k K            sample from the K most likely tokens only (default 0: all)\n"
     "  --top-p P            ... from the smallest set with probability P (default 1)\n"
     "  --no-cache           recompute the whole window for every token (slow; for comparison)\n"
@@ -157,7 +155,8 @@ static int run(int argc, char** argv) {
     printf("\n");
     fprintf(stderr, "inference: %d tokens in %.2f s (%.1f tokens/s)%s\n", o.count, seconds,
             o.count / std::max(seconds, 1e-9), o.use_cache ? "" : " without the cache");
-    if (ids) fclose(ids);
+    if (ids && (ferror(ids) | fclose(ids)))  // a full disk shows at the latest here
+        fail("cannot write '%s': %s", o.tokens_out.c_str(), strerror(errno));
     return 0;
 }
 

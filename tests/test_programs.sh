@@ -95,6 +95,7 @@ fails_with "resuming with a corrupt metrics.csv names the file and line" "metric
 head -n 3000 "$dir/text.txt" | ./tokenizer train --input /dev/stdin --vocab-size 320 --output "$dir/other.tok" 2>/dev/null
 fails_with "tokenizer decode refuses tokens another tokenizer made" "made with another tokenizer" ./tokenizer decode --tokenizer "$dir/other.tok" --input "$dir/data_val.bin"
 fails_with "inference names a folder given as its model file" "is a folder" ./inference "$dir/a"
+fails_with "inference reports a --tokens-out it could not write (a full disk)" "cannot write '/dev/full'" ./inference "$dir/a/latest.bin" --tokens 3 --tokens-out /dev/full
 mkfifo "$dir/fifo"
 fails_with "a pipe as a token file is refused, not waited on" "not a regular file" timeout 20 ./tokenizer decode --tokenizer "$dir/tok.tok" --input "$dir/fifo"
 fails_with "a diverging run (lr 1e4) stops at a non-finite loss, naming the step" "step" "${train[@]}" --out "$dir/d" --lr 1e4 --clip 0 --min-lr 0
