@@ -145,6 +145,8 @@ enum cudaError_t {
     cudaSuccess = 0,
     cudaErrorInvalidValue = 1,
     cudaErrorMemoryAllocation = 2,
+    cudaErrorInsufficientDriver = 35,  // (never returned here; cuda_check names them)
+    cudaErrorNoDevice = 100,
     cudaErrorLaunchFailure = 719
 };
 enum cudaMemcpyKind {
@@ -266,6 +268,10 @@ inline const char* cudaGetErrorString(cudaError_t error) {
             return "out of memory";
         case cudaErrorLaunchFailure:
             return "kernel failed under the CPU emulator";
+        case cudaErrorInsufficientDriver:
+            return "CUDA driver version is insufficient for CUDA runtime version";
+        case cudaErrorNoDevice:
+            return "no CUDA-capable device is detected";
     }
     return "unknown error";
 }

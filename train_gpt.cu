@@ -716,11 +716,22 @@ static void resume_run(Run& r) {
     check_memory(r.model.config, o, r.job);
     r.micro_batches = r.state.micro_batches;
     printf("resuming from %s at step %lld\n", r.latest.c_str(), (long long)r.state.step);
+    // The checkpoint holds the model's flags, not the training ones (--batch, --lr, ...).
+    if (r.job.rank == 0)
+        fprintf(stderr,
+                "train_gpt: note: the training flags are this command's; give the ones the run "
+                "was started with to continue it unchanged\n");
 }
 
 // A new model from the flags and the tokenizer, and an optimizer for this rank's part of it.
 static void create_run(Run& r) {
     Options& o = r.o;
+    struct stat info;
+    if (r.job.rank == 0 && stat(r.latest.c_str(), &info) == 0)
+        fprintf(stderr,
+                "train_gpt: note: '%s' holds an earlier run; this one replaces its files "
+                "(--resume continues it instead)\n",
+                o.out.c_str());
     tokenizer_load(&r.tokenizer, o.tokenizer.c_str());
     if (o.vocab_size && o.vocab_size != r.tokenizer.vocab_size)
         fail("--vocab-size %d does not match the tokenizer '%s', which has %d tokens", o.vocab_size,

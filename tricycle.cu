@@ -58,7 +58,14 @@ void fail(const char* format, ...) {
 }
 
 void cuda_check(cudaError_t error, const char* file, int line) {
-    if (error != cudaSuccess) fail("%s:%d: CUDA error: %s", file, line, cudaGetErrorString(error));
+    if (error == cudaSuccess) return;
+    // Without a GPU, or without its driver, CUDA's own words ("CUDA driver version is insufficient
+    // for CUDA runtime version") do not say what to do.
+    bool no_gpu = error == cudaErrorNoDevice || error == cudaErrorInsufficientDriver;
+    fail("%s:%d: CUDA error: %s%s", file, line, cudaGetErrorString(error),
+         no_gpu ? " (this is the GPU build and no usable GPU or driver was found; make CPU=1 "
+                  "builds the CPU programs)"
+                : "");
 }
 
 // TRICYCLE_SYNC_CHECK=1 waits for every kernel and checks it, so that a fault on a GPU names its

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs each test program given as an argument, shows its output, and ends with the total
-# "N passed, M failed" over all of them (", K skipped" when some check could not run, e.g. without
-# PyTorch). Exits non-zero if any check failed or a program crashed.
+# "N passed, M failed" over all of them, after a line "K skipped" when some check could not run
+# (e.g. without PyTorch). Exits non-zero if any check failed or a program crashed.
 set -u
 passed=0 failed=0 skipped=0
 for test in "$@"; do
@@ -19,9 +19,7 @@ for test in "$@"; do
     read -r n_passed _ n_failed _ n_skipped _ <<< "${summary//,/}"
     passed=$((passed + n_passed)) failed=$((failed + n_failed)) skipped=$((skipped + ${n_skipped:-0}))
 done
-if [ "$skipped" -gt 0 ]; then
-    echo "$passed passed, $failed failed, $skipped skipped"
-else
-    echo "$passed passed, $failed failed"
-fi
+# The last line is the total alone; skipped checks are counted on the line before it.
+[ "$skipped" -eq 0 ] || echo "$skipped skipped (a tool or package they need is not installed)"
+echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -69,10 +69,15 @@ check "after the crash, latest.bin is the intact step-20 checkpoint (inference l
 check "the crash left its temporary checkpoint behind" compgen -G "$dir/b/latest.bin.tmp.*"
 "${train[@]}" --out "$dir/b" --resume > "$dir/b2.log" 2>&1
 check "resume continues from step 20" grep -q "resuming from .* at step 20" "$dir/b2.log"
+check "resuming says the training flags are the command's (the checkpoint has the model's)" \
+    grep -q "the training flags are this command's" "$dir/b2.log"
 check "the resumed run removed the crashed run's temporary checkpoint" \
     bash -c "! compgen -G '$dir/b/latest.bin.tmp.*'"
 check "a resumed run gives exactly the losses of the uninterrupted one (all 60 steps and 4 evaluations)" \
     cmp <(cut -d, -f1-5 "$dir/a/metrics.csv") <(cut -d, -f1-5 "$dir/b/metrics.csv")
+"${train[@]}" --out "$dir/b" --steps 1 > "$dir/b3.log" 2>&1
+check "a new run in a folder that holds one says it replaces it (and the first run in a folder does not)" \
+    bash -c "grep -q 'holds an earlier run' '$dir/b3.log' && ! grep -q 'holds an earlier run' '$dir/a.log'"
 
 # Bad input.
 head -c 5000 "$dir/a/latest.bin" > "$dir/truncated.bin"
@@ -107,8 +112,9 @@ check "make data/tinyshakespeare.txt DATA=FILE copies the corpus from FILE" cmp 
 mkdir -p "$dir/make2"
 fails_with "make with DATA= naming a missing file says so" "DATA=$dir/none.txt: no such file" \
     make -s -C "$dir/make2" -f "$PWD/Makefile" data/tinyshakespeare.txt DATA="$dir/none.txt"
+# (-B: the recipe is printed even where an earlier `make train VOCAB=512` made the files)
 check "make train VOCAB=512 makes data/shakespeare_512.tok, not the 1024-token one" \
-    bash -c "make -n train VOCAB=512 CPU=1 2>/dev/null | grep -q 'vocab-size 512 --output data/shakespeare_512.tok'"
+    bash -c "make -n -B train VOCAB=512 CPU=1 2>/dev/null | grep -q 'vocab-size 512 --output data/shakespeare_512.tok'"
 # make's choice of precision for CPUs of each class (CPU_FLAGS stands in for /proc/cpuinfo's flags).
 picks() {  # picks PRECISION make-arguments...: `make config` with those arguments says PRECISION
     local expected=$1

@@ -14,11 +14,11 @@ import json
 import os
 import sys
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hf_files import END_OF_TEXT, HfError, command_line, gpt2_from_tok, read_model_file, read_tok, run_tool, \
     safetensors_bytes, write_atomic  # noqa: E402
+
+import numpy as np  # noqa: E402 (after hf_files, which says so when numpy is missing)
 
 
 def refuse_unrepresentable(config, path):

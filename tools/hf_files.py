@@ -7,11 +7,16 @@ import json
 import math
 import os
 import re
+import signal
 import struct
 import sys
 import zlib
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError:  # e.g. a python3 of its own (pyenv, conda) that lacks what apt installed
+    sys.exit(f"{os.path.splitext(os.path.basename(sys.argv[0]))[0]}: error: needs numpy, which "
+             f"{sys.executable} cannot import (apt-get install python3-numpy; run it with /usr/bin/python3)")
 
 
 class HfError(Exception):
@@ -41,6 +46,7 @@ def command_line(argv, usage, options=()):
 def run_tool(main, doc):
     """Runs main(argv) for a tool: --help prints `doc`; a HfError is one line on stderr, exit 1."""
     name = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # output into `| head` ends the tool quietly
     if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
         print(doc.strip())
         return

@@ -17,11 +17,11 @@ import json
 import os
 import sys
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hf_files import HfError, command_line, model_file_bytes, read_safetensors, run_tool, tok_from_gpt2, \
     write_atomic  # noqa: E402
+
+import numpy as np  # noqa: E402 (after hf_files, which says so when numpy is missing)
 
 # GPT-2 config fields whose only value Tricycle can represent, with that value (None: absent).
 REQUIRED = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
