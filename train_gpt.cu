@@ -361,19 +361,13 @@ static void init_from_file(const Options& o, GPT* model, const Tokenizer& tokeni
     }
 }
 
-// Token files record the fingerprint of the tokenizer that made them; 0 means not recorded (files
-// from other tools), accepted with a note.
-static void check_token_files(const DataLoader& train, const DataLoader& val,
-                              const Tokenizer& tokenizer, const char* tokenizer_name, bool notes) {
-    uint32_t fingerprint = tokenizer_fingerprint(&tokenizer);
-    for (const DataLoader* loader : {&train, &val}) {
-        const TokenFile& file = loader->file;
-        bool recorded = check_token_file_tokenizer(file.path.c_str(), file.tokenizer_fingerprint,
-                                                   fingerprint, tokenizer_name);
-        if (!recorded && notes)
+// Token files record the fingerprint of the tokenizer that made them (dataloader_open refuses
+// another one's); 0 means not recorded (files from other tools), accepted with a note.
+static void note_unrecorded_tokenizers(const DataLoader& train, const DataLoader& val) {
+    for (const DataLoader* loader : {&train, &val})
+        if (loader->file.tokenizer_fingerprint == 0)
             fprintf(stderr, "train_gpt: note: token file '%s' does not record its tokenizer\n",
-                    file.path.c_str());
-    }
+                    loader->file.path.c_str());
 }
 
 struct MetricRow {
@@ -679,7 +673,8 @@ static void print_sample(GPT& model, Tokenizer& tokenizer, int tokens, uint64_t 
     fflush(stdout);
 }
 
-// Rank 0's output folder, created and locked; every rank knows the checkpoints' paths.
+// Rank 0's output folder, created and locked (a new run into one that holds a run is noted);
+// every rank knows the checkpoints' paths.
 static void open_output(Run& r) {
     const Options& o = r.o;
     r.latest = o.out + "/latest.bin", r.best = o.out + "/best.bin";
@@ -696,6 +691,12 @@ static void open_output(Run& r) {
     // writer, so it goes.
     for (const std::string& path : {r.latest, r.best, r.metrics_path, r.svg_path})
         remove_temporary_copies(path.c_str());
+    struct stat info;
+    if (!o.resume && stat(r.latest.c_str(), &info) == 0)
+        fprintf(stderr,
+                "train_gpt: note: '%s' holds an earlier run; this one replaces its files "
+                "(--resume continues it instead)\n",
+                o.out.c_str());
 }
 
 // --resume: the checkpoint, checked against the flags.
@@ -726,12 +727,6 @@ static void resume_run(Run& r) {
 // A new model from the flags and the tokenizer, and an optimizer for this rank's part of it.
 static void create_run(Run& r) {
     Options& o = r.o;
-    struct stat info;
-    if (r.job.rank == 0 && stat(r.latest.c_str(), &info) == 0)
-        fprintf(stderr,
-                "train_gpt: note: '%s' holds an earlier run; this one replaces its files "
-                "(--resume continues it instead)\n",
-                o.out.c_str());
     tokenizer_load(&r.tokenizer, o.tokenizer.c_str());
     if (o.vocab_size && o.vocab_size != r.tokenizer.vocab_size)
         fail("--vocab-size %d does not match the tokenizer '%s', which has %d tokens", o.vocab_size,
@@ -774,14 +769,14 @@ static void start_run(Run& r) {
     r.adam.beta1 = o.beta1, r.adam.beta2 = o.beta2, r.adam.weight_decay = o.weight_decay;
     if (sizeof(floatX) < sizeof(real))
         cuda_check(cudaMalloc(&r.grad_sum, r.model.params.size * sizeof(real)));
+    uint32_t fingerprint = tokenizer_fingerprint(&r.tokenizer);
+    std::string tokenizer_name =
+        o.resume ? "the checkpoint's (" + r.latest + ")" : "'" + o.tokenizer + "'";
     dataloader_open(&r.train, o.train.c_str(), o.batch, c.context, c.vocab_size,
-                    DataLoaderMode::random, o.seed);
+                    DataLoaderMode::random, o.seed, fingerprint, tokenizer_name.c_str());
     dataloader_open(&r.val, o.val.c_str(), o.batch, c.context, c.vocab_size, DataLoaderMode::sweep,
-                    0);
-    check_token_files(r.train, r.val, r.tokenizer,
-                      o.resume ? ("the checkpoint's (" + r.latest + ")").c_str()
-                               : ("'" + o.tokenizer + "'").c_str(),
-                      r.job.rank == 0);
+                    0, fingerprint, tokenizer_name.c_str());
+    if (r.job.rank == 0) note_unrecorded_tokenizers(r.train, r.val);
     r.row = MetricRow{r.state.step, NAN, NAN, NAN, NAN, NAN, NAN};
     open_metrics(r);
 }

@@ -1237,7 +1237,8 @@ void token_file_read(const TokenFile* file, size_t first, size_t count, int32_t*
     }
 }
 
-void token_file_open(TokenFile* file, const char* path, int vocab_size) {
+void token_file_open(TokenFile* file, const char* path, int vocab_size, uint32_t fingerprint,
+                     const char* tokenizer_name) {
     if (vocab_size <= 0) fail("token file '%s': vocab size %d must be positive", path, vocab_size);
     if (file->fd >= 0) close(file->fd), file->fd = -1;
     file->path = path, file->vocab_size = vocab_size;
@@ -1277,6 +1278,11 @@ void token_file_open(TokenFile* file, const char* path, int vocab_size) {
             path, size - expected, count);
     file->version = version, file->num_tokens = count,
     file->tokenizer_fingerprint = uint32_t(header[3]);
+    if (fingerprint && file->tokenizer_fingerprint && file->tokenizer_fingerprint != fingerprint)
+        fail(
+            "token file '%s' was made with another tokenizer than %s (fingerprint %08x, expected "
+            "%08x)",
+            path, tokenizer_name, file->tokenizer_fingerprint, fingerprint);
     // Every token is checked once here, a block at a time, so that nothing downstream (the
     // embedding lookup on the GPU) ever sees an out-of-range id.
     std::vector<int32_t> block(1 << 20);
@@ -1284,34 +1290,24 @@ void token_file_open(TokenFile* file, const char* path, int vocab_size) {
         token_file_read(file, first, std::min(block.size(), count - first), block.data());
 }
 
-std::vector<int32_t> read_token_file(const char* path, int vocab_size,
-                                     uint32_t* tokenizer_fingerprint) {
+std::vector<int32_t> read_token_file(const char* path, int vocab_size, uint32_t fingerprint,
+                                     const char* tokenizer_name) {
     TokenFile file;
-    token_file_open(&file, path, vocab_size);
-    if (tokenizer_fingerprint) *tokenizer_fingerprint = file.tokenizer_fingerprint;
+    token_file_open(&file, path, vocab_size, fingerprint, tokenizer_name);
     std::vector<int32_t> tokens(file.num_tokens);
     token_file_read(&file, 0, file.num_tokens, tokens.data());
     return tokens;
-}
-
-bool check_token_file_tokenizer(const char* path, uint32_t recorded, uint32_t fingerprint,
-                                const char* tokenizer_name) {
-    if (recorded != 0 && recorded != fingerprint)
-        fail(
-            "token file '%s' was made with another tokenizer than %s (fingerprint %08x, expected "
-            "%08x)",
-            path, tokenizer_name, recorded, fingerprint);
-    return recorded != 0;
 }
 
 // ====================================================================================================
 // 6. The data loader
 
 void dataloader_open(DataLoader* loader, const char* path, int B, int T, int vocab_size,
-                     DataLoaderMode mode, uint64_t seed) {
+                     DataLoaderMode mode, uint64_t seed, uint32_t fingerprint,
+                     const char* tokenizer_name) {
     if (B < 1 || T < 1)
         fail("data loader for '%s': B and T must be >= 1, got B = %d, T = %d", path, B, T);
-    token_file_open(&loader->file, path, vocab_size);
+    token_file_open(&loader->file, path, vocab_size, fingerprint, tokenizer_name);
     size_t count = loader->file.num_tokens;
     // A window is T inputs plus one more token for the last target.
     if (count < (size_t)T + 1)

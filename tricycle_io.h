@@ -250,17 +250,16 @@ struct TokenFile {
 };
 
 // Opens `path` and checks the header (reserved fields zero), that the size matches the count, and
-// that every token is < vocab_size.
-void token_file_open(TokenFile* file, const char* path, int vocab_size);
+// that every token is < vocab_size. Given the `fingerprint` of the tokenizer the tokens must come
+// from (named `tokenizer_name` in the message), a file that records another one fails first, so
+// that another tokenizer's file is called that, not a file of out-of-range tokens. A file that
+// records none (0, as llm.c's files) passes.
+void token_file_open(TokenFile* file, const char* path, int vocab_size, uint32_t fingerprint = 0,
+                     const char* tokenizer_name = nullptr);
 void token_file_read(const TokenFile* file, size_t first, size_t count, int32_t* out);
-// Convenience: open, read all tokens (and, if asked, the fingerprint the header records).
-std::vector<int32_t> read_token_file(const char* path, int vocab_size,
-                                     uint32_t* tokenizer_fingerprint = nullptr);
-// Fails when the token file at `path` records (`recorded`) another tokenizer than the one with
-// `fingerprint`, named `tokenizer_name` in the message; returns false when it records none (0, as
-// llm.c's files).
-bool check_token_file_tokenizer(const char* path, uint32_t recorded, uint32_t fingerprint,
-                                const char* tokenizer_name);
+// Convenience: open (as token_file_open) and read all tokens.
+std::vector<int32_t> read_token_file(const char* path, int vocab_size, uint32_t fingerprint = 0,
+                                     const char* tokenizer_name = nullptr);
 
 // ====================================================================================================
 // 6. The data loader
@@ -284,9 +283,10 @@ struct DataLoader {
     std::vector<int32_t> window;   // T + 1 tokens read at once
 };
 
-// Opens and validates `path`; the file must hold at least T + 1 tokens.
+// Opens and validates `path` (as token_file_open); the file must hold at least T + 1 tokens.
 void dataloader_open(DataLoader* loader, const char* path, int B, int T, int vocab_size,
-                     DataLoaderMode mode, uint64_t seed);
+                     DataLoaderMode mode, uint64_t seed, uint32_t fingerprint = 0,
+                     const char* tokenizer_name = nullptr);
 // Fills loader->inputs and loader->targets with the next batch.
 void dataloader_next_batch(DataLoader* loader);
 // Back to the state right after open: the sweep restarts at token 0, the RNG at the seed.

@@ -76,8 +76,8 @@ check "the resumed run removed the crashed run's temporary checkpoint" \
 check "a resumed run gives exactly the losses of the uninterrupted one (all 60 steps and 4 evaluations)" \
     cmp <(cut -d, -f1-5 "$dir/a/metrics.csv") <(cut -d, -f1-5 "$dir/b/metrics.csv")
 "${train[@]}" --out "$dir/b" --steps 1 > "$dir/b3.log" 2>&1
-check "a new run in a folder that holds one says it replaces it (and the first run in a folder does not)" \
-    bash -c "grep -q 'holds an earlier run' '$dir/b3.log' && ! grep -q 'holds an earlier run' '$dir/a.log'"
+check "a new run in a folder that holds one says it replaces it (the first run in a folder and a resumed one do not)" \
+    bash -c "grep -q 'holds an earlier run' '$dir/b3.log' && ! grep -q 'holds an earlier run' '$dir/a.log' '$dir/b2.log'"
 
 # Bad input.
 head -c 5000 "$dir/a/latest.bin" > "$dir/truncated.bin"
@@ -90,8 +90,15 @@ fails_with "train_gpt rejects a malformed number" "flag --steps expects an integ
 fails_with "inference rejects an unknown flag" "unknown flag '--temp'" ./inference "$dir/a/latest.bin" --temp 1
 fails_with "tokenizer rejects an unknown flag" "unknown flag '--vocab'" ./tokenizer train --input "$dir/text.txt" --vocab 300 --output "$dir/x.tok"
 ./tokenizer train --bytes --output "$dir/bytes.tok" 2>/dev/null
-fails_with "train_gpt rejects token files with tokens beyond the tokenizer's vocabulary" ">= vocab size 257" \
+fails_with "train_gpt calls token files of a bigger tokenizer another tokenizer's (before their range)" \
+    "made with another tokenizer than '$dir/bytes.tok'" \
     ./train_gpt --preset debug --train "$dir/data_train.bin" --val "$dir/data_val.bin" --tokenizer "$dir/bytes.tok" --out "$dir/c"
+fails_with "tokenizer decode likewise" "made with another tokenizer" \
+    ./tokenizer decode --tokenizer "$dir/bytes.tok" --input "$dir/data_val.bin"
+cp "$dir/data_val.bin" "$dir/unrecorded.bin"  # its tokenizer's fingerprint (header field 3) zeroed
+printf '\0\0\0\0' | dd of="$dir/unrecorded.bin" bs=1 seek=12 conv=notrunc 2>/dev/null
+fails_with "a token file that records no tokenizer, with tokens beyond the vocabulary, is refused" ">= vocab size 257" \
+    ./tokenizer decode --tokenizer "$dir/bytes.tok" --input "$dir/unrecorded.bin"
 fails_with "train_gpt rejects a --vocab-size that differs from the tokenizer" "does not match the tokenizer" "${train[@]}" --out "$dir/c" --vocab-size 500
 fails_with "train_gpt refuses --init with --resume" "with --resume" "${train[@]}" --out "$dir/a" --resume --init "$dir/a/best.bin"
 cp -r "$dir/a" "$dir/m"
