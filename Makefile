@@ -38,7 +38,8 @@ else
 endif
 PRECISION := $(if $(filter 1,$(BF16)),bf16,float)
 
-# sm_80 (A100) and sm_90 (H100) by default.
+# sm_80 (A100) and sm_90 (H100) by default, and the first one's PTX as well, which the driver
+# compiles for any newer GPU (an RTX 4090's sm_89, Blackwell) that has no machine code here.
 CUDA_ARCH ?= 80 90
 NVCC ?= $(shell command -v nvcc || echo /usr/local/cuda/bin/nvcc)
 
@@ -57,6 +58,7 @@ CXX ?= g++
 
 ifeq ($(BACKEND),gpu)
   COMPILE := $(NVCC) -std=c++20 -O3 -x cu $(foreach a,$(CUDA_ARCH),-gencode arch=compute_$(a),code=sm_$(a)) \
+             -gencode arch=compute_$(firstword $(CUDA_ARCH)),code=compute_$(firstword $(CUDA_ARCH)) \
              -Xcompiler -Wall,-Wextra -Werror all-warnings
   LINKER := $(NVCC)
   LIBS := -lcublas -lcublasLt

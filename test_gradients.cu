@@ -938,6 +938,11 @@ static void test_model_files() {
     for (long i = 0; i < model.params.size; i++) same &= reloaded[i] == real(float(original[i]));
     check(same && loaded.config.layers == 2 && loaded.config.heads == 3,
           "model file round trip: config, every parameter (as float32) and a section");
+    GPTConfig xl;  // GPT-2 1.5B: its checkpoints (16 bytes a parameter in bfloat16) load
+    xl.vocab_size = 50257, xl.context = 1024, xl.dim = 1600, xl.layers = 48, xl.heads = 25;
+    check(16.0 * double(gpt_parameter_count(xl)) < double(model_file_max_bytes),
+          "GPT-2 1.5B's checkpoint (%.1f GB) is within the model file cap (%.1f GB)",
+          16e-9 * double(gpt_parameter_count(xl)), 1e-9 * double(model_file_max_bytes));
     std::string image = read_whole_file(path.c_str(), "model file");
     auto corrupt = [&](const char* what, const char* expected, std::string bytes) {
         write_file_atomic(path.c_str(), bytes.data(), bytes.size(), "test file");

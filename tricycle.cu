@@ -1283,10 +1283,26 @@ static CublasLtPlan make_cublaslt_plan(Epilogue epilogue, const GemmShape& s, co
     cublas_check(cublasLtMatmulPreferenceSetAttribute(
         preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &cublaslt_workspace_bytes,
         sizeof cublaslt_workspace_bytes));
+    // The heuristic assumes 256-byte aligned operands unless told; parameters are packed, so a
+    // weight may be aligned to as little as its row's bytes.
+    const void* operands[4] = {B.data, A.data, C.data, C.data};  // cuBLAS's A, B, C, D
+    cublasLtMatmulPreferenceAttributes_t alignments[4] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    for (int i = 0; i < 4; i++) {
+        uint32_t bytes = uint32_t(alignment(operands[i]));
+        cublas_check(
+            cublasLtMatmulPreferenceSetAttribute(preference, alignments[i], &bytes, sizeof bytes));
+    }
     cublasLtMatmulHeuristicResult_t result;
     int count = 0;
-    cublas_check(cublasLtMatmulAlgoGetHeuristic(cublaslt_handle(), plan.description, plan.b, plan.a,
-                                                plan.c, plan.c, preference, 1, &result, &count));
+    // No algorithm for this layout is either a count of 0 or CUBLAS_STATUS_NOT_SUPPORTED; both
+    // leave the product to the plain path.
+    cublasStatus_t status =
+        cublasLtMatmulAlgoGetHeuristic(cublaslt_handle(), plan.description, plan.b, plan.a, plan.c,
+                                       plan.c, preference, 1, &result, &count);
+    if (status == CUBLAS_STATUS_NOT_SUPPORTED) count = 0;
+    else cublas_check(status);
     cublas_check(cublasLtMatmulPreferenceDestroy(preference));
     plan.found = count > 0;
     if (plan.found) plan.algorithm = result.algo;
@@ -1302,6 +1318,8 @@ static bool cublaslt_epilogue(Epilogue epilogue, GemmShape s, GemmInput A, GemmI
     if (epilogue == Epilogue::gelu_grad_bias_grad && beta != 0) return false;  // gelu' of A B only
     bool gradient = epilogue == Epilogue::bias_grad || epilogue == Epilogue::gelu_grad_bias_grad;
     const void* bias = gradient ? bias_grad : C.bias;
+    // The epilogue reads and writes the bias vector (and GELU's input) in 16-byte pieces.
+    if (alignment(bias) < 16 || (aux && alignment(aux) < 16)) return false;
     static std::map<std::vector<long>, CublasLtPlan> plans;
     std::vector<long> key = {long(epilogue), s.M,  s.N,         s.K, A.ld,
                              A.transpose,    B.ld, B.transpose, C.ld};
@@ -1340,7 +1358,8 @@ bool gemm_epilogue(Epilogue epilogue, GemmShape s, GemmInput A, GemmInput B, rea
 // product added to it.
 static void cublas_gemm(const GemmShape& s, real alpha, GemmInput A, GemmInput B, real beta,
                         GemmOutput C) {
-    if (C.bias && cublaslt_epilogue(Epilogue::bias, s, A, B, 0, C, nullptr, nullptr)) return;
+    if (C.bias && alpha == 1 && cublaslt_epilogue(Epilogue::bias, s, A, B, 0, C, nullptr, nullptr))
+        return;
     if (C.bias) {
         launch(broadcast_rows_kernel, row_grid(s.M), row_block(), 0, C.data, C.bias, long(s.M),
                s.N);
@@ -2515,8 +2534,8 @@ void attention_forward(floatX* out, AttentionSaved saved, const floatX* qkv, int
     GemmShape scores{.M = T, .N = T, .K = hs, .outer = B, .inner = NH},
         mix{.M = T, .N = hs, .K = T, .outer = B, .inner = NH};
     // att = q @ k^T * scale                                                 (T, T) per head
-    gemm(scores, scale, {.data = q, .ld = ld, .outer = T * ld, .inner = hs},
-         {.data = k, .ld = ld, .transpose = true, .outer = T * ld, .inner = hs}, 0,
+    gemm(scores, scale, {.data = q, .ld = ld, .outer = long(T) * ld, .inner = hs},
+         {.data = k, .ld = ld, .transpose = true, .outer = long(T) * ld, .inner = hs}, 0,
          {.data = saved.att, .ld = T, .outer = NH * att_size, .inner = att_size});
     launch(causal_softmax_forward_kernel, row_grid(heads * T), row_block(), 0, saved.att, heads * T,
            T, T, 0);
@@ -2527,8 +2546,8 @@ void attention_forward(floatX* out, AttentionSaved saved, const floatX* qkv, int
     }
     // out = att @ v                                                         (T, hs) per head
     gemm(mix, 1, {.data = att, .ld = T, .outer = NH * att_size, .inner = att_size},
-         {.data = v, .ld = 3 * C, .outer = T * 3 * C, .inner = hs}, 0,
-         {.data = out, .ld = C, .outer = T * C, .inner = hs});
+         {.data = v, .ld = 3 * C, .outer = long(T) * 3 * C, .inner = hs}, 0,
+         {.data = out, .ld = C, .outer = long(T) * C, .inner = hs});
 }
 
 // Scratch buffers of the backward, (B, T, C) unless noted: datt (B, NH, T, T) and, with dropout,
@@ -2556,15 +2575,15 @@ void attention_backward(floatX* dqkv, const floatX* dout, AttentionSaved saved,
     floatX* datt = scratch.datt;
     GemmShape scores{.M = T, .N = T, .K = hs, .outer = B, .inner = NH},
         mix{.M = T, .N = hs, .K = T, .outer = B, .inner = NH};
-    GemmInput dy{.data = dout, .ld = C, .outer = T * C, .inner = hs};
+    GemmInput dy{.data = dout, .ld = C, .outer = long(T) * C, .inner = hs};
     // datt' = dy @ v^T                                                      (T, T) per head
     gemm(scores, 1, dy,
-         {.data = v, .ld = 3 * C, .transpose = true, .outer = T * 3 * C, .inner = hs}, 0,
+         {.data = v, .ld = 3 * C, .transpose = true, .outer = long(T) * 3 * C, .inner = hs}, 0,
          {.data = datt, .ld = T, .outer = NH * att_size, .inner = att_size});
     // dv = att'^T @ dy                                                      (T, hs) per head
     gemm(mix, 1,
          {.data = att, .ld = T, .transpose = true, .outer = NH * att_size, .inner = att_size}, dy,
-         beta, {.data = dqkv + 2 * C, .ld = 3 * C, .outer = T * 3 * C, .inner = hs});
+         beta, {.data = dqkv + 2 * C, .ld = 3 * C, .outer = long(T) * 3 * C, .inner = hs});
     if (dropout_p > 0) {  // datt' -> datt: the dropout backward
         dropout_backward(scratch.datt_kept, datt, heads * att_size, dropout_p, seed,
                          InputGrad::write);
@@ -2577,12 +2596,12 @@ void attention_backward(floatX* dqkv, const floatX* dout, AttentionSaved saved,
     real beta_qk = rotary ? 0 : beta;
     // dq = dpre @ k * scale,  dk = dpre^T @ q * scale                        (T, hs) per head
     gemm(mix, scale, {.data = datt, .ld = T, .outer = NH * att_size, .inner = att_size},
-         {.data = k, .ld = ld, .outer = T * ld, .inner = hs}, beta_qk,
-         {.data = dq, .ld = ld_grad, .outer = T * ld_grad, .inner = hs});
+         {.data = k, .ld = ld, .outer = long(T) * ld, .inner = hs}, beta_qk,
+         {.data = dq, .ld = ld_grad, .outer = long(T) * ld_grad, .inner = hs});
     gemm(mix, scale,
          {.data = datt, .ld = T, .transpose = true, .outer = NH * att_size, .inner = att_size},
-         {.data = q, .ld = ld, .outer = T * ld, .inner = hs}, beta_qk,
-         {.data = dk, .ld = ld_grad, .outer = T * ld_grad, .inner = hs});
+         {.data = q, .ld = ld, .outer = long(T) * ld, .inner = hs}, beta_qk,
+         {.data = dk, .ld = ld_grad, .outer = long(T) * ld_grad, .inner = hs});
     if (rotary) rotary_gradients_back(dqkv, scratch, B, T, C, NH, mode);
 }
 

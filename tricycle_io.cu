@@ -426,7 +426,7 @@ static void read_model_sections(ByteReader& reader, int count, std::vector<FileS
 // Everything is checked against the file before anything is allocated: the header, the parameter
 // count its config implies, the directory, the checksums, the sections.
 void gpt_load(GPT* model, const char* path, std::vector<FileSection>* sections) {
-    std::string data = read_whole_file(path, "model file");
+    std::string data = read_whole_file(path, "model file", model_file_max_bytes);
     ByteReader reader{data, 0, "model file", path};
     int32_t header[header_ints];
     GPTConfig c = read_model_header(reader, header);

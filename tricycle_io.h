@@ -65,7 +65,11 @@ struct FileSection {
     std::string bytes;
 };
 void gpt_save(GPT& model, const char* path, const std::vector<FileSection>& sections = {});
-// Creates the model from the file; the sections come back when asked for.
+// Creates the model from the file; the sections come back when asked for. A file is read whole;
+// bigger than model_file_max_bytes it is refused unread. A checkpoint holds about 16 bytes a
+// parameter (float32 parameters, AdamW's two moments and, in the bfloat16 build, the master copy):
+// GPT-2 1.5B's is 25 GB, so the cap guards against a wrong file, not against real models.
+constexpr size_t model_file_max_bytes = size_t(1) << 38;
 void gpt_load(GPT* model, const char* path, std::vector<FileSection>* sections = nullptr);
 // Optimizer moments and master weights are stored like the parameters: in their order and count
 // (gpt_parameter_count, the real vocabulary). A host buffer in the model's parameter order
