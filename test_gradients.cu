@@ -488,6 +488,16 @@ static void test_layer_gradients() {
         check_gradient("layernorm (3,23,11) of an input without a gradient" + lanes_note(),
                        [=] { return layernorm(fixed, g11, beta11); }, {g11, beta11});
     }
+    // Rows whose 2 C sums do not fit in 48 KB of shared memory for even one group of the GPU's
+    // launch shape (C > 6144 floats, 3072 doubles): the backward keeps them in its slab's partial
+    // row
+    threads_per_row = 32;
+    int long_row = (48 << 10) / (2 * sizeof(real)) + 3;
+    Tensor wide = input({2, 1, long_row}, 14), g_wide = input({long_row}, 15),
+           beta_wide = input({long_row}, 16);
+    check_gradient(
+        "layernorm (2,1," + std::to_string(long_row) + "), sums past shared memory" + lanes_note(),
+        [=] { return layernorm(wide, g_wide, beta_wide); }, {wide, g_wide, beta_wide});
     threads_per_row = default_lanes;
 
     Tensor a = input({3, 41}, 9);

@@ -2016,12 +2016,13 @@ __global__ void norm_forward_kernel(Norm kind, floatX* out, real* mean_out, real
 
 // The backward, dx and the partial sums of dw and db in one pass over dout and x: a block takes a
 // slab of column_slab_rows rows, its row groups take every (groups)-th row of it, and each group
-// adds its rows' dout * xhat and dout into running sums of its own, 2 C of them. A lone thread (the
-// CPU's launch shape) keeps those sums in its slab's row of `partial`, which stays in its cache; a
-// GPU block keeps a pair of rows per group in shared memory and adds them up, in group order, into
-// the slab's row at the end. add_partial_sums then adds the slabs up (dw, then db: partial holds
-// 2 C sums per slab). Every group goes round the same number of times (rows past the slab's end
-// compute but write nothing), so the shuffles of a warp's groups stay together.
+// adds its rows' dout * xhat and dout into running sums of its own, 2 C of them. A lone group (the
+// CPU's one thread, or a GPU group whose sums do not fit in shared memory) keeps those sums in its
+// slab's row of `partial`, which stays in its cache; a GPU block of several groups keeps a pair of
+// rows per group in shared memory and adds them up, in group order, into the slab's row at the end.
+// add_partial_sums then adds the slabs up (dw, then db: partial holds 2 C sums per slab). Every
+// group goes round the same number of times (rows past the slab's end compute but write nothing),
+// so the shuffles of a warp's groups stay together.
 template <typename Sums>  // real*, or shared memory (the CPU's checked version differs in type)
 __device__ void norm_backward_rows(Sums sums, bool centred, floatX* dx, const floatX* dout,
                                    const floatX* x, const floatX* weight, const real* mean,
@@ -2059,7 +2060,7 @@ __global__ void norm_backward_kernel(Norm kind, floatX* dx, real* partial, const
     long first = long(blockIdx.x) * column_slab_rows,
          end = first + column_slab_rows < rows ? first + column_slab_rows : rows;
     real* slab_sums = partial + long(blockIdx.x) * 2 * C;  // dw sums (C), then db sums (C)
-    if (blockDim.x * blockDim.y == 1) {
+    if (blockDim.y == 1) {
         norm_backward_rows(slab_sums, centred, dx, dout, x, weight, mean, rstd, first, end, C,
                            accumulate);
         return;
@@ -2092,12 +2093,12 @@ void residual_norm_forward(Norm kind, floatX* sum, floatX* out, real* mean, real
 
 // A block of the backward: groups of threads_per_row threads, as many as fit their sums (2 C each)
 // in 48 KB of shared memory (more would need the kernel's opt-in), up to rows_per_block() and the
-// slab's rows. On the CPU, one thread, whose sums need no shared memory.
+// slab's rows. On the CPU, one thread. A lone group's sums need no shared memory: so does a row too
+// long for even one group's sums (C > 6144 floats), whose sums then live in `partial` (in L2).
 static dim3 norm_backward_block(int C) {
     if (!gpu_launch_shapes && threads_per_row == 1) return dim3(1, 1);
     long groups = (48 << 10) / (2 * long(C) * sizeof(real));
-    if (groups < 1)
-        fail("norm backward: rows of %d values need more than 48 KB of shared memory per block", C);
+    if (groups < 1) groups = 1;
     if (groups > rows_per_block()) groups = rows_per_block();
     if (groups > column_slab_rows) groups = column_slab_rows;
     return dim3(threads_per_row, unsigned(groups));
@@ -2110,7 +2111,7 @@ void norm_backward(Norm kind, floatX* dx, floatX* dweight, floatX* dbias, const 
     int slabs = column_slabs(rows);
     real* partial = device_alloc<real>(long(slabs) * 2 * C);
     dim3 block = norm_backward_block(C);
-    size_t shared = block.x * block.y == 1 ? 0 : block.y * 2 * size_t(C) * sizeof(real);
+    size_t shared = block.y == 1 ? 0 : block.y * 2 * size_t(C) * sizeof(real);
     launch(norm_backward_kernel, slabs, block, shared, kind, dx, partial, dout, x, weight, mean,
            rstd, rows, C, dx && mode == InputGrad::add);
     if (dweight || (centred && dbias))
