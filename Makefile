@@ -254,7 +254,7 @@ train: $(if $(filter smol,$(PRESET)),,$(SHAKESPEARE))
 	    --tokenizer $(TOKENS).tok --out $(OUT) $(if $(STEPS),--steps $(STEPS)) $(TRAIN_FLAGS)
 	./inference $(OUT)/best.bin --prompt "$(if $(filter smol,$(PRESET)),def ,ROMEO:)" --tokens 300
 
-PRESET_NOTE_mini := 4 layers, dim 128, context 128, 1500 steps: about 4 minutes on two CPU cores. \
+PRESET_NOTE_mini := 4 layers, dim 128, context 128, 1500 steps: 1.5 to 4 minutes on two CPU cores (faster with AVX512-BF16). \
   The full model: make train PRESET=shakespeare (hours on a CPU, minutes on a GPU).
 PRESET_NOTE_shakespeare := 6 layers, dim 384, context 256, 5000 steps of 64 sequences: minutes on a \
   GPU, many hours on a CPU (train_gpt prints its estimate after 3 steps). Continue a run: \

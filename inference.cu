@@ -42,10 +42,11 @@ static Options parse_options(int argc, char** argv) {
     for (int i = 1; i < argc; i++) {
         std::string flag = argv[i];
         auto value = [&] { return flag_value(argc, argv, &i); };
-        if (flag == "--prompt") o.prompt = value(), have_prompt = true;
-        else if (flag == "--prompt-file") {
-            if (have_prompt) fail("give either --prompt or --prompt-file, not both");
-            o.prompt = read_whole_file(value(), "prompt file", 1 << 26), have_prompt = true;
+        if (flag == "--prompt" || flag == "--prompt-file") {
+            if (have_prompt) fail("give one --prompt or --prompt-file, not two");
+            o.prompt = flag == "--prompt" ? std::string(value())
+                                          : read_whole_file(value(), "prompt file", 1 << 26);
+            have_prompt = true;
         } else if (flag == "--tokens") o.count = int(parse_int("--tokens", value(), 0, 1 << 24));
         else if (flag == "--temperature")
             o.sampler.temperature = float(parse_number("--temperature", value(), 0, 100));

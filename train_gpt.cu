@@ -12,7 +12,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <functional>
 #include <set>
 #include <sstream>
@@ -285,6 +284,7 @@ static void load_checkpoint(const std::string& path, GPT* model, Tokenizer* toke
     adamw_create(adam, shard.count, shard.offset);
     std::vector<real> first_moments, second_moments;
     int found = 0;
+    bool have_master = false;
     auto values = [&](const FileSection& s) {
         return parameters_from_section(model->config, s, path.c_str());
     };
@@ -293,16 +293,37 @@ static void load_checkpoint(const std::string& path, GPT* model, Tokenizer* toke
         if (tag == "TOKN") tokenizer_parse(tokenizer, s.bytes, path.c_str()), found |= 1;
         else if (tag == "ADMM") first_moments = values(s), found |= 2;
         else if (tag == "ADMV") second_moments = values(s), found |= 4;
-        else if (tag == "TRAN" && s.bytes.size() == sizeof *state)
+        else if (tag == "TRAN") {
+            if (s.bytes.size() != sizeof *state)
+                fail("checkpoint '%s': section 'TRAN' holds %zu bytes, expected %zu", path.c_str(),
+                     s.bytes.size(), sizeof *state);
             memcpy(state, s.bytes.data(), sizeof *state), found |= 8;
-        else if (tag == "MAST" && model->params.master)
+        } else if (tag == "MAST" && model->params.master) {
             upload(model->params.master, values(s).data(), n);
+            have_master = true;
+        }
     }
     if (found != 15)
         fail(
             "checkpoint '%s': lacks the tokenizer, optimizer or training state (a weights-only "
             "file cannot be resumed)",
             path.c_str());
+    // The float build's checkpoints have no MAST: their parameters are the master weights. A
+    // parameter block of bfloat16 values without one is a bfloat16 build's file that lost it.
+    if (model->params.master && !have_master) {
+        bool all_bfloat16 = true;
+        for (real v : download(model->params.master, n)) {
+            float value = float(v);
+            uint32_t bits;
+            memcpy(&bits, &value, sizeof bits);
+            all_bfloat16 &= (bits & 0xffff) == 0;
+        }
+        if (all_bfloat16)
+            fail(
+                "checkpoint '%s': lacks the 'MAST' section (the float32 master weights) that the "
+                "bfloat16 build writes beside its bfloat16 parameters",
+                path.c_str());
+    }
     if (tokenizer->vocab_size != model->config.vocab_size)
         fail("checkpoint '%s': its tokenizer has %d tokens, its model %d", path.c_str(),
              tokenizer->vocab_size, model->config.vocab_size);
@@ -394,25 +415,33 @@ static std::string metrics_line(const MetricRow& r) {
 
 // On resume, keep the rows up to the checkpoint's step (a crash may have left later ones). The file
 // is this program's own: a line that is not one of its rows is an error, not a row to guess at.
+// A number as write_metrics prints it: plain decimal, no spaces, hex, "inf" or "nan".
+static bool parse_metric_field(const std::string& field, double* value) {
+    if (field.empty()) return *value = NAN, true;  // an empty field is a value not measured
+    if (field.find_first_not_of("0123456789+-.eE") != std::string::npos) return false;
+    char* end;
+    *value = strtod(field.c_str(), &end);
+    return *end == 0 && std::isfinite(*value);
+}
+
 static std::vector<MetricRow> read_metrics(const std::string& path, long last_step) {
     std::vector<MetricRow> rows;
-    std::ifstream in(path);
-    if (!in) return rows;  // none yet
+    struct stat info;
+    if (stat(path.c_str(), &info) != 0 && errno == ENOENT) return rows;  // none yet
+    std::stringstream in(read_whole_file(path.c_str(), "metrics file", size_t(1) << 30));
     std::string line;
+    long previous_step = -1;
     std::getline(in, line);
     if (line != metrics_header)
         fail("metrics file '%s': line 1 is not the header '%s'", path.c_str(), metrics_header);
     for (long number = 2; std::getline(in, line); number++) {
-        std::vector<double> fields;  // an empty field is a value not measured (NAN)
+        std::vector<double> fields;
         std::stringstream ss(line);
         std::string field;
         bool numbers = true;
-        while (std::getline(ss, field, ',')) {
-            char* end;
-            double v = field.empty() ? NAN : strtod(field.c_str(), &end);
-            numbers &= field.empty() || (*end == 0 && std::isfinite(v));
-            fields.push_back(v);
-        }
+        double v = NAN;
+        while (std::getline(ss, field, ','))
+            numbers &= parse_metric_field(field, &v), fields.push_back(v);
         while (fields.size() < 7) fields.push_back(NAN);  // getline drops trailing empty fields
         double step = fields[0];
         if (!numbers || fields.size() > 7 || !(step >= 0 && step <= 1e15 && step == floor(step)))
@@ -420,6 +449,10 @@ static std::vector<MetricRow> read_metrics(const std::string& path, long last_st
                 "metrics file '%s': line %ld is not a row of %s (a step, then finite numbers or "
                 "empty fields)",
                 path.c_str(), number, metrics_header);
+        if (long(step) <= previous_step)
+            fail("metrics file '%s': line %ld: step %ld after step %ld, expected increasing steps",
+                 path.c_str(), number, long(step), previous_step);
+        previous_step = long(step);
         MetricRow r{long(step), fields[1], fields[2], fields[3], fields[4], fields[5], fields[6]};
         if (r.step <= last_step) rows.push_back(r);
     }

@@ -133,32 +133,40 @@ void profile_report(FILE* out, long steps) {
 // 2. Files: whole-file reads, a bounds-checked reader, checksums, atomic writes
 
 std::string read_whole_file(const char* path, const char* kind, size_t max_bytes) {
-    FILE* f = fopen(path, "rb");
-    if (!f) fail("%s '%s': cannot open: %s", kind, path, strerror(errno));
+    // Opened non-blocking so that a FIFO nobody writes to cannot hang the open; reads then block
+    // as usual, and a FIFO without a writer reads as empty. Pipes (/dev/stdin) are read to the end.
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) fail("%s '%s': cannot open: %s", kind, path, strerror(errno));
     struct stat info;
-    if (fstat(fileno(f), &info) != 0) info.st_mode = 0;
+    if (fstat(fd, &info) != 0 || fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) != 0)
+        info.st_mode = 0;
     size_t size = S_ISREG(info.st_mode) ? size_t(info.st_size) : 0;  // 0: not known (a pipe)
     if (S_ISDIR(info.st_mode) || size > max_bytes) {
-        fclose(f);
+        close(fd);
         if (S_ISDIR(info.st_mode)) fail("%s '%s': is a folder, expected a file", kind, path);
         fail("%s '%s': %zu bytes, more than the %zu this program reads", kind, path, size,
              max_bytes);
     }
     std::string data;
     char buffer[1 << 16];
-    size_t n;
+    ssize_t n;
     int read_error = 0;
     try {  // a file under the cap may still be more than this machine's memory
         data.reserve(size);
-        while ((n = fread(buffer, 1, sizeof(buffer), f)) > 0 && data.size() <= max_bytes)
-            data.append(buffer, n);
-        if (ferror(f)) read_error = errno;
+        while (data.size() <= max_bytes && (n = read(fd, buffer, sizeof(buffer))) != 0) {
+            if (n < 0 && errno == EINTR) continue;
+            if (n < 0) {
+                read_error = errno;
+                break;
+            }
+            data.append(buffer, size_t(n));
+        }
     } catch (const std::bad_alloc&) {
-        fclose(f);
+        close(fd);
         fail("%s '%s': not enough memory to read it (%zu bytes)", kind, path,
              std::max(size, data.size()));
     }
-    fclose(f);
+    close(fd);
     if (read_error) fail("%s '%s': read error: %s", kind, path, strerror(read_error));
     if (data.size() > max_bytes)
         fail("%s '%s': more than the %zu bytes this program reads", kind, path, max_bytes);
@@ -392,6 +400,18 @@ static GPTConfig read_model_header(ByteReader& reader, int32_t* header) {
     return header_config(header, path);
 }
 
+// A section tag as an error message shows it: its four characters when they are printable, or
+// their bytes in hex (a corrupt tag may hold a newline or a NUL).
+static std::string printable_tag(const char tag[4]) {
+    bool printable = true;
+    for (int i = 0; i < 4; i++) printable &= tag[i] >= 0x20 && tag[i] < 0x7f;
+    const unsigned char* b = reinterpret_cast<const unsigned char*>(tag);
+    char shown[16];
+    if (printable) snprintf(shown, sizeof(shown), "'%c%c%c%c'", b[0], b[1], b[2], b[3]);
+    else snprintf(shown, sizeof(shown), "0x%02x%02x%02x%02x", b[0], b[1], b[2], b[3]);
+    return shown;
+}
+
 // The sections: each tag at most once, each length within the file, each payload's checksum.
 static void read_model_sections(ByteReader& reader, int count, std::vector<FileSection>* sections) {
     const char* path = reader.path;
@@ -403,17 +423,17 @@ static void read_model_sections(ByteReader& reader, int count, std::vector<FileS
         reader.read(section.tag, 4, "a section header");
         reader.read(&length, 8, "a section header");
         reader.read(&crc, 4, "a section header");
-        std::string tag(section.tag, 4);
+        std::string tag(section.tag, 4), shown = printable_tag(section.tag);
         if (std::find(tags.begin(), tags.end(), tag) != tags.end())
-            fail("model file '%s': section '%.4s' appears twice", path, section.tag);
+            fail("model file '%s': section %s appears twice", path, shown.c_str());
         tags.push_back(tag);
         if (length < 0 || uint64_t(length) > reader.remaining())
-            fail("model file '%s': truncated: section '%.4s' claims %lld bytes, %zu are left", path,
-                 section.tag, (long long)length, reader.remaining());
+            fail("model file '%s': truncated: section %s claims %lld bytes, %zu are left", path,
+                 shown.c_str(), (long long)length, reader.remaining());
         const char* payload = reader.data.data() + reader.position;
         if (crc32(payload, size_t(length)) != crc)
-            fail("model file '%s': section '%.4s' does not match its checksum (a corrupt file)",
-                 path, section.tag);
+            fail("model file '%s': section %s does not match its checksum (a corrupt file)", path,
+                 shown.c_str());
         if (sections) section.bytes.assign(payload, size_t(length));
         reader.position += size_t(length);
         if (sections) sections->push_back(std::move(section));
@@ -452,6 +472,10 @@ void gpt_load(GPT* model, const char* path, std::vector<FileSection>* sections) 
              crc != uint32_t(header[directory_crc_field]) ? " (and does not match its checksum)"
                                                           : "");
     }
+    if (crc32(data.data() + reader.position, directory.size()) !=
+        uint32_t(header[directory_crc_field]))
+        fail("model file '%s': the tensor directory does not match its checksum (a corrupt file)",
+             path);
     reader.position += directory.size();
     std::vector<float> values(count);
     reader.read(values.data(), values.size() * sizeof(float), "the parameters");

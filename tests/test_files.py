@@ -183,7 +183,37 @@ def test_known_cases(d, train):
         expect_error(f"a checkpoint at step {step}", train + ["--out", f"{d}/state", "--resume"],
                      ["state/latest.bin", "out of range"])
 
-    # 7. A batch no machine has memory for.
+    # 7. Section tags holding a newline or a NUL are shown in hex, so the error stays one line.
+    for tag, shown in ((b"TO\nN", "0x544f0a4e"), (b"\0\0\0\0", "0x00000000")):
+        odd = [(tag if t == b"TOKN" else t, p) for t, p in sections]
+        expect_error(f"a section tagged {tag!r}", [INFERENCE, write(f"{d}/tag.bin", model_file(header, directory, parameters, odd + odd[:1]))],
+                     ["tag.bin", f"section {shown} appears twice"])
+
+    # 8. A directory checksum (header field 18) that is wrong, the header's own checksum made right.
+    bad = bytearray(model_file(header, directory, parameters, sections))
+    struct.pack_into("<i", bad, 18 * 4, header[18] ^ 1)
+    struct.pack_into("<i", bad, 20 * 4, 0)
+    struct.pack_into("<I", bad, 20 * 4, zlib.crc32(bytes(bad[:1024])))
+    expect_error("a wrong directory checksum", [INFERENCE, write(f"{d}/dircrc.bin", bytes(bad))],
+                 ["dircrc.bin", "directory does not match its checksum"])
+
+    # 9. A training state of the wrong length; and the bfloat16 build's master weights dropped (a
+    # float build's file has none: its parameters are the master weights, and it resumes).
+    short = [(t, p[:8] if t == b"TRAN" else p) for t, p in sections]
+    os.makedirs(f"{d}/state", exist_ok=True)
+    write(f"{d}/state/latest.bin", model_file(header, directory, parameters, short))
+    expect_error("a TRAN section of 8 bytes", train + ["--out", f"{d}/state", "--resume"],
+                 ["state/latest.bin", "section 'TRAN' holds 8 bytes, expected 40"])
+    os.makedirs(f"{d}/master", exist_ok=True)
+    write(f"{d}/master/latest.bin", model_file(header, directory, parameters, [(t, p) for t, p in sections if t != b"MAST"]))
+    if any(t == b"MAST" for t, _ in sections):
+        expect_error("a bfloat16 build's checkpoint without its MAST section", train + ["--out", f"{d}/master", "--resume", "--steps", "5"],
+                     ["master/latest.bin", "lacks the 'MAST' section"])
+    else:
+        status, err = run(train + ["--out", f"{d}/master", "--resume", "--steps", "5"])
+        check(status == 0, f"a float build's checkpoint (no MAST section) resumes: exit {status}")
+
+    # 10. A batch no machine has memory for.
     expect_error("--batch 1048576", train + ["--out", f"{d}/huge", "--batch", "1048576"], ["--batch 1048576", "lower --batch"])
 
 

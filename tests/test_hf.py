@@ -674,6 +674,9 @@ def main():
         byte_tok = os.path.join(work, "bytes.tok")
         run(TOKENIZER, "train", "--bytes", "--output", byte_tok)
         test_safetensors(work)
+        for tool in ("import_hf.py", "export_hf.py"):  # python3 -S: no site packages, so no numpy
+            r = subprocess.run([sys.executable, "-S", os.path.join(ROOT, "tools", tool), "--help"], capture_output=True)
+            check(r.returncode == 0 and b"usage:" in r.stdout, f"tools/{tool} --help answers without numpy")
         for build in (Build("float"), Build("bf16")):
             folder = os.path.join(work, build.precision)
             os.makedirs(folder)

@@ -110,6 +110,16 @@ fails_with "inference names a folder given as its model file" "is a folder" ./in
 fails_with "inference reports a --tokens-out it could not write (a full disk)" "cannot write '/dev/full'" ./inference "$dir/a/latest.bin" --tokens 3 --tokens-out /dev/full
 mkfifo "$dir/fifo"
 fails_with "a pipe as a token file is refused, not waited on" "not a regular file" timeout 20 ./tokenizer decode --tokenizer "$dir/tok.tok" --input "$dir/fifo"
+fails_with "a FIFO nobody writes to, as a model file, reads as empty, not waited on" "truncated" timeout 20 ./inference "$dir/fifo"
+check "... and as a prompt file, an empty prompt" timeout 20 ./inference "$dir/a/latest.bin" --prompt-file "$dir/fifo" --tokens 2
+fails_with "inference takes one prompt, whichever flag comes first" "not two" ./inference "$dir/a/latest.bin" --prompt-file "$dir/text.txt" --prompt hi
+check "a prompt read from a pipe (/dev/stdin)" bash -c "echo ROMEO: | ./inference '$dir/a/latest.bin' --prompt-file /dev/stdin --tokens 2 | grep -q ROMEO:"
+cp -r "$dir/a" "$dir/p" && rm "$dir/p/metrics.csv" && mkfifo "$dir/p/metrics.csv"
+fails_with "a FIFO as metrics.csv is read as empty, not waited on" "metrics.csv': line 1" timeout 60 "${train[@]}" --out "$dir/p" --steps 61 --resume
+cp "$dir/a/metrics.csv" "$dir/m/metrics.csv" && sed -i '3s/^1,/0x1,/' "$dir/m/metrics.csv"
+fails_with "metrics.csv: a step in hex is not a row" "metrics.csv': line 3" "${train[@]}" --out "$dir/m" --steps 61 --resume
+cp "$dir/a/metrics.csv" "$dir/m/metrics.csv" && sed -i '3{h;d};4G' "$dir/m/metrics.csv"
+fails_with "metrics.csv: steps out of order" "step 1 after step 2, expected increasing steps" "${train[@]}" --out "$dir/m" --steps 61 --resume
 fails_with "a diverging run (lr 1e4) stops at a non-finite loss, naming the step" "step" "${train[@]}" --out "$dir/d" --lr 1e4 --clip 0 --min-lr 0
 check "after the divergence the last good checkpoint still loads" ./inference "$dir/d/latest.bin" --tokens 3
 # make: the corpus comes from DATA= for any target; tokenizer and token files are named by VOCAB.

@@ -12,6 +12,10 @@ import struct
 import sys
 import zlib
 
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # output into `| head` ends the tool quietly
+if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:  # before numpy: the help needs none
+    print(sys.modules["__main__"].__doc__.strip())
+    sys.exit(0)
 try:
     import numpy as np
 except ImportError:  # e.g. a python3 of its own (pyenv, conda) that lacks what apt installed
@@ -43,13 +47,10 @@ def command_line(argv, usage, options=()):
     return argv, values
 
 
-def run_tool(main, doc):
-    """Runs main(argv) for a tool: --help prints `doc`; a HfError is one line on stderr, exit 1."""
+def run_tool(main):
+    """Runs main(argv) for a tool (its --help was answered on import); a HfError is one line on
+    stderr, exit 1."""
     name = os.path.splitext(os.path.basename(sys.argv[0]))[0]
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # output into `| head` ends the tool quietly
-    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
-        print(doc.strip())
-        return
     try:
         main(sys.argv[1:])
     except HfError as error:

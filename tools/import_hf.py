@@ -164,4 +164,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    run_tool(main, __doc__)
+    run_tool(main)
