@@ -413,9 +413,7 @@ static std::string metrics_line(const MetricRow& r) {
            csv_number(r.seconds, "%.3f") + "\n";
 }
 
-// On resume, keep the rows up to the checkpoint's step (a crash may have left later ones). The file
-// is this program's own: a line that is not one of its rows is an error, not a row to guess at.
-// A number as write_metrics prints it: plain decimal, no spaces, hex, "inf" or "nan".
+// A number as write_metrics prints it: plain decimal, without spaces, hex, "inf" or "nan".
 static bool parse_metric_field(const std::string& field, double* value) {
     if (field.empty()) return *value = NAN, true;  // an empty field is a value not measured
     if (field.find_first_not_of("0123456789+-.eE") != std::string::npos) return false;
@@ -424,6 +422,8 @@ static bool parse_metric_field(const std::string& field, double* value) {
     return *end == 0 && std::isfinite(*value);
 }
 
+// On resume, keep the rows up to the checkpoint's step (a crash may have left later ones). The file
+// is this program's own: a line that is not one of its rows is an error, not a row to guess at.
 static std::vector<MetricRow> read_metrics(const std::string& path, long last_step) {
     std::vector<MetricRow> rows;
     struct stat info;

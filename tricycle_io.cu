@@ -132,14 +132,20 @@ void profile_report(FILE* out, long steps) {
 // ====================================================================================================
 // 2. Files: whole-file reads, a bounds-checked reader, checksums, atomic writes
 
-std::string read_whole_file(const char* path, const char* kind, size_t max_bytes) {
-    // Opened non-blocking so that a FIFO nobody writes to cannot hang the open; reads then block
-    // as usual, and a FIFO without a writer reads as empty. Pipes (/dev/stdin) are read to the end.
+// Opens a file to read, and what it is. The open does not wait: a FIFO nobody writes to would
+// hang a blocking one. Reads then block as usual, and a FIFO without a writer reads as empty.
+static int open_for_reading(const char* path, const char* kind, struct stat* info) {
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) fail("%s '%s': cannot open: %s", kind, path, strerror(errno));
+    if (fstat(fd, info) != 0) fail("%s '%s': cannot stat: %s", kind, path, strerror(errno));
+    if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) != 0)
+        fail("%s '%s': cannot make its reads blocking: %s", kind, path, strerror(errno));
+    return fd;
+}
+
+std::string read_whole_file(const char* path, const char* kind, size_t max_bytes) {
     struct stat info;
-    if (fstat(fd, &info) != 0 || fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) != 0)
-        info.st_mode = 0;
+    int fd = open_for_reading(path, kind, &info);  // pipes (/dev/stdin) are read to their end
     size_t size = S_ISREG(info.st_mode) ? size_t(info.st_size) : 0;  // 0: not known (a pipe)
     if (S_ISDIR(info.st_mode) || size > max_bytes) {
         close(fd);
@@ -466,14 +472,12 @@ void gpt_load(GPT* model, const char* path, std::vector<FileSection>* sections) 
             "model file '%s': truncated: %lld parameters and their directory need more than the "
             "%zu bytes left",
             path, (long long)count, reader.remaining());
-    if (data.compare(reader.position, directory.size(), directory) != 0) {
-        uint32_t crc = crc32(data.data() + reader.position, directory.size());
+    bool directory_crc_matches = crc32(data.data() + reader.position, directory.size()) ==
+                                 uint32_t(header[directory_crc_field]);
+    if (data.compare(reader.position, directory.size(), directory) != 0)
         fail("model file '%s': the tensor directory is not the one its config implies%s", path,
-             crc != uint32_t(header[directory_crc_field]) ? " (and does not match its checksum)"
-                                                          : "");
-    }
-    if (crc32(data.data() + reader.position, directory.size()) !=
-        uint32_t(header[directory_crc_field]))
+             directory_crc_matches ? "" : " (and does not match its checksum)");
+    if (!directory_crc_matches)
         fail("model file '%s': the tensor directory does not match its checksum (a corrupt file)",
              path);
     reader.position += directory.size();
@@ -1266,11 +1270,8 @@ void token_file_open(TokenFile* file, const char* path, int vocab_size, uint32_t
     if (vocab_size <= 0) fail("token file '%s': vocab size %d must be positive", path, vocab_size);
     if (file->fd >= 0) close(file->fd), file->fd = -1;
     file->path = path, file->vocab_size = vocab_size;
-    file->fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);  // a FIFO must not block the open
-    if (file->fd < 0) fail("token file '%s': cannot open: %s", path, strerror(errno));
     struct stat info;
-    if (fstat(file->fd, &info) != 0)
-        fail("token file '%s': cannot stat: %s", path, strerror(errno));
+    file->fd = open_for_reading(path, "token file", &info);
     if (!S_ISREG(info.st_mode))  // its tokens are read by offset
         fail("token file '%s': not a regular file (%s)", path,
              S_ISDIR(info.st_mode) ? "a folder" : "a pipe, socket or device");
